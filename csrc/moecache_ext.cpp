@@ -1,0 +1,84 @@
+// moecache._C: the project's compiled extension.
+//
+// One translation unit on purpose: each file that includes torch costs ~30 s to compile on the
+// 2-core CI machine. Every function here has a pure-Python twin that is the specification; the
+// differential tests compare both (MOECACHE_DISABLE_EXT=1 forces the Python paths).
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <string>
+
+#ifndef MOECACHE_BUILD_FLAGS
+#define MOECACHE_BUILD_FLAGS "unknown"
+#endif
+
+#ifdef MOECACHE_WITH_CUDA
+torch::Tensor count_experts_cuda(const torch::Tensor& ids, int64_t num_experts);
+#endif
+
+namespace {
+
+template <typename T>
+void count_experts_impl(const T* ids, int64_t tokens, int64_t layers, int64_t top_k,
+                        int64_t num_experts, int64_t* out) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* row = ids + t * layers * top_k;
+    for (int64_t l = 0; l < layers; ++l) {
+      int64_t* counts = out + l * num_experts;
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t e = static_cast<int64_t>(row[l * top_k + k]);
+        // Negative ids mark missing or dropped slots; anything >= num_experts is rejected up front.
+        if (e >= 0) ++counts[e];
+      }
+    }
+  }
+}
+
+// Accesses per (layer, expert) of a (tokens, layers, top_k) id array. Negative ids are skipped.
+torch::Tensor count_experts(const torch::Tensor& ids, int64_t num_experts) {
+  TORCH_CHECK(ids.dim() == 3, "ids must have shape (tokens, layers, top_k), got ", ids.sizes());
+  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1");
+#ifdef MOECACHE_WITH_CUDA
+  if (ids.is_cuda()) return count_experts_cuda(ids, num_experts);
+#endif
+  TORCH_CHECK(ids.device().is_cpu(), "count_experts: ids must be on the CPU (or CUDA where built)");
+  auto c = ids.contiguous();
+  if (c.numel() > 0) {
+    const int64_t hi = c.max().item<int64_t>();
+    TORCH_CHECK(hi < num_experts, "expert id ", hi, " out of range: ", num_experts, " experts declared");
+  }
+  auto out = torch::zeros({c.size(0) ? c.size(1) : ids.size(1), num_experts}, torch::kInt64);
+  {
+    pybind11::gil_scoped_release nogil;
+    if (c.scalar_type() == torch::kInt16) {
+      count_experts_impl(c.data_ptr<int16_t>(), c.size(0), c.size(1), c.size(2), num_experts, out.data_ptr<int64_t>());
+    } else if (c.scalar_type() == torch::kInt32) {
+      count_experts_impl(c.data_ptr<int32_t>(), c.size(0), c.size(1), c.size(2), num_experts, out.data_ptr<int64_t>());
+    } else if (c.scalar_type() == torch::kInt64) {
+      count_experts_impl(c.data_ptr<int64_t>(), c.size(0), c.size(1), c.size(2), num_experts, out.data_ptr<int64_t>());
+    } else {
+      TORCH_CHECK(false, "count_experts: ids must be int16, int32 or int64, got ", c.scalar_type());
+    }
+  }
+  return out;
+}
+
+std::string build_flags() { return MOECACHE_BUILD_FLAGS; }
+
+bool with_cuda() {
+#ifdef MOECACHE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moecache compiled extension";
+  m.def("count_experts", &count_experts, "accesses per (layer, expert) of a (tokens, layers, top_k) id array",
+        pybind11::arg("ids"), pybind11::arg("num_experts"));
+  m.def("build_flags", &build_flags, "compiler flags the extension was built with");
+  m.def("with_cuda", &with_cuda, "whether the CUDA sources were compiled in");
+}

@@ -1,0 +1,56 @@
+"""A tiny name -> object registry, shared by policies, predictors, trace formats and families.
+
+Registries replace if/else chains of names: the CLI, the simulator and the runtime all look names
+up here, and an unknown name produces an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, help: str = "") -> Callable[[T], T]:
+        """Decorator: ``@REGISTRY.register("lru", "least recently used")``."""
+
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()[:1]
+            self._help[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._items)) or "(none registered)"
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+
+    def describe(self, name: str) -> str:
+        self.get(name)
+        return self._help[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,219 @@
+"""The routing-trace data model: one metadata record and one columnar block type.
+
+Every reader (our own store, each importer, the recorder) produces ``RoutingBlock`` objects;
+nothing downstream knows where they came from. Unknown values are marked, never zero-filled:
+
+* per token: ``pos``, ``token``, ``step`` use ``-1`` for unknown, ``phase`` uses ``PHASE_UNKNOWN``;
+* per (token, layer, k): ``ids`` uses ``ID_MISSING`` (-1) where the source has no record for
+  that layer, ``ID_DROPPED`` (-2) where the router dropped the token (capacity limits);
+* ``weights`` is ``None`` when the source has no gate weights at all, and NaN where a record is
+  missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import TraceFormatError
+
+FORMAT_NAME = "moecache-trace"
+FORMAT_VERSION = 1
+
+PHASE_UNKNOWN = -1
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+PHASE_NAMES = {PHASE_UNKNOWN: "unknown", PHASE_PREFILL: "prefill", PHASE_DECODE: "decode"}
+
+ID_MISSING = -1
+ID_DROPPED = -2
+UNKNOWN = -1
+
+#: What the order of the top-k ids in a row means.
+ID_ORDERS = {
+    "score": "by descending gate score",
+    "router": "as the router returned them (not guaranteed sorted)",
+    "unknown": "not known",
+}
+#: What the gate weights mean.
+WEIGHT_KINDS = {
+    "renormalized": "top-k probabilities renormalised to sum to 1",
+    "softmax": "raw softmax probabilities over all experts (top-k do not sum to 1)",
+    "scaled": "the weights the experts were multiplied by, after the model's own scaling",
+    "sigmoid": "sigmoid router scores (not normalised)",
+    "absent": "the source has no gate weights",
+}
+
+#: Per-token columns and their on-disk dtypes.
+TOKEN_COLUMNS = {"seq": np.int64, "pos": np.int32, "token": np.int32, "step": np.int64, "phase": np.int8}
+
+
+def ids_dtype(num_experts: int) -> np.dtype:
+    return np.dtype(np.int16) if num_experts < 2**15 else np.dtype(np.int32)
+
+
+@dataclass
+class TraceMeta:
+    """What a trace describes. ``moe_layers[i]`` is the model layer index of trace MoE layer ``i``."""
+
+    num_experts: int
+    top_k: int
+    moe_layers: list[int]
+    model: str = "unknown"
+    family: str = "unknown"
+    bytes_per_expert: int | None = None
+    source: str = ""
+    id_order: str = "unknown"
+    weights: str = "absent"
+    files: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.moe_layers = [int(x) for x in self.moe_layers]
+        if self.num_experts < 1:
+            raise TraceFormatError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise TraceFormatError(f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
+        if not self.moe_layers:
+            raise TraceFormatError("a trace needs at least one MoE layer (moe_layers is empty)")
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            raise TraceFormatError(f"moe_layers has duplicates: {self.moe_layers}")
+        if self.id_order not in ID_ORDERS:
+            raise TraceFormatError(f"id_order {self.id_order!r} is not one of {sorted(ID_ORDERS)}")
+        if self.weights not in WEIGHT_KINDS:
+            raise TraceFormatError(f"weights {self.weights!r} is not one of {sorted(WEIGHT_KINDS)}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.weights != "absent"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], path: str | None = None) -> "TraceMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise TraceFormatError(f"unknown metadata keys {unknown}", path)
+        try:
+            return cls(**obj)
+        except TypeError as e:
+            raise TraceFormatError(f"bad trace metadata: {e}", path) from None
+
+
+@dataclass
+class RoutingBlock:
+    """Routing of ``n`` tokens at every MoE layer of a trace, columnar.
+
+    ``ids`` has shape ``(n, layers, top_k)``; ``weights`` the same or ``None``.
+    """
+
+    seq: np.ndarray
+    pos: np.ndarray
+    token: np.ndarray
+    step: np.ndarray
+    phase: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        ids: np.ndarray | Sequence,
+        *,
+        seq: np.ndarray | Sequence | int = 0,
+        pos: np.ndarray | Sequence | int | None = None,
+        token: np.ndarray | Sequence | int | None = None,
+        step: np.ndarray | Sequence | int | None = None,
+        phase: np.ndarray | Sequence | int | None = None,
+        weights: np.ndarray | Sequence | None = None,
+    ) -> "RoutingBlock":
+        """Make a block, broadcasting scalars and marking columns left out as unknown."""
+        ids = np.asarray(ids)
+        if ids.ndim != 3:
+            raise TraceFormatError(f"ids must have shape (tokens, layers, top_k), got {ids.shape}")
+        n = ids.shape[0]
+
+        def col(x, name):
+            dtype = TOKEN_COLUMNS[name]
+            if x is None:
+                return np.full(n, UNKNOWN, dtype)
+            a = np.asarray(x)
+            if a.ndim == 0:
+                return np.full(n, a, dtype)
+            return a.astype(dtype, copy=False)
+
+        w = None if weights is None else np.asarray(weights, dtype=np.float32)
+        return cls(col(seq, "seq"), col(pos, "pos"), col(token, "token"), col(step, "step"),
+                   col(phase, "phase"), ids, w)
+
+    def validate(self, meta: TraceMeta, where: str | None = None) -> "RoutingBlock":
+        """Check shapes, dtypes and ranges against ``meta``; return the block with canonical dtypes."""
+        n = len(self)
+        want = (n, meta.num_layers, meta.top_k)
+        if self.ids.shape != want:
+            raise TraceFormatError(f"ids shape {self.ids.shape} does not match (tokens, layers, top_k) = {want}", where)
+        if not np.issubdtype(self.ids.dtype, np.integer):
+            raise TraceFormatError(f"ids must be integers, got {self.ids.dtype}", where)
+        for name in TOKEN_COLUMNS:
+            a = getattr(self, name)
+            if a.shape != (n,):
+                raise TraceFormatError(f"column {name!r} has shape {a.shape}, expected ({n},)", where)
+        if n:
+            lo, hi = int(self.ids.min()), int(self.ids.max())
+            if lo < ID_DROPPED or hi >= meta.num_experts:
+                bad = self.ids[(self.ids < ID_DROPPED) | (self.ids >= meta.num_experts)].ravel()[0]
+                raise TraceFormatError(
+                    f"expert id {int(bad)} out of range: the trace declares {meta.num_experts} experts "
+                    f"(valid ids 0..{meta.num_experts - 1}, -1 missing, -2 dropped)", where)
+            bad_phase = ~np.isin(self.phase, list(PHASE_NAMES))
+            if bad_phase.any():
+                raise TraceFormatError(f"phase value {int(self.phase[bad_phase][0])} is not one of {sorted(PHASE_NAMES)}", where)
+        if meta.has_weights:
+            if self.weights is None:
+                raise TraceFormatError(f"the trace declares weights={meta.weights!r} but a block has none", where)
+            if self.weights.shape != want:
+                raise TraceFormatError(f"weights shape {self.weights.shape} does not match {want}", where)
+        elif self.weights is not None:
+            raise TraceFormatError("the trace declares weights='absent' but a block carries weights", where)
+        return RoutingBlock(
+            *(getattr(self, c).astype(TOKEN_COLUMNS[c], copy=False) for c in TOKEN_COLUMNS),
+            ids=self.ids.astype(ids_dtype(meta.num_experts), copy=False),
+            weights=None if self.weights is None else self.weights.astype(np.float32, copy=False),
+        )
+
+    @staticmethod
+    def concat(blocks: Sequence["RoutingBlock"]) -> "RoutingBlock":
+        if not blocks:
+            raise ValueError("no blocks to concatenate")
+        if len(blocks) == 1:
+            return blocks[0]
+        has_w = blocks[0].weights is not None
+        return RoutingBlock(
+            *(np.concatenate([getattr(b, c) for b in blocks]) for c in TOKEN_COLUMNS),
+            ids=np.concatenate([b.ids for b in blocks]),
+            weights=np.concatenate([b.weights for b in blocks]) if has_w else None,
+        )
+
+    def take(self, index: np.ndarray | slice) -> "RoutingBlock":
+        return RoutingBlock(
+            *(getattr(self, c)[index] for c in TOKEN_COLUMNS),
+            ids=self.ids[index],
+            weights=None if self.weights is None else self.weights[index],
+        )
+
+
+def dumps_meta(meta: TraceMeta) -> str:
+    return json.dumps(meta.to_json(), sort_keys=True)

@@ -1,0 +1,390 @@
+"""The on-disk trace store: a folder of chunk folders plus a manifest, readable with numpy alone.
+
+Layout of a finalised trace ``PATH/``::
+
+    manifest.json            format name and version, metadata, chunk list, drop counts
+    chunk-000000/            one folder per flushed chunk, each renamed into place when complete
+        seq.npy pos.npy token.npy step.npy phase.npy ids.npy [weights.npy]
+        drops.json           {reason: count} observed while this chunk was written
+    chunk-000001/ ...
+
+While it is being written the folder is ``PATH.partial/`` and holds ``meta.json`` instead of the
+manifest. A process killed midway leaves ``PATH.partial/`` with every flushed chunk readable:
+``open_trace`` reads it (``Trace.finalised`` is False) and ``finalise_partial`` turns it into a
+normal trace. ``close()`` writes the manifest and renames the folder to ``PATH`` in one step.
+No pickle is used anywhere: ``.npy`` files are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .._ext import extension
+from ..atomic import fsync_dir, write_json_atomic
+from ..errors import TraceFormatError
+from .schema import (FORMAT_NAME, FORMAT_VERSION, ID_DROPPED, ID_MISSING, PHASE_NAMES, TOKEN_COLUMNS,
+                     RoutingBlock, TraceMeta)
+
+MANIFEST = "manifest.json"
+PARTIAL_META = "meta.json"
+PARTIAL_SUFFIX = ".partial"
+_CHUNK_RE = re.compile(r"^chunk-(\d{6,})$")
+_COLUMNS = tuple(TOKEN_COLUMNS) + ("ids", "weights")
+
+
+def _chunk_name(i: int) -> str:
+    return f"chunk-{i:06d}"
+
+
+class TraceWriter:
+    """Writes a trace chunk by chunk; crash-safe, finalised atomically by ``close()``.
+
+    ``append`` buffers blocks and flushes a chunk every ``chunk_rows`` tokens; ``flush`` forces one.
+    Used as a context manager, an exception leaves the flushed chunks in ``PATH.partial`` (nothing
+    already written is lost) and re-raises.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: TraceMeta, *, chunk_rows: int = 65536,
+                 overwrite: bool = False):
+        self.path = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+        self.meta = meta
+        self.chunk_rows = int(chunk_rows)
+        self.partial = self.path + PARTIAL_SUFFIX
+        if os.path.exists(self.path) and not overwrite:
+            raise FileExistsError(f"{self.path} already exists; pass overwrite=True (CLI: --force) or choose another path")
+        if os.path.exists(self.partial):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.partial} holds an unfinished trace (a recording that did not close). Read it with "
+                    f"`moecache trace info {self.partial}`, finish it with `moecache trace finalise {self.partial}`, "
+                    "or delete it")
+            shutil.rmtree(self.partial)
+        os.makedirs(self.partial)
+        write_json_atomic(os.path.join(self.partial, PARTIAL_META),
+                          {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta.to_json()})
+        self._buffer: list[RoutingBlock] = []
+        self._buffered = 0
+        self._chunks: list[dict[str, Any]] = []
+        self._drops: Counter[str] = Counter()
+        self._pending_drops: Counter[str] = Counter()
+        self.rows = 0
+        self.closed = False
+
+    # -- writing -------------------------------------------------------------------------------
+    def append(self, block: RoutingBlock) -> None:
+        if self.closed:
+            raise ValueError("trace writer is closed")
+        block = block.validate(self.meta)
+        if len(block) == 0:
+            return
+        self._buffer.append(block)
+        self._buffered += len(block)
+        if self._buffered >= self.chunk_rows:
+            self.flush()
+
+    def add_drops(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` source records left out for ``reason`` (kept in the trace's metadata)."""
+        if count:
+            self._pending_drops[reason] += int(count)
+
+    def flush(self) -> None:
+        """Write buffered rows as one chunk folder, renamed into place only once complete."""
+        if not self._buffer and not self._pending_drops:
+            return
+        block = RoutingBlock.concat(self._buffer) if self._buffer else None
+        name = _chunk_name(len(self._chunks))
+        tmp = os.path.join(self.partial, "." + name + ".tmp")
+        os.makedirs(tmp, exist_ok=True)
+        rows = 0
+        if block is not None:
+            rows = len(block)
+            for col in _COLUMNS:
+                arr = getattr(block, col)
+                if arr is None:
+                    continue
+                with open(os.path.join(tmp, col + ".npy"), "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+        with open(os.path.join(tmp, "drops.json"), "w") as f:
+            json.dump(dict(self._pending_drops), f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, os.path.join(self.partial, name))
+        fsync_dir(self.partial)
+        self._chunks.append({"name": name, "rows": rows})
+        self._drops.update(self._pending_drops)
+        self._pending_drops.clear()
+        self.rows += rows
+        self._buffer, self._buffered = [], 0
+
+    def close(self) -> str:
+        """Flush, write the manifest and rename ``PATH.partial`` to ``PATH``. Returns ``PATH``."""
+        if self.closed:
+            return self.path
+        self.flush()
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "meta": self.meta.to_json(),
+            "chunks": self._chunks,
+            "rows": self.rows,
+            "drops": dict(sorted(self._drops.items())),
+        }
+        write_json_atomic(os.path.join(self.partial, MANIFEST), manifest)
+        if os.path.exists(self.path):  # overwrite=True: move the old one aside first
+            old = self.path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.path, old)
+            os.rename(self.partial, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.partial, self.path)
+        fsync_dir(os.path.dirname(self.path))
+        self.closed = True
+        return self.path
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was produced: flushed chunks stay readable in PATH.partial
+            try:
+                self.flush()
+            finally:
+                self.closed = True
+
+
+def write_trace(path: str | os.PathLike, meta: TraceMeta, blocks: Iterable[RoutingBlock], *,
+                drops: dict[str, int] | None = None, overwrite: bool = False,
+                chunk_rows: int = 1 << 20) -> str:
+    """Write ``blocks`` as a finalised trace at ``path``."""
+    with TraceWriter(path, meta, overwrite=overwrite, chunk_rows=chunk_rows) as w:
+        for reason, n in (drops or {}).items():
+            w.add_drops(reason, n)
+        for b in blocks:
+            w.append(b)
+    return w.path
+
+
+class Trace:
+    """A routing trace in memory: metadata plus columns over all tokens, in recorded order.
+
+    Columns are numpy arrays: ``seq``, ``pos``, ``token``, ``step``, ``phase`` of shape ``(n,)``,
+    ``ids`` of shape ``(n, layers, top_k)`` and ``weights`` (same shape, or None).
+    """
+
+    def __init__(self, meta: TraceMeta, block: RoutingBlock, *, drops: dict[str, int] | None = None,
+                 path: str | None = None, finalised: bool = True):
+        self.meta = meta
+        self._block = block.validate(meta)
+        self.drops: dict[str, int] = dict(drops or {})
+        self.path = path
+        self.finalised = finalised
+
+    # columns
+    seq = property(lambda self: self._block.seq)
+    pos = property(lambda self: self._block.pos)
+    token = property(lambda self: self._block.token)
+    step = property(lambda self: self._block.step)
+    phase = property(lambda self: self._block.phase)
+    ids = property(lambda self: self._block.ids)
+    weights = property(lambda self: self._block.weights)
+
+    @property
+    def block(self) -> RoutingBlock:
+        return self._block
+
+    def __len__(self) -> int:
+        return len(self._block)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._block)
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.num_layers
+
+    def sequences(self) -> np.ndarray:
+        """Sequence ids in order of first appearance."""
+        _, first = np.unique(self.seq, return_index=True)
+        return self.seq[np.sort(first)]
+
+    def iter_sequences(self) -> Iterator[tuple[int, "Trace"]]:
+        """Yield ``(seq_id, sub_trace)`` in order of first appearance."""
+        for s in self.sequences():
+            yield int(s), self.select(self.seq == s)
+
+    def select(self, mask_or_index: np.ndarray | slice) -> "Trace":
+        return Trace(self.meta, self._block.take(mask_or_index), drops=self.drops, path=self.path,
+                     finalised=self.finalised)
+
+    def select_sequences(self, seq_ids: Iterable[int]) -> "Trace":
+        return self.select(np.isin(self.seq, np.asarray(list(seq_ids))))
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
+        return write_trace(path, self.meta, [self._block], drops=self.drops, overwrite=overwrite)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures ``moecache trace info`` prints."""
+        ids = self.ids
+        present = ids >= 0
+        row_present = present.any(axis=2)  # (n, layers)
+        phases = {PHASE_NAMES[int(p)]: int(c) for p, c in zip(*np.unique(self.phase, return_counts=True))}
+        n = len(self)
+        return {
+            "path": self.path,
+            "finalised": self.finalised,
+            "model": self.meta.model,
+            "family": self.meta.family,
+            "source": self.meta.source,
+            "tokens": n,
+            "sequences": int(len(np.unique(self.seq))) if n else 0,
+            "layers": self.meta.num_layers,
+            "moe_layers": list(self.meta.moe_layers),
+            "experts": self.meta.num_experts,
+            "top_k": self.meta.top_k,
+            "bytes_per_expert": self.meta.bytes_per_expert,
+            "id_order": self.meta.id_order,
+            "weights": self.meta.weights,
+            "phases": phases,
+            "steps": int(len(np.unique(self.step[self.step >= 0]))),
+            "known": {c: float((getattr(self, c) >= 0).mean()) if n else 0.0 for c in ("pos", "token", "step")},
+            "coverage": float(row_present.mean()) if n else 0.0,
+            "coverage_per_layer": [float(x) for x in row_present.mean(axis=0)] if n else [],
+            "missing_records": int((~row_present).sum()),
+            "dropped_slots": int((ids == ID_DROPPED).sum()),
+            "accesses": int(present.sum()),
+            "drops": dict(sorted(self.drops.items())),
+            "files": list(self.meta.files),
+        }
+
+
+def _load_chunk(folder: str, meta: TraceMeta) -> tuple[RoutingBlock, dict[str, int]]:
+    cols: dict[str, Any] = {}
+    for col in _COLUMNS:
+        f = os.path.join(folder, col + ".npy")
+        if os.path.exists(f):
+            try:
+                cols[col] = np.load(f, allow_pickle=False)
+            except Exception as e:  # a damaged file: say which one
+                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
+        elif col != "weights":
+            raise TraceFormatError(f"chunk is missing {col}.npy", folder)
+    drops: dict[str, int] = {}
+    dfile = os.path.join(folder, "drops.json")
+    if os.path.exists(dfile):
+        with open(dfile) as f:
+            drops = json.load(f)
+    if "ids" not in cols:
+        return RoutingBlock.build(np.zeros((0, meta.num_layers, meta.top_k), np.int16)), drops
+    return RoutingBlock(**cols), drops
+
+
+def _empty_block(meta: TraceMeta) -> RoutingBlock:
+    w = np.zeros((0, meta.num_layers, meta.top_k), np.float32) if meta.has_weights else None
+    return RoutingBlock.build(np.zeros((0, meta.num_layers, meta.top_k), np.int16), weights=w)
+
+
+def _resolve(path: str) -> tuple[str, bool]:
+    """Find the trace folder for whatever the user gave: the folder, a file in it, or PATH.partial."""
+    p = os.path.abspath(path).rstrip(os.sep)
+    if os.path.isfile(p) and os.path.basename(p) in (MANIFEST, PARTIAL_META):
+        p = os.path.dirname(p)
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, MANIFEST)):
+            return p, True
+        if os.path.exists(os.path.join(p, PARTIAL_META)):
+            return p, False
+        raise TraceFormatError(
+            "not a moecache trace folder (no manifest.json or meta.json). If it holds routing logs "
+            "from another tool, convert them with `moecache trace import` first", p)
+    if not os.path.exists(p) and os.path.isdir(p + PARTIAL_SUFFIX):
+        return _resolve(p + PARTIAL_SUFFIX)
+    if os.path.isfile(p):
+        raise TraceFormatError(
+            "is a file, not a moecache trace folder. Published routing logs (JSONL, CSV, JSON) are "
+            "converted with `moecache trace import FILE -o OUT`", p)
+    raise FileNotFoundError(f"no trace at {p} (nor an unfinished one at {p}{PARTIAL_SUFFIX})")
+
+
+def open_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace: a finalised folder, or the ``.partial`` folder a killed recording left."""
+    folder, finalised = _resolve(os.fspath(path))
+    header_file = os.path.join(folder, MANIFEST if finalised else PARTIAL_META)
+    try:
+        with open(header_file) as f:
+            header = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"not valid JSON ({e})", header_file) from None
+    if header.get("format") != FORMAT_NAME:
+        raise TraceFormatError(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}", header_file)
+    if header.get("version", 0) > FORMAT_VERSION:
+        raise TraceFormatError(
+            f"trace format version {header.get('version')} is newer than this moecache reads "
+            f"({FORMAT_VERSION}); upgrade moecache", header_file)
+    meta = TraceMeta.from_json(header["meta"], header_file)
+    if finalised:
+        names = [c["name"] for c in header["chunks"]]
+        for n in names:
+            if not os.path.isdir(os.path.join(folder, n)):
+                raise TraceFormatError(f"manifest lists chunk {n} but it is missing", folder)
+    else:  # every complete chunk folder, in order; temporary ones (".chunk-*.tmp") are ignored
+        names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
+    blocks, drops = [], Counter()
+    for n in names:
+        b, d = _load_chunk(os.path.join(folder, n), meta)
+        blocks.append(b)
+        drops.update(d)
+    block = RoutingBlock.concat([b for b in blocks if len(b)] or [_empty_block(meta)])
+    if finalised and header.get("rows") is not None and len(block) != header["rows"]:
+        raise TraceFormatError(f"manifest says {header['rows']} rows, chunks hold {len(block)}", folder)
+    return Trace(meta, block, drops=dict(drops), path=folder, finalised=finalised)
+
+
+def finalise_partial(path: str | os.PathLike) -> str:
+    """Turn the ``PATH.partial`` folder a killed recording left into a finalised trace ``PATH``."""
+    trace = open_trace(path)
+    if trace.finalised:
+        return trace.path  # type: ignore[return-value]
+    folder = trace.path
+    assert folder is not None
+    target = folder[: -len(PARTIAL_SUFFIX)] if folder.endswith(PARTIAL_SUFFIX) else folder + ".trace"
+    names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
+    chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": trace.meta.to_json(),
+                "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
+    write_json_atomic(os.path.join(folder, MANIFEST), manifest)
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} exists; move it away before finalising {folder}")
+    os.rename(folder, target)
+    return target
+
+
+def count_ids(trace: Trace) -> np.ndarray:
+    """Accesses per (layer, expert): shape ``(layers, experts)``, missing and dropped slots excluded."""
+    ids = trace.ids
+    C = extension()
+    if C is not None:  # C++ twin of the loop below (differential test: tests/test_trace_store.py)
+        import torch
+        return C.count_experts(torch.from_numpy(np.ascontiguousarray(ids)), trace.meta.num_experts).numpy()
+    out = np.zeros((trace.num_layers, trace.meta.num_experts), np.int64)
+    for l in range(trace.num_layers):
+        x = ids[:, l, :].ravel()
+        out[l] = np.bincount(x[x >= 0], minlength=trace.meta.num_experts)
+    return out
+
+
+__all__ = ["Trace", "TraceWriter", "open_trace", "write_trace", "finalise_partial", "count_ids",
+           "ID_MISSING", "ID_DROPPED"]

@@ -1,0 +1,136 @@
+"""The predictor interface shared by the simulator and the runtime.
+
+A predictor watches routing as it happens and says, for the MoE layer ``depth`` layers ahead, how
+likely each expert is to be selected. Depth counts MoE layers, not model layers, and wraps into the
+next token: from trace layer ``l`` with ``L`` MoE layers, depth ``d`` targets layer ``(l + d) % L``
+of the current token when ``l + d < L``, else of the next token.
+
+Call protocol (one stream of tokens, batch rows side by side):
+
+* ``reset()`` when a new request (sequence) starts;
+* ``observe(layer, experts, hidden=None)`` after the router of MoE layer ``layer`` has chosen
+  ``experts`` (int array ``(rows, top_k)``, negative ids = missing); ``hidden`` is that layer's
+  input hidden state ``(rows, hidden_size)`` where the runtime has it, else None;
+* ``predict(layer, depth)`` right after ``observe(layer, ...)``: float64 array ``(rows, experts)``,
+  each row in [0, 1] summing to ``top_k`` (a probability per expert of being selected).
+
+Learned predictors are fitted with ``fit(trace)`` on sequences that are never scored, and saved with
+``save(path)`` / ``Predictor.load(path)`` as JSON + ``.npz`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..registry import Registry
+
+PREDICTORS: Registry[type["Predictor"]] = Registry("predictor")
+
+
+class Predictor:
+    """Base class. Subclasses set ``name`` and override ``observe`` / ``predict`` (and ``fit``)."""
+
+    name: ClassVar[str] = "base"
+    #: True when ``fit`` must be called before use (learned from a trace).
+    needs_fit: ClassVar[bool] = False
+    #: True when the predictor reads hidden states and router weights (needs the model).
+    needs_model: ClassVar[bool] = False
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, **params: Any):
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
+        self.num_layers = int(num_layers)
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.params = dict(params)
+        self.fitted = not self.needs_fit
+
+    # -- protocol ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """A new request starts: forget per-request state (fitted state stays)."""
+
+    def fit(self, trace: Any) -> "Predictor":
+        """Learn from a trace (``moecache.trace.Trace``). The default predictor needs no fitting."""
+        self.fitted = True
+        return self
+
+    def observe(self, layer: int, experts: np.ndarray, hidden: Any = None) -> None:
+        raise NotImplementedError
+
+    def predict(self, layer: int, depth: int) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+    def target(self, layer: int, depth: int) -> tuple[int, int]:
+        """``(target_layer, token_offset)`` of the MoE layer ``depth`` ahead of ``layer``."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        t = layer + depth
+        return t % self.num_layers, t // self.num_layers
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """Turn non-negative scores ``(rows, experts)`` into probabilities summing to ``top_k`` per row,
+        each in [0, 1] (mass above 1 is capped and handed to the others in proportion)."""
+        s = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
+        if s.ndim == 1:
+            s = s[None, :]
+        out = np.empty_like(s)
+        k = float(self.top_k)
+        for r in range(s.shape[0]):
+            row = s[r]
+            total = row.sum()
+            if total <= 0:
+                out[r] = k / self.num_experts
+                continue
+            p = row * (k / total)
+            capped = np.zeros(len(p), bool)
+            # Iterative capping: at most top_k rounds since each round caps at least one expert.
+            while (p > 1.0 + 1e-12).any():
+                capped |= p >= 1.0
+                free = ~capped
+                rest = k - capped.sum()
+                base = row[free].sum()
+                p = np.where(capped, 1.0, 0.0)
+                if base > 0 and rest > 0:
+                    p[free] = row[free] * (rest / base)
+                elif rest > 0:
+                    p[free] = rest / free.sum()
+            out[r] = p
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays to save. Override in learned predictors."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of ``state``."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as ``path`` (a folder): ``predictor.json`` + ``state.npz``. Written atomically."""
+        from ..atomic import write_atomic, write_json_atomic
+
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        arrays = self.state()
+        write_atomic(os.path.join(path, "state.npz"), lambda f: np.savez(f, **arrays))
+        write_json_atomic(os.path.join(path, "predictor.json"), {
+            "name": self.name, "num_layers": self.num_layers, "num_experts": self.num_experts,
+            "top_k": self.top_k, "params": self.params, "fitted": self.fitted,
+        })
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Predictor":
+        path = os.fspath(path)
+        with open(os.path.join(path, "predictor.json")) as f:
+            head = json.load(f)
+        cls = PREDICTORS.get(head["name"])
+        pred = cls(head["num_layers"], head["num_experts"], head["top_k"], **head["params"])
+        with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
+            pred.load_state({k: z[k] for k in z.files})
+        pred.fitted = bool(head["fitted"])
+        return pred

@@ -1,0 +1,51 @@
+"""Shared fixtures: the read-only ../shared data (skipped cleanly where absent) and GPU marks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MOECACHE_SHARED", ROOT.parent / "shared"))
+ROUTING = SHARED / "data" / "routing"
+TINY_MODEL = SHARED / "data" / "models" / "qwen3moe-tiny-code"
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (GPU-only test; run on the GPU machine with `pytest -m gpu`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def routing_dir() -> Path:
+    if not ROUTING.is_dir():
+        pytest.skip(f"real routing traces not found at {ROUTING} (../shared is absent)")
+    return ROUTING
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    if not (TINY_MODEL / "config.json").is_file():
+        pytest.skip(f"trained model not found at {TINY_MODEL} (../shared is absent)")
+    return TINY_MODEL
+
+
+@pytest.fixture
+def no_ext(monkeypatch):
+    """Force the pure-Python paths (the extension's reference implementations)."""
+    monkeypatch.setenv("MOECACHE_DISABLE_EXT", "1")
