@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -185,9 +185,19 @@ class Trace:
     """
 
     def __init__(self, meta: TraceMeta, block: RoutingBlock, *, drops: dict[str, int] | None = None,
-                 path: str | None = None, finalised: bool = True):
+                 path: str | None = None, finalised: bool = True,
+                 weights_loader: Callable[[], np.ndarray] | None = None):
         self.meta = meta
-        self._block = block.validate(meta)
+        # Gate weights are read on first use: most analyses need ids only, and weights are the
+        # larger column (float32 against int16), so reading them lazily halves a cold open.
+        self._weights_loader = weights_loader
+        if weights_loader is not None:
+            if block.weights is not None:
+                raise ValueError("pass weights in the block or a weights_loader, not both")
+            block = block.validate(TraceMeta(**{**meta.to_json(), "weights": "absent"}))
+        else:
+            block = block.validate(meta)
+        self._block = block
         self.drops: dict[str, int] = dict(drops or {})
         self.path = path
         self.finalised = finalised
@@ -199,10 +209,21 @@ class Trace:
     step = property(lambda self: self._block.step)
     phase = property(lambda self: self._block.phase)
     ids = property(lambda self: self._block.ids)
-    weights = property(lambda self: self._block.weights)
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        if self._weights_loader is not None:
+            w = self._weights_loader()
+            if w.shape != self.ids.shape:
+                raise TraceFormatError(f"weights shape {w.shape} does not match ids {self.ids.shape}", self.path)
+            self._block = RoutingBlock(self.seq, self.pos, self.token, self.step, self.phase, self.ids,
+                                       w.astype(np.float32, copy=False))
+            self._weights_loader = None
+        return self._block.weights
 
     @property
     def block(self) -> RoutingBlock:
+        self.weights  # materialise lazily loaded weights
         return self._block
 
     def __len__(self) -> int:
@@ -227,14 +248,14 @@ class Trace:
             yield int(s), self.select(self.seq == s)
 
     def select(self, mask_or_index: np.ndarray | slice) -> "Trace":
-        return Trace(self.meta, self._block.take(mask_or_index), drops=self.drops, path=self.path,
+        return Trace(self.meta, self.block.take(mask_or_index), drops=self.drops, path=self.path,
                      finalised=self.finalised)
 
     def select_sequences(self, seq_ids: Iterable[int]) -> "Trace":
         return self.select(np.isin(self.seq, np.asarray(list(seq_ids))))
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
-        return write_trace(path, self.meta, [self._block], drops=self.drops, overwrite=overwrite)
+        return write_trace(path, self.meta, [self.block], drops=self.drops, overwrite=overwrite)
 
     def summary(self) -> dict[str, Any]:
         """The figures ``moecache trace info`` prints."""
@@ -271,9 +292,11 @@ class Trace:
         }
 
 
-def _load_chunk(folder: str, meta: TraceMeta) -> tuple[RoutingBlock, dict[str, int]]:
+def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True) -> tuple[RoutingBlock, dict[str, int]]:
     cols: dict[str, Any] = {}
     for col in _COLUMNS:
+        if col == "weights" and not with_weights:
+            continue
         f = os.path.join(folder, col + ".npy")
         if os.path.exists(f):
             try:
@@ -342,15 +365,30 @@ def open_trace(path: str | os.PathLike) -> Trace:
                 raise TraceFormatError(f"manifest lists chunk {n} but it is missing", folder)
     else:  # every complete chunk folder, in order; temporary ones (".chunk-*.tmp") are ignored
         names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
-    blocks, drops = [], Counter()
+    blocks, drops, kept = [], Counter(), []
     for n in names:
-        b, d = _load_chunk(os.path.join(folder, n), meta)
-        blocks.append(b)
+        b, d = _load_chunk(os.path.join(folder, n), meta, with_weights=False)
         drops.update(d)
-    block = RoutingBlock.concat([b for b in blocks if len(b)] or [_empty_block(meta)])
+        if len(b):
+            blocks.append(b)
+            kept.append(n)
+    block = RoutingBlock.concat(blocks or [_empty_block(TraceMeta(**{**meta.to_json(), "weights": "absent"}))])
     if finalised and header.get("rows") is not None and len(block) != header["rows"]:
         raise TraceFormatError(f"manifest says {header['rows']} rows, chunks hold {len(block)}", folder)
-    return Trace(meta, block, drops=dict(drops), path=folder, finalised=finalised)
+
+    def load_weights() -> np.ndarray:
+        parts = []
+        for n in kept:
+            f = os.path.join(folder, n, "weights.npy")
+            if not os.path.exists(f):
+                raise TraceFormatError(f"trace declares weights={meta.weights!r} but weights.npy is missing", f)
+            parts.append(np.load(f, allow_pickle=False))
+        if not parts:
+            return np.zeros((0, meta.num_layers, meta.top_k), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return Trace(meta, block, drops=dict(drops), path=folder, finalised=finalised,
+                 weights_loader=load_weights if meta.has_weights else None)
 
 
 def finalise_partial(path: str | os.PathLike) -> str:
