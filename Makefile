@@ -7,7 +7,7 @@ PIP := $(VPY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install test demo clean ext
+.PHONY: venv install test demo clean ext browser
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,14 @@ install: $(VENV)/.installed
 ext: install
 	$(VPY) setup.py -q build_ext --inplace
 
-test: install
+# Headless Chromium for the report test (moecache analyze). Best effort: where apt cannot install it,
+# that test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+	  && echo "installed chromium" || echo "chromium not installed: the browser test will be skipped"; }
+
+test: install browser
 	$(VPY) -m moecache doctor
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from moecache.cli import main
+from moecache.trace import RoutingBlock, TraceMeta, TraceWriter, write_trace
+
+
+def test_doctor_json(capsys):
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("moecache", "torch", "transformers", "numpy", "extension"):
+        assert key in info
+    assert "available" in info["extension"]
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "moecache", "doctor"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "extension" in out.stdout
+
+
+def _trace(tmp_path):
+    m = TraceMeta(num_experts=4, top_k=2, moe_layers=[1, 2], model="toy", weights="absent")
+    ids = np.array([[[0, 1], [2, 3]], [[1, 2], [-1, -1]], [[3, 0], [0, 1]]])
+    return write_trace(tmp_path / "t", m, [RoutingBlock.build(ids, seq=[0, 0, 1], phase=[0, 1, 0])], drops={"warmup": 5})
+
+
+def test_trace_info_json(tmp_path, capsys):
+    p = _trace(tmp_path)
+    assert main(["trace", "info", p, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["tokens"], s["sequences"], s["layers"], s["experts"], s["top_k"]) == (3, 2, 2, 4, 2)
+    assert s["drops"] == {"warmup": 5}
+    assert s["missing_records"] == 1 and s["accesses"] == 10
+
+
+def test_trace_info_text(tmp_path, capsys):
+    p = _trace(tmp_path)
+    assert main(["trace", "info", p]) == 0
+    out = capsys.readouterr().out
+    assert "3 in 2 sequence(s)" in out and "warmup: 5" in out and "model layers 1-2" in out
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["trace", "info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "no trace at" in err and "Traceback" not in err
+
+
+def test_finalise_cli(tmp_path, capsys):
+    m = TraceMeta(num_experts=4, top_k=1, moe_layers=[0])
+    w = TraceWriter(tmp_path / "r", m, chunk_rows=2)
+    w.append(RoutingBlock.build(np.zeros((3, 1, 1), int)))
+    w.flush()
+    assert main(["trace", "info", str(tmp_path / "r")]) == 0
+    assert "UNFINISHED" in capsys.readouterr().out
+    assert main(["trace", "finalise", str(tmp_path / "r.partial")]) == 0
+    assert (tmp_path / "r" / "manifest.json").exists()
