@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..trace import finalise_partial, open_trace
+from .trace_import import register as register_import
 
 
 def _fmt_info(s: dict) -> str:
@@ -86,3 +87,4 @@ def register(sub) -> None:
                           description="Write the manifest of PATH.partial and rename it to PATH.")
     fin.add_argument("path", metavar="PATH")
     fin.set_defaults(func=cmd_finalise)
+    register_import(tsub)
