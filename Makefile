@@ -37,5 +37,10 @@ test: install browser
 	$(VPY) -m moecache doctor
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# The main job on the embedded default (a small random-weight Qwen3-MoE): offloaded generation on CUDA
+# if present, else the CPU; --check compares the tokens with the unpatched model's.
+demo: install
+	$(VPY) -m moecache generate --check --max-new-tokens 32
+
 clean:
 	rm -rf build *.egg-info moecache/_C*.so $(VENV)/.installed

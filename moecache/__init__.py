@@ -22,5 +22,27 @@ def record(model, path, **kwargs):
     return RoutingRecorder(model, path, **kwargs)
 
 
-__all__ = ["__version__", "record", "open_trace", "Trace", "TraceMeta", "MoecacheError", "TraceFormatError",
+def offload(model, gpu_memory=None, **kwargs):
+    """Patch a loaded transformers MoE model in place to run with its experts offloaded; returns a handle
+    with ``stats()`` and ``remove()``. See ``moecache.runtime.offload.offload`` for the options."""
+    from .runtime import offload as _offload
+
+    return _offload(model, gpu_memory, **kwargs)
+
+
+def from_pretrained(path, gpu_memory=None, **kwargs):
+    """Load a local checkpoint straight into the offloaded layout; see ``moecache.loading.from_pretrained``."""
+    from .loading import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, gpu_memory, **kwargs)
+
+
+def replay(model, trace, **kwargs):
+    """Run ``model`` with its routing forced to ``trace`` (teacher forcing); see ``moecache.replay.replay``."""
+    from .replay import replay as _replay
+
+    return _replay(model, trace, **kwargs)
+
+
+__all__ = ["__version__", "record", "offload", "from_pretrained", "replay", "open_trace", "Trace", "TraceMeta", "MoecacheError", "TraceFormatError",
            "UnsupportedModelError", "ConfigError"]

@@ -1,0 +1,306 @@
+"""``moecache.from_pretrained(path, gpu_memory=...)``: load a local checkpoint straight into the offloaded layout.
+
+The model is built with its parameters on the meta device (buffers such as rotary frequencies are
+computed for real, as the model's ``__init__`` does), then materialised from the safetensors
+files, one tensor at a time:
+
+* expert weights go from the files into the pinned ``HostStore``, one expert at a time, never to
+  the GPU and never twice in host memory. Checkpoints in the Hub's per-expert layout
+  (``model.layers.N.mlp.experts.E.gate_proj.weight`` ...) are converted by transformers' own
+  per-family rules (``conversion_mapping.get_model_conversion_mapping``: ``MergeModulelist``,
+  ``Concatenate`` ...), applied to each expert on its own; checkpoints that already store the
+  stacked tensor (``...experts.gate_up_proj``) are read one expert slice at a time;
+* every other tensor is renamed by the same rules and placed on the device directly.
+
+Then tied weights are tied, and the model is offloaded with ``moecache.offload`` on the filled store.
+The rule-reading helpers are transformers internals that change between releases; where they are
+missing or have another signature, loading falls back to transformers' own ``from_pretrained`` on
+the CPU followed by ``offload`` (which packs and releases one layer at a time, so host memory still
+never holds two copies of the experts), and says so in a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnsupportedModelError
+from .families import detect_family, find_moe_blocks, get_family
+from .runtime.hoststore import HostAllocator, HostStore
+from .runtime.layout import SlotLayout
+from .runtime.offload import OffloadHandle, check_supported, offload
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """While active, every parameter a module registers is moved to the meta device (no storage);
+    buffers stay real, so values computed in ``__init__`` (rotary frequencies) survive."""
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a local checkpoint folder (sharded via the index, or one file)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ConfigError(f"{path}: no model.safetensors or model.safetensors.index.json; moecache loads local "
+                      "safetensors checkpoints (save one with model.save_pretrained(path))")
+
+
+def _expert_index(source_pattern: str, key: str) -> int | None:
+    """The expert number a per-expert source pattern's ``*`` matched in ``key``."""
+    plain = source_pattern.lstrip("^").replace("\\.", ".")
+    parts = plain.split("*")
+    if len(parts) != 2:
+        return None
+    m = re.search(re.escape(parts[0]) + r"(\d+)" + re.escape(parts[1]), key)
+    return int(m.group(1)) if m else None
+
+
+class _Rules:
+    """transformers' renaming/conversion rules for one model, behind a small stable surface."""
+
+    def __init__(self, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        self._rename = rename_source_key
+        transforms = get_model_conversion_mapping(model)
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        self.prefix = getattr(model, "base_model_prefix", None)
+        self.meta_keys = dict.fromkeys(model.state_dict().keys(), True)
+
+    def rename(self, key: str) -> tuple[str, str | None]:
+        """``(target key, converter source pattern or None)``."""
+        return self._rename(key, self.renamings, self.converters, self.prefix, self.meta_keys)
+
+    def converter_for(self, pattern: str) -> Any:
+        for conv in self.converters:
+            if pattern in conv.source_patterns:
+                return conv
+        raise RuntimeError(f"no converter has source pattern {pattern!r}")
+
+    @staticmethod
+    def convert(conv: Any, target: str, tensors: dict[str, list[torch.Tensor]],
+                model: nn.Module) -> dict[str, torch.Tensor]:
+        """Run ``conv``'s operations on ``tensors`` (source pattern -> tensors) for ``target``."""
+        for pattern, values in tensors.items():
+            conv.collected_tensors[pattern] = list(values)
+        out = conv.convert(target, model=model, config=model.config)
+        if isinstance(out, tuple):  # older releases returned (tensors, errors)
+            out = out[0]
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.device) -> bool:
+    """Put ``value`` at ``key`` (a parameter or buffer name) on ``device`` in the target's dtype."""
+    path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return False
+    current = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+    if current is None and name not in module._parameters and name not in module._buffers:
+        return False
+    dtype = current.dtype if current is not None and current.dtype.is_floating_point and value.dtype.is_floating_point \
+        else value.dtype
+    if current is not None and tuple(current.shape) != tuple(value.shape):
+        raise ConfigError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model expects "
+                          f"{tuple(current.shape)}: the config does not match the weights")
+    value = value.to(device=device, dtype=dtype)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+    return True
+
+
+def _build_meta_model(path: str, dtype: torch.dtype | None, experts_implementation: str | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    dt = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dt, str):
+        dt = getattr(torch, dt)
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
+
+
+def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None, family: str | None,
+                   experts_implementation: str | None, pin: bool | None) -> tuple[nn.Module, HostStore]:
+    """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store."""
+    from safetensors import safe_open
+
+    model = _build_meta_model(path, dtype, experts_implementation)
+    adapter = get_family(family) if family else detect_family(model)
+    blocks = find_moe_blocks(model, adapter)
+    check_supported(adapter, blocks)
+    E = adapter.num_experts(model.config)
+    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name)
+    store = HostStore(layout, len(blocks), E, HostAllocator(pin))
+    experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
+    kinds = set(layout.names)
+    rules = _Rules(model)
+
+    # Pass 1: where every checkpoint tensor goes.
+    files = checkpoint_files(path)
+    handles = {f: safe_open(f, framework="pt", device="cpu") for f in files}
+    per_expert: dict[tuple[str, int], dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    stacked: list[tuple[str, str, str]] = []        # (file, key, target) of stacked expert tensors
+    plain: list[tuple[str, str, str]] = []          # (file, key, target) of other tensors
+    grouped: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    unexpected: list[str] = []
+    for f, h in handles.items():
+        for key in h.keys():
+            target, pattern = rules.rename(key)
+            module_path, _, name = target.rpartition(".")
+            is_expert = module_path in experts_at and name in kinds
+            if pattern is not None and is_expert:
+                e = _expert_index(pattern, key)
+                if e is None:
+                    raise UnsupportedModelError(f"{key}: cannot tell which expert this tensor belongs to "
+                                                f"(conversion pattern {pattern!r})")
+                per_expert[(target, e)][pattern].append((f, key))
+            elif pattern is not None:
+                grouped[target][pattern].append((f, key))
+            elif is_expert:
+                stacked.append((f, key, target))
+            else:
+                plain.append((f, key, target))
+
+    filled = {(layer, k): 0 for layer in range(len(blocks)) for k in kinds}
+    # Pass 2a: per-expert tensors, converted one expert at a time by transformers' rules.
+    for (target, e), sources in sorted(per_expert.items()):
+        module_path, _, name = target.rpartition(".")
+        layer = experts_at[module_path]
+        conv = rules.converter_for(next(iter(sources)))
+        tensors = {p: [handles[f].get_tensor(k) for f, k in sorted(v)] for p, v in sources.items()}
+        out = rules.convert(conv, target, tensors, model)
+        value = out.get(target)
+        if value is None or value.shape[0] != 1:
+            raise UnsupportedModelError(f"{target}: transformers' conversion for this family does not act on one "
+                                        f"expert at a time (got {None if value is None else tuple(value.shape)})")
+        store.fill_expert(layer, e, name, value[0])
+        filled[(layer, name)] += 1
+    # Pass 2b: stacked expert tensors, one expert slice at a time.
+    for f, key, target in stacked:
+        module_path, _, name = target.rpartition(".")
+        layer = experts_at[module_path]
+        sl = handles[f].get_slice(key)
+        for e in range(E):
+            store.fill_expert(layer, e, name, sl[e])
+        filled[(layer, name)] += E
+    missing = [f"{blocks[layer].name}.{adapter.experts_attr}.{name} ({n}/{E} experts)"
+               for (layer, name), n in sorted(filled.items()) if n != E]
+    if missing:
+        raise ConfigError(f"{path}: the checkpoint lacks expert weights: {', '.join(missing[:6])}"
+                          f"{' ...' if len(missing) > 6 else ''}")
+    # Pass 2c: everything else, straight to the device.
+    for f, key, target in plain:
+        if not _set_tensor(model, target, handles[f].get_tensor(key), device):
+            unexpected.append(key)
+    for target, sources in grouped.items():
+        conv = rules.converter_for(next(iter(sources)))
+        tensors = {p: [handles[f].get_tensor(k) for f, k in sorted(v)] for p, v in sources.items()}
+        for k2, v2 in rules.convert(conv, target, tensors, model).items():
+            if not _set_tensor(model, k2, v2, device):
+                unexpected.append(k2)
+    handles.clear()
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensors match nothing in the model and were skipped: "
+                      f"{unexpected[:5]}")
+    model.tie_weights()
+    expert_param_ids = {id(getattr(b.experts, k)) for b in blocks for k in kinds}
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in expert_param_ids]
+    if left:
+        raise ConfigError(f"{path}: the checkpoint lacks {len(left)} weights the model needs: {left[:6]}")
+    for module in model.modules():  # buffers computed in __init__ (on the CPU) join the device
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    return model, store
+
+
+def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
+                    device: str | None = None, dtype: torch.dtype | str | None = None, family: str | None = None,
+                    experts_implementation: str | None = None, pin: bool | None = None,
+                    **offload_kwargs: Any) -> nn.Module:
+    """Load the checkpoint folder ``path`` offloaded; returns the model (its handle is ``model.moecache``).
+
+    ``gpu_memory``/``cache_slots`` and ``offload_kwargs`` (policy, predictor, prefetch_depth, engine,
+    ...) are those of ``moecache.offload``. ``dtype`` defaults to the checkpoint's.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path} is not a folder; from_pretrained loads a local checkpoint folder")
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
+                                      experts_implementation=experts_implementation, pin=pin)
+    except (ImportError, AttributeError, TypeError) as e:
+        warnings.warn(f"moecache.from_pretrained: this transformers release's conversion helpers differ ({e!r}); "
+                      "loading with transformers on the CPU and offloading layer by layer instead")
+        return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
+                                      family=family, experts_implementation=experts_implementation, pin=pin,
+                                      **offload_kwargs)
+    offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
+            **offload_kwargs)
+    return model
+
+
+def _load_via_transformers(path: str, gpu_memory: Any, *, cache_slots: int | None, device: torch.device,
+                           dtype: torch.dtype | None, family: str | None, experts_implementation: str | None,
+                           pin: bool | None, **offload_kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    offload(model, gpu_memory, cache_slots=cache_slots, device=str(device), family=family, pin=pin, **offload_kwargs)
+    return model
+
+
+def handle_of(model: nn.Module) -> OffloadHandle:
+    """The ``OffloadHandle`` of a model loaded by ``from_pretrained`` (or patched by ``offload``)."""
+    h = getattr(model, "moecache", None)
+    if h is None:
+        raise ConfigError("this model is not offloaded by moecache")
+    return h
+
+
+__all__ = ["from_pretrained", "load_offloaded", "params_on_meta", "checkpoint_files", "handle_of"]

@@ -1,0 +1,330 @@
+"""The per-layer path of the offloading runtime: routing in, experts resident, kernel, prefetch out.
+
+For each MoE layer call ``run_layer`` does, top to bottom:
+
+1. copy the routing ids to the host: the ONE host synchronisation of the layer (slots and victims
+   are chosen on the host, so the decision has to cross);
+2. settle the prefetches aimed at this layer: queued copies of experts the routing did not pick
+   are cancelled (their slots go back to the pool);
+3. make every needed expert resident: a hit touches the policy; a miss asks the policy to
+   ``insert`` it (evicting unprotected victims) and queues a demand copy (priority 0 = now);
+4. make the compute stream wait for exactly those copies, run transformers' own experts kernel on
+   the pool (``experts.py``), and fence the slots it read;
+5. feed the routing to the predictor and queue prefetch copies for the next ``prefetch_depth``
+   MoE layers, priority = predicted need time (layers ahead, then probability).
+
+When a layer needs more experts than the pool holds (long prefills, big batches), step 3-4 run
+in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed as a one-expert
+call into a contribution buffer, and the top-k contributions are summed once at the end, in
+(token, k) order as the kernels themselves sum them, so the result does not depend on the rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .engine import CopyEngine
+from .experts import SlotIndexer, call_mode, make_shell
+from .hoststore import HostStore
+from .pool import SlotPool
+from .stats import RuntimeCounters
+
+#: Prefetch candidates below this probability of being needed are not fetched.
+DEFAULT_MIN_PROB = 0.05
+#: Up to this many routing ids, the needed experts are counted in Python (faster than np.unique).
+_SMALL = 64
+
+
+def _unique(ids: np.ndarray) -> tuple[list[int], list[int]]:
+    """Sorted distinct expert ids and how many (token, k) pairs chose each."""
+    if ids.size <= _SMALL:
+        counts: dict[int, int] = {}
+        for e in ids.ravel().tolist():
+            counts[e] = counts.get(e, 0) + 1
+        experts = sorted(counts)
+        return experts, [counts[e] for e in experts]
+    u, n = np.unique(ids, return_counts=True)
+    return u.tolist(), n.tolist()
+
+
+@dataclass
+class LayerInfo:
+    """One MoE layer under the runtime."""
+
+    index: int                # MoE layer index (trace layer)
+    model_layer: int          # model layer index
+    name: str                 # qualified name of the MoE block
+    block: nn.Module          # the MoE block (its ``experts`` child is replaced)
+    original: nn.Module       # the original experts module (expert parameters released)
+    remap_shell: nn.Module    # shell on the pool views, slot ids
+    indexer_shell: nn.Module  # shell with SlotIndexer weights, expert ids
+
+
+class Runtime:
+    """The offloading runtime's state and per-layer logic (built by ``moecache.offload``)."""
+
+    def __init__(self, *, layers: list[LayerInfo], num_layers: int, store: HostStore, pool: SlotPool,
+                 engine: CopyEngine, policy: Any, predictor: Any, config: Any, num_experts: int, top_k: int,
+                 prefetch_depth: int, prefetch_width: int | None, min_prob: float = DEFAULT_MIN_PROB):
+        self.layers = layers
+        self.store = store
+        self.pool = pool
+        self.engine = engine
+        self.policy = policy
+        self.predictor = predictor
+        self.config = config
+        self.E = int(num_experts)
+        self.top_k = int(top_k)
+        self.L = int(num_layers)
+        self.prefetch_depth = int(prefetch_depth) if predictor is not None else 0
+        self.prefetch_width = prefetch_width
+        self.min_prob = float(min_prob)
+        self.device = pool.device
+        #: Live expert-key -> slot table (-1 = not in the pool); the remap lookup and the indexers read it.
+        self.slot_of = np.full(self.L * self.E, -1, dtype=np.int64)
+        #: Prefetched keys not yet used by a demand access (for precision), and queued-or-running
+        #: prefetches by key -> target MoE layer (protected from eviction until their layer runs).
+        self.unused_prefetch: set[int] = set()
+        self.pending: dict[int, int] = {}
+        #: Slots whose last copy is known to be complete (no wait, no query needed).
+        self.ready_slots: set[int] = set()
+        self.counters = RuntimeCounters()
+        self._impl: str | None = "?"
+        self._mode = "remap"
+        self.rows = 1  # batch rows of the current model call (set by the call hook)
+        self.tokens_per_row = 1
+
+    # -- shells -------------------------------------------------------------------------------
+    @staticmethod
+    def build_shells(original: nn.Module, pool: SlotPool, lut: np.ndarray, num_experts: int
+                     ) -> tuple[nn.Module, nn.Module]:
+        remap = make_shell(original, dict(pool.views), pool.num_slots)
+        indexers = {name: SlotIndexer(view, lut, num_experts) for name, view in pool.views.items()}
+        return remap, make_shell(original, indexers, num_experts)
+
+    # -- request boundaries (called by the model-call hook) -----------------------------------------
+    def begin_call(self, rows: int, tokens_per_row: int, new_request: bool = False) -> None:
+        """A model forward starts. A new request (or a change of batch size) resets the policy's and
+        the predictor's per-request state."""
+        if new_request or rows != self.rows:
+            self.policy.begin_request()
+            if self.predictor is not None:
+                self.predictor.reset()
+        self.rows, self.tokens_per_row = int(rows), int(tokens_per_row)
+
+    # -- the per-layer path -------------------------------------------------------------------------
+    def run_layer(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        # THE host sync of this MoE layer: choosing slots and victims needs the routing on the host.
+        ids = idx.detach().cpu().numpy()
+        t1 = time.perf_counter()
+        c = self.counters
+        c.sync_s += t1 - t0
+        c.layer_calls += 1
+        experts, counts = _unique(ids)
+        if experts and (experts[0] < 0 or experts[-1] >= self.E):
+            raise ConfigError(f"MoE layer {li}: routing ids out of range 0..{self.E - 1} "
+                              f"(min {experts[0]}, max {experts[-1]})")
+        base = li * self.E
+        keys = [base + e for e in experts]
+        self.policy.begin_layer(li)
+        if self.pending:
+            self._settle_prefetches(li, keys)
+        if len(keys) <= self.policy.capacity:
+            slots = self._acquire(keys, counts)
+            t2 = time.perf_counter()
+            out = self._kernel(li, hidden, idx, weights, ids)
+            self.engine.mark_used(slots)
+            t3 = time.perf_counter()
+        else:
+            t2 = time.perf_counter()
+            out = self._rounds(li, hidden, weights, ids, np.asarray(experts), counts)
+            t3 = time.perf_counter()
+        if self.prefetch_depth:
+            self._prefetch(li, ids, hidden)
+        c.host_s += (t2 - t1) + (time.perf_counter() - t3)
+        return out
+
+    def _acquire(self, keys: list[int], counts: list[int]) -> list[int]:
+        """Make ``keys`` resident (demand) and have the compute stream wait for them; returns their
+        slots. Counts hits, misses and ready accesses."""
+        c = self.counters
+        protected = set(keys)
+        slots: list[int] = []
+        unsure: list[int] = []       # hits whose copy was not known to be complete
+        copy_slots: list[int] = []
+        copy_keys: list[int] = []
+        ready = 0
+        for key, n in zip(keys, counts):
+            self.policy.access(key, n)
+            s = int(self.slot_of[key])
+            if s >= 0:
+                c.hits += 1
+                if s in self.ready_slots:
+                    ready += 1
+                else:
+                    unsure.append(s)
+                if key in self.unused_prefetch:
+                    self.unused_prefetch.discard(key)
+                    self.pending.pop(key, None)
+                    c.prefetch_useful += 1
+            else:
+                c.misses += 1
+                s = self._place(key, protected)
+                copy_slots.append(s)
+                copy_keys.append(key)
+            slots.append(s)
+        if unsure:
+            done = self.engine.ready(unsure)
+            for s, d in zip(unsure, done):
+                if d:
+                    ready += 1
+                    self.ready_slots.add(s)
+            unsure = [s for s, d in zip(unsure, done) if not d]
+        c.accesses += len(slots)
+        c.ready += ready
+        if copy_slots or unsure:
+            self.engine.demand(copy_slots, copy_keys, unsure + copy_slots)
+            self._copied(copy_slots)
+        return slots
+
+    def _place(self, key: int, protected: set[int]) -> int:
+        """Ask the policy for a slot for ``key`` (evicting as it decides); the caller queues the copy."""
+        for victim in self.policy.insert(key, protected):
+            self._evicted(victim)
+        s = int(self.policy.slot(key))
+        self.slot_of[key] = s
+        self.ready_slots.discard(s)
+        return s
+
+    def _copied(self, slots: list[int]) -> None:
+        c = self.counters
+        c.copies += len(slots)
+        c.bytes_copied += len(slots) * self.pool.layout.slot_bytes
+        if self.engine.sync_copies:
+            self.ready_slots.update(slots)
+
+    def _evicted(self, key: int) -> None:
+        s = int(self.slot_of[key])
+        self.slot_of[key] = -1
+        self.counters.evictions += 1
+        self.unused_prefetch.discard(key)
+        if self.pending.pop(key, None) is not None:
+            self.engine.cancel(s)  # its copy may still be queued: the slot is about to be refilled
+
+    def _settle_prefetches(self, li: int, keys: list[int]) -> None:
+        """Cancel queued prefetches aimed at layer ``li`` that its routing did not pick."""
+        needed = set(keys)
+        for key, target in list(self.pending.items()):
+            if target != li or key in needed:
+                continue
+            del self.pending[key]
+            s = int(self.slot_of[key])
+            if self.engine.cancel(s):
+                self.policy.evict(key)
+                self.slot_of[key] = -1
+                self.unused_prefetch.discard(key)
+                self.counters.prefetch_cancelled += 1
+            # else: already copied or copying; it stays resident and may still be used later
+
+    # -- kernels ----------------------------------------------------------------------------------
+    def _kernel(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                ids: np.ndarray) -> torch.Tensor:
+        layer = self.layers[li]
+        impl = getattr(self.config, "_experts_implementation", None)
+        if impl != self._impl:  # the model's setting may change between calls
+            self._impl, self._mode = impl, call_mode(impl)
+        if self._mode == "indexer":
+            return layer.indexer_shell(hidden, idx, weights)
+        slot_ids = self.slot_of[ids + li * self.E]
+        # Pageable host -> device copy of a few ints: staged at once by the driver, no sync.
+        sid = torch.from_numpy(slot_ids).to(device=idx.device, dtype=idx.dtype, non_blocking=True)
+        return layer.remap_shell(hidden, sid, weights)
+
+    def _rounds(self, li: int, hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray,
+                experts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+        """More experts than slots: stream them through the pool, ``capacity`` at a time."""
+        self.counters.round_calls += 1
+        tokens, k = ids.shape
+        flat = ids.reshape(-1)
+        dev = hidden.device
+        contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=dev)
+        w_flat = weights.reshape(-1)
+        cap = self.policy.capacity
+        for start in range(0, len(experts), cap):
+            chunk = experts[start:start + cap]
+            slots = self._acquire((chunk + li * self.E).tolist(), counts[start:start + cap])
+            pairs = np.nonzero(np.isin(flat, chunk))[0]
+            pairs_t = torch.from_numpy(pairs).to(dev, non_blocking=True)
+            pair_ids = flat[pairs].reshape(-1, 1)
+            # Each (token, k) pair as its own one-expert "token": the kernel returns its weighted output.
+            out = self._kernel(li, hidden[pairs_t // k],
+                               torch.from_numpy(pair_ids).to(dev, non_blocking=True),
+                               w_flat[pairs_t].reshape(-1, 1), pair_ids)
+            contrib[pairs_t] = out.to(contrib.dtype)
+            self.engine.mark_used(slots)
+        # Summed once, over k in (token, k) order, as the backends sum weighted_out.view(T, k, H).
+        return contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+    # -- prefetch ---------------------------------------------------------------------------------
+    def _step_rows(self, ids: np.ndarray) -> np.ndarray:
+        """The routing of the current step's rows: the last position of each batch row."""
+        if self.tokens_per_row > 1 and ids.shape[0] == self.rows * self.tokens_per_row:
+            return ids.reshape(self.rows, self.tokens_per_row, -1)[:, -1]
+        return ids
+
+    def _prefetch(self, li: int, ids: np.ndarray, hidden: torch.Tensor) -> None:
+        pred = self.predictor
+        if pred is None or self.prefetch_depth < 1:
+            return
+        rows = self._step_rows(ids)
+        h = None
+        if getattr(pred, "needs_model", False):
+            h = hidden
+            if self.tokens_per_row > 1 and hidden.shape[0] == self.rows * self.tokens_per_row:
+                h = hidden.view(self.rows, self.tokens_per_row, -1)[:, -1]
+        pred.observe(li, rows, h)
+        width = self.prefetch_width or self.top_k * rows.shape[0]
+        protected = set(self.pending)
+        slots: list[int] = []
+        keys: list[int] = []
+        prios: list[float] = []
+        score_depth = self.policy.score_depth() if getattr(self.policy, "uses_scores", False) else None
+        for depth in range(1, self.prefetch_depth + 1):
+            target, _offset = pred.target(li, depth)
+            p = np.asarray(pred.predict(li, depth), dtype=np.float64)
+            # Probability that any row needs the expert (rows independent).
+            p_any = 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=0)
+            if score_depth == depth:
+                self.policy.on_scores(target, p_any)
+            order = np.argsort(-p_any, kind="stable")[:width]  # ties: lowest expert id first
+            for e in order.tolist():
+                prob = float(p_any[e])
+                if prob < self.min_prob:
+                    break
+                key = target * self.E + e
+                if self.slot_of[key] >= 0:
+                    continue
+                if not self.policy.can_insert(key, protected):
+                    break
+                slots.append(self._place(key, protected))
+                keys.append(key)
+                prios.append(depth + (1.0 - prob))
+                self.pending[key] = target
+                self.unused_prefetch.add(key)
+                protected.add(key)
+        if slots:
+            self.engine.submit_many(slots, keys, prios)
+            self._copied(slots)
+            self.counters.prefetch_issued += len(slots)
+
+    # -- teardown ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.engine.close()

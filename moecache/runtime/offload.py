@@ -1,0 +1,409 @@
+"""``moecache.offload(model, ...)``: patch a loaded transformers MoE model in place; ``handle.remove()``.
+
+What changes: each MoE block's ``experts`` child is replaced by an ``OffloadedExperts`` (routers,
+shared experts, attention stay as they are); every expert's weights move into a ``HostStore``
+(pinned where CUDA exists) and the original expert parameters are released; the rest of the model
+moves to ``device``; a ``SlotPool`` of ``slots`` experts is allocated there once.
+
+Budget. ``gpu_memory`` covers what the runtime keeps on the device: the non-expert weights, the
+slot pool and the runtime's workspace (``WORKSPACE_BYTES``, persistent device tensors other than
+the pool; none today: per-call temporaries are activations). The KV cache and activations are not
+in it; ``stats()`` reports them separately (``gpu_other_peak_bytes``). ::
+
+    slots = min(total_experts, (gpu_memory - non_expert_bytes - WORKSPACE_BYTES) // slot_bytes)
+
+and it must be at least ``top_k`` (one token's experts of one layer), else ``ConfigError``.
+``cache_slots=N`` sets the pool directly instead.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
+from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
+from .engine import make_engine
+from .experts import OffloadedExperts
+from .hoststore import HostAllocator, HostStore
+from .layout import SlotLayout
+from .pool import SlotPool
+from .stats import format_summary, summarise
+
+#: Persistent device bytes the runtime owns besides the pool (see the module docstring).
+WORKSPACE_BYTES = 0
+#: Attribute under which the handle is attached to the patched model.
+HANDLE_ATTR = "moecache"
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"6GiB"``, ``"512MB"``, ``"1.5 GiB"``, ``10**9`` -> bytes (GiB = 2**30, GB = 10**9)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"a memory size must be >= 0, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB' or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_supported(adapter: FamilyAdapter, blocks: list[MoeBlock]) -> None:
+    """The runtime runs transformers' experts kernels on stacked weights; say so for anything else."""
+    lay = adapter.layout
+    experts = blocks[0].experts
+    cls = type(experts).__name__
+    if not hasattr(experts, "has_gate") or lay.storage != "stacked" or lay.weights_applied != "output":
+        quant = any(not p.dtype.is_floating_point for p in experts.parameters())
+        why = ("its expert weights are quantised (" + ", ".join(sorted({str(p.dtype) for p in experts.parameters()}))
+               + "); load the model dequantised, e.g. in bf16") if quant else (
+            f"its experts store weights as {lay.storage!r} and apply routing weights to the {lay.weights_applied}, "
+            "outside transformers' experts interface (use_experts_implementation)")
+        raise UnsupportedModelError(
+            f"{adapter.name} experts class {cls} is not supported by the offloading runtime: {why}. Supported: "
+            "experts classes decorated with transformers' use_experts_implementation (Mixtral, Qwen2/3-MoE, "
+            "OLMoE, DeepSeek-V2/V3, GPT-OSS in bf16, Phi-3.5-MoE, Granite MoE)")
+
+
+def _expert_params(blocks: list[MoeBlock], layout: SlotLayout) -> set[int]:
+    return {id(getattr(b.experts, k.name)) for b in blocks for k in layout.kinds}
+
+
+def non_expert_bytes(model: nn.Module, expert_param_ids: set[int]) -> int:
+    """Bytes of every parameter and buffer that is not a stacked expert weight (tied ones once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or id(t) in expert_param_ids:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, slot_bytes: int,
+                 top_k: int, total: int) -> tuple[int, int | None]:
+    """``(slots, budget_bytes)`` per the module docstring's formula."""
+    if (gpu_memory is None) == (cache_slots is None):
+        raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB') or cache_slots= (a number of experts)")
+    if cache_slots is not None:
+        n = int(cache_slots)
+        if n < top_k:
+            raise ConfigError(f"cache_slots={n} cannot hold one layer's top-{top_k} experts; use at least {top_k}")
+        return min(n, total), None
+    budget = parse_bytes(gpu_memory)
+    need = non_expert + WORKSPACE_BYTES + top_k * slot_bytes
+    if budget < need:
+        raise ConfigError(
+            f"gpu_memory {_fmt(budget)} cannot hold the non-expert weights ({_fmt(non_expert)}) plus one layer's "
+            f"top-{top_k} experts ({_fmt(top_k * slot_bytes)}); use at least {_fmt(need)} "
+            f"(all {total} experts resident need {_fmt(non_expert + WORKSPACE_BYTES + total * slot_bytes)})")
+    return min(total, (budget - non_expert - WORKSPACE_BYTES) // slot_bytes), budget
+
+
+def _make_policy(policy: Any, slots: int, L: int, E: int, k: int, params: dict[str, Any]) -> Any:
+    from ..policies import POLICIES, Policy
+
+    if isinstance(policy, Policy):
+        pol = policy
+        if (pol.num_layers, pol.num_experts) != (L, E):
+            raise ConfigError(f"policy instance was built for {pol.num_layers} layers x {pol.num_experts} experts; "
+                              f"this model has {L} x {E}")
+        if pol.num_pools * pol.capacity != slots:
+            raise ConfigError(f"policy instance holds {pol.num_pools * pol.capacity} slots but the budget gives "
+                              f"{slots}; build it with capacity={slots}, scope='global' or pass the name")
+    else:
+        cls = POLICIES.get(str(policy))
+        pol = cls(slots, L, E, top_k=k, scope="global", **params)
+    if pol.offline or pol.may_bypass:
+        raise ConfigError(f"policy {pol.name!r} reads the future or bypasses the cache: simulator only; "
+                          "pick an online policy such as 'lru' or 'lfu'")
+    if not pol.fitted:
+        raise ConfigError(f"policy {pol.name!r} must be fitted first: pass a Policy instance after .fit(counts)")
+    return pol
+
+
+def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, params: dict[str, Any]) -> Any:
+    if predictor is None or predictor == "none":
+        return None
+    from ..predictors import PREDICTORS, Predictor
+
+    if isinstance(predictor, Predictor):
+        pred = predictor
+    else:
+        cls = PREDICTORS.get(str(predictor))
+        if getattr(cls, "needs_model", False) and hasattr(cls, "from_model"):
+            pred = cls.from_model(model, **params)
+        else:
+            pred = cls(L, E, k, **params)
+    if (pred.num_layers, pred.num_experts, pred.top_k) != (L, E, k):
+        raise ConfigError(f"predictor {pred.name!r} was built for {pred.num_layers} layers x {pred.num_experts} "
+                          f"experts, top-{pred.top_k}; this model has {L} x {E}, top-{k}")
+    if not pred.fitted:
+        raise ConfigError(f"predictor {pred.name!r} must be fitted first: pass an instance after .fit(trace) "
+                          "(or Predictor.load(path))")
+    return pred
+
+
+@dataclass
+class _Saved:
+    """What remove() needs to put an experts module back."""
+
+    params: dict[str, tuple[torch.Size, torch.dtype, torch.device, bool]]
+
+
+class OffloadHandle:
+    """Returned by ``moecache.offload``: ``stats()``, ``summary()`` and ``remove()``."""
+
+    def __init__(self, model: nn.Module, runtime: Runtime, adapter: FamilyAdapter, saved: list[_Saved],
+                 config: dict[str, Any], hooks: list[Any]):
+        self.model = model
+        self.runtime = runtime
+        self.adapter = adapter
+        self._saved = saved
+        self.config = config
+        self._hooks = hooks
+        self._timing: list[tuple[str, int, Any, Any]] = []
+        self._pending_call: tuple[Any, int, int] | None = None
+        self.own_store = True
+        self._stall_base = 0.0
+        self.removed = False
+
+    # -- timing of model calls -------------------------------------------------------------------
+    def _on_call_start(self, rows: int, tokens: int, new_request: bool) -> Any:
+        self.runtime.begin_call(rows, tokens, new_request)
+        self._resolve_timing(block=False)
+        if self.runtime.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _on_call_end(self, start: Any, rows: int, tokens: int) -> None:
+        phase = "prefill" if tokens > 1 else "decode"
+        if self.runtime.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        self._timing.append((phase, rows * tokens, start, end))
+
+    def _resolve_timing(self, block: bool) -> None:
+        c = self.runtime.counters
+        while self._timing:
+            phase, n, a, b = self._timing[0]
+            if isinstance(b, float):
+                secs = b - a
+            else:
+                if not block and not b.query():
+                    return
+                b.synchronize()
+                secs = a.elapsed_time(b) / 1e3
+            self._timing.pop(0)
+            if phase == "prefill":
+                c.prefill_calls += 1
+                c.prefill_tokens += n
+                c.prefill_s += secs
+                c.ttft_s = secs
+            else:
+                c.decode_calls += 1
+                c.decode_tokens += n
+                c.decode_s += secs
+
+    # -- public ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counts, rates, timings and memory (see ``moecache.runtime.stats``), with the configuration."""
+        if self.removed:
+            raise ConfigError("this offload handle was removed; its stats are gone with it")
+        self._resolve_timing(block=True)
+        rt = self.runtime
+        out = summarise(rt.counters, rt.engine.stall_seconds() - self._stall_base, self.config)
+        out["engine_counters"] = rt.engine.counters()
+        out["resident"] = int((rt.slot_of >= 0).sum())
+        if rt.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(rt.device)
+            out["gpu_peak_allocated_bytes"] = int(peak)
+            out["gpu_other_peak_bytes"] = int(max(0, peak - self.config["gpu_nonexpert_bytes"]
+                                                  - self.config["pool_bytes"] - WORKSPACE_BYTES))
+        return out
+
+    def summary(self) -> str:
+        return format_summary(self.stats())
+
+    def reset_stats(self) -> None:
+        """Zero every count and timing (the engine's stall clock included); the cache keeps its contents."""
+        self._resolve_timing(block=True)
+        self.runtime.counters.reset()
+        self._stall_base = self.runtime.engine.stall_seconds()
+
+    @torch.no_grad()
+    def remove(self, restore: bool = True) -> None:
+        """Put the original experts modules back and free the pool, the copy engine and (when the
+        handle owns it) the host store. With ``restore`` the expert weights are copied back from the
+        host store onto the device they came from (the CPU for a model loaded straight into the
+        offloaded layout); without, they stay released (meta), e.g. to offload again from a kept store."""
+        if self.removed:
+            return
+        rt = self.runtime
+        for h in self._hooks:
+            h.remove()
+        rt.close()
+        for layer, saved in zip(rt.layers, self._saved):
+            views = rt.store.layer_views(layer.index) if restore else {}
+            for name, (shape, dtype, device, requires_grad) in saved.params.items():
+                if not restore:
+                    continue
+                dev = torch.device("cpu") if device.type == "meta" else device
+                value = views[name].to(device=dev, dtype=dtype, copy=True).reshape(shape)
+                layer.original._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
+            setattr(layer.block, self.adapter.experts_attr, layer.original)
+        rt.pool.close()
+        if self.own_store:
+            rt.store.close()
+        rt.layers = []
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+        self.removed = True
+
+
+def _call_shape(args: tuple, kwargs: dict) -> tuple[int, int, bool]:
+    """``(rows, tokens per row, starts a request)`` of a model call. A call starts a request when it
+    has no KV cache or an empty one (generate's first call; a forward without cache)."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    # transformers <= 5.1x names the KV cache past_key_values, later releases cache
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    new = cache is None
+    if not new and hasattr(cache, "get_seq_length"):
+        try:
+            new = int(cache.get_seq_length()) == 0
+        except Exception:  # an unusual cache type: fall back on the token count
+            new = False
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:
+        return int(x.shape[0]), int(x.shape[1]), new
+    return 1, 1, new
+
+
+def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
+            policy: Any = "lru", predictor: Any = None, prefetch_depth: int = 1, device: str | None = None,
+            engine: str = "auto", family: str | None = None, policy_params: dict | None = None,
+            predictor_params: dict | None = None, prefetch_width: int | None = None,
+            min_prob: float = DEFAULT_MIN_PROB, pin: bool | None = None,
+            host_store: HostStore | None = None, own_store: bool = True) -> OffloadHandle:
+    """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
+
+    * ``gpu_memory`` ("6GiB", bytes) or ``cache_slots``: the budget (module docstring).
+    * ``policy``: a ``moecache.policies`` name or a fitted ``Policy`` instance (global scope); it
+      picks every victim. ``policy_params`` go to its constructor.
+    * ``predictor``: None, a ``moecache.predictors`` name or a fitted ``Predictor`` instance; it
+      decides prefetches ``prefetch_depth`` MoE layers ahead (the ``prefetch_width`` most likely
+      experts per target layer, default ``top_k x rows``, those above ``min_prob``).
+    * ``device``: "cuda" where available, else "cpu" (the CPU mode runs the same path without streams).
+    * ``engine``: "auto", "worker" (C++), "stream" or "sync" (``moecache.runtime.engine``).
+    * ``host_store``: a ``HostStore`` already holding every expert (``from_pretrained`` and the
+      benchmarks fill one straight from files or a generator); the experts modules' own weights are
+      then not read (they may be on the meta device). ``own_store``: whether ``remove()`` frees it.
+    """
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
+    adapter = get_family(family) if family else detect_family(model)
+    blocks = find_moe_blocks(model, adapter)
+    check_supported(adapter, blocks)
+    config = model.config
+    E, k, L = adapter.num_experts(config), adapter.top_k(config), len(blocks)
+    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr)
+    for b in blocks[1:]:
+        layout.check_same(SlotLayout.from_module(b.experts, E, b.name), b.name)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    expert_ids = _expert_params(blocks, layout)
+    non_expert = non_expert_bytes(model, expert_ids)
+    total = L * E
+    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
+                                 slot_bytes=layout.slot_bytes, top_k=k, total=total)
+    pol = _make_policy(policy, slots, L, E, k, dict(policy_params or {}))
+    on_meta = any(getattr(b.experts, kk.name).device.type == "meta" for b in blocks for kk in layout.kinds)
+    if on_meta and host_store is None:
+        raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
+                          "with moecache.from_pretrained(path, ...) instead")
+
+    # Experts into host memory, layer by layer, releasing each layer's originals right away.
+    if host_store is not None and (host_store.layout != layout or (host_store.num_layers, host_store.num_experts)
+                                   != (L, E)):
+        raise ConfigError("host_store was built for another layout or model size")
+    store = host_store or HostStore(layout, L, E, HostAllocator(pin))
+    saved: list[_Saved] = []
+    for i, b in enumerate(blocks):
+        if host_store is None:
+            store.fill_layer(i, b.experts)
+        info = {}
+        for kind in layout.kinds:
+            p = getattr(b.experts, kind.name)
+            info[kind.name] = (p.shape, p.dtype, p.device, p.requires_grad)
+            # Release: a shape-only stand-in keeps the module printable; the storage is freed.
+            b.experts._parameters[kind.name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                            requires_grad=False)
+        saved.append(_Saved(info))
+        del p
+    pool = SlotPool(layout, slots, dev)
+    copy_engine = make_engine(engine, store, pool)
+    pred = _make_predictor(predictor, model, L, E, k, dict(predictor_params or {}))
+    rt_layers: list[LayerInfo] = []
+    runtime = Runtime(layers=rt_layers, num_layers=L, store=store, pool=pool, engine=copy_engine, policy=pol,
+                      predictor=pred,
+                      config=config, num_experts=E, top_k=k, prefetch_depth=prefetch_depth,
+                      prefetch_width=prefetch_width, min_prob=min_prob)
+    for i, b in enumerate(blocks):
+        lut = runtime.slot_of[i * E:(i + 1) * E]  # a live view of this layer's rows
+        remap, indexer = Runtime.build_shells(b.experts, pool, lut, E)
+        rt_layers.append(LayerInfo(i, b.layer, b.name, b.block, b.experts, remap, indexer))
+        setattr(b.block, adapter.experts_attr, OffloadedExperts(runtime.run_layer, i, type(b.experts).__name__, E))
+    model.to(dev)  # the non-expert weights (the wrappers own no parameters)
+
+    cfg = {
+        "family": adapter.name, "device": str(dev), "engine": copy_engine.name, "policy": pol.describe(),
+        "predictor": None if pred is None else pred.name, "prefetch_depth": runtime.prefetch_depth,
+        "slots": slots, "total_experts": total, "moe_layers": L, "num_experts": E, "top_k": k,
+        "slot_bytes": layout.slot_bytes, "pool_bytes": pool.nbytes, "gpu_budget_bytes": budget,
+        "gpu_nonexpert_bytes": non_expert, "workspace_bytes": WORKSPACE_BYTES,
+        "host_store_bytes": store.nbytes, "host_pinned": store.pinned,
+        "experts_implementation": getattr(config, "_experts_implementation", None),
+    }
+    handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
+    handle.own_store = own_store or host_store is None
+
+    def pre(_mod, args, kwargs):
+        rows, tokens, new_request = _call_shape(args, kwargs)
+        handle._pending_call = (handle._on_call_start(rows, tokens, new_request), rows, tokens)
+
+    def post(_mod, _args, _kwargs, output):
+        start = getattr(handle, "_pending_call", None)
+        if start is not None:
+            handle._on_call_end(*start)
+            handle._pending_call = None
+        return output
+
+    handle._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                     model.register_forward_hook(post, with_kwargs=True)]
+    setattr(model, HANDLE_ATTR, handle)
+    return handle
+
+
+__all__ = ["offload", "OffloadHandle", "parse_bytes", "WORKSPACE_BYTES", "choose_slots", "non_expert_bytes"]

@@ -1,0 +1,108 @@
+"""What the runtime counts, and the figures ``handle.stats()`` derives from the counts.
+
+Definitions (one *access* = one expert needed by one MoE layer forward, however many tokens use it):
+
+* ``hits``: accesses whose expert was in the pool (resident, or its copy already queued or running);
+  ``misses``: the others (a demand copy was issued); ``hit_rate = hits / accesses``.
+* ``ready``: accesses whose expert's copy had *completed* when the layer needed it (queried on the
+  copy's CUDA event on the GPU, without a sync); ``ready_rate = ready / accesses``. A hit whose
+  prefetch is still in flight is a hit but not ready.
+* ``evictions``: experts the policy removed to make room (demand or prefetch).
+* ``prefetch_issued``: prefetch copies queued; ``prefetch_useful``: prefetched experts used by a
+  demand access before they left the pool; ``prefetch_precision = useful / issued``;
+  ``prefetch_cancelled``: queued prefetches cancelled before they started (the prediction was wrong).
+* ``bytes_copied``: host-to-pool bytes of every copy issued (one expert each).
+* ``stall_s``: time the computation waited for copies (CUDA events around the waits on the GPU;
+  host time blocked on the CPU).
+* ``host_s``: host time spent in the runtime's per-layer code, excluding the routing sync, the
+  waits and the expert kernels; ``host_ms_per_layer`` divides it by the MoE layer calls.
+* prefill/decode: a model call with more than one token per row is prefill, one token per row is
+  decode; ``ttft_s`` is the duration of the latest request's prefill call (time to first token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class RuntimeCounters:
+    accesses: int = 0
+    hits: int = 0
+    misses: int = 0
+    ready: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_useful: int = 0
+    prefetch_cancelled: int = 0
+    copies: int = 0
+    bytes_copied: int = 0
+    layer_calls: int = 0
+    round_calls: int = 0  # layer calls that needed more experts than the pool holds
+    host_s: float = 0.0
+    sync_s: float = 0.0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_calls: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    ttft_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default_factory() if f.name == "extra" else f.default)  # type: ignore[misc]
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dict[str, Any]:
+    """The stats dict: raw counts, derived rates and the configuration that produced them."""
+    out: dict[str, Any] = {
+        "hits": c.hits, "misses": c.misses, "evictions": c.evictions, "accesses": c.accesses,
+        "hit_rate": _ratio(c.hits, c.accesses), "ready": c.ready, "ready_rate": _ratio(c.ready, c.accesses),
+        "prefetch_issued": c.prefetch_issued, "prefetch_useful": c.prefetch_useful,
+        "prefetch_cancelled": c.prefetch_cancelled,
+        "prefetch_precision": _ratio(c.prefetch_useful, c.prefetch_issued),
+        "copies": c.copies, "bytes_copied": c.bytes_copied, "stall_s": stall_s,
+        "layer_calls": c.layer_calls, "round_calls": c.round_calls,
+        "host_ms_per_layer": _ratio(c.host_s * 1e3, c.layer_calls),
+        "sync_ms_per_layer": _ratio(c.sync_s * 1e3, c.layer_calls),
+        "ttft_s": c.ttft_s,
+        "prefill_tokens": c.prefill_tokens, "prefill_s": c.prefill_s,
+        "prefill_tokens_per_s": _ratio(c.prefill_tokens, c.prefill_s),
+        "decode_tokens": c.decode_tokens, "decode_s": c.decode_s,
+        "decode_tokens_per_s": _ratio(c.decode_tokens, c.decode_s),
+    }
+    out.update(c.extra)
+    out["config"] = dict(config)
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few human-readable lines for the CLI."""
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def num(x: float | None, fmt: str = ".1f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    cfg = s.get("config", {})
+    lines = [
+        f"cache: {cfg.get('slots')} slots of {cfg.get('total_experts')} experts "
+        f"({pct(_ratio(cfg.get('slots', 0), cfg.get('total_experts', 0)))}), policy {cfg.get('policy')}, "
+        f"predictor {cfg.get('predictor')}, engine {cfg.get('engine')} on {cfg.get('device')}",
+        f"hits {s['hits']}  misses {s['misses']}  hit rate {pct(s['hit_rate'])}  ready rate {pct(s['ready_rate'])}  "
+        f"evictions {s['evictions']}",
+        f"prefetch issued {s['prefetch_issued']}  useful {s['prefetch_useful']}  precision "
+        f"{pct(s['prefetch_precision'])}  cancelled {s['prefetch_cancelled']}",
+        f"copied {s['bytes_copied'] / 2**20:.1f} MiB in {s['copies']} copies, stall {s['stall_s'] * 1e3:.1f} ms, "
+        f"runtime host overhead {num(s['host_ms_per_layer'], '.3f')} ms per MoE layer",
+        f"time to first token {num(s['ttft_s'] * 1e3 if s['ttft_s'] is not None else None)} ms, "
+        f"prefill {num(s['prefill_tokens_per_s'])} tokens/s, decode {num(s['decode_tokens_per_s'])} tokens/s",
+    ]
+    return "\n".join(lines)

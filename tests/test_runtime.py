@@ -1,0 +1,243 @@
+"""The offloading runtime on the CPU: exactness per family and budget, accounting, remove(), budgets."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from moecache.errors import ConfigError, UnsupportedModelError
+from moecache.runtime import offload, parse_bytes
+from moecache.runtime.offload import WORKSPACE_BYTES
+
+from .tiny_models import tiny_model
+
+#: Families whose experts use transformers' experts interface (what the runtime patches).
+RUNTIME_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                    "phimoe", "granitemoe"]
+#: Families whose experts live outside that interface: offload says so.
+UNSUPPORTED_FAMILIES = ["llama4", "dbrx", "switch_transformers"]
+PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: one intra-op thread avoids oversubscription stalls; results do not depend on it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(m: torch.nn.Module, n: int = 8, prompt=PROMPT, logits: bool = False):
+    x = torch.tensor(prompt)
+    out = m.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                     output_logits=logits)
+    return out
+
+
+def _moe_shape(m: torch.nn.Module) -> tuple[int, int, int]:
+    from moecache.families import detect_family, find_moe_blocks
+
+    a = detect_family(m)
+    return len(find_moe_blocks(m, a)), a.num_experts(m.config), a.top_k(m.config)
+
+
+@pytest.mark.parametrize("family", RUNTIME_FAMILIES)
+def test_same_tokens_fp32_at_every_budget(family):
+    ref = _gen(tiny_model(family)).sequences
+    L, E, k = _moe_shape(tiny_model(family))
+    for slots in (k, (L * E) // 2, L * E):  # one layer's top-k only, half, all
+        m = tiny_model(family)
+        experts_params = [weakref.ref(p) for name, p in m.named_parameters() if ".experts." in name]
+        h = offload(m, cache_slots=slots, device="cpu")
+        gc.collect()
+        assert all(r() is None for r in experts_params), "original expert parameters were not released"
+        assert h.runtime.pool.data.shape[0] == slots and h.runtime.policy.capacity == slots
+        out = _gen(m).sequences
+        s = h.stats()
+        h.remove()
+        assert torch.equal(out, ref), (family, slots)
+        assert s["accesses"] == s["hits"] + s["misses"] > 0
+        if slots == k:
+            assert s["misses"] > 0 and s["evictions"] > 0
+        if slots == L * E:
+            assert s["evictions"] == 0
+
+
+@pytest.mark.parametrize("family,impls", [("qwen3_moe", ("grouped_mm", "batched_mm", "eager")),
+                                          ("gpt_oss", ("grouped_mm", "batched_mm", "eager")),
+                                          ("deepseek_v3", ("grouped_mm", "batched_mm", "eager")),
+                                          ("mixtral", ("grouped_mm",)), ("qwen2_moe", ("batched_mm",)),
+                                          ("olmoe", ("eager",)), ("deepseek_v2", ("grouped_mm",)),
+                                          ("phimoe", ("batched_mm",)), ("granitemoe", ("grouped_mm",))])
+def test_bf16_logits_bit_identical_when_experts_fit(family, impls):
+    for impl in impls:
+        # Each budget with a prompt whose every call fits in it: 1 token at top-k slots, 2 at 2*top-k.
+        k = _moe_shape(tiny_model(family))[2]
+        for slots, prompt in ((k, [[5]]), (2 * k, [[5, 6]]), (10**6, PROMPT)):
+            ref_m = tiny_model(family).to(torch.bfloat16)
+            ref_m.set_experts_implementation(impl)
+            ref = _gen(ref_m, 6, prompt, logits=True)
+            m = tiny_model(family).to(torch.bfloat16)
+            m.set_experts_implementation(impl)
+            h = offload(m, cache_slots=slots, device="cpu")
+            out = _gen(m, 6, prompt, logits=True)
+            rounds = h.stats()["round_calls"]
+            h.remove()
+            assert rounds == 0
+            assert torch.equal(out.sequences, ref.sequences), (family, impl, slots)
+            for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+                assert torch.equal(a, b), (family, impl, slots, step)
+
+
+@pytest.mark.parametrize("engine", ["sync", "worker"])
+def test_engines_and_rounds_exact(engine, monkeypatch):
+    from moecache._ext import extension
+
+    if engine == "worker" and extension() is None:
+        pytest.skip("moecache._C not built")
+    ref = _gen(tiny_model("qwen3_moe"), 10).sequences
+    m = tiny_model("qwen3_moe")
+    # 3 slots: the 7-token prefill needs up to 8 experts per layer, so it runs in rounds.
+    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2)
+    out = _gen(m, 10).sequences
+    s = h.stats()
+    h.remove()
+    assert torch.equal(out, ref)
+    assert s["round_calls"] > 0 and s["config"]["engine"] == engine
+
+
+def test_python_path_without_extension(no_ext):
+    ref = _gen(tiny_model("mixtral")).sequences
+    m = tiny_model("mixtral")
+    h = offload(m, cache_slots=4, device="cpu")
+    assert h.stats()["config"]["engine"] == "sync"
+    assert torch.equal(_gen(m).sequences, ref)
+    h.remove()
+
+
+def test_stats_prefetch_and_request_boundaries():
+    m = tiny_model("qwen3_moe", num_hidden_layers=4)
+    h = offload(m, cache_slots=12, device="cpu", predictor="temporal", prefetch_depth=2)
+    _gen(m, 20)
+    s = h.stats()
+    for key in ("hits", "misses", "evictions", "ready_rate", "prefetch_precision", "bytes_copied", "stall_s",
+                "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "host_ms_per_layer"):
+        assert key in s
+    assert s["prefetch_issued"] > 0 and 0 < s["prefetch_useful"] <= s["prefetch_issued"]
+    assert s["bytes_copied"] == s["copies"] * s["config"]["slot_bytes"]
+    assert s["decode_tokens"] == 19 and s["prefill_tokens"] == len(PROMPT[0])
+    assert s["ttft_s"] > 0 and s["decode_tokens_per_s"] > 0
+    assert s["config"]["policy"] == "lru" and s["config"]["predictor"] == "temporal"
+    # A second request resets the per-request state, and counts add up.
+    _gen(m, 5)
+    assert h.stats()["prefill_tokens"] == 2 * len(PROMPT[0])
+    h.remove()
+
+
+def test_remove_restores_modules_and_weights():
+    m = tiny_model("deepseek_v3")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    classes = {n: type(mod) for n, mod in m.named_modules()}
+    ref = _gen(m).sequences
+    h = offload(m, cache_slots=3, device="cpu")
+    assert m.moecache is h
+    assert any(type(mod).__name__ == "OffloadedExperts" for mod in m.modules())
+    assert not any(".experts." in n for n, _ in m.named_parameters())
+    h.remove()
+    assert not hasattr(m, "moecache")
+    assert {n: type(mod) for n, mod in m.named_modules()} == classes
+    after = dict(m.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert torch.equal(_gen(m).sequences, ref)
+    h2 = offload(m, cache_slots=3, device="cpu")  # offloading again after remove() works
+    h2.remove()
+
+
+def test_policies_from_the_registry_and_instances():
+    from moecache.policies import new_policy
+
+    ref = _gen(tiny_model("olmoe")).sequences
+    for policy in ("lfu", "fifo"):
+        m = tiny_model("olmoe")
+        h = offload(m, cache_slots=5, device="cpu", policy=policy)
+        assert torch.equal(_gen(m).sequences, ref)
+        assert h.stats()["config"]["policy"].startswith(policy)
+        h.remove()
+    m = tiny_model("olmoe")
+    with pytest.raises(ConfigError, match="simulator only"):
+        offload(m, cache_slots=5, device="cpu", policy="belady")
+    with pytest.raises(ConfigError, match="slots"):
+        offload(m, cache_slots=5, device="cpu", policy=new_policy("lru", 4, 3, 8, top_k=2, scope="global"))
+    h = offload(m, cache_slots=5, device="cpu", policy=new_policy("lru", 5, 3, 8, top_k=2, scope="global"))
+    h.remove()
+
+
+def test_gpu_memory_budget_sets_the_pool():
+    m = tiny_model("qwen3_moe")
+    non_expert = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if ".experts." not in n)
+    non_expert += sum(b.numel() * b.element_size() for b in m.buffers())
+    h = offload(m, gpu_memory=10**9, device="cpu")
+    slot = h.stats()["config"]["slot_bytes"]
+    total = h.stats()["config"]["total_experts"]
+    assert h.stats()["config"]["gpu_nonexpert_bytes"] == non_expert
+    assert h.runtime.pool.num_slots == total  # a generous budget holds every expert
+    h.remove()
+    budget = non_expert + WORKSPACE_BYTES + 5 * slot + slot // 2
+    h = offload(m, gpu_memory=budget, device="cpu")
+    assert h.runtime.pool.num_slots == 5
+    h.remove()
+    with pytest.raises(ConfigError, match=r"cannot hold the non-expert weights .* top-2 experts"):
+        offload(m, gpu_memory=non_expert + slot, device="cpu")
+    with pytest.raises(ConfigError, match="exactly one"):
+        offload(m, device="cpu")
+    with pytest.raises(ConfigError, match="cache_slots=1"):
+        offload(m, cache_slots=1, device="cpu")
+
+
+def test_parse_bytes():
+    assert parse_bytes("6GiB") == 6 * 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes(1234) == 1234
+    with pytest.raises(ConfigError, match="cannot read memory size"):
+        parse_bytes("six gigs")
+
+
+@pytest.mark.parametrize("family", UNSUPPORTED_FAMILIES)
+def test_unsupported_experts_classes_are_clear_errors(family):
+    m = tiny_model(family)
+    with pytest.raises(UnsupportedModelError, match="not supported by the offloading runtime"):
+        offload(m, cache_slots=4, device="cpu")
+
+
+def test_model_without_moe_layers_is_a_clear_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match="not a MoE family"):
+        offload(m, cache_slots=4, device="cpu")
+
+
+def test_quantised_mxfp4_experts_are_a_clear_error():
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+
+    m = tiny_model("gpt_oss")
+    cfg = m.config
+    for layer in m.model.layers:
+        layer.mlp.experts = Mxfp4GptOssExperts(cfg)
+    with pytest.raises(UnsupportedModelError, match="quantised"):
+        offload(m, cache_slots=4, device="cpu")
+
+
+def test_offloading_twice_is_an_error():
+    m = tiny_model("mixtral")
+    h = offload(m, cache_slots=4, device="cpu")
+    with pytest.raises(ConfigError, match="offloaded already"):
+        offload(m, cache_slots=4, device="cpu")
+    h.remove()
