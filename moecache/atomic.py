@@ -21,6 +21,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
@@ -30,6 +36,8 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

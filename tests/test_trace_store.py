@@ -162,3 +162,15 @@ def test_round_trip_property(tmp_path_factory, data):
     np.testing.assert_array_equal(t.ids.astype(np.int64), ids)
     manifest = json.loads((p / "manifest.json").read_text())
     assert manifest["rows"] == n and manifest["version"] == 1
+
+
+def test_atomic_write_mode_follows_umask(tmp_path):
+    from moecache.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(str(tmp_path / "f.txt"), "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
