@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 PREDICTORS: Registry[type["Predictor"]] = Registry("predictor")
@@ -41,8 +42,9 @@ class Predictor:
     needs_model: ClassVar[bool] = False
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, **params: Any):
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
+        if num_layers < 1 or not 1 <= top_k <= num_experts:
+            raise ConfigError(f"a predictor needs num_layers >= 1 and top_k in 1..num_experts; got "
+                              f"{num_layers} layers, {num_experts} experts, top_k {top_k}")
         self.num_layers = int(num_layers)
         self.num_experts = int(num_experts)
         self.top_k = int(top_k)
@@ -68,39 +70,42 @@ class Predictor:
     def target(self, layer: int, depth: int) -> tuple[int, int]:
         """``(target_layer, token_offset)`` of the MoE layer ``depth`` ahead of ``layer``."""
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+            raise ConfigError(f"depth must be >= 1 (MoE layers ahead), got {depth}")
         t = layer + depth
         return t % self.num_layers, t // self.num_layers
 
     def normalise(self, scores: np.ndarray) -> np.ndarray:
         """Turn non-negative scores ``(rows, experts)`` into probabilities summing to ``top_k`` per row,
-        each in [0, 1] (mass above 1 is capped and handed to the others in proportion)."""
+        each in [0, 1] (mass above 1 is capped and handed to the others in proportion).
+
+        Per row: ``p = s * top_k / sum(s)``; while some ``p > 1``, every expert with ``p >= 1`` is fixed
+        at 1 and the remaining mass ``top_k - #fixed`` is shared among the others in proportion to
+        their scores (evenly where they all score 0). A row of zeros gives ``top_k / experts`` each.
+        Negative scores count as 0. All rows are processed at once (each round caps at least one
+        expert in every row that still overflows, so there are at most ``top_k`` rounds).
+        """
         s = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
         if s.ndim == 1:
             s = s[None, :]
-        out = np.empty_like(s)
+        rows, n = s.shape
         k = float(self.top_k)
-        for r in range(s.shape[0]):
-            row = s[r]
-            total = row.sum()
-            if total <= 0:
-                out[r] = k / self.num_experts
-                continue
-            p = row * (k / total)
-            capped = np.zeros(len(p), bool)
-            # Iterative capping: at most top_k rounds since each round caps at least one expert.
-            while (p > 1.0 + 1e-12).any():
-                capped |= p >= 1.0
-                free = ~capped
-                rest = k - capped.sum()
-                base = row[free].sum()
-                p = np.where(capped, 1.0, 0.0)
-                if base > 0 and rest > 0:
-                    p[free] = row[free] * (rest / base)
-                elif rest > 0:
-                    p[free] = rest / free.sum()
-            out[r] = p
-        return out
+        total = s.sum(axis=1, keepdims=True)
+        empty = total[:, 0] <= 0
+        p = s * (k / np.where(empty[:, None], 1.0, total))
+        p[empty] = k / n
+        capped = np.zeros(s.shape, bool)
+        over = (p > 1.0 + 1e-12).any(axis=1)
+        while over.any():
+            capped[over] |= p[over] >= 1.0
+            free = ~capped[over]
+            rest = k - capped[over].sum(axis=1, keepdims=True)
+            base = np.where(free, s[over], 0.0).sum(axis=1, keepdims=True)
+            nfree = np.maximum(free.sum(axis=1, keepdims=True), 1)
+            share = np.where(base > 0, s[over] * (rest / np.where(base > 0, base, 1.0)),
+                             np.broadcast_to(rest / nfree, free.shape))
+            p[over] = np.where(free, np.where(rest > 0, share, 0.0), 1.0)
+            over = (p > 1.0 + 1e-12).any(axis=1)
+        return p
 
     # -- persistence ---------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:

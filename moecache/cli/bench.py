@@ -1,0 +1,249 @@
+"""``moecache bench``: replay routing traces through cache policies (and a predictor) and report.
+
+One run per (trace, scope, capacity, policy); each prints one row with its whole configuration,
+the hit and ready rates, prefetch precision and recall, bytes moved, and the timing model's ms per
+token against the lower bound. ``--list`` names every policy, predictor, prefetch rule and miss rule.
+
+Fitting: static placement and learned predictors are fitted on ``--fit TRACE``; without it, on the
+leading ``--fit-share`` of each trace's sequences, which are then not scored (by any run of that
+trace, so all rows of a trace score the same tokens). The share used is stated on stderr and in
+every JSON row (``fit``).
+
+Engines: ``--engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
+Python reference), ``--engine python`` in the reference; the default ``auto`` takes cpp where the
+extension is built and the configuration is supported (no predictor or prefetch; policies of
+``moecache.sim.engine_cpp.CPP_POLICIES``), else python. Every JSON row names its ``engine`` and the
+table's footer counts them. Runs go in ``--jobs`` threads (the C++ core releases the GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def _parse_policy(spec: str) -> tuple[str, dict[str, str]]:
+    """``name`` or ``name:key=value:key=value``."""
+    name, *rest = spec.split(":")
+    params: dict[str, str] = {}
+    for item in rest:
+        if "=" not in item:
+            raise ConfigError(f"policy parameter {item!r} in {spec!r} is not key=value (e.g. lfu:half_life=32)")
+        k, v = item.split("=", 1)
+        params[k.strip()] = v.strip()
+    return name.strip(), params
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _scopes(text: str) -> list[str]:
+    from ..policies import SCOPES
+
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in out if s not in SCOPES]
+    if bad or not out:
+        raise ConfigError(f"unknown scope(s) {bad or text!r}; valid: {', '.join(SCOPES)} (comma-separated for both)")
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..policies import POLICIES
+    from ..predictors import PREDICTORS
+    from ..sim import MISS_RULES, PREFETCH_RULES
+
+    tables = {"policies": POLICIES, "predictors": PREDICTORS, "prefetch_rules": PREFETCH_RULES,
+              "miss_rules": MISS_RULES}
+    listing = {k: {n: reg.describe(n) for n in reg.names()} for k, reg in tables.items()}
+    if args.json:
+        print(json.dumps(listing, indent=1))
+        return 0
+    for i, (k, items) in enumerate(listing.items()):
+        if i:
+            print()
+        print(k.replace("_", " ") + ":")
+        width = max(len(n) for n in items) if items else 0
+        for n, d in items.items():
+            print(f"  {n.ljust(width)}  {d}")
+    return 0
+
+
+def _dims(trace: Any) -> tuple[int, int, int]:
+    m = trace.meta
+    return m.num_layers, m.num_experts, m.top_k
+
+
+def _split_fit(trace: Any, share: float) -> tuple[Any, Any, str]:
+    seqs = trace.sequences()
+    n_fit = int(math.floor(len(seqs) * share))
+    if n_fit < 1 or n_fit >= len(seqs):
+        raise ConfigError(f"{trace.path or 'trace'}: cannot fit on the leading {share:.0%} of {len(seqs)} sequence(s) "
+                          "and score the rest; pass --fit OTHER_TRACE or change --fit-share")
+    fit = trace.select_sequences(seqs[:n_fit])
+    score = trace.select_sequences(seqs[n_fit:])
+    return fit, score, f"leading {share:.0%} of sequences ({n_fit} of {len(seqs)}), not scored"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..policies import POLICIES, new_policy
+    from ..predictors import PREDICTORS
+    from ..sim import (MISS_RULES, PREFETCH_RULES, Schedule, default_profile, format_table, load_profile,
+                       parse_capacities, resolve_capacity, simulate)
+    from ..sim.engine_cpp import choose_engine
+    from ..trace import count_ids, open_trace
+
+    if args.list:
+        return cmd_list(args)
+    if not args.traces:
+        raise ConfigError("give at least one TRACE folder (convert published logs with `moecache trace import`), "
+                          "or --list")
+    policies = [_parse_policy(s) for s in args.policies.split(",") if s.strip()]
+    if not policies:
+        raise ConfigError("--policies is empty; e.g. --policies lru,lfu,belady (see --list)")
+    for name, params in policies:
+        POLICIES.get(name)
+    MISS_RULES.get(args.miss_rule)
+    PREFETCH_RULES.get(args.prefetch_rule)
+    pred_cls = PREDICTORS.get(args.predictor) if args.predictor else None
+    pred_params = _parse_kv(args.predictor_param, "--predictor-param")
+    depth = args.prefetch_depth if args.prefetch_depth is not None else (1 if pred_cls else 0)
+    if depth and pred_cls is None:
+        raise ConfigError(f"--prefetch-depth {depth} needs --predictor NAME (see --list)")
+    scopes = _scopes(args.scope)
+    caps = parse_capacities(args.capacity)
+    needs_fit = any(POLICIES.get(n).needs_fit for n, _ in policies) or bool(pred_cls and pred_cls.needs_fit)
+    if not 0.0 < args.fit_share < 1.0:
+        raise ConfigError(f"--fit-share must be in (0, 1), got {args.fit_share}")
+    fit_trace = open_trace(args.fit) if args.fit else None
+
+    # Plan every run first, so the progress bar knows the total.
+    plans = []
+    for path in args.traces:
+        trace = open_trace(path)
+        name = os.path.basename(os.path.normpath(trace.path or path))
+        fit_note = None
+        fitting = None
+        if needs_fit:
+            if fit_trace is not None:
+                if _dims(fit_trace) != _dims(trace):
+                    raise ConfigError(f"--fit trace has {_dims(fit_trace)} (layers, experts, top_k) but {name} has "
+                                      f"{_dims(trace)}; fit on a trace of the same model")
+                fitting, fit_note = fit_trace, f"--fit {args.fit}"
+            else:
+                fitting, trace, fit_note = _split_fit(trace, args.fit_share)
+            print(f"moecache bench: {name}: fitted on {fit_note}", file=sys.stderr)
+        bpe = args.bytes_per_expert or trace.meta.bytes_per_expert
+        hw = load_profile(args.hardware, bpe) if args.hardware else default_profile(bpe)
+        sched = Schedule(trace, decode_stream=args.decode_stream, name=name)
+        predictor = None
+        if pred_cls is not None:
+            L, E, K = _dims(trace)
+            predictor = pred_cls(L, E, K, **pred_params)
+            if predictor.needs_fit:
+                predictor.fit(fitting)
+        counts = count_ids(fitting) if fitting is not None else None
+        for scope in scopes:
+            for cap in caps:
+                slots = resolve_capacity(cap, *_dims(trace), scope)
+                for pname, params in policies:
+                    plans.append((sched, hw, predictor, counts, fit_note, scope, cap, slots, pname, params))
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 threads, got {args.jobs}")
+    bar = tqdm(total=len(plans), desc="bench", unit="run", disable=args.quiet or not sys.stderr.isatty())
+
+    def run(plan: tuple) -> dict[str, Any]:
+        sched, hw, predictor, counts, fit_note, scope, cap, slots, pname, params = plan
+        L, E, K = sched.num_layers, sched.num_experts, sched.top_k
+        policy = new_policy(pname, slots, L, E, top_k=K, scope=scope, **params)
+        if policy.needs_fit:
+            policy.fit(counts)
+        pred = copy.deepcopy(predictor) if predictor is not None else None
+        engine = choose_engine(args.engine, policy, pred, depth)
+        res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
+                       hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine)
+        row = res.row()
+        row["fit"] = fit_note
+        row["engine"] = engine
+        bar.set_postfix_str(f"{sched.name} {scope} {cap} {pname}")
+        bar.update(1)
+        return row
+
+    # The C++ engine releases the GIL during a replay, so runs in threads go in parallel.
+    if args.jobs == 1 or len(plans) < 2:
+        rows = [run(plan) for plan in plans]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            rows = list(pool.map(run, plans))  # results in plan order
+    bar.close()
+
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        hws = sorted({r["hardware"] for r in rows})
+        engines = ", ".join(f"{e} ({sum(r['engine'] == e for r in rows)} runs)"
+                            for e in sorted({r["engine"] for r in rows}))
+        print(f"\nhardware: {'; '.join(hws)}; miss rule {args.miss_rule}; "
+              f"{'decode stream' if args.decode_stream else 'batched steps as recorded'}; engine {engines}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="replay traces through cache policies: hit rates, bytes moved, estimated ms/token",
+        description="Replay routing traces through expert-cache policies (optionally with a predictor that "
+                    "prefetches D MoE layers ahead) and report demand hit rate, ready rate, prefetch precision "
+                    "and recall, bytes moved and the timing model's ms/token against its lower bound.")
+    p.add_argument("traces", nargs="*", metavar="TRACE", help="moecache trace folder(s)")
+    p.add_argument("--list", action="store_true", help="name every policy, predictor, prefetch rule and miss rule")
+    p.add_argument("--policies", default="lru,belady",
+                   help="comma-separated policies, each NAME or NAME:key=value[:key=value] (default lru,belady)")
+    p.add_argument("--predictor", metavar="NAME", help="predictor for prefetching and the 'predicted' policy")
+    p.add_argument("--predictor-param", action="append", metavar="KEY=VALUE", help="predictor parameter (repeatable)")
+    p.add_argument("--prefetch-depth", type=int, metavar="D",
+                   help="prefetch up to D MoE layers ahead (default 1 with --predictor, 0 without)")
+    p.add_argument("--prefetch-rule", default="topk", metavar="NAME", help="prefetch rule (default topk; see --list)")
+    p.add_argument("--prefetch-budget", type=int, metavar="B",
+                   help="experts fetched per target layer (default top_k x tokens of the step)")
+    p.add_argument("--capacity", default="25%,50%",
+                   help="comma-separated capacities: a share of the experts (25%%) or slots per pool (12)")
+    p.add_argument("--scope", default="layer", help="layer, global, or layer,global for both (default layer)")
+    p.add_argument("--fit", metavar="TRACE", help="fit static placement and learned predictors on this trace")
+    p.add_argument("--fit-share", type=float, default=0.2,
+                   help="without --fit: fit on this leading share of each trace's sequences, not scored (default 0.2)")
+    p.add_argument("--decode-stream", action="store_true", help="replay every token on its own, even prefill steps")
+    p.add_argument("--miss-rule", default="copy", metavar="NAME",
+                   help="how a demand miss is served: copy, cpu, policy, min (default copy; see --list)")
+    p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
+    p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
+    p.add_argument("--engine", default="auto", choices=("auto", "python", "cpp"),
+                   help="replay engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
+                        "(default: cpp where built and the configuration is supported, else python); "
+                        "each row states the engine that ran it")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="runs in parallel threads (default: the CPU count; the C++ engine releases the GIL)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)

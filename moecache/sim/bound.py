@@ -1,0 +1,87 @@
+"""A lower bound on the replay's time, for a given schedule, capacity, scope and hardware profile.
+
+Whatever the policy, predictor or prefetch, the replay takes at least:
+
+* without CPU execution (miss rule "copy"): every non-expert and expert computation on the GPU,
+  ``gpu = sum over steps of non_expert(tokens) + sum over needs of gpu(tokens of the need)``, and
+  every load on the copy engine. No schedule of loads, prefetched or not, makes fewer loads than
+  Belady's MIN on demand (a load made early can be delayed to its use, an unused one dropped), so
+  ``copy = loads of belady * copy_ms`` and ``bound = max(gpu, copy)``;
+* with CPU execution (rules "cpu", "policy", "min"): a miss may run on the CPU instead, so the GPU
+  term keeps only the non-expert work, ``gpu = sum over steps of non_expert(tokens)``, and the
+  misses are those of Belady with bypass (the fewest possible when a miss need not be cached),
+  split optimally between the copy engine (``copy_ms`` each) and the CPU (``cpu(tokens)`` each):
+  the fractional split giving the copy engine the misses that are dearest on the CPU, i.e. the
+  smallest ``T`` with ``copy_ms * x <= T`` and the CPU time of the rest ``<= T``, where ``x`` (the
+  number of copied misses) may be fractional. ``bound = max(gpu, T)``. With every miss of the same
+  token count (decode) this is a true lower bound; for batched steps it is the bound for
+  Belady-with-bypass's own misses (fewest misses need not mean least CPU time).
+
+Bounds are cached on the schedule, keyed by (capacity, scope, CPU allowed, profile).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..policies import new_policy
+from .hardware import HardwareProfile
+from .schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Bound:
+    total_ms: float
+    gpu_ms: float
+    miss_ms: float
+    misses: int
+    policy: str
+    uses_cpu: bool
+
+
+def split_time(copy_ms: float, cpu_costs: list[float]) -> float:
+    """Smallest makespan of the misses split (fractionally) between the copy engine and the CPU."""
+    costs = sorted(cpu_costs, reverse=True)
+    rem = 0.0
+    for c in costs:  # summed in sorted order: a fixed order for exact reproduction
+        rem += c
+    x = 0
+    for c in costs:
+        if (x + 1) * copy_ms <= rem - c:
+            x += 1
+            rem -= c
+            continue
+        f = (rem - x * copy_ms) / (copy_ms + c)  # the share of this miss the copy engine takes
+        return (x + f) * copy_ms
+    return x * copy_ms if x * copy_ms > rem else rem
+
+
+def lower_bound(schedule: Schedule, capacity: int, scope: str, hardware: HardwareProfile, uses_cpu: bool) -> Bound:
+    """The bound described in the module docstring (cached on ``schedule``)."""
+    from .replay import simulate  # replay imports this module lazily too
+
+    key = (capacity, scope, uses_cpu, json.dumps(hardware.to_json(), sort_keys=True))
+    cached = schedule._bounds.get(key)
+    if cached is not None:
+        return cached
+    L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
+    name = "belady_bypass" if uses_cpu else "belady"
+    policy = new_policy(name, capacity, L, E, top_k=K, scope=scope)
+    if not uses_cpu:
+        r = simulate(schedule, policy, hardware=hardware, miss_rule="copy", bound=False)
+        miss_ms = r.loads * hardware.copy_ms
+        b = Bound(max(r.gpu_busy_ms, miss_ms), r.gpu_busy_ms, miss_ms, r.loads, name, False)
+    else:
+        log: list[tuple[int, int, int, str]] = []
+        simulate(schedule, policy, hardware=hardware, miss_rule="policy", bound=False, record=log)
+        misses = [c for _g, _k, c, outcome in log if outcome != "hit"]
+        gpu = 0.0
+        for u in range(schedule.num_units):
+            ne = hardware.non_expert(schedule.rows(u))
+            for _l in range(L):
+                gpu += ne
+        t = split_time(hardware.copy_ms, [hardware.cpu(c) for c in misses])
+        b = Bound(max(gpu, t), gpu, t, len(misses), name, True)
+    schedule._bounds[key] = b
+    return b

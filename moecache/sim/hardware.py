@@ -1,0 +1,222 @@
+"""The hardware profile of the timing model: copy, GPU and CPU costs of one expert.
+
+Fields (all times in milliseconds):
+
+* ``copy_bandwidth_gbps`` and ``copy_latency_ms``: one expert copy takes
+  ``copy_latency_ms + bytes_per_expert / (copy_bandwidth_gbps * 1e6)`` (1 GB = 1e9 bytes);
+* ``gpu_ms``, ``cpu_ms``: one expert's compute time by batch size (tokens routed to it), a table
+  ``{tokens: ms}``; ``non_expert_ms``: the GPU time of everything else in one MoE layer (attention,
+  norms, router, shared experts), by tokens in the step. A table is read piecewise-linearly between
+  its points, flat below the first, and extended along its last segment above the last point
+  (flat for a one-point table).
+
+Defaults (``default_profile``) come from the measurements in ``shared/docs/hardware.md``
+(H100 80GB, PCIe Gen5, pinned host memory, 16 CPU threads), copied here as data:
+
+* copy: a line ``ms = latency + bytes / bandwidth`` fitted to the six measured expert copies (9 to
+  336 MiB) by least squares on relative error: about 52.9 GB/s and 0.012 ms per copy (every
+  measured copy within 10%);
+* GPU and CPU per expert: the measured row whose size matches ``bytes_per_expert`` within 2%, else
+  linear interpolation in MiB between the two neighbouring rows (the nearest row outside the
+  table). The CPU table has the measured 1- and 64-token points. The GPU was measured at 1 token
+  only; small-batch expert compute is launch- and weight-read-bound, so we add a second point at
+  4096 tokens with the FLOPs at 400 TFLOP/s (a bf16 SwiGLU expert does 2 FLOPs per weight per token,
+  i.e. ``bytes_per_expert`` FLOPs per token);
+* non-expert time: 27.5 ms per token for 27 layers measured for the DeepSeek-V2-Lite shape at batch
+  1 with the routed experts zeroed, i.e. 1.0185 ms per layer, used for every batch size (one
+  measured point).
+
+``load_profile(path)`` reads a JSON object with any of these fields (the runtime writes measured
+profiles in this form); fields it leaves out keep the defaults for the given ``bytes_per_expert``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+MIB = 1 << 20
+
+#: hardware.md, "One expert's SwiGLU FFN": (MiB, copy ms, GPU ms at 1 token, CPU ms at 1, CPU ms at 64).
+MEASURED_EXPERTS: tuple[tuple[float, float, float, float, float], ...] = (
+    (9.0, 0.19, 0.11, 0.40, 0.50),     # Qwen3-30B-A3B 2048 x 768
+    (12.0, 0.25, 0.11, 0.34, 0.56),    # OLMoE-1B-7B 2048 x 1024
+    (16.5, 0.33, 0.12, 0.43, 0.81),    # Qwen1.5-MoE-A2.7B 2048 x 1408
+    (47.0, 1.04, 0.11, 0.77, 1.4),     # GPT-OSS-20B as bf16 2880 x 2880
+    (84.0, 1.65, 0.08, 1.8, 2.6),      # DeepSeek-V3 7168 x 2048
+    (336.0, 6.4, 0.14, 5.8, 7.8),      # Mixtral-8x7B 4096 x 14336
+)
+#: hardware.md, decode at batch 1, DeepSeek-V2-Lite shape: 27.5 ms/token over 27 layers, experts zeroed.
+NON_EXPERT_MS_PER_LAYER = 27.5 / 27
+#: Assumed dense bf16 throughput for the GPU's large-batch point (see the module docstring).
+GPU_TFLOPS = 400.0
+GPU_BIG_BATCH = 4096
+DEFAULT_SOURCE = "shared/docs/hardware.md (H100 80GB, PCIe Gen5, pinned)"
+
+
+def _fit_copy_line() -> tuple[float, float]:
+    """``ms = a + b * bytes`` through the measured copies, least squares on relative error (weights
+    ``1 / ms^2``, so the small copies count as much as the large ones): ``(latency_ms, bandwidth_gbps)``."""
+    xs = [m * MIB for m, *_ in MEASURED_EXPERTS]
+    ys = [c for _, c, *_ in MEASURED_EXPERTS]
+    ws = [1.0 / (y * y) for y in ys]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, y in zip(ws, ys)) / sw
+    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    a = my - b * mx
+    return a, 1.0 / (b * 1e6)
+
+
+def _interp_rows(mib: float) -> tuple[float, float, float, float]:
+    """(copy, gpu1, cpu1, cpu64) at ``mib``: a matching row, else linear between neighbours, else nearest."""
+    rows = MEASURED_EXPERTS
+    for r in rows:
+        if abs(r[0] - mib) <= 0.02 * r[0]:
+            return r[1:]
+    if mib <= rows[0][0]:
+        return rows[0][1:]
+    if mib >= rows[-1][0]:
+        return rows[-1][1:]
+    i = bisect.bisect_left([r[0] for r in rows], mib)
+    lo, hi = rows[i - 1], rows[i]
+    w = (mib - lo[0]) / (hi[0] - lo[0])
+    return tuple(lo[j] + w * (hi[j] - lo[j]) for j in range(1, 5))  # type: ignore[return-value]
+
+
+def _table(obj: Any, name: str) -> dict[int, float]:
+    if not isinstance(obj, dict) or not obj:
+        raise ConfigError(f"hardware profile: {name} must be a non-empty object {{tokens: ms}}, got {obj!r}")
+    out: dict[int, float] = {}
+    for k, v in obj.items():
+        try:
+            t, ms = int(k), float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"hardware profile: {name} has a bad entry {k!r}: {v!r} (want tokens: ms)") from None
+        if t < 1 or ms < 0:
+            raise ConfigError(f"hardware profile: {name} entry {k!r}: {v!r} needs tokens >= 1 and ms >= 0")
+        out[t] = ms
+    return dict(sorted(out.items()))
+
+
+def lookup(table: dict[int, float], tokens: int) -> float:
+    """Piecewise-linear read of ``{tokens: ms}`` (flat below, last segment extended above)."""
+    xs = list(table)
+    ys = list(table.values())
+    if tokens <= xs[0] or len(xs) == 1:
+        return ys[0]
+    i = bisect.bisect_left(xs, tokens)
+    if i < len(xs) and xs[i] == tokens:
+        return ys[i]
+    if i == len(xs):
+        i -= 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (tokens - x0) * (y1 - y0) / (x1 - x0)
+
+
+@dataclass
+class HardwareProfile:
+    """Costs of the timing model. See the module docstring for units and defaults."""
+
+    bytes_per_expert: int
+    copy_bandwidth_gbps: float
+    copy_latency_ms: float
+    gpu_ms: dict[int, float]
+    cpu_ms: dict[int, float]
+    non_expert_ms: dict[int, float]
+    source: str = DEFAULT_SOURCE
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_expert < 1:
+            raise ConfigError(f"hardware profile: bytes_per_expert must be >= 1, got {self.bytes_per_expert}")
+        if not self.copy_bandwidth_gbps > 0 or self.copy_latency_ms < 0:
+            raise ConfigError("hardware profile: copy_bandwidth_gbps must be > 0 and copy_latency_ms >= 0, got "
+                              f"{self.copy_bandwidth_gbps} and {self.copy_latency_ms}")
+        self.gpu_ms = _table(self.gpu_ms, "gpu_ms")
+        self.cpu_ms = _table(self.cpu_ms, "cpu_ms")
+        self.non_expert_ms = _table(self.non_expert_ms, "non_expert_ms")
+
+    @property
+    def copy_ms(self) -> float:
+        """Time of one expert copy."""
+        return self.copy_latency_ms + self.bytes_per_expert / (self.copy_bandwidth_gbps * 1e6)
+
+    def gpu(self, tokens: int) -> float:
+        """GPU time of one expert for ``tokens`` tokens (memoised: the replay asks the same few sizes)."""
+        key = ("g", tokens)
+        v = self._cache.get(key)
+        if v is None:
+            v = self._cache[key] = lookup(self.gpu_ms, tokens)
+        return v
+
+    def cpu(self, tokens: int) -> float:
+        key = ("c", tokens)
+        v = self._cache.get(key)
+        if v is None:
+            v = self._cache[key] = lookup(self.cpu_ms, tokens)
+        return v
+
+    def non_expert(self, tokens: int) -> float:
+        key = ("n", tokens)
+        v = self._cache.get(key)
+        if v is None:
+            v = self._cache[key] = lookup(self.non_expert_ms, tokens)
+        return v
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("_cache", None)
+        for k in ("gpu_ms", "cpu_ms", "non_expert_ms"):
+            d[k] = {str(t): ms for t, ms in d[k].items()}
+        return d
+
+    def describe(self) -> str:
+        return (f"{self.bytes_per_expert / MIB:.1f} MiB/expert, copy {self.copy_ms:.3f} ms, "
+                f"GPU {self.gpu(1):.3f} ms, CPU {self.cpu(1):.3f} ms at 1 token; {self.source}")
+
+
+def default_profile(bytes_per_expert: int) -> HardwareProfile:
+    """The H100 defaults for an expert of ``bytes_per_expert`` bytes (see the module docstring)."""
+    if bytes_per_expert is None or int(bytes_per_expert) < 1:
+        raise ConfigError("the timing model needs the size of one expert in bytes: the trace's metadata has no "
+                          "bytes_per_expert; pass --bytes-per-expert N or --hardware FILE with bytes_per_expert")
+    b = int(bytes_per_expert)
+    latency, bandwidth = _fit_copy_line()
+    _copy, gpu1, cpu1, cpu64 = _interp_rows(b / MIB)
+    gpu_big = gpu1 + (GPU_BIG_BATCH - 1) * b / (GPU_TFLOPS * 1e12) * 1e3
+    return HardwareProfile(
+        bytes_per_expert=b, copy_bandwidth_gbps=bandwidth, copy_latency_ms=latency,
+        gpu_ms={1: gpu1, GPU_BIG_BATCH: gpu_big}, cpu_ms={1: cpu1, 64: cpu64},
+        non_expert_ms={1: NON_EXPERT_MS_PER_LAYER}, source=DEFAULT_SOURCE)
+
+
+_FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source")
+
+
+def load_profile(path: str | os.PathLike, bytes_per_expert: int | None = None) -> HardwareProfile:
+    """A profile from a JSON file; fields it leaves out are the defaults for its (or the given) expert size."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"hardware profile {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"hardware profile {path} must be a JSON object with fields {', '.join(_FIELDS)}")
+    unknown = sorted(set(obj) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"hardware profile {path}: unknown field(s) {unknown}; valid: {', '.join(_FIELDS)}")
+    b = obj.get("bytes_per_expert", bytes_per_expert)
+    base = default_profile(b).to_json()
+    base["source"] = path
+    base.update(obj)
+    try:
+        return HardwareProfile(**base)
+    except TypeError as e:
+        raise ConfigError(f"hardware profile {path}: {e}") from None

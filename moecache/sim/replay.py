@@ -1,0 +1,271 @@
+"""The trace-replay driver: one policy (and optionally a predictor) over a schedule, with timing.
+
+Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this order:
+
+1. the future (if anything reads it) is positioned at ``g``; ``policy.begin_layer(l)``; the GPU runs
+   the layer's non-expert work (``timing``), which ends at ``t_route``;
+2. with a predictor: ``observe(l, ids of the unit at l)``, then ``predict(l, d)`` for every depth
+   ``d`` in ``1..D`` (and the policy's ``score_depth``, whose row mean goes to ``on_scores``);
+3. demand: for each needed expert in ascending key order, ``policy.access(key, tokens)``; an
+   expert resident now is a hit (all its tokens count as hit accesses; ready if its copy ended by
+   ``t_route``). Misses are then served, in ascending key order, by a copy that ``insert``s them
+   (the policy evicts, never a key of the current wave) or by a CPU run, as the miss rule decides;
+4. prefetch (depth ``D`` > 0): for ``d = 1..D`` the prefetch rule picks the experts it wants for
+   step ``g + d`` from the summed prediction rows; each non-resident one is inserted (protected: the
+   current step's experts and those wanted for step ``g + d`` that are resident or already
+   fetched) and its copy issued at ``t_route``;
+5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
+
+Sequences are requests: ``policy.begin_request()`` and ``predictor.reset()`` at each new sequence
+(the predictor is also reset when a request's row count changes, e.g. from a batched prefill step
+to decode steps, as the predictor protocol requires). The cache carries over between requests.
+Float arithmetic is done in the order written here and in ``timing``, so a reimplementation that
+follows the same order reproduces every figure exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..policies.base import Policy
+from .hardware import HardwareProfile, default_profile
+from .prefetch import PREFETCH_RULES
+from .results import SimResult
+from .schedule import Schedule
+from .timing import MISS_RULES, Timeline
+
+
+def describe_predictor(predictor: Any) -> str | None:
+    if predictor is None:
+        return None
+    params = getattr(predictor, "params", {}) or {}
+    if not params:
+        return predictor.name
+    return predictor.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
+def _check(schedule: Schedule, policy: Policy, predictor: Any, depth: int) -> None:
+    dims = (schedule.num_layers, schedule.num_experts, schedule.top_k)
+    if (policy.num_layers, policy.num_experts, policy.top_k) != dims:
+        raise ConfigError(f"policy built for {policy.num_layers} layers x {policy.num_experts} experts, top-{policy.top_k}, "
+                          f"but the trace has {dims[0]} x {dims[1]}, top-{dims[2]}; build it from the trace's metadata")
+    if not policy.fitted:
+        raise ConfigError(f"policy {policy.name!r} must be fitted first: call fit(counts) with per-(layer, expert) "
+                          "counts from sequences you will not score (CLI: --fit TRACE or the leading share)")
+    if policy.uses_scores and predictor is None:
+        raise ConfigError(f"policy {policy.name!r} evicts by predicted scores: give it a predictor (--predictor NAME)")
+    if depth < 0:
+        raise ConfigError(f"prefetch depth must be >= 0 MoE layers, got {depth}")
+    if depth and predictor is None:
+        raise ConfigError(f"prefetch depth {depth} needs a predictor (--predictor NAME)")
+    if predictor is not None:
+        if (predictor.num_layers, predictor.num_experts, predictor.top_k) != dims:
+            raise ConfigError(f"predictor {predictor.name!r} built for {predictor.num_layers} x {predictor.num_experts}, "
+                              f"top-{predictor.top_k}, but the trace has {dims[0]} x {dims[1]}, top-{dims[2]}")
+        if getattr(predictor, "needs_model", False):
+            raise ConfigError(f"predictor {predictor.name!r} reads hidden states, which a routing trace does not have; "
+                              "it runs only in the runtime")
+        if not getattr(predictor, "fitted", True):
+            raise ConfigError(f"predictor {predictor.name!r} must be fitted first (CLI: --fit TRACE or the leading share)")
+
+
+def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth: int = 0,
+             prefetch: str = "topk", budget: int | None = None, hardware: HardwareProfile | None = None,
+             miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
+             record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto") -> SimResult:
+    """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
+
+    ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
+    ``Bound`` uses that one, False leaves it out. ``budget``: prefetches per target layer
+    (default ``top_k`` times the unit's tokens, at most the expert count). ``record``: a list that
+    receives ``(step, key, tokens, outcome)`` for every need as it is served, outcome ``"hit"``,
+    ``"copy"`` (a miss copied in) or ``"cpu"`` (a miss run on the CPU): hits of a step first, then
+    its misses, each in ascending key order. ``engine``: ``python`` (this loop), ``cpp`` (the same
+    replay in csrc/sim_core.cpp, identical rows; see ``engine_cpp``) or ``auto`` (cpp where built
+    and supported).
+    """
+    _check(schedule, policy, predictor, depth)
+    rule = MISS_RULES.get(miss_rule)
+    choose = PREFETCH_RULES.get(prefetch) if depth else None
+    if budget is not None and budget < 1:
+        raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
+    hw = hardware or default_profile(schedule.meta.bytes_per_expert)
+    if engine != "python":
+        from .engine_cpp import choose_engine, replay_cpp
+
+        if choose_engine(engine, policy, predictor, depth) == "cpp":
+            res = replay_cpp(schedule, policy, hw, rule, budget=budget, capacity_label=capacity_label, record=record)
+            return _with_bound(res, schedule, policy, hw, rule, bound)
+    L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
+
+    future = None
+    if policy.offline:
+        future = schedule.future
+        policy.set_future(future)
+    if predictor is not None and hasattr(predictor, "set_future"):
+        future = schedule.future
+        predictor.set_future(future)
+
+    score_depth = policy.score_depth() if policy.uses_scores else None
+    depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
+
+    tl = Timeline()
+    resident = policy._slot  # live view of the resident set (the base class never rebinds it)
+    access, insert, admit, can_insert = policy.access, policy.insert, policy.admit, policy.can_insert
+    decide, asks_policy = rule.decide, rule.asks_policy
+    copy_ms = hw.copy_ms
+    gpu_of, cpu_of = hw.gpu, hw.cpu
+    cap = policy.capacity
+    ready_at: dict[int, float] = {}
+    pf_unused: set[int] = set()
+    pf_for: dict[int, set[int]] = {}
+    accesses = hits = ready = needs = loads = cpu_runs = 0
+    prefetches = pf_used = pf_wasted = pf_skipped = 0
+    rows_seen = -1
+
+    for u in range(schedule.num_units):
+        rows = schedule.rows(u)
+        if schedule.new_request[u]:
+            policy.begin_request()
+            if predictor is not None:
+                predictor.reset()
+            rows_seen = rows
+        elif predictor is not None and rows != rows_seen:
+            predictor.reset()
+            rows_seen = rows
+        groups = schedule.groups(u)
+        uids = schedule.unit_ids(u) if predictor is not None else None
+        ne_ms = hw.non_expert(rows)
+        pf_budget = budget or min(E, K * rows)
+        for l in range(L):
+            g = u * L + l
+            if future is not None:
+                future.seek(g)
+            if pf_for:
+                pf_for.pop(g, None)
+            policy.begin_layer(l)
+            keys, counts = groups[l]
+            t_route = tl.non_expert(ne_ms)
+
+            preds: dict[int, np.ndarray] = {}
+            if predictor is not None:
+                predictor.observe(l, uids[:, l, :])
+                for d in depths:
+                    preds[d] = predictor.predict(l, d)
+                if score_depth:
+                    policy.on_scores((l + score_depth) % L, preds[score_depth].mean(axis=0))
+
+            # -- demand ------------------------------------------------------------------------
+            if keys:
+                needs += len(keys)
+                hit_list: list[tuple[int, int]] = []
+                miss_list: list[tuple[int, int]] = []
+                for key, c in zip(keys, counts):
+                    access(key, c)
+                    accesses += c
+                    if key in resident:
+                        hits += c
+                        if ready_at[key] <= t_route:
+                            ready += c
+                        if key in pf_unused:
+                            pf_unused.discard(key)
+                            pf_used += 1
+                        hit_list.append((key, c))
+                        if record is not None:
+                            record.append((g, key, c, "hit"))
+                    else:
+                        miss_list.append((key, c))
+                if not miss_list:
+                    tl.compute([(ready_at[k], k, gpu_of(c)) for k, c in hit_list])
+                else:
+                    wave_all = hit_list + miss_list
+                    waves = [wave_all] if len(wave_all) <= cap else \
+                        [wave_all[i:i + cap] for i in range(0, len(wave_all), cap)]
+                    issue_t = t_route
+                    for wi, wave in enumerate(waves):
+                        if wi:
+                            issue_t = tl.gpu  # the previous wave's compute has ended: its slots are free
+                        protected = frozenset(k for k, _c in wave)
+                        jobs: list[tuple[float, int, float]] = []
+                        cpu_end = -1.0
+                        for key, c in wave:
+                            g_ms = gpu_of(c)
+                            if key in resident:
+                                jobs.append((ready_at[key], key, g_ms))
+                                continue
+                            admitted = admit(key, protected) if asks_policy else True
+                            copied = decide(tl, issue_t, copy_ms, g_ms, cpu_of(c), admitted)
+                            if record is not None:
+                                record.append((g, key, c, "copy" if copied else "cpu"))
+                            if copied:
+                                for v in insert(key, protected):
+                                    if v in pf_unused:
+                                        pf_unused.discard(v)
+                                        pf_wasted += 1
+                                end = tl.issue_copy(issue_t, copy_ms)
+                                ready_at[key] = end
+                                loads += 1
+                                jobs.append((end, key, g_ms))
+                            else:
+                                end = tl.issue_cpu(issue_t, cpu_of(c))
+                                cpu_runs += 1
+                                if end > cpu_end:
+                                    cpu_end = end
+                        tl.compute(jobs)
+                        if cpu_end >= 0.0:
+                            tl.join(cpu_end)
+
+            # -- prefetch ----------------------------------------------------------------------
+            if choose is not None:
+                now_keys = frozenset(keys)
+                for d in range(1, depth + 1):
+                    tg = g + d
+                    base = ((l + d) % L) * E
+                    scores = preds[d].sum(axis=0)
+                    chosen = choose(scores, pf_budget, lambda e: base + e in resident)
+                    if not chosen:
+                        continue
+                    pset = pf_for.setdefault(tg, set())
+                    pset.update(base + e for e in chosen if base + e in resident)
+                    for e in chosen:
+                        key = base + e
+                        if key in resident:
+                            continue
+                        prot = now_keys | pset
+                        if not can_insert(key, prot):
+                            pf_skipped += 1
+                            continue
+                        for v in insert(key, prot):
+                            if v in pf_unused:
+                                pf_unused.discard(v)
+                                pf_wasted += 1
+                        ready_at[key] = tl.issue_copy(t_route, copy_ms)
+                        pf_unused.add(key)
+                        pset.add(key)
+                        prefetches += 1
+
+    res = SimResult(
+        trace=schedule.name, policy=policy.describe(), scope=policy.scope, capacity=policy.capacity,
+        capacity_label=capacity_label or str(policy.capacity), predictor=describe_predictor(predictor),
+        prefetch=prefetch if depth else None, depth=depth, budget=budget, miss_rule=rule.name, mode=schedule.mode,
+        bytes_per_expert=hw.bytes_per_expert, hardware=hw.source, tokens=schedule.tokens, accesses=accesses,
+        hits=hits, ready=ready, needs=needs, loads=loads, cpu_runs=cpu_runs, prefetches=prefetches,
+        prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
+        copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
+        extra={"prefetch_skipped": pf_skipped} if depth else {},
+    )
+    return _with_bound(res, schedule, policy, hw, rule, bound)
+
+
+def _with_bound(res: SimResult, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Any,
+                bound: Any) -> SimResult:
+    """Attach the lower bound (``bound`` as in ``simulate``) to a result row."""
+    if bound is True:
+        from .bound import lower_bound
+        bound = lower_bound(schedule, policy.capacity, policy.scope, hw, rule.uses_cpu)
+    if bound:
+        res.bound_ms = bound.total_ms
+    return res

@@ -1,0 +1,125 @@
+"""The discrete-event timing model: three resources, each serving its work in issue order.
+
+Resources: the copy engine (host to GPU copies), the GPU (one stream) and the CPU (one worker
+pool running missed experts). Each keeps the time it becomes free; a job issued at ``t`` on a
+resource starts at ``max(t, free)`` and ends ``duration`` later. Per replay step (one unit of
+tokens at one MoE layer), with ``n`` tokens in the unit and ``c`` tokens routed to an expert:
+
+1. the GPU runs the layer's non-expert work, ``non_expert(n)``, from when it finished the previous
+   step; it ends at ``t_route`` (the router's choice is known; the layer's expert compute starts);
+2. demand misses are issued at ``t_route``: a copy (``copy_ms``) on the copy engine, or a CPU run
+   (``cpu(c)``) on the CPU, as the miss rule says;
+3. prefetches chosen at this layer are issued at ``t_route`` on the copy engine, after the misses;
+4. the GPU computes the step's experts one after another in order of ``(ready, key)``, where
+   ``ready`` is when the expert's copy ended (0 for long-resident ones); each starts at
+   ``max(gpu free, ready)`` and takes ``gpu(c)``; the step ends when the GPU is done and every CPU
+   run of the step has ended (the outputs are combined), and the next step starts from there.
+
+When a batched step needs more experts than a pool holds, it runs in waves of at most
+``capacity`` experts (hits first, then misses by key); a later wave's copies are issued when the
+previous wave's compute ended, since they overwrite its slots. An access is *ready* when it is a
+hit whose copy had ended by ``t_route``. The estimated time is when the last step ends; stall is
+that minus the GPU's busy time (the GPU waiting for copies or CPU runs). Simplifications: copies
+never overlap each other, a slot is reusable as soon as its expert is evicted, moving activations
+to and from the CPU is free, and a prefetch in flight can be evicted (its copy still counts).
+
+Miss rules (``MISS_RULES``): how a demand miss is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry
+
+
+class Timeline:
+    """Free times and busy totals of the copy engine, GPU and CPU (ms)."""
+
+    __slots__ = ("gpu", "copy", "cpu", "gpu_busy", "copy_busy", "cpu_busy")
+
+    def __init__(self) -> None:
+        self.gpu = self.copy = self.cpu = 0.0
+        self.gpu_busy = self.copy_busy = self.cpu_busy = 0.0
+
+    def non_expert(self, ms: float) -> float:
+        """Run the layer's non-expert GPU work; returns ``t_route``."""
+        self.gpu += ms
+        self.gpu_busy += ms
+        return self.gpu
+
+    def issue_copy(self, t: float, ms: float) -> float:
+        """A copy issued at ``t``; returns its end."""
+        start = t if t > self.copy else self.copy
+        self.copy = start + ms
+        self.copy_busy += ms
+        return self.copy
+
+    def issue_cpu(self, t: float, ms: float) -> float:
+        """A CPU run issued at ``t``; returns its end."""
+        start = t if t > self.cpu else self.cpu
+        self.cpu = start + ms
+        self.cpu_busy += ms
+        return self.cpu
+
+    def compute(self, jobs: list[tuple[float, int, float]]) -> None:
+        """GPU expert compute: ``jobs`` of ``(ready, key, ms)``, run in ``(ready, key)`` order."""
+        jobs.sort()
+        gpu = self.gpu
+        busy = self.gpu_busy
+        for ready, _key, ms in jobs:
+            if ready > gpu:
+                gpu = ready
+            gpu += ms
+            busy += ms
+        self.gpu = gpu
+        self.gpu_busy = busy
+
+    def join(self, t: float) -> None:
+        """The step's output needs a result ready at ``t`` (a CPU run)."""
+        if t > self.gpu:
+            self.gpu = t
+
+
+@dataclass(frozen=True)
+class MissRule:
+    """How a demand miss is served. ``decide`` returns True to copy (and cache), False to run on the CPU."""
+
+    name: str
+    #: The rule may run misses on the CPU (the lower bound then uses Belady-with-bypass).
+    uses_cpu: bool
+    #: The rule asks the policy's ``admit`` (a declined miss runs on the CPU).
+    asks_policy: bool
+    decide: Callable[[Timeline, float, float, float, float, bool], bool]
+
+
+MISS_RULES: Registry[MissRule] = Registry("miss rule")
+
+
+def _register(rule: MissRule, help: str) -> None:
+    MISS_RULES.register(rule.name, help)(rule)
+
+
+# decide(timeline, t_issue, copy_ms, gpu_ms, cpu_ms, admitted) -> copy?
+_register(MissRule("copy", False, False, lambda tl, t, cp, g, c, adm: True),
+          "always copy the missed expert to the GPU and cache it (the default)")
+_register(MissRule("cpu", True, False, lambda tl, t, cp, g, c, adm: False),
+          "always run the missed expert on the CPU; nothing is cached on a miss (only prefetches fill the cache)")
+_register(MissRule("policy", True, True, lambda tl, t, cp, g, c, adm: adm),
+          "copy and cache what the policy admits, run what it declines on the CPU")
+
+
+def _min_rule(tl: Timeline, t: float, copy_ms: float, gpu_ms: float, cpu_ms: float, admitted: bool) -> bool:
+    # Finish times given the queues right now: copy path = copy end + GPU compute; CPU path = CPU
+    # end. Ties go to the copy (it also caches the expert).
+    if not admitted:
+        return False
+    copy_done = (t if t > tl.copy else tl.copy) + copy_ms + gpu_ms
+    cpu_done = (t if t > tl.cpu else tl.cpu) + cpu_ms
+    return not cpu_done < copy_done
+
+
+_register(MissRule("min", True, True, _min_rule),
+          "whichever finishes first given the current queues (copy + GPU compute vs CPU run); "
+          "declined misses run on the CPU")

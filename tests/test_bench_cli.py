@@ -1,0 +1,138 @@
+"""``moecache bench``: listing, table and JSON output, fitting, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moecache.cli import main
+from moecache.policies import POLICIES
+from moecache.predictors import PREDICTORS
+
+from tests.simtools import make_trace
+
+
+def _write(tmp_path, name="t", seqs=5, n=40, seed=0, bytes_per_expert=2_000_000):
+    rng = np.random.default_rng(seed)
+    toks = [[rng.choice(8, 2, replace=False) for _ in range(4)] for _ in range(n)]
+    t = make_trace(toks, num_experts=8, top_k=2, seq=np.repeat(np.arange(seqs), n // seqs),
+                   bytes_per_expert=bytes_per_expert)
+    return t.save(tmp_path / name)
+
+
+def run(capsys, *argv):
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list(capsys):
+    code, out, _ = run(capsys, "--list")
+    assert code == 0
+    for name in POLICIES.names() + PREDICTORS.names():
+        assert name in out
+    code, out, _ = run(capsys, "--list", "--json")
+    listing = json.loads(out)
+    assert set(listing["policies"]) == set(POLICIES.names())
+    assert set(listing["predictors"]) == set(PREDICTORS.names())
+    assert all(listing["policies"].values()) and "topk" in listing["prefetch_rules"]
+
+
+def test_json_rows(tmp_path, capsys):
+    path = _write(tmp_path)
+    code, out, _ = run(capsys, path, "--policies", "lru,belady,lfu:half_life=8", "--capacity", "25%,3",
+                       "--scope", "layer,global", "--json", "--quiet")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 3 * 2 * 2
+    need = {"trace", "policy", "predictor", "capacity", "scope", "demand_hit_rate", "ready_rate", "bytes_per_token",
+            "est_ms_per_token", "bound_ms_per_token", "ratio", "prefetch_precision", "stall_ms_per_token"}
+    assert need <= set(rows[0])
+    assert {r["policy"] for r in rows} == {"lru", "belady", "lfu(half_life=8)"}
+    assert {(r["scope"], r["capacity_label"], r["capacity"]) for r in rows} == {
+        ("layer", "25%", 2), ("layer", "3", 3), ("global", "25%", 8), ("global", "3", 3)}
+    by = {(r["scope"], r["capacity_label"], r["policy"]): r for r in rows}
+    for scope, cap in (("layer", "25%"), ("global", "3")):
+        assert by[(scope, cap, "belady")]["demand_hit_rate"] >= by[(scope, cap, "lru")]["demand_hit_rate"]
+        assert by[(scope, cap, "lru")]["ratio"] >= 1.0
+    assert all(r["trace"] == "t" and r["predictor"] is None and r["fit"] is None for r in rows)
+    assert all(r["bytes_per_expert"] == 2_000_000 for r in rows)
+
+
+def test_table_output_and_prefetch(tmp_path, capsys):
+    path = _write(tmp_path)
+    code, out, _ = run(capsys, path, "--policies", "lru", "--predictor", "oracle", "--prefetch-depth", "2",
+                       "--capacity", "50%")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["trace", "policy", "predictor"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    row = lines[2].split()
+    assert row[:4] == ["t", "lru", "oracle", "2"]
+    assert "hardware:" in out
+
+
+def test_fit_share_and_fit_trace(tmp_path, capsys):
+    path = _write(tmp_path)
+    other = _write(tmp_path, "other", seed=1)
+    code, out, err = run(capsys, path, "--policies", "static,lru", "--capacity", "50%", "--json", "--quiet")
+    assert code == 0
+    rows = json.loads(out)
+    # 5 sequences of 8 tokens: the leading 20% (1 sequence) fits, the other 4 are scored by every run
+    assert all(r["tokens"] == 32 for r in rows)
+    assert all(r["fit"].startswith("leading 20%") for r in rows) and "fitted on" in err
+    code, out, _ = run(capsys, path, "--policies", "static", "--capacity", "50%", "--fit", other, "--json", "--quiet")
+    rows = json.loads(out)
+    assert rows[0]["tokens"] == 40 and rows[0]["fit"] == f"--fit {other}"
+    code, out, _ = run(capsys, path, "--policies", "lru", "--predictor", "prior", "--json", "--quiet",
+                       "--capacity", "50%", "--fit-share", "0.4")
+    rows = json.loads(out)
+    assert rows[0]["tokens"] == 24 and rows[0]["predictor"].startswith("prior") and rows[0]["depth"] == 1
+
+
+def test_hardware_file_and_bytes(tmp_path, capsys):
+    path = _write(tmp_path)
+    hw = tmp_path / "hw.json"
+    hw.write_text(json.dumps({"bytes_per_expert": 1_000_000, "copy_bandwidth_gbps": 1.0, "copy_latency_ms": 0.0,
+                              "gpu_ms": {"1": 0.5}, "non_expert_ms": {"1": 1.0}}))
+    code, out, _ = run(capsys, path, "--policies", "lru", "--capacity", "50%", "--hardware", str(hw), "--json",
+                       "--quiet")
+    row = json.loads(out)[0]
+    assert row["bytes_per_expert"] == 1_000_000 and row["hardware"] == str(hw)
+    # copies of 1 ms each; GPU 1 ms + 2 x 0.5 ms per layer and token, 4 layers: 8 ms per token, more
+    # than Belady's copies (at most 2 per layer and token, and it hits some) -> the bound is the GPU
+    assert row["bytes_per_token"] == row["loads"] * 1e6 / row["tokens"]
+    assert row["bound_ms_per_token"] == 8.0 and row["est_ms_per_token"] >= 8.0
+    code, out, _ = run(capsys, path, "--policies", "lru", "--capacity", "50%", "--bytes-per-expert", "5000000",
+                       "--json", "--quiet")
+    assert json.loads(out)[0]["bytes_per_expert"] == 5_000_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", "lru,nope"], "unknown policy 'nope'"),
+    (["--policies", "lru", "--scope", "ring"], "unknown scope"),
+    (["--policies", "lru", "--capacity", "200%"], "(0%, 100%]"),
+    (["--policies", "lru", "--capacity", "1"], "below top_k"),
+    (["--policies", "lru", "--prefetch-depth", "2"], "needs --predictor"),
+    (["--policies", "predicted"], "--predictor"),
+    (["--policies", "lru:half_life=3"], "no parameter"),
+    (["--policies", "lru", "--predictor", "gate_lookahead"], "hidden states"),
+    (["--policies", "lru", "--miss-rule", "teleport"], "unknown miss rule"),
+])
+def test_errors_are_one_line(tmp_path, capsys, argv, message):
+    path = _write(tmp_path)
+    code, out, err = run(capsys, path, *argv, "--quiet")
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_inputs(tmp_path, capsys):
+    code, _, err = run(capsys, "--policies", "lru")
+    assert code == 2 and "TRACE" in err
+    code, _, err = run(capsys, str(tmp_path / "absent"))
+    assert code == 2 and "no trace" in err
+    single = make_trace([[(0, 1)]] * 4, num_experts=4, top_k=2).save(tmp_path / "one")
+    code, _, err = run(capsys, single, "--policies", "static")
+    assert code == 2 and "--fit OTHER_TRACE" in err

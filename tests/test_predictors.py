@@ -1,0 +1,566 @@
+"""Expert predictors: hand-worked cases per predictor, one contract over all of them, the recall replay.
+
+The hand-worked cases pin exact probabilities on traces small enough to count by hand; the contract
+runs every registered predictor on routing recorded from a tiny random Qwen3-MoE model (so the
+hidden-state predictor runs on the same trace); the last tests use the trained model in ../shared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moecache.errors import ConfigError, UnsupportedModelError
+from moecache.predict_eval import RecallRow, evaluate, replay, split, split_mask
+from moecache.predictors import PREDICTORS, Predictor
+from moecache.predictors._common import multi_hot, token_order
+from moecache.predictors.gate_lookahead import GateLookaheadPredictor, capture, moe_routers
+from moecache.predictors.learned import feature_layers
+from moecache.predictors.transition import transition_counts
+from moecache.trace import RoutingBlock, Trace, TraceMeta
+
+
+def make_trace(ids_per_seq, num_experts, top_k, seqs=None):
+    """A trace from a list of ``(tokens, layers, top_k)`` id arrays, one per sequence."""
+    blocks = []
+    for i, ids in enumerate(ids_per_seq):
+        ids = np.asarray(ids, np.int64)
+        blocks.append(RoutingBlock.build(ids, seq=i if seqs is None else seqs[i], pos=np.arange(len(ids))))
+    L = np.asarray(ids_per_seq[0]).shape[1]
+    meta = TraceMeta(num_experts=num_experts, top_k=top_k, moe_layers=list(range(L)))
+    return Trace(meta, RoutingBlock.concat(blocks))
+
+
+def col(*experts):
+    """Ids for a top-1 trace with one layer: ``col(0, 0, 1)`` -> shape (3, 1, 1)."""
+    return np.array(experts, np.int64).reshape(-1, 1, 1)
+
+
+# -- base helpers ------------------------------------------------------------------------------
+
+def _normalise_reference(row, k):
+    """Water-filling written out per row, the way the docstring states it."""
+    s = np.maximum(np.asarray(row, float), 0)
+    n = len(s)
+    if s.sum() <= 0:
+        return np.full(n, k / n)
+    capped = np.zeros(n, bool)
+    while True:
+        free = ~capped
+        rest = k - capped.sum()
+        base = s[free].sum()
+        p = np.where(capped, 1.0, 0.0)
+        p[free] = s[free] * rest / base if base > 0 else rest / free.sum()
+        if (p <= 1 + 1e-12).all():
+            return p
+        capped |= p >= 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(6, 12), st.integers(0, 10**6))
+def test_normalise_matches_per_row_water_filling(k, n, seed):
+    rng = np.random.default_rng(seed)
+    s = rng.random((7, n)) ** rng.integers(1, 8)  # skewed rows need several capping rounds
+    s[0] = 0.0
+    s[1, : n - 1] = 0.0  # one positive score: the rest is spread evenly
+    s[2, :k] = 1e6
+    p = Predictor(1, n, k).normalise(s)
+    for r in range(len(s)):
+        np.testing.assert_allclose(p[r], _normalise_reference(s[r], k), atol=1e-9)
+    assert np.allclose(p.sum(axis=1), k) and (p >= 0).all() and (p <= 1 + 1e-12).all()
+
+
+def test_normalise_hand_worked():
+    p = Predictor(1, 4, 2).normalise(np.array([[4.0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]]))
+    np.testing.assert_allclose(p, [[1, 1 / 3, 1 / 3, 1 / 3], [0.5] * 4, [1, 1 / 3, 1 / 3, 1 / 3]])
+
+
+def test_target_wraps_into_next_token():
+    p = Predictor(3, 4, 1)
+    assert p.target(0, 1) == (1, 0) and p.target(2, 1) == (0, 1) and p.target(1, 2) == (0, 1)
+    assert p.target(0, 3) == (0, 1) and p.target(2, 4) == (0, 2)
+    with pytest.raises(ConfigError):
+        p.target(0, 0)
+
+
+def test_bad_arguments_raise_config_errors():
+    with pytest.raises(ConfigError, match="alpha"):
+        PREDICTORS.get("prior")(2, 4, 1, decay=0.5)  # a temporal parameter given to the prior
+    with pytest.raises(ConfigError, match="combine rule"):
+        PREDICTORS.get("transition")(2, 4, 1, combine="max")
+    with pytest.raises(ConfigError, match="top_k"):
+        PREDICTORS.get("temporal")(2, 4, 5)
+    p = PREDICTORS.get("temporal")(2, 4, 1)
+    for bad in ([[-3]], [[0.5]], [[4]], [[0, 1]]):
+        p.reset()
+        with pytest.raises(ConfigError):
+            p.observe(0, bad)
+            p.predict(0, 1)
+    with pytest.raises(ConfigError, match="before any observe"):
+        p.reset()
+        p.predict(0, 1)
+
+
+def test_multi_hot_ignores_missing_and_duplicates():
+    h = multi_hot(np.array([[1, -1], [2, 2], [-2, -1]]), 4)
+    np.testing.assert_array_equal(h, [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    with pytest.raises(ConfigError, match="out of range"):
+        multi_hot(np.array([[4]]), 4)
+
+
+def test_token_order_groups_interleaved_sequences():
+    t = make_trace([col(0, 1, 2), col(3, 3)], 4, 1, seqs=[7, 5])
+    t = t.select(np.array([0, 3, 1, 4, 2]))  # interleave: 7, 5, 7, 5, 7
+    order, nxt = token_order(t)
+    assert list(t.seq[order]) == [7, 7, 7, 5, 5]
+    assert list(t.ids[order, 0, 0]) == [0, 1, 2, 3, 3]
+    assert list(nxt) == [True, True, False, True, False]
+
+
+# -- hand-worked cases -------------------------------------------------------------------------
+
+def test_prior_hand_worked():
+    # layer 0 chose 0, 0, 1 and layer 1 chose 3, 3, 3; Laplace alpha 1 over 4 experts
+    t = make_trace([np.array([[[0], [3]], [[0], [3]], [[1], [3]]])], 4, 1)
+    p = PREDICTORS.get("prior")(2, 4, 1).fit(t)
+    p.reset()
+    p.observe(0, [[2]])
+    np.testing.assert_allclose(p.predict(0, 1), [[1 / 7, 1 / 7, 1 / 7, 4 / 7]])
+    p.observe(1, [[0]])
+    np.testing.assert_allclose(p.predict(1, 1), [[3 / 7, 2 / 7, 1 / 7, 1 / 7]])  # next token's layer 0
+    # top-2 where layer 1's second slot was always dropped (-2): prior (1, 1, 1, 4)/7, and
+    # 2 * 4/7 > 1 is capped at 1 while the others share the remaining 1 evenly
+    t2 = make_trace([np.array([[[0, 1], [3, -2]], [[0, 1], [3, -2]], [[1, 2], [3, -2]]])], 4, 2)
+    p2 = PREDICTORS.get("prior")(2, 4, 2).fit(t2)
+    p2.reset()
+    p2.observe(0, [[0, 1]])
+    np.testing.assert_allclose(p2.predict(0, 1), [[1 / 3, 1 / 3, 1 / 3, 1]])
+
+
+def test_prior_must_be_fitted():
+    p = PREDICTORS.get("prior")(2, 4, 1)
+    p.observe(0, [[1]])
+    with pytest.raises(ConfigError, match="fit"):
+        p.predict(0, 1)
+
+
+def test_temporal_hand_worked():
+    # decay 0.5, strength 1, uniform prior 1/3 (not fitted): (c + 1/3) / (h + 1)
+    p = PREDICTORS.get("temporal")(1, 3, 1, decay=0.5, strength=1.0)
+    p.reset()
+    np.testing.assert_allclose(_first_predict(p, [[0]]), [[2 / 3, 1 / 6, 1 / 6]])  # c=[1,0,0], h=1
+    p.observe(0, [[1]])  # c = [0.5, 1, 0], h = 1.5
+    np.testing.assert_allclose(p.predict(0, 1), [[1 / 3, 8 / 15, 2 / 15]])
+    p.observe(0, [[-1]])  # a missing record leaves the state alone
+    np.testing.assert_allclose(p.predict(0, 1), [[1 / 3, 8 / 15, 2 / 15]])
+    p.reset()  # a new request forgets everything
+    np.testing.assert_allclose(_first_predict(p, [[2]]), [[1 / 6, 1 / 6, 2 / 3]])
+
+
+def test_temporal_rows_are_separate_requests():
+    p = PREDICTORS.get("temporal")(1, 3, 1, decay=0.5, strength=1.0)
+    p.observe(0, [[0], [-1]])
+    np.testing.assert_allclose(p.predict(0, 1), [[2 / 3, 1 / 6, 1 / 6], [1 / 3, 1 / 3, 1 / 3]])
+    with pytest.raises(ConfigError, match="reset"):
+        p.observe(0, [[0]])  # a different batch size without reset()
+
+
+def _first_predict(p, experts, layer=0, depth=1):
+    p.observe(layer, experts)
+    return p.predict(layer, depth)
+
+
+def test_transition_hand_worked():
+    # one sequence, 2 layers, 3 experts, top-1; (layer 0, layer 1) per token:
+    toks = np.array([[[0], [1]], [[0], [1]], [[1], [2]], [[2], [2]]])
+    t = make_trace([toks], 3, 1)
+    p = PREDICTORS.get("transition")(2, 3, 1, alpha=1.0, combine="mean").fit(t)
+    # depth 1 from layer 0: pairs 0->1, 0->1, 1->2, 2->2; prior of layer 1 = (1, 3, 3)/7
+    # P(. | 0) = ([0, 2, 0] + (1, 3, 3)/7) / 3
+    p.reset()
+    np.testing.assert_allclose(_first_predict(p, [[0]]), [[1 / 21, 17 / 21, 3 / 21]])
+    # depth 1 from layer 1 = layer 0 of the next token: pairs 1->0, 1->1, 2->2; prior of layer 0 = (3, 2, 2)/7
+    p.observe(1, [[1]])
+    np.testing.assert_allclose(p.predict(1, 1), [[10 / 21, 9 / 21, 2 / 21]])
+    # a missing record at the source layer gives the target prior
+    p.observe(1, [[-1]])
+    np.testing.assert_allclose(p.predict(1, 1), [[3 / 7, 2 / 7, 2 / 7]])
+    # pairs never cross sequences: appending a sequence adds its own pairs only
+    two = make_trace([toks, np.array([[[2], [0]], [[1], [1]]])], 3, 1)
+    counts = transition_counts(two, 4)
+    assert counts[0, 1].sum() == 3 + 1  # depth 1 from layer 1: 3 next-token pairs in seq 0, 1 in seq 1
+    assert counts[0, 1, 1, 0] == 1 and counts[0, 1, 0, 1] == 1  # seq 1's pair 0 -> 1 is its own
+    assert counts[0, 1, 2, 2] == 1  # seq 0's last token (layer 1 = 2) is not paired with seq 1's first
+    q = PREDICTORS.get("transition")(2, 3, 1).fit(two)
+    assert q.cond.shape == (4, 2, 3, 3)
+    q.observe(1, [[0]])
+    with pytest.raises(ConfigError, match="max_depth"):
+        q.predict(1, 5)
+
+
+def test_transition_product_combines_evidence():
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(5, 2, replace=False) for _ in range(2)]) for _ in range(60)])
+    t = make_trace([ids], 5, 2)
+    prod = PREDICTORS.get("transition")(2, 5, 2, combine="product").fit(t)
+    prod.reset()
+    prod.observe(0, [[1, 3]])
+    c, prior = prod.cond[0, 0], prod.prior[1]
+    expect = prior * (c[1] / prior) * (c[3] / prior)
+    np.testing.assert_allclose(prod.predict(0, 1), prod.normalise(expect[None] / expect.sum()))
+    # with one observed expert (top-1) product and mean agree
+    t1 = make_trace([ids[:, :, :1]], 5, 1)
+    a = PREDICTORS.get("transition")(2, 5, 1, combine="product").fit(t1)
+    b = PREDICTORS.get("transition")(2, 5, 1, combine="mean").fit(t1)
+    np.testing.assert_allclose(_first_predict(a, [[2]]), _first_predict(b, [[2]]))
+
+
+def test_activation_matrix_hand_worked():
+    # library: A = [2, 1, 0] (seq 0: 0, 0, 1) and B = [0, 0, 2] (seq 1: 2, 2); one layer, top-1
+    t = make_trace([col(0, 0, 1), col(2, 2)], 3, 1)
+    p = PREDICTORS.get("activation_matrix")(1, 3, 1, matches=1).fit(t)
+    np.testing.assert_array_equal(p.library[:, 0], [[2, 1, 0], [0, 0, 2]])
+    prior = np.array([1 / 3, 1 / 6, 1 / 2])  # mean of the per-layer distributions (2/3, 1/3, 0) and (0, 0, 1)
+    p.reset()
+    got = _first_predict(p, [[0]])  # current A = [1, 0, 0]: cos with A = 2/sqrt(5), with B = 0
+    s = 2 / np.sqrt(5) * np.array([2 / 3, 1 / 3, 0]) + 1e-3 * prior
+    np.testing.assert_allclose(got, [s / s.sum()])
+    p.observe(0, [[2]])
+    p.observe(0, [[2]])  # A = [1, 0, 2]: cos with A = 2/5, with B = 2/sqrt(5): B wins
+    s = 2 / np.sqrt(5) * np.array([0, 0, 1]) + 1e-3 * prior
+    np.testing.assert_allclose(p.predict(0, 1), [s / s.sum()])
+    p.reset()
+    p.observe(0, [[-1]])  # nothing observed yet: only the prior is left
+    np.testing.assert_allclose(p.predict(0, 1), [prior])
+
+
+def test_activation_matrix_library_is_bounded():
+    rng = np.random.default_rng(1)
+    t = make_trace([rng.integers(0, 6, (5, 2, 1)) for _ in range(12)], 6, 1)
+    p = PREDICTORS.get("activation_matrix")(2, 6, 1, library_size=4).fit(t)
+    assert p.library.shape == (4, 2, 6) and (p.library >= 0).all()
+
+
+def test_learned_feature_layers():
+    # after layer 0 of 3, window 2: this token's layer 0, the previous token's layer 2, then the target
+    assert feature_layers(0, 1, 3, 2) == [(0, 0), (2, -1), (1, -1)]
+    assert feature_layers(2, 0, 3, 2) == [(2, 0), (1, 0), (0, 0)]
+    assert feature_layers(0, 0, 1, 3) == [(0, 0), (0, 0)]  # one layer: the window is that layer
+
+
+def test_learned_finds_cross_token_and_window_rules():
+    # 3 layers, 4 experts, top-1; layer 1 of token t copies layer 2 of token t-1 (reached through the
+    # window's wrap into the previous token); layer 0 of token t+1 copies layer 1 of token t
+    rng = np.random.default_rng(2)
+    seqs = []
+    for _ in range(30):
+        n = 20
+        ids = np.zeros((n, 3, 1), np.int64)
+        ids[:, 2, 0] = rng.integers(0, 4, n)
+        ids[0, 0, 0], ids[0, 1, 0] = rng.integers(0, 4, 2)
+        for i in range(1, n):
+            ids[i, 1, 0] = ids[i - 1, 2, 0]
+            ids[i, 0, 0] = ids[i - 1, 1, 0]
+        seqs.append(ids)
+    fit, score = make_trace(seqs[:20], 4, 1), make_trace(seqs[20:], 4, 1)
+    p = PREDICTORS.get("learned")(3, 4, 1, window=2).fit(fit)
+    rows = replay(p, score, (1,))
+    assert rows[0].recall() > 0.6  # layer 2 is random (1/4), layers 0 and 1 follow rules
+    p.reset()
+    seq = seqs[25]
+    for tok in range(3):
+        for l in range(3):
+            p.observe(l, seq[tok, l])
+            if l == 0 and tok > 0:
+                assert p.predict(0, 1)[0].argmax() == seq[tok - 1, 2, 0]  # window wrap: previous token's layer 2
+            if l == 1:
+                assert p.predict(1, 2)[0].argmax() == seq[tok, 1, 0]  # next token's layer 0
+    with pytest.raises(ConfigError, match="max_depth"):
+        p.predict(0, 3)
+
+
+# -- gate lookahead on a tiny random Qwen3-MoE ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=128)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # random routers large enough that routing is not a near-tie everywhere
+        for _, _, router, norm in moe_routers(model):
+            router.weight.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_routing(tiny_moe):
+    """Routing and hidden states of 6 random sequences of 24 tokens, as a trace plus aligned hidden."""
+    rng = np.random.default_rng(3)
+    ids, hid, blocks = [], [], []
+    for s in range(6):
+        i, h = capture(tiny_moe, rng.integers(3, 64, 24))
+        blocks.append(RoutingBlock.build(i, seq=s, pos=np.arange(len(i))))
+        hid.append(h)
+    meta = TraceMeta(num_experts=8, top_k=2, moe_layers=[0, 1, 2], model="tiny-random-qwen3moe")
+    return Trace(meta, RoutingBlock.concat(blocks)), np.concatenate(hid)
+
+
+def test_capture_matches_the_routers(tiny_moe, tiny_routing):
+    import torch
+
+    trace, hidden = tiny_routing
+    for l, (_, _, router, _) in enumerate(moe_routers(tiny_moe)):
+        with torch.no_grad():
+            _, _, idx = router(torch.from_numpy(hidden[:24, l]))
+        np.testing.assert_array_equal(np.sort(idx.numpy(), 1), np.sort(trace.ids[:24, l], 1))
+
+
+def test_gate_lookahead_equals_the_later_router(tiny_moe, tiny_routing):
+    import torch
+
+    trace, hidden = tiny_routing
+    routers = moe_routers(tiny_moe)
+    p = GateLookaheadPredictor.from_model(tiny_moe)
+    assert (p.num_layers, p.num_experts, p.top_k) == (3, 8, 2)
+    p.reset()
+    h = hidden[:10]
+    for layer, depth in ((0, 1), (0, 2), (1, 1)):
+        p.observe(layer, trace.ids[:10, layer], h[:, layer])
+        got = p.predict(layer, depth)
+        with torch.no_grad():
+            logits, _, idx = routers[layer + depth][2](torch.from_numpy(h[:, layer]))
+        probs = torch.softmax(logits.double(), dim=-1).numpy()
+        np.testing.assert_allclose(got, p.normalise(probs), rtol=1e-5, atol=1e-7)
+        top = np.argsort(-got, axis=1, kind="stable")[:, :2]
+        np.testing.assert_array_equal(np.sort(top, 1), np.sort(idx.numpy(), 1))
+
+
+def test_gate_lookahead_norm_rescale_and_fallback(tiny_moe, tiny_routing):
+    trace, hidden = tiny_routing
+    p = GateLookaheadPredictor.from_model(tiny_moe, rescale="norm")
+    rng = np.random.default_rng(4)
+    norms = rng.uniform(0.5, 2.0, p.norms.shape).astype(np.float32)
+    p.set_routers(p.routers, norms)
+    p.observe(0, trace.ids[:4, 0], hidden[:4, 0])
+    x = (hidden[:4, 0] * (norms[1] / norms[0])).astype(np.float64)  # layer 0's norm weight swapped for layer 1's
+    z = x @ p.routers[1].T.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(p.predict(0, 1), p.normalise(e / e.sum(1, keepdims=True)), rtol=1e-6)
+    # next-token targets and rows without a hidden state: exactly the temporal estimate
+    g = GateLookaheadPredictor.from_model(tiny_moe).fit(trace)
+    t = PREDICTORS.get("temporal")(3, 8, 2).fit(trace)
+    for pred in (g, t):
+        pred.reset()
+    for l in range(3):
+        g.observe(l, trace.ids[:4, l], hidden[:4, l] if l < 2 else None)
+        t.observe(l, trace.ids[:4, l])
+    np.testing.assert_allclose(g.predict(2, 1), t.predict(2, 1))
+    np.testing.assert_allclose(g.predict(1, 2), t.predict(1, 2))
+    np.testing.assert_allclose(g.predict(2, 2), t.predict(2, 2))
+
+
+def test_gate_lookahead_needs_routers_and_supported_models():
+    p = PREDICTORS.get("gate_lookahead")(2, 4, 1)
+    p.observe(0, [[1]], np.zeros((1, 8)))
+    with pytest.raises(ConfigError, match="from_model"):
+        p.predict(0, 1)
+    from types import SimpleNamespace
+
+    with pytest.raises(UnsupportedModelError, match="supported families"):  # grouped, bias-corrected router
+        GateLookaheadPredictor.from_model(SimpleNamespace(config=SimpleNamespace(model_type="deepseek_v3")))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(UnsupportedModelError):  # not a MoE model at all
+        GateLookaheadPredictor.from_model(dense)
+
+
+# -- contract over every registered predictor ----------------------------------------------------
+
+#: The oracle reads the simulator's future (set_future) and is covered by the simulator's tests.
+STREAM_PREDICTORS = [n for n in PREDICTORS.names() if n != "oracle"]
+
+#: Non-default configurations that take other code paths, checked by the contract too.
+VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic"}], "gate_lookahead": [{"rescale": "norm"}]}
+CONFIGS = [(n, {}) for n in STREAM_PREDICTORS] + [(n, v) for n in STREAM_PREDICTORS for v in VARIANTS.get(n, [])]
+
+
+def _build(name, params, model, trace):
+    cls = PREDICTORS.get(name)
+    if cls.needs_model:
+        return GateLookaheadPredictor.from_model(model, **params).fit(trace)
+    return cls(3, 8, 2, **params).fit(trace)
+
+
+def _run(pred, trace, hidden, seq_rows):
+    """Observe/predict over tokens of the given rows (one request per row); returns all predictions."""
+    pred.reset()
+    out = []
+    ids = np.stack([trace.ids[r] for r in seq_rows], axis=1)  # (tokens, rows, L, k)
+    hid = np.stack([hidden[r] for r in seq_rows], axis=1)
+    for t in range(ids.shape[0]):
+        for l in range(3):
+            pred.observe(l, ids[t, :, l], hid[t, :, l])
+            for d in (1, 2):
+                out.append(pred.predict(l, d))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name,params", CONFIGS, ids=[f"{n}{'-' + '-'.join(map(str, p.values())) if p else ''}" for n, p in CONFIGS])
+def test_contract(name, params, tiny_moe, tiny_routing, tmp_path):
+    trace, hidden = tiny_routing
+    fit_mask = split_mask(trace, "alternate")
+    fit = trace.select(fit_mask)
+    seq_rows = [np.nonzero(trace.seq == s)[0] for s in np.unique(trace.seq[~fit_mask])]
+    pred = _build(name, params, tiny_moe, fit)
+    got = _run(pred, trace, hidden, seq_rows)
+    assert got.shape == (24 * 3 * 2, len(seq_rows), 8) and got.dtype == np.float64
+    assert (got >= 0).all() and (got <= 1 + 1e-12).all()
+    np.testing.assert_allclose(got.sum(axis=2), 2.0, atol=1e-9)
+    # deterministic: a second predictor built and fitted the same way says exactly the same
+    np.testing.assert_array_equal(_run(_build(name, params, tiny_moe, fit), trace, hidden, seq_rows), got)
+    # rows are independent requests: each row alone gives its column of the batched run
+    alone = _run(pred, trace, hidden, seq_rows[1:2])
+    np.testing.assert_allclose(alone[:, 0], got[:, 1], rtol=1e-9, atol=1e-12)
+    # save/load (JSON + npz, no pickle) gives identical predictions
+    pred.save(tmp_path / name)
+    back = Predictor.load(tmp_path / name)
+    assert type(back) is type(pred) and back.params == pred.params
+    np.testing.assert_array_equal(_run(back, trace, hidden, seq_rows), got)
+    # missing records in observe are skipped, not taken as expert 0 (or -1 as the last expert)
+    pred.reset()
+    pred.observe(0, np.full((2, 2), -1), hidden[:2, 0])
+    p = pred.predict(0, 1)
+    assert np.allclose(p.sum(axis=1), 2.0)
+    with pytest.raises(ConfigError):
+        pred.observe(3, trace.ids[:2, 0])  # no layer 3
+
+
+def test_every_predictor_documents_tie_break_and_cost():
+    import importlib
+
+    for name in STREAM_PREDICTORS:
+        doc = importlib.import_module(PREDICTORS.get(name).__module__).__doc__ or ""
+        assert "Tie-break" in doc and "Cost" in doc, name
+
+
+# -- splits and the recall replay --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["alternate", "head", "stream"])
+def test_split_never_overlaps(mode):
+    rng = np.random.default_rng(5)
+    t = make_trace([rng.integers(0, 4, (n, 2, 1)) for n in (3, 5, 2, 7, 4)], 4, 1)
+    fit, score = split(t, mode)
+    assert len(fit) + len(score) == len(t) and len(fit) and len(score)
+    assert not set(np.unique(fit.seq)) & set(np.unique(score.seq))
+    mask = split_mask(t, mode)
+    np.testing.assert_array_equal(fit.ids, t.ids[mask])
+    np.testing.assert_array_equal(score.ids, t.ids[~mask])
+    if mode == "alternate":
+        assert list(np.unique(fit.seq)) == [0, 2, 4]
+
+
+def test_split_refuses_an_empty_side():
+    t = make_trace([col(0, 1, 2)], 4, 1)
+    with pytest.raises(ConfigError, match="stream"):
+        split(t, "alternate")
+    fit, score = split(t, "stream")  # one stream cut in two: the scored half gets a new sequence id
+    assert len(fit) == 2 and len(score) == 1 and set(fit.seq) != set(score.seq)
+
+
+class _Fixed(Predictor):
+    """Always predicts the same probabilities (for hand-checking the scorer)."""
+
+    name = "fixed"
+
+    def __init__(self, p):
+        super().__init__(2, 4, 1)
+        self.p = np.asarray(p, float)
+        self.calls = []
+
+    def observe(self, layer, experts, hidden=None):
+        self.calls.append(("observe", layer, np.asarray(experts).copy()))
+        self.rows = len(experts)
+
+    def predict(self, layer, depth):
+        return np.tile(self.p, (self.rows, 1))
+
+
+def test_replay_recall_hand_worked():
+    # ranking 2 > 0 > 1 = 3 (tie: lowest id first, so the order is 2, 0, 1, 3)
+    fixed = _Fixed([0.3, 0.1, 0.5, 0.1])
+    toks = np.array([[[2], [0]], [[1], [-1]], [[3], [2]]])  # token 1's layer-1 record is missing
+    t = make_trace([toks], 4, 1)
+    d1, d2 = replay(fixed, t, (1, 2), set_sizes=(1, 2, 3))
+    # depth 1 targets: t0L1=0, t1L0=1, t1L1=missing (skipped), t2L0=3, t2L1=2 ; t2L1 -> past the end
+    assert d1.targets == 4 and d1.selected == 4
+    assert d1.hits == {1: 1, 2: 2, 3: 3}  # 2 in top-1; 0 in top-2; 1 in top-3; 3 never
+    assert d1.recall(1) == 0.25 and d1.precision(2) == 2 / 8
+    # within the token: t0L1=0 (miss), t2L1=2 (hit); next token: t1L0=1, t2L0=3 (both missed at top-1)
+    assert d1.by_offset == {0: [2, 1], 1: [2, 0]} and d1.recall_at_offset(0) == 0.5
+    # depth 2 targets: t0L0 -> t1L0=1, t0L1 -> t1L1 missing, t1L0 -> t2L0=3, t1L1 -> t2L1=2
+    assert d2.targets == 3 and d2.hits == {1: 1, 2: 1, 3: 2}
+    # the predictor saw every record in order, missing ones included as -1
+    assert [c[1] for c in fixed.calls] == [0, 1] * 3
+
+
+def test_replay_packs_rows_without_changing_results():
+    rng = np.random.default_rng(6)
+    t = make_trace([rng.integers(0, 6, (n, 3, 2)) for n in (9, 4, 7, 1, 6)], 6, 2)
+    t = Trace(t.meta, RoutingBlock.build(np.sort(t.ids, axis=2), seq=t.seq, pos=t.pos))
+    one = replay(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=1)
+    many = replay(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=64)
+    for a, b in zip(one, many):
+        assert (a.targets, a.selected, a.hits) == (b.targets, b.selected, b.hits)
+
+
+def test_replay_checks_its_inputs():
+    t = make_trace([col(0, 1)], 4, 1)
+    with pytest.raises(ConfigError, match="built for"):
+        replay(PREDICTORS.get("temporal")(2, 4, 1), t)
+    with pytest.raises(ConfigError, match="hidden"):
+        replay(PREDICTORS.get("gate_lookahead")(1, 4, 1), t)
+
+
+def test_evaluate_fits_on_one_part_and_scores_the_other():
+    rng = np.random.default_rng(7)
+    t = make_trace([rng.integers(0, 4, (5, 2, 1)) for _ in range(4)], 4, 1)
+    seen = []
+
+    class Spy(type(PREDICTORS.get("prior")(2, 4, 1))):
+        def fit(self, trace):
+            seen.append(set(np.unique(trace.seq)))
+            return super().fit(trace)
+
+    rows = evaluate([Spy(2, 4, 1)], t, (1,))
+    assert seen == [{0, 2}] and isinstance(rows[0], RecallRow)
+    assert rows[0].targets == 2 * (5 * 2 - 1)  # sequences 1 and 3: every target but the last
+
+
+# -- the trained model in ../shared --------------------------------------------------------------
+
+def test_gate_lookahead_beats_the_prior_on_the_trained_model(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    text = (tiny_model_dir / "heldout_sample.txt").read_bytes()[:2048]
+    blocks, hid = [], []
+    for s in range(4):
+        ids, h = capture(model, list(text[s * 512:(s + 1) * 512]))
+        blocks.append(RoutingBlock.build(ids, seq=s, pos=np.arange(len(ids))))
+        hid.append(h)
+    meta = TraceMeta(num_experts=32, top_k=4, moe_layers=list(range(6)), model="qwen3moe-tiny-code")
+    trace, hidden = Trace(meta, RoutingBlock.concat(blocks)), np.concatenate(hid)
+    gate = evaluate([GateLookaheadPredictor.from_model(model)], trace, (1,), hidden=hidden)[0]
+    prior = evaluate([PREDICTORS.get("prior")(6, 32, 4)], trace, (1,))[0]
+    assert gate.targets == prior.targets > 1000
+    assert gate.recall() > prior.recall() + 0.1, (gate.recall(), prior.recall())
