@@ -16,6 +16,9 @@
 torch::Tensor count_experts_cuda(const torch::Tensor& ids, int64_t num_experts);
 #endif
 
+// csrc/sim_core.cpp: the simulator core (moecache._C.sim_replay).
+void register_sim_core(pybind11::module& m);
+
 namespace {
 
 template <typename T>
@@ -81,4 +84,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("ids"), pybind11::arg("num_experts"));
   m.def("build_flags", &build_flags, "compiler flags the extension was built with");
   m.def("with_cuda", &with_cuda, "whether the CUDA sources were compiled in");
+  register_sim_core(m);
 }
