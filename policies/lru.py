@@ -10,33 +10,17 @@ eviction.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Iterable
-
-from .base import POLICIES, Policy
+from .base import POLICIES
+from .fifo import FIFO
 
 
 @POLICIES.register("lru", "least recently used (demand use or arrival)")
-class LRU(Policy):
-    name = "lru"
+class LRU(FIFO):
+    """FIFO's insertion order, refreshed on every use: the front of each pool is the least recently used."""
 
-    def __init__(self, capacity: int, num_layers: int, num_experts: int, **kw: Any):
-        super().__init__(capacity, num_layers, num_experts, **kw)
-        self._order: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(self.num_pools)]
+    name = "lru"
 
     def on_access(self, key: int, count: int) -> None:
         order = self._order[self.pool(key)]
         if key in order:
             order.move_to_end(key)
-
-    def on_insert(self, key: int) -> None:
-        self._order[self.pool(key)][key] = None
-
-    def on_evict(self, key: int) -> None:
-        del self._order[self.pool(key)][key]
-
-    def victim(self, pool: int, protected: Iterable[int]) -> int | None:
-        for key in self._order[pool]:
-            if key not in protected:
-                return key
-        return None
