@@ -308,15 +308,7 @@ struct Heaps {
       return;
     }
     if (hpos[key] < 0) return;
-    auto& v = h[kpool[key]];
-    const int64_t i = hpos[key], last = v.back();
-    v.pop_back();
-    hpos[key] = -1;
-    if (last == key) return;
-    v[i] = last;
-    hpos[last] = i;
-    sift_up(v, i);
-    sift_down(v, hpos[last]);
+    remove_at(key);
   }
   void clear() {
     for (auto& v : h) {
