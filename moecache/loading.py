@@ -2,7 +2,8 @@
 
 The model is built with its parameters on the meta device (buffers such as rotary frequencies are
 computed for real, as the model's ``__init__`` does), then materialised from the safetensors
-files, one tensor at a time:
+files, one tensor at a time, read by offset (``moecache.tensorfile``; a memory map would keep every
+page it read resident next to the host store):
 
 * expert weights go from the files into the pinned ``HostStore``, one expert at a time, never to
   the GPU and never twice in host memory. Checkpoints in the Hub's per-expert layout
@@ -13,6 +14,11 @@ files, one tensor at a time:
 * every other tensor is renamed by the same rules and placed on the device directly.
 
 Then tied weights are tied, and the model is offloaded with ``moecache.offload`` on the filled store.
+This path reads experts stored as stacked tensors, per-expert Hub keys included (every family but
+DBRX); DBRX keeps each expert as a block of rows of one flat tensor per layer, and is loaded with
+transformers on the CPU, then offloaded layer by layer (below). Only decoder-only models
+(``AutoModelForCausalLM``) are built; an encoder-decoder such as Switch Transformers is loaded with
+transformers and passed to ``moecache.offload``.
 The rule-reading helpers are transformers internals that change between releases; where they are
 missing or have another signature, loading falls back to transformers' own ``from_pretrained`` on
 the CPU followed by ``offload`` (which packs and releases one layer at a time, so host memory still
@@ -37,6 +43,15 @@ from .families import detect_family, find_moe_blocks, get_family
 from .runtime.hoststore import HostAllocator, HostStore
 from .runtime.layout import SlotLayout
 from .runtime.offload import OffloadHandle, check_supported, offload
+from .tensorfile import TensorFile
+
+
+#: Expert storages (``moecache.runtime.layout.STORAGES``) that the meta-build path reads from the files.
+_READ_STORAGES = ("stacked",)
+
+
+class _ReadElsewhere(Exception):
+    """The meta-build path cannot read this checkpoint's experts; transformers loads it instead."""
 
 
 @contextlib.contextmanager
@@ -145,6 +160,11 @@ def _build_meta_model(path: str, dtype: torch.dtype | None, experts_implementati
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{path}: {config.model_type} is an encoder-decoder model; moecache.from_pretrained builds decoder-only "
+            "models (AutoModelForCausalLM). Load it with transformers (e.g. AutoModelForSeq2SeqLM.from_pretrained) "
+            "and call moecache.offload(model, ...)")
     dt = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt)
@@ -159,14 +179,15 @@ def _build_meta_model(path: str, dtype: torch.dtype | None, experts_implementati
 def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None, family: str | None,
                    experts_implementation: str | None, pin: bool | None) -> tuple[nn.Module, HostStore]:
     """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store."""
-    from safetensors import safe_open
-
     model = _build_meta_model(path, dtype, experts_implementation)
     adapter = get_family(family) if family else detect_family(model)
     blocks = find_moe_blocks(model, adapter)
     check_supported(adapter, blocks)
     E = adapter.num_experts(model.config)
-    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name)
+    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name, adapter.layout)
+    if layout.storage not in _READ_STORAGES:
+        raise _ReadElsewhere(f"{adapter.name} stores its experts {layout.storage!r} (not read one expert at a time "
+                             "from the files here)")
     store = HostStore(layout, len(blocks), E, HostAllocator(pin))
     experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
     kinds = set(layout.names)
@@ -174,7 +195,8 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
 
     # Pass 1: where every checkpoint tensor goes.
     files = checkpoint_files(path)
-    handles = {f: safe_open(f, framework="pt", device="cpu") for f in files}
+    # Read by offset, not memory-mapped: mapped pages would stay resident next to the host store.
+    handles = {f: TensorFile(f) for f in files}
     per_expert: dict[tuple[str, int], dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
     stacked: list[tuple[str, str, str]] = []        # (file, key, target) of stacked expert tensors
     plain: list[tuple[str, str, str]] = []          # (file, key, target) of other tensors
@@ -216,9 +238,8 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     for f, key, target in stacked:
         module_path, _, name = target.rpartition(".")
         layer = experts_at[module_path]
-        sl = handles[f].get_slice(key)
         for e in range(E):
-            store.fill_expert(layer, e, name, sl[e])
+            store.fill_expert(layer, e, name, handles[f].get_row(key, e))
         filled[(layer, name)] += E
     missing = [f"{blocks[layer].name}.{adapter.experts_attr}.{name} ({n}/{E} experts)"
                for (layer, name), n in sorted(filled.items()) if n != E]
@@ -235,6 +256,8 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
         for k2, v2 in rules.convert(conv, target, tensors, model).items():
             if not _set_tensor(model, k2, v2, device):
                 unexpected.append(k2)
+    for h in handles.values():
+        h.close()
     handles.clear()
     if unexpected:
         warnings.warn(f"{path}: {len(unexpected)} checkpoint tensors match nothing in the model and were skipped: "
@@ -271,6 +294,12 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
                                       experts_implementation=experts_implementation, pin=pin)
+    except _ReadElsewhere as e:
+        warnings.warn(f"moecache.from_pretrained: {e}; loading with transformers on the CPU and offloading layer "
+                      "by layer instead")
+        return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
+                                      family=family, experts_implementation=experts_implementation, pin=pin,
+                                      **offload_kwargs)
     except (ImportError, AttributeError, TypeError) as e:
         warnings.warn(f"moecache.from_pretrained: this transformers release's conversion helpers differ ({e!r}); "
                       "loading with transformers on the CPU and offloading layer by layer instead")

@@ -1,0 +1,269 @@
+"""Benchmark: peak host memory of ``moecache.from_pretrained`` on a multi-GB checkpoint (goal: model
+size plus one layer).
+
+    python eval/from_pretrained_memory.py [--layers 4] [--device cuda] [--dir DIR] [--baseline] [--out FILE]
+    python eval/from_pretrained_memory.py --tiny      # CPU smoke test (seconds)
+
+1. Writes a Mixtral-8x7B-shape checkpoint (hidden 4096, 8 experts of 4096 x 14336, bf16) with
+   ``--layers`` decoder layers, in the Hub's per-expert layout (``...block_sparse_moe.experts.N.w1``):
+   the tensor names are those ``save_pretrained`` writes for a small model of the same family and depth
+   (saved first), scaled to the full dimensions; values are random, written shard by shard (2 GiB).
+2. Loads it in a fresh process with ``moecache.from_pretrained`` while a thread samples
+   ``/proc/self/status`` every 2 ms: peak resident memory in all (VmHWM), anonymous (the host store),
+   file-backed (mapped checkpoint pages) and shared. The reference figure is the checkpoint's bytes
+   plus one MoE layer's experts.
+3. ``--baseline``: the same for transformers' ``AutoModelForCausalLM.from_pretrained`` on the CPU.
+
+Writes one JSON object (machine, date, command, sizes, peaks, times) to ``--out`` atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FULL = {"hidden": 4096, "kv": 1024, "intermediate": 14336, "vocab": 32000}
+# Tiny dimensions, pairwise distinct, so every tiny shape maps to one full shape.
+TINY = {"hidden": 24, "kv": 12, "intermediate": 40, "vocab": 50}
+
+
+def mixtral_config(dims: dict[str, int], layers: int) -> Any:
+    from transformers import MixtralConfig
+
+    heads = 32 if dims["hidden"] == 4096 else 4
+    head_dim = dims["hidden"] // heads
+    return MixtralConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=dims["kv"] // head_dim, head_dim=head_dim, num_local_experts=8,
+                         num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,
+                         dtype="bfloat16")
+
+
+def write_checkpoint(path: str, layers: int, dims: dict[str, int], shard_bytes: int = 2 << 30) -> dict[str, Any]:
+    """The per-expert checkpoint at full ``dims``; returns its byte count and tensor names."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralForCausalLM
+
+    scale = {TINY[k]: dims[k] for k in TINY}
+    with tempfile.TemporaryDirectory() as tiny_dir:
+        tiny = MixtralForCausalLM(mixtral_config(TINY, layers)).to(torch.bfloat16)
+        tiny.save_pretrained(tiny_dir)
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in sorted(os.listdir(tiny_dir)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(tiny_dir, name), framework="pt") as f:
+                    for key in f.keys():
+                        shapes[key] = tuple(f.get_slice(key).get_shape())
+    os.makedirs(path, exist_ok=True)
+    mixtral_config(dims, layers).save_pretrained(path)
+    # Random values drawn on the GPU where there is one (the CPU takes minutes for 10 GB).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_size = total = 0
+    shards: list[list[str]] = []
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            files.append(name)
+            shards.append(list(shard))
+            shard, shard_size = {}, 0
+
+    for key in sorted(shapes):
+        full = tuple(scale.get(d, d) for d in shapes[key])
+        t = torch.empty(full, dtype=torch.bfloat16, device=dev)
+        t.normal_(0.0, 0.02, generator=gen) if "norm" not in key else t.fill_(1.0)
+        t = t.cpu()
+        nbytes = t.numel() * t.element_size()
+        if shard_size + nbytes > shard_bytes:
+            flush()
+        shard[key] = t
+        shard_size += nbytes
+        total += nbytes
+    flush()
+    for name, keys in zip(files, shards):
+        for key in keys:
+            weight_map[key] = name
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    expert_bytes = sum(n for k, n in ((k, _numel(shapes[k], scale) * 2) for k in shapes) if ".experts." in k)
+    return {"checkpoint_bytes": total, "expert_bytes": expert_bytes, "layer_expert_bytes": expert_bytes // layers,
+            "tensors": len(shapes), "shards": len(files)}
+
+
+def _numel(shape: tuple[int, ...], scale: dict[int, int]) -> int:
+    n = 1
+    for d in shape:
+        n *= scale.get(d, d)
+    return n
+
+
+class RssSampler:
+    """Peak VmRSS / RssAnon / RssFile / RssShmem of this process, sampled on a thread."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, period_s: float = 0.002):
+        self.period_s = period_s
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> dict[str, int]:
+        out: dict[str, int] = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in RssSampler.FIELDS or key == "VmHWM":
+                    out[key] = int(rest.split()[0]) * 1024
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, v in self.read().items():
+                if k in self.peak and v > self.peak[k]:
+                    self.peak[k] = v
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak["VmHWM"] = self.read()["VmHWM"]
+
+
+def load_child(path: str, how: str, device: str, gpu_memory: str) -> dict[str, Any]:
+    """Runs in a fresh process: load, sample memory, generate a few tokens."""
+    import torch
+
+    before = RssSampler.read()
+    import_t = time.perf_counter()
+    import moecache  # noqa: F401  (imports before the baseline reading is taken)
+    from transformers import AutoModelForCausalLM
+
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)  # CUDA context before the baseline reading
+    base = RssSampler.read()
+    t0 = time.perf_counter()
+    with RssSampler() as s:
+        if how == "moecache":
+            model = moecache.from_pretrained(path, gpu_memory=gpu_memory, device=device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        t1 = time.perf_counter()
+    x = torch.tensor([[1, 5, 9, 13]], device=next(model.parameters()).device if how != "moecache" else device)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=4, do_sample=False)
+    row: dict[str, Any] = {"how": how, "load_s": t1 - t0, "import_s": t0 - import_t, "rss_before_import": before["VmRSS"],
+                           "rss_baseline": base["VmRSS"], "peak": s.peak, "tokens": out[0].tolist()}
+    if how == "moecache":
+        st = model.moecache.stats()
+        row["stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
+    return row
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+                            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_kib"] = int(f.readline().split()[1])
+    except OSError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--gpu-memory", default="8GiB")
+    p.add_argument("--dir", help="checkpoint folder (default: a temporary folder, removed at the end)")
+    p.add_argument("--baseline", action="store_true", help="also load with transformers on the CPU")
+    p.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU smoke test)")
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--child", nargs=2, metavar=("PATH", "HOW"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(load_child(args.child[0], args.child[1], args.device, args.gpu_memory)))
+        return 0
+    dims = {"hidden": 64, "kv": 32, "intermediate": 160, "vocab": 128} if args.tiny else FULL
+    folder = args.dir or tempfile.mkdtemp(prefix="moecache_ckpt_")
+    result: dict[str, Any] = {"machine": machine(), "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+                              "layers": args.layers, "dims": dims, "device": args.device}
+    try:
+        t0 = time.perf_counter()
+        result["checkpoint"] = write_checkpoint(folder, args.layers, dims)
+        result["checkpoint"]["write_s"] = time.perf_counter() - t0
+        print(f"wrote {result['checkpoint']['checkpoint_bytes'] / 2**30:.2f} GiB in "
+              f"{result['checkpoint']['write_s']:.1f} s", file=sys.stderr)
+        runs = []
+        for how in ["moecache"] + (["transformers"] if args.baseline else []):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", folder, how, "--device", args.device,
+                   "--gpu-memory", args.gpu_memory]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            ck = result["checkpoint"]
+            row["peak_over_baseline"] = row["peak"]["VmHWM"] - row["rss_baseline"]
+            row["goal_bytes"] = ck["checkpoint_bytes"] + ck["layer_expert_bytes"]
+            row["peak_over_baseline_vs_goal"] = row["peak_over_baseline"] / row["goal_bytes"]
+            runs.append(row)
+            print(f"{how}: load {row['load_s']:.1f} s, peak RSS over baseline "
+                  f"{row['peak_over_baseline'] / 2**30:.2f} GiB (anon {row['peak']['RssAnon'] / 2**30:.2f}, "
+                  f"file {row['peak']['RssFile'] / 2**30:.2f}); goal {row['goal_bytes'] / 2**30:.2f} GiB",
+                  file=sys.stderr)
+        result["runs"] = runs
+    finally:
+        if not args.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from moecache.atomic import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
