@@ -18,6 +18,8 @@ torch::Tensor count_experts_cuda(const torch::Tensor& ids, int64_t num_experts);
 
 // csrc/sim_core.cpp: the simulator core (moecache._C.sim_replay).
 void register_sim_core(pybind11::module& m);
+// csrc/cpu_expert.cpp: the CPU expert kernel's thread pool (moecache._C.CpuExpertPool).
+void register_cpu_expert(pybind11::module& m);
 
 namespace {
 
@@ -85,4 +87,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_flags", &build_flags, "compiler flags the extension was built with");
   m.def("with_cuda", &with_cuda, "whether the CUDA sources were compiled in");
   register_sim_core(m);
+  register_cpu_expert(m);
 }

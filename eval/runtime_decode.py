@@ -27,65 +27,30 @@ so a crash keeps what finished).
 from __future__ import annotations
 
 import argparse
-import ast
-import csv
-import datetime
 import gc
-import glob
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # eval/_shapes.py
 
 from moecache.atomic import write_json_atomic  # noqa: E402
 from moecache.default_model import default_model, encode  # noqa: E402
-from moecache.loading import params_on_meta  # noqa: E402
 from moecache.replay import replay  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
-from moecache.runtime.hoststore import HostAllocator, HostStore  # noqa: E402
-from moecache.runtime.layout import SlotLayout  # noqa: E402
 
-TRACE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "routing", "deepseek-v2-lite-chat__moe-beyond")
+# The DeepSeek-V2-Lite builders are shared with eval/e2e_compare.py.
+from _shapes import (TRACE_DIR, build_deepseek, load_trace, machine, materialise_experts,  # noqa: E402,F401
+                     peak, peak_reset, release_experts, sync)
+
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
-
-
-def machine() -> dict[str, Any]:
-    import transformers
-
-    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "torch": torch.__version__, "transformers": transformers.__version__,
-                            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    from moecache._ext import extension_status
-
-    info["extension"] = extension_status()
-    return info
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def peak_reset(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def peak(dev: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
 
 
 # -- the default model ----------------------------------------------------------------------------
@@ -157,113 +122,6 @@ def bench_default(dev: torch.device, quick: bool, tokens: int, fraction: float, 
 
 
 # -- DeepSeek-V2-Lite shape -----------------------------------------------------------------------
-
-def deepseek_config(quick: bool) -> Any:
-    from transformers import DeepseekV2Config
-
-    common = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
-                  num_hidden_layers=27, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
-                  norm_topk_prob=False, max_position_embeddings=4096, tie_word_embeddings=False,
-                  q_lora_rank=None)
-    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2) if quick else \
-        dict(bos_token_id=100000, eos_token_id=100001, pad_token_id=100001)
-    common.update(ids)
-    if quick:
-        return DeepseekV2Config(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
-                                num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                                v_head_dim=8, vocab_size=1024, **common)
-    return DeepseekV2Config(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-                            num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,
-                            qk_rope_head_dim=64, v_head_dim=128, vocab_size=102400, **common)
-
-
-def load_trace(trace_dir: str, files: int) -> Any:
-    """The first ``files`` prompts of the DeepSeek trace, via the project's importer."""
-    paths = sorted(glob.glob(os.path.join(trace_dir, "training_data_eamc", "prompt_*_data.csv")),
-                   key=lambda p: int(os.path.basename(p).split("_")[1]))[:files]
-    if not paths:
-        raise SystemExit(f"no DeepSeek trace files under {trace_dir}")
-    try:
-        from moecache.trace.importers import read_sources
-
-        _src, traces, _defects = read_sources(paths)
-        return traces[0].trace()
-    except ImportError:
-        return _read_csv_fallback(paths)
-
-
-def _read_csv_fallback(paths: list[str]) -> Any:
-    """Only where moecache.trace.importers is absent: the documented CSV layout, read directly."""
-    from moecache.trace import RoutingBlock, Trace, TraceMeta
-
-    ids_all, seq_all = [], []
-    for s, path in enumerate(paths):
-        by_layer: dict[int, list[list[int]]] = {}
-        with open(path, newline="") as f:
-            for rec in csv.DictReader(f):
-                by_layer.setdefault(int(rec["Layer ID"]), []).append(ast.literal_eval(rec["Activated Expert IDs"]))
-        layers = sorted(by_layer)
-        ids = np.stack([np.asarray(by_layer[l]) for l in layers], axis=1)
-        ids_all.append(ids)
-        seq_all.append(np.full(len(ids), s))
-    meta = TraceMeta(num_experts=64, top_k=6, moe_layers=list(range(1, 27)), model="DeepSeek-V2-Lite-Chat")
-    ids = np.concatenate(ids_all).astype(np.int16)
-    return Trace(meta, RoutingBlock.build(ids, seq=np.concatenate(seq_all), phase=0))
-
-
-@torch.no_grad()
-def build_deepseek(quick: bool, dev: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, HostStore]:
-    """Meta build; non-experts random on ``dev``; experts random straight into a pinned host store."""
-    from transformers import AutoModelForCausalLM
-
-    from moecache.families import find_moe_blocks, get_family
-
-    config = deepseek_config(quick)
-    with params_on_meta():  # parameters on meta, buffers (rotary frequencies) computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    adapter = get_family("deepseek_v2")
-    blocks = find_moe_blocks(model, adapter)
-    E = config.n_routed_experts
-    expert_ids = {id(p) for b in blocks for p in b.experts.parameters()}
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None or id(p) in expert_ids or p.device.type != "meta":
-                continue
-            value = torch.empty(p.shape, dtype=dtype, device=dev)
-            if "norm" in name or name.endswith("layernorm.weight") or "norm" in type(mod).__name__.lower():
-                value.fill_(1.0)
-            else:
-                value.normal_(0.0, 0.02, generator=gen)
-            mod._parameters[name] = nn.Parameter(value, requires_grad=False)
-        for name, buf in list(mod._buffers.items()):
-            if buf is not None:
-                mod._buffers[name] = buf.to(dev)
-    layout = SlotLayout.from_module(blocks[0].experts, E)
-    store = HostStore(layout, len(blocks), E, HostAllocator())
-    store.fill_random(seed=seed + 1, std=0.02, device=dev)
-    return model, store
-
-
-@torch.no_grad()
-def materialise_experts(model: nn.Module, store: HostStore, dev: torch.device) -> None:
-    from moecache.families import find_moe_blocks, get_family
-
-    for i, b in enumerate(find_moe_blocks(model, get_family("deepseek_v2"))):
-        views = store.layer_views(i)
-        for name, view in views.items():
-            b.experts._parameters[name] = nn.Parameter(view.to(dev, copy=True), requires_grad=False)
-
-
-@torch.no_grad()
-def release_experts(model: nn.Module) -> None:
-    from moecache.families import find_moe_blocks, get_family
-
-    for b in find_moe_blocks(model, get_family("deepseek_v2")):
-        for name, p in list(b.experts._parameters.items()):
-            b.experts._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                       requires_grad=False)
-
 
 def bench_deepseek(dev: torch.device, quick: bool, sequences: int, tokens: int, fraction: float,
                    trace_dir: str, repeats: int, configs: set[str] | None = None) -> dict[str, Any]:

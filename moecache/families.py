@@ -1,8 +1,8 @@
 """The table of MoE family adapters: where each family keeps its MoE blocks, and how to read its routing.
 
 One ``FamilyAdapter`` per family, registered in ``FAMILIES``; one generic recorder
-(``moecache.trace.recorder``) and, later, one generic offloading patcher read it. Families differ
-only by the fields below, never by code paths of their own:
+(``moecache.trace.recorder``) and one generic offloading patcher (``moecache.runtime.offload``)
+read it. Families differ only by the fields below, never by code paths of their own:
 
 * where the MoE blocks are: ``<stack>.<layers_attr>.<N>.<block_path>``, a module that has an
   ``experts_attr`` child and a ``router_attr`` child (layers whose MLP lacks them are dense and
@@ -15,7 +15,8 @@ only by the fields below, never by code paths of their own:
   of shape ``(tokens, top_k)``, on the device, with no host synchronisation;
 * what the weights mean (``weights``: a function of the config returning a key of
   ``moecache.trace.WEIGHT_KINDS``);
-* how the experts store their parameters (``ExpertLayout``), for the offloading runtime.
+* how the experts store their parameters and which kernel runs them on the slot pool
+  (``ExpertLayout``), for the offloading runtime.
 
 Router return orders differ between transformers versions (GraniteMoE's router returned
 ``(index, weights, logits)`` in 5.17 and ``(logits, weights, index)`` in 5.24), so no capture reads
@@ -143,7 +144,12 @@ class ExpertLayout:
     * ``transposed``: weights are stored ``(in, out)`` instead of ``nn.Linear``'s ``(out, in)``;
     * ``bias``: the experts carry biases;
     * ``weights_applied``: ``"output"`` (each expert's output is multiplied by its weight) or
-      ``"input"`` (the token is multiplied by the weight before the expert, Llama 4).
+      ``"input"`` (the token is multiplied by the weight before the expert, Llama 4);
+    * ``kernel``: how the offloading runtime computes these experts on its slot pool, a name in
+      ``moecache.runtime.experts.EXPERT_KERNELS``: ``"transformers"`` (transformers' own experts
+      kernels, for classes built with ``use_experts_implementation``) or a family kernel that runs
+      the module's own math, in its own order, on the pool's views (``"llama4"``, ``"dbrx"``,
+      ``"switch"``).
     """
 
     storage: str
@@ -152,6 +158,7 @@ class ExpertLayout:
     transposed: bool = False
     bias: bool = False
     weights_applied: str = "output"
+    kernel: str = "transformers"
     notes: str = ""
 
 
@@ -362,7 +369,7 @@ register(FamilyAdapter(
     num_experts_key="num_local_experts", top_k_key="num_experts_per_tok", weights=_sigmoid,
     router_attr="router", capture="router_topk_sigmoid", shared_attrs=("shared_expert",),
     layout=ExpertLayout("stacked", ("gate_up_proj", "down_proj"), "fused", transposed=True,
-                        weights_applied="input",
+                        weights_applied="input", kernel="llama4",
                         notes="experts run on every expert's copy of the tokens, pre-multiplied by the scores"),
     weights_doc="sigmoid of the top-k router logits (the token is scaled before the expert)",
     notes="interleave_moe_layer_step / moe_layers pick the MoE layers; the others are dense"),
@@ -372,7 +379,7 @@ register(FamilyAdapter(
     name="dbrx", model_types=("dbrx",), layers_attr="blocks", block_path="ffn",
     num_experts_key="ffn_config.moe_num_experts", top_k_key="ffn_config.moe_top_k", weights=_dbrx_kind,
     router_attr="router",
-    layout=ExpertLayout("flat", ("mlp.w1", "mlp.v1", "mlp.w2"), "separate",
+    layout=ExpertLayout("flat", ("mlp.w1", "mlp.v1", "mlp.w2"), "separate", kernel="dbrx",
                         notes="w1 (gate) and v1 (up) rows are (out, in); w2's rows are used as (in, out)"),
     weights_doc="softmax, top-k, divided by the p-norm of the top-k (p = moe_normalize_expert_weights)"),
     "DBRX")
@@ -381,7 +388,7 @@ register(FamilyAdapter(
     name="switch_transformers", model_types=("switch_transformers",), layers_attr="block",
     block_path=r"layer\.\d+\.mlp", num_experts_key="num_experts", top_k_key=1, weights=_softmax,
     router_attr="router", capture="onehot_dispatch",
-    layout=ExpertLayout("modules", ("expert_{e}.wi.weight", "expert_{e}.wo.weight"), "none"),
+    layout=ExpertLayout("modules", ("expert_{e}.wi.weight", "expert_{e}.wo.weight"), "none", kernel="switch"),
     weights_doc="top-1 softmax probability; tokens over an expert's capacity are dropped (id -2)",
     notes="encoder-decoder: encoder layers come first, decoder layer i is model layer num_layers + i"),
     "Switch Transformers (top-1 with expert capacity; encoder-decoder)")

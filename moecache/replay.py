@@ -16,6 +16,19 @@ The router still runs, so its cost stays in the timing.
   marked prefill, at least one), then one decode call per remaining row, with a KV cache. A
   prefill-only trace therefore replays as a token-by-token decode stream (in a causal model a
   token's routing in a prefill pass equals its routing when decoded after the same prefix).
+* ``batch=b``: the sequences run ``b`` at a time, side by side, one batch row each, step by step
+  (teacher-forced): one prefill call of ``(b, p)`` tokens, then one decode call of ``(b, 1)`` per
+  step; batch row ``r`` at step ``t`` routes as its sequence's row ``t`` says. Rows of unequal
+  length are not padded: a group replays only its *common length*, the first ``min`` rows of its
+  sequences (after ``max_tokens``); the rows past it are not run and are counted in
+  ``ReplayResult.unreplayed_rows``. Without padding no attention mask is needed and every row of
+  every call is a real token. The default prefill is the smallest leading-prefill count of the
+  group's sequences (at least one). A last group with fewer than ``b`` sequences runs with as many
+  rows as it has (its calls have fewer rows; ``per_sequence`` records the rows of each group).
+  ``batch=1`` is the one-sequence-at-a-time replay above, unchanged.
+* ``time_limit_s``: stop a replay's decode steps once this much wall time has passed since the
+  replay began (checked on the host between decode calls, without a sync); the steps run so far
+  are counted and ``ReplayResult.truncated`` is set. For benchmarks that must stay under a budget.
 
 A trace whose expert count, top-k or MoE layer count differs from the model's is a ``ConfigError``.
 """
@@ -37,7 +50,12 @@ from .trace.schema import PHASE_PREFILL
 
 @dataclass
 class ReplayResult:
-    """Tokens and wall time of a replay (the GPU is synchronised at each sequence's phase ends)."""
+    """Tokens and wall time of a replay (the GPU is synchronised at each group's phase ends).
+
+    Tokens count every batch row: a decode step of ``b`` rows is ``b`` decode tokens and one decode
+    step. ``per_sequence`` has one entry per group of sequences run together (one sequence when
+    ``batch=1``): its first sequence id ``seq``, all of them ``seqs``, and per-row counts.
+    """
 
     sequences: int = 0
     prefill_tokens: int = 0
@@ -45,16 +63,23 @@ class ReplayResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     per_sequence: list[dict[str, Any]] = field(default_factory=list)
+    batch: int = 1
+    decode_steps: int = 0
+    unreplayed_rows: int = 0
+    truncated: bool = False
 
     @property
     def decode_tokens_per_s(self) -> float | None:
         return self.decode_tokens / self.decode_s if self.decode_s else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sequences": self.sequences, "prefill_tokens": self.prefill_tokens,
-                "decode_tokens": self.decode_tokens, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+        return {"sequences": self.sequences, "batch": self.batch, "prefill_tokens": self.prefill_tokens,
+                "decode_tokens": self.decode_tokens, "decode_steps": self.decode_steps,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
-                "ms_per_decode_token": 1e3 * self.decode_s / self.decode_tokens if self.decode_tokens else None}
+                "ms_per_decode_token": 1e3 * self.decode_s / self.decode_tokens if self.decode_tokens else None,
+                "ms_per_decode_step": 1e3 * self.decode_s / self.decode_steps if self.decode_steps else None,
+                "unreplayed_rows": self.unreplayed_rows, "truncated": self.truncated}
 
 
 class RoutingForcer:
@@ -70,8 +95,9 @@ class RoutingForcer:
         self._ids: torch.Tensor | None = None      # (tokens, layers, k) on the device
         self._w: torch.Tensor | None = None        # (tokens, layers, k), model dtype
         self._keep: torch.Tensor | None = None     # (tokens, layers) bool: keep the router's own choice
-        self._hooks = [getattr(b.block, adapter.experts_attr).register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                       for i, b in enumerate(self.blocks)]
+        # Prepended: pre-hooks registered earlier (moecache.record's) then see the forced routing.
+        self._hooks = [getattr(b.block, adapter.experts_attr).register_forward_pre_hook(
+            self._hook(i), with_kwargs=True, prepend=True) for i, b in enumerate(self.blocks)]
 
     def _hook(self, layer: int) -> Callable:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict):
@@ -130,80 +156,123 @@ def _sequences(trace: Any, sequences: int | Iterable[int] | None) -> list[int]:
     return wanted
 
 
+@dataclass
+class _Rows:
+    """One sequence's replayable rows: routing, weights, kept-routing mask, tokens, leading prefill count."""
+
+    ids: np.ndarray          # (n, layers, k) int64, missing/dropped ids replaced by 0
+    weights: np.ndarray      # (n, layers, k) float32
+    keep: np.ndarray         # (n, layers) bool: the trace has no id here, keep the router's own
+    tokens: np.ndarray       # (n,) int64 token ids within the vocabulary
+    leading_prefill: int     # rows at the start marked prefill (>= 1)
+
+
+def _sequence_rows(trace: Any, sid: int, max_tokens: int | None, k: int, vocab: int,
+                   trace_weights: np.ndarray | None) -> _Rows:
+    rows = np.nonzero(trace.seq == sid)[0]
+    if max_tokens is not None:
+        rows = rows[:max_tokens]
+    n = len(rows)
+    ids = trace.ids[rows].astype(np.int64)
+    if trace_weights is not None:
+        w = trace_weights[rows].astype(np.float32)
+        bad = np.isnan(w).any(axis=2, keepdims=True)
+        w = np.where(bad, 1.0 / k, w)
+    else:
+        w = np.full(ids.shape, 1.0 / k, np.float32)
+    keep = (ids < 0).any(axis=2)
+    ids = np.where(ids < 0, 0, ids)
+    tokens = trace.token[rows].astype(np.int64)
+    tokens = np.where(tokens < 0, 0, tokens % vocab)
+    not_prefill = trace.phase[rows] != PHASE_PREFILL
+    leading = int(np.argmax(not_prefill)) if not_prefill.any() else n
+    return _Rows(ids, w.astype(np.float32, copy=False), keep, tokens, max(1, leading))
+
+
 @torch.no_grad()
 def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | None = None,
            prefill: int | None = None, max_tokens: int | None = None, family: str | None = None,
-           progress: bool = False) -> ReplayResult:
+           progress: bool = False, batch: int = 1, time_limit_s: float | None = None) -> ReplayResult:
     """Run ``model`` over ``trace``'s sequences with the trace's routing (module docstring).
 
     ``sequences``: how many (the first n) or which sequence ids; ``max_tokens``: rows per sequence
-    at most; ``prefill``: rows fed in the first call (see above).
+    at most; ``prefill``: rows fed in the first call (see above); ``batch``: sequences run side by
+    side, one batch row each (common-length rule in the module docstring); ``time_limit_s``: stop
+    decoding after this much wall time.
     """
+    if int(batch) < 1:
+        raise ConfigError(f"batch must be >= 1 sequences side by side, got {batch}")
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise ConfigError(f"time_limit_s must be > 0 seconds, got {time_limit_s}")
+    batch = int(batch)
     L, E, k = check_trace_matches(trace, model, family)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     vocab = int(getattr(model.config, "vocab_size", 0) or getattr(model.config.get_text_config(), "vocab_size"))
     forcer = RoutingForcer(model, L, family)
     cache_arg = _cache_argument(model)
-    result = ReplayResult()
+    result = ReplayResult(batch=batch)
     trace_weights = trace.weights if trace.meta.has_weights else None
     seq_ids = _sequences(trace, sequences)
+    groups = [seq_ids[i:i + batch] for i in range(0, len(seq_ids), batch)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(seq_ids), desc="replay", unit="seq")
+    started = time.perf_counter()
     try:
-        for sid in seq_ids:
-            rows = np.nonzero(trace.seq == sid)[0]
-            if max_tokens is not None:
-                rows = rows[:max_tokens]
-            n = len(rows)
+        for group in groups:
+            if result.truncated:
+                break
+            parts = [_sequence_rows(trace, sid, max_tokens, k, vocab, trace_weights) for sid in group]
+            n = min(len(r.tokens) for r in parts)
+            result.unreplayed_rows += sum(len(r.tokens) - n for r in parts)
             if n == 0:
                 continue
-            ids = trace.ids[rows].astype(np.int64)
-            if trace_weights is not None:
-                w = trace_weights[rows].astype(np.float32)
-                bad = np.isnan(w).any(axis=2, keepdims=True)
-                w = np.where(bad, 1.0 / k, w)
-            else:
-                w = np.full(ids.shape, 1.0 / k, np.float32)
-            keep = (ids < 0).any(axis=2)
-            ids = np.where(ids < 0, 0, ids)
+            b = len(parts)
+            # (b, n, ...) stacked; a call over steps lo:hi feeds rows in (batch row, step) order,
+            # the order in which the model flattens (b, hi - lo) tokens before its MoE blocks.
+            ids = np.stack([r.ids[:n] for r in parts])
+            w = np.stack([r.weights[:n] for r in parts])
+            keep = np.stack([r.keep[:n] for r in parts])
             keep_mask = keep if keep.any() else None
-            tokens = trace.token[rows].astype(np.int64)
-            tokens = np.where(tokens < 0, 0, tokens % vocab)
-            if prefill is None:
-                leading = np.argmax(trace.phase[rows] != PHASE_PREFILL) if (trace.phase[rows] != PHASE_PREFILL).any() \
-                    else n
-                p = max(1, int(leading))
-            else:
-                p = max(1, min(int(prefill), n))
+            tok = torch.from_numpy(np.stack([r.tokens[:n] for r in parts])).to(device)
+            p = min(r.leading_prefill for r in parts) if prefill is None else int(prefill)
+            p = max(1, min(p, n))
             cache = _new_cache(model)
-            tok = torch.from_numpy(tokens).to(device)
 
             def step(lo: int, hi: int) -> None:
-                forcer.set_rows(ids[lo:hi], w[lo:hi], None if keep_mask is None else keep_mask[lo:hi], device, dtype)
-                model(input_ids=tok[lo:hi][None], use_cache=True, **{cache_arg: cache})
+                rows = b * (hi - lo)
+                forcer.set_rows(ids[:, lo:hi].reshape(rows, L, k), w[:, lo:hi].reshape(rows, L, k),
+                                None if keep_mask is None else keep_mask[:, lo:hi].reshape(rows, L),
+                                device, dtype)
+                model(input_ids=tok[:, lo:hi], use_cache=True, **{cache_arg: cache})
 
             _sync(device)
             t0 = time.perf_counter()
             step(0, p)
             _sync(device)
             t1 = time.perf_counter()
+            steps = 0
             for t in range(p, n):
+                if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+                    result.truncated = True
+                    break
                 step(t, t + 1)
+                steps += 1
             _sync(device)
             t2 = time.perf_counter()
-            result.sequences += 1
-            result.prefill_tokens += p
-            result.decode_tokens += n - p
+            result.sequences += b
+            result.prefill_tokens += b * p
+            result.decode_tokens += b * steps
+            result.decode_steps += steps
             result.prefill_s += t1 - t0
             result.decode_s += t2 - t1
-            result.per_sequence.append({"seq": sid, "prefill": p, "decode": n - p, "prefill_s": t1 - t0,
-                                        "decode_s": t2 - t1})
+            result.per_sequence.append({"seq": group[0], "seqs": list(group), "rows": b, "prefill": p,
+                                        "decode": steps, "prefill_s": t1 - t0, "decode_s": t2 - t1})
             if bar is not None:
-                bar.update(1)
+                bar.update(b)
     finally:
         forcer.clear()
         forcer.remove()

@@ -10,6 +10,9 @@ from moecache.families import (CAPTURES, FAMILIES, bytes_per_expert, detect_fami
                                get_family)
 from moecache.trace import WEIGHT_KINDS
 
+from moecache.runtime.experts import EXPERT_KERNELS
+from moecache.runtime.layout import STORAGES, SlotLayout
+
 from .tiny_models import EXPERTS, FAMILIES as TINY_FAMILIES, HIDDEN, INTERMEDIATE, tiny_model
 
 MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2], "llama4": [1, 3], "dbrx": [0, 1],
@@ -27,6 +30,7 @@ def test_table_is_consistent():
         assert a.layout.gate_up in ("fused", "interleaved", "separate", "none")
         assert a.layout.weights_applied in ("output", "input")
         assert CAPTURES.get(a.capture).target in ("experts", "router")
+        assert a.layout.kernel in EXPERT_KERNELS and a.layout.storage in STORAGES
 
 
 def test_unknown_family_name_lists_valid_ones():
@@ -72,6 +76,42 @@ def test_adapter_matches_the_built_model(family):
             assert b.experts.is_transposed == layout.transposed
             assert b.experts.has_bias == layout.bias
             assert b.experts.is_concatenated == (layout.gate_up == "fused")
+
+
+def _expert_weight(experts: torch.nn.Module, layout, name: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s weight ``name`` read straight from the module, per the family table's storage."""
+    if layout.storage == "modules":
+        return experts.get_parameter(name.format(e=e))
+    p = experts.get_parameter(name)
+    return p[e] if layout.storage == "stacked" else p.view(EXPERTS, -1, p.shape[1])[e]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_slot_layout_packs_releases_and_restores_every_storage(family):
+    model = tiny_model(family)
+    adapter = detect_family(model)
+    spec = adapter.layout
+    experts = find_moe_blocks(model, adapter)[0].experts
+    layout = SlotLayout.from_module(experts, EXPERTS, "experts", spec)
+    assert layout.storage == spec.storage
+    if spec.storage != "stacked":  # the table names every kind; stacked ones are found by shape
+        assert layout.names == spec.params
+    original = {(k.name, e): _expert_weight(experts, spec, k.name, e).detach().clone()
+                for k in layout.kinds for e in range(EXPERTS)}
+    assert all(tuple(original[(k.name, 0)].shape) == k.shape for k in layout.kinds)
+    buf = torch.full((EXPERTS, layout.slot_numel), float("nan"))
+    views = layout.views(buf)
+    layout.pack(experts, EXPERTS, views)
+    for (name, e), want in original.items():
+        assert torch.equal(views[name][e], want), (name, e)
+    refs = layout.param_refs(experts, EXPERTS)
+    assert len(refs) == len(layout.kinds) * (EXPERTS if spec.storage == "modules" else 1)
+    assert sum(r.param.numel() for r in refs) == sum(p.numel() for p in experts.parameters())
+    saved = layout.release(experts, EXPERTS)
+    assert all(p.device.type == "meta" for p in experts.parameters())
+    layout.restore(experts, EXPERTS, views, saved)
+    for (name, e), want in original.items():
+        assert torch.equal(_expert_weight(experts, spec, name, e), want), (name, e)
 
 
 def test_bytes_per_expert():

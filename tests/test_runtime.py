@@ -12,13 +12,12 @@ from moecache.errors import ConfigError, UnsupportedModelError
 from moecache.runtime import offload, parse_bytes
 from moecache.runtime.offload import WORKSPACE_BYTES
 
-from .tiny_models import tiny_model
+from .tiny_models import FAMILIES, tiny_model
 
-#: Families whose experts use transformers' experts interface (what the runtime patches).
-RUNTIME_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                    "phimoe", "granitemoe"]
-#: Families whose experts live outside that interface: offload says so.
-UNSUPPORTED_FAMILIES = ["llama4", "dbrx", "switch_transformers"]
+#: Every family the recorder knows runs under the runtime (Switch through its seq2seq generate).
+RUNTIME_FAMILIES = FAMILIES
+#: Families whose experts run through a family kernel of their own (moecache.runtime.experts).
+KERNEL_FAMILIES = ["llama4", "dbrx", "switch_transformers"]
 PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
 
 
@@ -72,7 +71,9 @@ def test_same_tokens_fp32_at_every_budget(family):
                                           ("deepseek_v3", ("grouped_mm", "batched_mm", "eager")),
                                           ("mixtral", ("grouped_mm",)), ("qwen2_moe", ("batched_mm",)),
                                           ("olmoe", ("eager",)), ("deepseek_v2", ("grouped_mm",)),
-                                          ("phimoe", ("batched_mm",)), ("granitemoe", ("grouped_mm",))])
+                                          ("phimoe", ("batched_mm",)), ("granitemoe", ("grouped_mm",)),
+                                          ("llama4", ("eager",)), ("dbrx", ("eager",)),
+                                          ("switch_transformers", ("eager",))])
 def test_bf16_logits_bit_identical_when_experts_fit(family, impls):
     for impl in impls:
         # Each budget with a prompt whose every call fits in it: 1 token at top-k slots, 2 at 2*top-k.
@@ -138,17 +139,28 @@ def test_stats_prefetch_and_request_boundaries():
     h.remove()
 
 
-def test_remove_restores_modules_and_weights():
-    m = tiny_model("deepseek_v3")
+def _hook_count(m: torch.nn.Module) -> int:
+    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+
+
+# One family per expert storage: stacked (transformers kernel), stacked (Llama 4 kernel, router hook),
+# flat (DBRX), one module per expert (Switch).
+@pytest.mark.parametrize("family,wrapper", [("deepseek_v3", "OffloadedExperts"), ("llama4", "OffloadedFamilyExperts"),
+                                            ("dbrx", "OffloadedFamilyExperts"),
+                                            ("switch_transformers", "OffloadedFamilyExperts")])
+def test_remove_restores_modules_and_weights(family, wrapper):
+    m = tiny_model(family)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     classes = {n: type(mod) for n, mod in m.named_modules()}
+    hooks = _hook_count(m)
     ref = _gen(m).sequences
     h = offload(m, cache_slots=3, device="cpu")
     assert m.moecache is h
-    assert any(type(mod).__name__ == "OffloadedExperts" for mod in m.modules())
+    assert any(type(mod).__name__ == wrapper for mod in m.modules())
     assert not any(".experts." in n for n, _ in m.named_parameters())
     h.remove()
     assert not hasattr(m, "moecache")
+    assert _hook_count(m) == hooks  # the call hooks and any router hooks are gone
     assert {n: type(mod) for n, mod in m.named_modules()} == classes
     after = dict(m.named_parameters())
     assert set(after) == set(before)
@@ -208,10 +220,27 @@ def test_parse_bytes():
         parse_bytes("six gigs")
 
 
-@pytest.mark.parametrize("family", UNSUPPORTED_FAMILIES)
-def test_unsupported_experts_classes_are_clear_errors(family):
-    m = tiny_model(family)
-    with pytest.raises(UnsupportedModelError, match="not supported by the offloading runtime"):
+def test_experts_classes_no_kernel_runs_are_clear_errors():
+    from moecache.families import detect_family, find_moe_blocks
+
+    # A family kernel mirrors one transformers class: a (hub or custom) subclass is refused, not guessed at.
+    m = tiny_model("llama4")
+    for b in find_moe_blocks(m, detect_family(m)):
+        b.experts.__class__ = type("HubLlama4Experts", (type(b.experts),), {})
+    with pytest.raises(UnsupportedModelError, match=r"not supported by the offloading runtime.*Llama4TextExperts"):
+        offload(m, cache_slots=4, device="cpu")
+
+    # The transformers kernel needs a class built with use_experts_implementation.
+    class PlainExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(8, 64, 32))
+            self.down_proj = torch.nn.Parameter(torch.zeros(8, 32, 32))
+
+    m = tiny_model("mixtral")
+    for layer in m.model.layers:
+        layer.mlp.experts = PlainExperts()
+    with pytest.raises(UnsupportedModelError, match="PlainExperts .* use_experts_implementation"):
         offload(m, cache_slots=4, device="cpu")
 
 
@@ -241,3 +270,123 @@ def test_offloading_twice_is_an_error():
     with pytest.raises(ConfigError, match="offloaded already"):
         offload(m, cache_slots=4, device="cpu")
     h.remove()
+
+
+# -- family kernels (Llama 4, DBRX, Switch) ------------------------------------------------------------
+
+@pytest.mark.parametrize("family,overrides", [("llama4", {}), ("dbrx", {}), ("switch_transformers", {}),
+                                              # top-4, as the real DBRX: the order of its sums shows in bf16
+                                              ("dbrx", {"ffn_config.moe_top_k": 4})])
+def test_family_kernels_bit_identical_at_every_budget(family, overrides):
+    # A family kernel adds expert by expert in the module's own order, also when the experts stream
+    # through the pool in rounds: bf16 logits are bit-identical at every budget, not only where they fit.
+    ref = _gen(tiny_model(family, **overrides).to(torch.bfloat16), 6, logits=True)
+    L, E, k = _moe_shape(tiny_model(family, **overrides))
+    for slots in (k, (L * E) // 2, L * E):
+        m = tiny_model(family, **overrides).to(torch.bfloat16)
+        h = offload(m, cache_slots=slots, device="cpu")
+        out = _gen(m, 6, logits=True)
+        s = h.stats()
+        h.remove()
+        assert torch.equal(out.sequences, ref.sequences), (family, slots)
+        for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+            assert torch.equal(a, b), (family, slots, step)
+        if slots == k:
+            assert s["round_calls"] > 0  # the 7-token prompt needs more experts per layer than the pool
+
+
+@pytest.mark.parametrize("engine", ["sync", "worker"])
+@pytest.mark.parametrize("family", KERNEL_FAMILIES)
+def test_family_kernels_with_prefetch_and_engines(family, engine):
+    from moecache._ext import extension
+
+    if engine == "worker" and extension() is None:
+        pytest.skip("moecache._C not built")
+    ref = _gen(tiny_model(family), 10).sequences
+    m = tiny_model(family)
+    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2)
+    out = _gen(m, 10).sequences
+    s = h.stats()
+    h.remove()
+    assert torch.equal(out, ref)
+    assert s["prefetch_issued"] > 0 and s["config"]["engine"] == engine
+
+
+def test_switch_dropped_tokens_take_no_expert():
+    from moecache.families import detect_family, find_moe_blocks
+
+    ref_m, m = tiny_model("switch_transformers"), tiny_model("switch_transformers")
+    adapter = detect_family(m)
+    ref_experts = find_moe_blocks(ref_m, adapter)[0].experts
+    h = offload(m, cache_slots=2, device="cpu")
+    experts = find_moe_blocks(m, adapter)[0].experts
+    # The experts' inputs as the sparse MLP passes them, with tokens 2, 5 and 7 dropped over capacity.
+    gen = torch.Generator().manual_seed(0)
+    T, E = 10, adapter.num_experts(m.config)
+    hidden = torch.randn(T, m.config.d_model, generator=gen)
+    ids = torch.randint(0, E, (T,), generator=gen)
+    mask = torch.nn.functional.one_hot(ids, E).reshape(T, 1, E)
+    mask[[2, 5, 7]] = 0
+    weights = torch.rand(T, 1, generator=gen)
+    with torch.no_grad():
+        want = ref_experts(hidden, mask, weights)
+        got = experts(hidden, mask, weights)
+    s = h.stats()
+    assert torch.equal(got, want)
+    assert (got[[2, 5, 7]] == 0).all() and (got.abs().sum(1) > 0).sum() == T - 3
+    kept = [i for i in range(T) if i not in (2, 5, 7)]
+    assert s["accesses"] == len(set(ids[kept].tolist()))  # a dropped token needs no expert
+    # Generate with padding, capacity counted per sequence: the same tokens as the unpatched model.
+    x = torch.tensor([[0] * 6 + [11, 12, 13, 14], list(range(21, 31))])
+    kw = dict(attention_mask=(x != 0).long(), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(m.generate(x, **kw), ref_m.generate(x, **kw))
+    h.remove()
+
+
+def test_llama4_experts_without_their_router_are_a_clear_error():
+    from moecache.families import detect_family, find_moe_blocks
+
+    m = tiny_model("llama4")
+    h = offload(m, cache_slots=4, device="cpu")
+    experts = find_moe_blocks(m, detect_family(m))[0].experts
+    with pytest.raises(RuntimeError, match="ran without its router"):
+        experts(torch.zeros(8 * 3, 32))
+    h.remove()
+
+
+def test_hybrid_execution_with_a_family_kernel_is_a_clear_error():
+    with pytest.raises(ConfigError, match="hybrid=False"):
+        offload(tiny_model("dbrx"), cache_slots=4, device="cpu", hybrid=True)
+
+
+@pytest.mark.parametrize("family,shard", [("llama4", "20KB"), ("dbrx", None)])
+def test_from_pretrained_round_trip(tmp_path, family, shard):
+    from transformers import AutoModelForCausalLM
+
+    from moecache.loading import checkpoint_files, from_pretrained
+
+    tiny_model(family).save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (len(checkpoint_files(str(tmp_path))) > 1) == (shard is not None)
+    ref = _gen(AutoModelForCausalLM.from_pretrained(tmp_path).eval()).sequences
+    if family == "dbrx":  # flat expert storage: transformers loads it, offload packs it layer by layer
+        with pytest.warns(UserWarning, match="dbrx stores its experts 'flat'"):
+            m = from_pretrained(tmp_path, cache_slots=4, device="cpu")
+    else:  # stacked experts: read from the files one expert at a time into the host store
+        m = from_pretrained(tmp_path, cache_slots=4, device="cpu")
+    h = m.moecache
+    assert h.runtime.pool.num_slots == 4
+    assert not any(p.device.type == "meta" for p in m.parameters())
+    out = _gen(m).sequences
+    s = h.stats()
+    h.remove()
+    assert torch.equal(out, ref)
+    assert s["misses"] > 0 and s["evictions"] > 0
+    assert torch.equal(_gen(m).sequences, ref)
+
+
+def test_from_pretrained_refuses_encoder_decoder_models_clearly(tmp_path):
+    from moecache.loading import from_pretrained
+
+    tiny_model("switch_transformers").save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder .* moecache.offload"):
+        from_pretrained(tmp_path, cache_slots=4, device="cpu")

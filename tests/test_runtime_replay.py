@@ -94,6 +94,86 @@ def test_a_trace_that_does_not_match_the_model_is_an_error():
             replay(m, tr)
 
 
+def _logits_hook(model, store: list):
+    return model.lm_head.register_forward_hook(lambda mod, args, out: store.append(out.detach().clone()))
+
+
+def test_batched_replay_feeds_each_row_its_sequence_routing_step_by_step():
+    m = tiny_model("qwen3_moe")
+    tr = _trace(3, 8, 2, rows=6, seqs=4, weights=True, seed=3)
+    h = offload(m, cache_slots=5, device="cpu")
+    seen = _recording(h)
+    res = replay(m, tr, prefill=2, batch=2)
+    assert (res.sequences, res.batch, res.decode_steps) == (4, 2, 8)
+    assert res.prefill_tokens == 2 * 2 * 2 and res.decode_tokens == 2 * 2 * 4
+    assert [g["seqs"] for g in res.per_sequence] == [[0, 1], [2, 3]]
+    for layer in range(3):
+        calls = [i.numpy() for i, _ in seen[layer]]
+        weights = [x.numpy() for _, x in seen[layer]]
+        # per group: one prefill call of 2 rows x 2 steps, then 4 decode calls of 2 rows
+        assert [c.shape[0] for c in calls] == [4, 2, 2, 2, 2] * 2
+        for g, (a, b) in enumerate(((0, 1), (2, 3))):
+            ra, rb = tr.ids[tr.seq == a, layer], tr.ids[tr.seq == b, layer]
+            wa, wb = tr.weights[tr.seq == a, layer], tr.weights[tr.seq == b, layer]
+            pre = calls[5 * g]
+            assert np.array_equal(pre, np.concatenate([ra[:2], rb[:2]]))  # (row, step) order
+            assert np.allclose(weights[5 * g], np.concatenate([wa[:2], wb[:2]]))
+            for t in range(2, 6):
+                assert np.array_equal(calls[5 * g + t - 1], np.stack([ra[t], rb[t]]))
+                assert np.allclose(weights[5 * g + t - 1], np.stack([wa[t], wb[t]]))
+    s = h.stats()
+    assert s["prefill_tokens"] == 8 and s["decode_tokens"] == 16 and s["misses"] > 0
+    h.remove()
+
+
+def test_batched_rows_match_one_sequence_at_a_time_and_the_recorder_sees_the_trace(tmp_path):
+    import moecache
+
+    m = tiny_model("mixtral")
+    tr = _trace(3, 8, 2, rows=7, seqs=2, weights=True, seed=5)
+    tr = tr.select(~((tr.seq == 1) & (tr.pos >= 5)))  # sequence 1 is 2 rows shorter: common length 5
+    alone: list = []
+    hk = _logits_hook(m, alone)
+    one = [replay(m, tr, sequences=[s], prefill=1) for s in (0, 1)]
+    hk.remove()
+    assert [r.decode_tokens for r in one] == [6, 4]
+    together: list = []
+    hk = _logits_hook(m, together)
+    with moecache.record(m, tmp_path / "rec") as rec:
+        res = replay(m, tr, prefill=1, batch=2)
+    hk.remove()
+    assert res.decode_steps == 4 and res.decode_tokens == 8 and res.unreplayed_rows == 2
+    # the same logits per row as running each sequence alone (its first 5 rows)
+    seq0 = torch.cat([x[0] for x in alone[:5]])
+    seq1 = torch.cat([x[0] for x in alone[7:12]])
+    batched = torch.cat(together, dim=1)
+    assert torch.allclose(batched[0], seq0, atol=1e-5) and torch.allclose(batched[1], seq1, atol=1e-5)
+    # the recorder sees the forced routing: one sequence per batch row, the trace's rows in order
+    got = rec.trace()
+    assert [int(s) for s in got.sequences()] == [0, 1]
+    for row, sid in enumerate((0, 1)):
+        assert np.array_equal(got.ids[got.seq == row], tr.ids[tr.seq == sid][:5])
+        assert np.allclose(got.weights[got.seq == row], tr.weights[tr.seq == sid][:5], atol=1e-6)
+
+
+def test_batch_one_is_the_sequence_by_sequence_replay_and_limits_are_checked():
+    m = tiny_model("qwen3_moe")
+    tr = _trace(3, 8, 2, rows=5, seqs=3)
+    res = replay(m, tr, prefill=1, batch=1, max_tokens=4)
+    assert [(g["seq"], g["rows"], g["prefill"], g["decode"]) for g in res.per_sequence] == [(0, 1, 1, 3), (1, 1, 1, 3),
+                                                                                          (2, 1, 1, 3)]
+    assert res.decode_tokens == res.decode_steps == 9 and res.unreplayed_rows == 0
+    # three sequences at batch 2: the last group runs with the one row it has
+    res = replay(m, tr, prefill=1, batch=2)
+    assert [g["rows"] for g in res.per_sequence] == [2, 1] and res.decode_tokens == 2 * 4 + 4
+    cut = replay(m, tr, prefill=1, time_limit_s=1e-9)
+    assert cut.truncated and cut.decode_tokens == 0 and cut.sequences == 1
+    with pytest.raises(ConfigError, match="batch must be >= 1"):
+        replay(m, tr, batch=0)
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        replay(m, tr, time_limit_s=0)
+
+
 def test_generate_command_checks_tokens_against_the_unpatched_model(tmp_path, capsys):
     from moecache.cli import main
 

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictor", default=None, help="prefetch predictor name (default: none)")
     p.add_argument("--prefetch-depth", type=int, default=1)
     p.add_argument("--engine", default="auto", help="copy engine: auto, worker, stream, sync")
+    p.add_argument("--hybrid", nargs="?", const="auto", default=None, metavar="RULE",
+                   help="run missed experts on the CPU too: auto (a cost model measured at start-up picks copy or "
+                        "CPU per miss; the default when the flag has no value), cpu (every miss on the CPU), copy "
+                        "(never); the kernel follows $MOECACHE_CPU_KERNEL")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: checkpoint's; default model: "
                                                     "bfloat16 on CUDA, float32 on the CPU)")
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = _budget(args)
     opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.engine,
-                device=device)
+                device=device, hybrid=args.hybrid or False)
     err = sys.stderr
     reference = None
     if args.model is None:

@@ -17,6 +17,14 @@ When a layer needs more experts than the pool holds (long prefills, big batches)
 in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed as a one-expert
 call into a contribution buffer, and the top-k contributions are summed once at the end, in
 (token, k) order as the kernels themselves sum them, so the result does not depend on the rounds.
+
+Hybrid execution (``hybrid``, ``moecache.runtime.hybrid``): after step 2 the hybrid rule decides
+each missed expert (copy, or run on the CPU). When none goes to the CPU the layer takes the path
+above unchanged. Otherwise (``_hybrid``) the CPU experts are launched first on the host thread pool
+(their rows copied to the host), every need is shown to the policy in key order (the CPU experts
+are not inserted), the GPU experts run pair by pair into the contribution buffer as in rounds, and
+the CPU results are waited for, copied back, weighted and put in their (token, k) places before the
+one sum over k.
 """
 
 from __future__ import annotations
@@ -63,8 +71,8 @@ class LayerInfo:
     name: str                 # qualified name of the MoE block
     block: nn.Module          # the MoE block (its ``experts`` child is replaced)
     original: nn.Module       # the original experts module (expert parameters released)
-    remap_shell: nn.Module    # shell on the pool views, slot ids
-    indexer_shell: nn.Module  # shell with SlotIndexer weights, expert ids
+    remap_shell: nn.Module | None    # shell on the pool views, slot ids (None under a family kernel)
+    indexer_shell: nn.Module | None  # shell with SlotIndexer weights, expert ids (None under a family kernel)
 
 
 class Runtime:
@@ -100,6 +108,8 @@ class Runtime:
         self._mode = "remap"
         self.rows = 1  # batch rows of the current model call (set by the call hook)
         self.tokens_per_row = 1
+        #: ``HybridExecutor`` when misses may run on the CPU (set by ``offload``), else None.
+        self.hybrid: Any = None
 
     # -- shells -------------------------------------------------------------------------------
     @staticmethod
@@ -120,7 +130,10 @@ class Runtime:
         self.rows, self.tokens_per_row = int(rows), int(tokens_per_row)
 
     # -- the per-layer path -------------------------------------------------------------------------
-    def run_layer(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run_layer(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                  call: Any = None) -> torch.Tensor:
+        """One MoE layer. ``call``: a family kernel's ``experts.LayerCall`` (Llama 4, DBRX, Switch), which
+        computes the layer expert by expert in its module's own order; ``hidden`` is then what predictors read."""
         t0 = time.perf_counter()
         # THE host sync of this MoE layer: choosing slots and victims needs the routing on the host.
         ids = idx.detach().cpu().numpy()
@@ -129,6 +142,8 @@ class Runtime:
         c.sync_s += t1 - t0
         c.layer_calls += 1
         experts, counts = _unique(ids)
+        if call is not None:  # tokens its routing marks as taking no expert (Switch's capacity drops)
+            experts, counts = call.routed(experts, counts)
         if experts and (experts[0] < 0 or experts[-1] >= self.E):
             raise ConfigError(f"MoE layer {li}: routing ids out of range 0..{self.E - 1} "
                               f"(min {experts[0]}, max {experts[-1]})")
@@ -137,7 +152,16 @@ class Runtime:
         self.policy.begin_layer(li)
         if self.pending:
             self._settle_prefetches(li, keys)
-        if len(keys) <= self.policy.capacity:
+        on_cpu = self._misses_on_cpu(keys, counts) if self.hybrid is not None and call is None else None
+        if call is not None:
+            t2 = time.perf_counter()
+            out = self._family_call(li, call, ids, experts, counts)
+            t3 = time.perf_counter()
+        elif on_cpu:
+            t2 = time.perf_counter()
+            out = self._hybrid(li, hidden, weights, ids, keys, counts, on_cpu)
+            t3 = time.perf_counter()
+        elif len(keys) <= self.policy.capacity:
             slots = self._acquire(keys, counts)
             t2 = time.perf_counter()
             out = self._kernel(li, hidden, idx, weights, ids)
@@ -152,9 +176,9 @@ class Runtime:
         c.host_s += (t2 - t1) + (time.perf_counter() - t3)
         return out
 
-    def _acquire(self, keys: list[int], counts: list[int]) -> list[int]:
+    def _acquire(self, keys: list[int], counts: list[int], accessed: bool = False) -> list[int]:
         """Make ``keys`` resident (demand) and have the compute stream wait for them; returns their
-        slots. Counts hits, misses and ready accesses."""
+        slots. Counts hits, misses and ready accesses. ``accessed``: the policy was already told."""
         c = self.counters
         protected = set(keys)
         slots: list[int] = []
@@ -163,7 +187,8 @@ class Runtime:
         copy_keys: list[int] = []
         ready = 0
         for key, n in zip(keys, counts):
-            self.policy.access(key, n)
+            if not accessed:
+                self.policy.access(key, n)
             s = int(self.slot_of[key])
             if s >= 0:
                 c.hits += 1
@@ -210,6 +235,8 @@ class Runtime:
         c.bytes_copied += len(slots) * self.pool.layout.slot_bytes
         if self.engine.sync_copies:
             self.ready_slots.update(slots)
+        if self.hybrid is not None:
+            self.hybrid.copies_issued(len(slots))
 
     def _evicted(self, key: int) -> None:
         s = int(self.slot_of[key])
@@ -253,14 +280,23 @@ class Runtime:
         """More experts than slots: stream them through the pool, ``capacity`` at a time."""
         self.counters.round_calls += 1
         tokens, k = ids.shape
+        contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
+        self._pairs_into(contrib, li, hidden, weights, ids, experts, counts)
+        # Summed once, over k in (token, k) order, as the backends sum weighted_out.view(T, k, H).
+        return contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _pairs_into(self, contrib: torch.Tensor, li: int, hidden: torch.Tensor, weights: torch.Tensor,
+                    ids: np.ndarray, experts: np.ndarray, counts: Any, accessed: bool = False) -> None:
+        """Every (token, k) pair routed to ``experts`` (on the pool, ``capacity`` at a time) as a
+        one-expert call; its weighted output goes to ``contrib[pair]``."""
+        k = ids.shape[1]
         flat = ids.reshape(-1)
         dev = hidden.device
-        contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=dev)
         w_flat = weights.reshape(-1)
         cap = self.policy.capacity
         for start in range(0, len(experts), cap):
             chunk = experts[start:start + cap]
-            slots = self._acquire((chunk + li * self.E).tolist(), counts[start:start + cap])
+            slots = self._acquire((chunk + li * self.E).tolist(), counts[start:start + cap], accessed)
             pairs = np.nonzero(np.isin(flat, chunk))[0]
             pairs_t = torch.from_numpy(pairs).to(dev, non_blocking=True)
             pair_ids = flat[pairs].reshape(-1, 1)
@@ -270,7 +306,50 @@ class Runtime:
                                w_flat[pairs_t].reshape(-1, 1), pair_ids)
             contrib[pairs_t] = out.to(contrib.dtype)
             self.engine.mark_used(slots)
-        # Summed once, over k in (token, k) order, as the backends sum weighted_out.view(T, k, H).
+
+    def _family_call(self, li: int, call: Any, ids: np.ndarray, experts: list[int], counts: list[int]
+                     ) -> torch.Tensor:
+        """A family kernel adds expert by expert in ascending ids, so when the experts do not all fit the
+        rounds are chunks of that order and the output is the same either way."""
+        cap = self.policy.capacity
+        if len(experts) > cap:
+            self.counters.round_calls += 1
+        for start in range(0, len(experts), cap):
+            chunk = experts[start:start + cap]
+            slots = self._acquire([li * self.E + e for e in chunk], counts[start:start + cap])
+            call.run(ids, chunk, slots)
+            self.engine.mark_used(slots)
+        return call.finish()
+
+    # -- hybrid CPU-GPU execution -------------------------------------------------------------------
+    def _misses_on_cpu(self, keys: list[int], counts: list[int]) -> set[int]:
+        """The hybrid rule's verdict on this layer's misses (ascending keys): the keys to run on the CPU."""
+        misses = [(key, n) for key, n in zip(keys, counts) if self.slot_of[key] < 0]
+        if not misses:
+            return set()
+        copy = self.hybrid.decide(misses)
+        return {key for (key, _n), cp in zip(misses, copy) if not cp}
+
+    def _hybrid(self, li: int, hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, keys: list[int],
+                counts: list[int], on_cpu: set[int]) -> torch.Tensor:
+        """A layer with CPU experts: CPU launched first, GPU experts meanwhile, merged in (token, k) order."""
+        c = self.counters
+        tokens, k = ids.shape
+        base = li * self.E
+        work = self.hybrid.launch(li, hidden, ids, [key - base for key in keys if key in on_cpu])
+        try:
+            for key, n in zip(keys, counts):  # every need in key order, as in the simulator
+                self.policy.access(key, n)
+            c.accesses += len(on_cpu)
+            c.misses += len(on_cpu)
+            contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
+            gpu = [(key - base, n) for key, n in zip(keys, counts) if key not in on_cpu]
+            if gpu:
+                self._pairs_into(contrib, li, hidden, weights, ids, np.asarray([e for e, _ in gpu], dtype=np.int64),
+                                 [n for _, n in gpu], accessed=True)
+        finally:  # the pool reads buffers the work holds: never leave it running
+            pairs_t, rows = self.hybrid.finish(work, weights, hidden.dtype)
+        contrib[pairs_t] = rows.to(contrib.dtype)
         return contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     # -- prefetch ---------------------------------------------------------------------------------
@@ -328,3 +407,5 @@ class Runtime:
     # -- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.close()
+        if self.hybrid is not None:
+            self.hybrid.close()

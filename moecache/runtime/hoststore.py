@@ -125,10 +125,8 @@ class HostStore:
     # -- filling ---------------------------------------------------------------------------------
     @torch.no_grad()
     def fill_layer(self, layer: int, experts: torch.nn.Module) -> None:
-        """Copy the stacked weights of ``experts`` (on any device) into this layer's rows."""
-        views = self.layer_views(layer)
-        for kind in self.layout.kinds:
-            views[kind.name].copy_(getattr(experts, kind.name).detach())
+        """Copy the expert weights of ``experts`` (on any device, in the layout's storage) into this layer's rows."""
+        self.layout.pack(experts, self.num_experts, self.layer_views(layer))
 
     @torch.no_grad()
     def fill_expert(self, layer: int, expert: int, name: str, value: torch.Tensor) -> None:

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import make_engine
-from .experts import OffloadedExperts
+from .experts import EXPERT_KERNELS
 from .hoststore import HostAllocator, HostStore
+from .hybrid import HybridConfig, make_hybrid
 from .layout import SlotLayout
 from .pool import SlotPool
 from .stats import format_summary, summarise
@@ -62,24 +63,12 @@ def _fmt(n: int) -> str:
 
 
 def check_supported(adapter: FamilyAdapter, blocks: list[MoeBlock]) -> None:
-    """The runtime runs transformers' experts kernels on stacked weights; say so for anything else."""
-    lay = adapter.layout
-    experts = blocks[0].experts
-    cls = type(experts).__name__
-    if not hasattr(experts, "has_gate") or lay.storage != "stacked" or lay.weights_applied != "output":
-        quant = any(not p.dtype.is_floating_point for p in experts.parameters())
-        why = ("its expert weights are quantised (" + ", ".join(sorted({str(p.dtype) for p in experts.parameters()}))
-               + "); load the model dequantised, e.g. in bf16") if quant else (
-            f"its experts store weights as {lay.storage!r} and apply routing weights to the {lay.weights_applied}, "
-            "outside transformers' experts interface (use_experts_implementation)")
-        raise UnsupportedModelError(
-            f"{adapter.name} experts class {cls} is not supported by the offloading runtime: {why}. Supported: "
-            "experts classes decorated with transformers' use_experts_implementation (Mixtral, Qwen2/3-MoE, "
-            "OLMoE, DeepSeek-V2/V3, GPT-OSS in bf16, Phi-3.5-MoE, Granite MoE)")
+    """The family's experts kernel (``ExpertLayout.kernel``) must be able to run its experts; it says why not."""
+    EXPERT_KERNELS.get(adapter.layout.kernel).check(blocks[0].experts, adapter.name)
 
 
-def _expert_params(blocks: list[MoeBlock], layout: SlotLayout) -> set[int]:
-    return {id(getattr(b.experts, k.name)) for b in blocks for k in layout.kinds}
+def _expert_params(blocks: list[MoeBlock], layout: SlotLayout, num_experts: int) -> set[int]:
+    return {id(r.param) for b in blocks for r in layout.param_refs(b.experts, num_experts, b.name)}
 
 
 def non_expert_bytes(model: nn.Module, expert_param_ids: set[int]) -> int:
@@ -162,7 +151,7 @@ def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, pa
 class _Saved:
     """What remove() needs to put an experts module back."""
 
-    params: dict[str, tuple[torch.Size, torch.dtype, torch.device, bool]]
+    params: list[tuple[torch.Size, torch.dtype, torch.device, bool]]  # per SlotLayout.param_refs
 
 
 class OffloadHandle:
@@ -233,6 +222,8 @@ class OffloadHandle:
         out = summarise(rt.counters, rt.engine.stall_seconds() - self._stall_base, self.config)
         out["engine_counters"] = rt.engine.counters()
         out["resident"] = int((rt.slot_of >= 0).sum())
+        if rt.hybrid is not None:
+            out.update(rt.hybrid.stats())
         if rt.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(rt.device)
             out["gpu_peak_allocated_bytes"] = int(peak)
@@ -248,6 +239,8 @@ class OffloadHandle:
         self._resolve_timing(block=True)
         self.runtime.counters.reset()
         self._stall_base = self.runtime.engine.stall_seconds()
+        if self.runtime.hybrid is not None:
+            self.runtime.hybrid.reset()
 
     @torch.no_grad()
     def remove(self, restore: bool = True) -> None:
@@ -262,13 +255,9 @@ class OffloadHandle:
             h.remove()
         rt.close()
         for layer, saved in zip(rt.layers, self._saved):
-            views = rt.store.layer_views(layer.index) if restore else {}
-            for name, (shape, dtype, device, requires_grad) in saved.params.items():
-                if not restore:
-                    continue
-                dev = torch.device("cpu") if device.type == "meta" else device
-                value = views[name].to(device=dev, dtype=dtype, copy=True).reshape(shape)
-                layer.original._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
+            if restore:
+                rt.store.layout.restore(layer.original, rt.store.num_experts, rt.store.layer_views(layer.index),
+                                        saved.params)
             setattr(layer.block, self.adapter.experts_attr, layer.original)
         rt.pool.close()
         if self.own_store:
@@ -305,7 +294,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             engine: str = "auto", family: str | None = None, policy_params: dict | None = None,
             predictor_params: dict | None = None, prefetch_width: int | None = None,
             min_prob: float = DEFAULT_MIN_PROB, pin: bool | None = None,
-            host_store: HostStore | None = None, own_store: bool = True) -> OffloadHandle:
+            host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes) or ``cache_slots``: the budget (module docstring).
@@ -319,27 +308,34 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     * ``host_store``: a ``HostStore`` already holding every expert (``from_pretrained`` and the
       benchmarks fill one straight from files or a generator); the experts modules' own weights are
       then not read (they may be on the meta device). ``own_store``: whether ``remove()`` frees it.
+    * ``hybrid``: False (every miss copied), True or "auto" (each miss copied or run on the CPU,
+      whichever a cost model measured at start-up says finishes first), "cpu" (every miss on the
+      CPU), "copy", or a ``HybridConfig`` (``moecache.runtime.hybrid``).
     """
+    hybrid_cfg = HybridConfig.resolve(hybrid)  # bad values fail before the model is touched
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
     adapter = get_family(family) if family else detect_family(model)
     blocks = find_moe_blocks(model, adapter)
     check_supported(adapter, blocks)
+    if hybrid_cfg is not None and adapter.layout.kernel != "transformers":
+        raise ConfigError(f"hybrid execution runs transformers' experts layout on the CPU; {adapter.name} experts run "
+                          f"through the {adapter.layout.kernel!r} kernel: offload it with hybrid=False")
     config = model.config
     E, k, L = adapter.num_experts(config), adapter.top_k(config), len(blocks)
-    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr)
+    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr, adapter.layout)
     for b in blocks[1:]:
-        layout.check_same(SlotLayout.from_module(b.experts, E, b.name), b.name)
+        layout.check_same(SlotLayout.from_module(b.experts, E, b.name, adapter.layout), b.name)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    expert_ids = _expert_params(blocks, layout)
+    expert_ids = _expert_params(blocks, layout, E)
     non_expert = non_expert_bytes(model, expert_ids)
     total = L * E
     slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
                                  slot_bytes=layout.slot_bytes, top_k=k, total=total)
     pol = _make_policy(policy, slots, L, E, k, dict(policy_params or {}))
-    on_meta = any(getattr(b.experts, kk.name).device.type == "meta" for b in blocks for kk in layout.kinds)
+    on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
     if on_meta and host_store is None:
         raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
                           "with moecache.from_pretrained(path, ...) instead")
@@ -353,15 +349,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     for i, b in enumerate(blocks):
         if host_store is None:
             store.fill_layer(i, b.experts)
-        info = {}
-        for kind in layout.kinds:
-            p = getattr(b.experts, kind.name)
-            info[kind.name] = (p.shape, p.dtype, p.device, p.requires_grad)
-            # Release: a shape-only stand-in keeps the module printable; the storage is freed.
-            b.experts._parameters[kind.name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                            requires_grad=False)
-        saved.append(_Saved(info))
-        del p
+        saved.append(_Saved(layout.release(b.experts, E)))  # meta stand-ins: the storage is freed
     pool = SlotPool(layout, slots, dev)
     copy_engine = make_engine(engine, store, pool)
     pred = _make_predictor(predictor, model, L, E, k, dict(predictor_params or {}))
@@ -370,12 +358,16 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                       predictor=pred,
                       config=config, num_experts=E, top_k=k, prefetch_depth=prefetch_depth,
                       prefetch_width=prefetch_width, min_prob=min_prob)
+    kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
+    kernel_hooks: list[Any] = []
     for i, b in enumerate(blocks):
         lut = runtime.slot_of[i * E:(i + 1) * E]  # a live view of this layer's rows
-        remap, indexer = Runtime.build_shells(b.experts, pool, lut, E)
-        rt_layers.append(LayerInfo(i, b.layer, b.name, b.block, b.experts, remap, indexer))
-        setattr(b.block, adapter.experts_attr, OffloadedExperts(runtime.run_layer, i, type(b.experts).__name__, E))
+        att = kernel.attach(runtime, i, b, adapter, lut)
+        rt_layers.append(LayerInfo(i, b.layer, b.name, b.block, b.experts, att.remap_shell, att.indexer_shell))
+        setattr(b.block, adapter.experts_attr, att.module)
+        kernel_hooks.extend(att.hooks)
     model.to(dev)  # the non-expert weights (the wrappers own no parameters)
+    runtime.hybrid = make_hybrid(hybrid_cfg, runtime)
 
     cfg = {
         "family": adapter.name, "device": str(dev), "engine": copy_engine.name, "policy": pol.describe(),
@@ -385,6 +377,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
         "gpu_nonexpert_bytes": non_expert, "workspace_bytes": WORKSPACE_BYTES,
         "host_store_bytes": store.nbytes, "host_pinned": store.pinned,
         "experts_implementation": getattr(config, "_experts_implementation", None),
+        "hybrid": None if runtime.hybrid is None else runtime.hybrid.describe(),
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
     handle.own_store = own_store or host_store is None
@@ -401,7 +394,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
         return output
 
     handle._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                     model.register_forward_hook(post, with_kwargs=True)]
+                     model.register_forward_hook(post, with_kwargs=True)] + kernel_hooks
     setattr(model, HANDLE_ATTR, handle)
     return handle
 

@@ -18,6 +18,13 @@ Definitions (one *access* = one expert needed by one MoE layer forward, however 
   waits and the expert kernels; ``host_ms_per_layer`` divides it by the MoE layer calls.
 * prefill/decode: a model call with more than one token per row is prefill, one token per row is
   decode; ``ttft_s`` is the duration of the latest request's prefill call (time to first token).
+* hybrid execution (``offload(..., hybrid=...)``, ``moecache.runtime.hybrid``): ``decisions`` counts
+  the misses the hybrid rule sent to the copy engine (``copy``) and to the CPU (``cpu``);
+  ``cpu_experts`` the expert runs on the CPU (= ``decisions["cpu"]``; each is also a miss),
+  ``cpu_tokens`` the (token, k) rows they computed, ``cpu_ms`` the CPU kernel's own time and
+  ``cpu_wait_ms`` the host time blocked waiting for it after the GPU work was enqueued;
+  ``cpu_kernel`` is ``avx512``, ``avx2``, ``portable`` (the C++ pool) or ``torch``, and
+  ``cpu_kernel_experts`` the experts that kernel reports having run.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ class RuntimeCounters:
     decode_tokens: int = 0
     decode_s: float = 0.0
     ttft_s: float | None = None
+    decide_copy: int = 0
+    decide_cpu: int = 0
+    cpu_experts: int = 0
+    cpu_tokens: int = 0
+    cpu_ms: float = 0.0
+    cpu_wait_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -77,6 +90,8 @@ def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dic
         "prefill_tokens_per_s": _ratio(c.prefill_tokens, c.prefill_s),
         "decode_tokens": c.decode_tokens, "decode_s": c.decode_s,
         "decode_tokens_per_s": _ratio(c.decode_tokens, c.decode_s),
+        "decisions": {"copy": c.decide_copy, "cpu": c.decide_cpu}, "cpu_experts": c.cpu_experts,
+        "cpu_tokens": c.cpu_tokens, "cpu_ms": c.cpu_ms, "cpu_wait_ms": c.cpu_wait_s * 1e3,
     }
     out.update(c.extra)
     out["config"] = dict(config)
@@ -102,6 +117,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{pct(s['prefetch_precision'])}  cancelled {s['prefetch_cancelled']}",
         f"copied {s['bytes_copied'] / 2**20:.1f} MiB in {s['copies']} copies, stall {s['stall_s'] * 1e3:.1f} ms, "
         f"runtime host overhead {num(s['host_ms_per_layer'], '.3f')} ms per MoE layer",
+    ]
+    if s.get("cpu_kernel") is not None:
+        d = s.get("decisions", {})
+        lines.append(f"hybrid {s.get('hybrid_rule')}: misses copied {d.get('copy', 0)}, on the CPU {d.get('cpu', 0)} "
+                     f"({s['cpu_kernel']} kernel, {s['cpu_ms']:.1f} ms, waited {s['cpu_wait_ms']:.1f} ms)")
+    lines += [
         f"time to first token {num(s['ttft_s'] * 1e3 if s['ttft_s'] is not None else None)} ms, "
         f"prefill {num(s['prefill_tokens_per_s'])} tokens/s, decode {num(s['decode_tokens_per_s'])} tokens/s",
     ]

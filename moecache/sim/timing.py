@@ -110,14 +110,22 @@ _register(MissRule("policy", True, True, lambda tl, t, cp, g, c, adm: adm),
           "copy and cache what the policy admits, run what it declines on the CPU")
 
 
+def choose_copy(t: float, copy_free: float, cpu_free: float, copy_ms: float, gpu_ms: float, cpu_ms: float) -> bool:
+    """The hybrid decision for one missed expert: True = copy it (and compute on the GPU), False = run
+    it on the CPU. Finish times given the queues now (free at ``copy_free`` and ``cpu_free``): copy
+    path = copy end + GPU compute; CPU path = CPU end. Ties go to the copy (it also caches the expert).
+
+    The one rule shared by the simulator's ``min`` miss rule and the runtime's ``auto`` hybrid rule
+    (``moecache.runtime.hybrid``), so estimates and measurements use the same decisions."""
+    copy_done = (t if t > copy_free else copy_free) + copy_ms + gpu_ms
+    cpu_done = (t if t > cpu_free else cpu_free) + cpu_ms
+    return not cpu_done < copy_done
+
+
 def _min_rule(tl: Timeline, t: float, copy_ms: float, gpu_ms: float, cpu_ms: float, admitted: bool) -> bool:
-    # Finish times given the queues right now: copy path = copy end + GPU compute; CPU path = CPU
-    # end. Ties go to the copy (it also caches the expert).
     if not admitted:
         return False
-    copy_done = (t if t > tl.copy else tl.copy) + copy_ms + gpu_ms
-    cpu_done = (t if t > tl.cpu else tl.cpu) + cpu_ms
-    return not cpu_done < copy_done
+    return choose_copy(t, tl.copy, tl.cpu, copy_ms, gpu_ms, cpu_ms)
 
 
 _register(MissRule("min", True, True, _min_rule),

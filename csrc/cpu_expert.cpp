@@ -1,0 +1,591 @@
+// moecache._C.CpuExpertPool: a missed expert's gated FFN computed on the host, from its host weights.
+//
+//   out[p] = down · ( silu(gate · x[p]) * (up · x[p]) )       for every token row p of the job
+//
+// The weights are read in place from the host store (moecache/runtime/hoststore.py): gate_up is the
+// (2I, H) row-major block [gate rows; up rows] and down the (H, I) one, the layout transformers'
+// concatenated, non-transposed SwiGLU experts use (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, PhiMoE,
+// Granite). Weights are bf16 or fp32, inputs and outputs fp32, every sum accumulates in fp32. The
+// Python side (moecache/runtime/hybrid.py) checks the layout and keeps every buffer alive until
+// wait() returns; its torch formula is the specification the tests compare against.
+//
+// Threads: a persistent pool of N workers (the caller picks N = cores - 1, keeping a core for the
+// thread that launches GPU work). A submitted task runs on all N workers: phase 1 splits the rows of
+// I (each worker streams its own chunks of gate and up rows), a barrier, phase 2 splits the rows of
+// H (down). At batch 1 this is memory bound, so spreading one expert over every core is what makes
+// it fast. Chunks are taken from an atomic counter, so a worker slowed by copies running at the same
+// time takes fewer. Each output element is one dot product by one worker in a fixed order, so the
+// result does not depend on the thread count or the scheduling.
+//
+// Kernels: AVX-512F, AVX2+FMA and portable scalar C++, chosen once at construction from what the
+// CPU reports (__builtin_cpu_supports, which also checks the OS saves the vector state), so a CPU
+// without the instructions gets the portable path and never executes them. The vector paths are
+// compiled with per-function target attributes: the rest of the extension keeps the baseline ISA.
+// MOECACHE_CPU_KERNEL=portable (read in Python, passed as `kernel`) forces the portable path.
+//
+// The GIL is released in submit/wait/read; workers never touch Python.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+// GCC's intrinsics headers build "undefined" vectors as `__m256d __Y = __Y;`, which -Wall reports
+// as uninitialised in every instantiation; nothing uninitialised is read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define MOECACHE_X86 1
+#define MC_AVX512 __attribute__((target("avx512f")))
+#define MC_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace moecache_cpu {
+
+enum Isa : int { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+const char* const ISA_NAMES[] = {"portable", "avx2", "avx512"};
+constexpr int MAX_TB = 4;  // token rows per dot-product block (accumulators stay in registers)
+// Software prefetch distance along a weight row, in bytes. The hardware streamer restarts at every
+// 4 KiB page and one core keeps few misses in flight; prefetching 2 KiB ahead raised the kernel's
+// single-thread bandwidth from ~0.7 to ~0.95 of a plain streaming read (Mixtral expert, bf16).
+constexpr int64_t PREFETCH_BYTES = 2048;
+
+// out[t] = sum_i w[i] * x[t * xs + i] for t < TB; w is bf16 (raw uint16) or fp32.
+using DotsFn = void (*)(const void* w, const float* x, int64_t xs, int64_t n, float* out);
+
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <bool BF16>
+inline float w_at(const void* w, int64_t i) {
+  if constexpr (BF16) {
+    return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  } else {
+    return static_cast<const float*>(w)[i];
+  }
+}
+
+// ---- portable --------------------------------------------------------------------------------
+template <int TB, bool BF16>
+void dots_portable(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
+  float acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float wv = w_at<BF16>(w, i);
+    for (int t = 0; t < TB; ++t) acc[t] += wv * x[t * xs + i];
+  }
+  for (int t = 0; t < TB; ++t) out[t] = acc[t];
+}
+
+float sum_portable(const float* p, int64_t n) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a0 += p[i];
+    a1 += p[i + 1];
+    a2 += p[i + 2];
+    a3 += p[i + 3];
+  }
+  for (; i < n; ++i) a0 += p[i];
+  return (a0 + a1) + (a2 + a3);
+}
+
+#ifdef MOECACHE_X86
+// The cache lines PREFETCH_BYTES past element i of a row that one 32-element step reads (one line
+// in bf16, two in fp32). Past the row's end it touches the next row or nothing: a prefetch never faults.
+template <bool BF16>
+inline void prefetch_ahead(const void* w, int64_t i) {
+  const char* p = static_cast<const char*>(w) + i * (BF16 ? 2 : 4) + PREFETCH_BYTES;
+  _mm_prefetch(p, _MM_HINT_T0);
+  if constexpr (!BF16) _mm_prefetch(p + 64, _MM_HINT_T0);
+}
+
+// ---- AVX2 + FMA ------------------------------------------------------------------------------
+template <bool BF16>
+MC_AVX2 inline __m256 load8(const void* w, int64_t i) {
+  if constexpr (BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  }
+}
+
+MC_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+template <int TB, bool BF16>
+MC_AVX2 void dots_avx2(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
+  __m256 a0[TB], a1[TB];
+  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 w0 = load8<BF16>(w, i), w1 = load8<BF16>(w, i + 8);
+    prefetch_ahead<BF16>(w, i);
+    for (int t = 0; t < TB; ++t) {
+      a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * xs + i), a0[t]);
+      a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * xs + i + 8), a1[t]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w0 = load8<BF16>(w, i);
+    for (int t = 0; t < TB; ++t) a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * xs + i), a0[t]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    float s = hsum8(_mm256_add_ps(a0[t], a1[t]));
+    for (int64_t j = i; j < n; ++j) s += w_at<BF16>(w, j) * x[t * xs + j];
+    out[t] = s;
+  }
+}
+
+MC_AVX2 float sum_avx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// ---- AVX-512F --------------------------------------------------------------------------------
+template <bool BF16>
+MC_AVX512 inline __m512 load16(const void* w, int64_t i) {
+  if constexpr (BF16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+  }
+}
+
+template <int TB, bool BF16>
+MC_AVX512 void dots_avx512(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
+  __m512 a0[TB], a1[TB];
+  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 w0 = load16<BF16>(w, i), w1 = load16<BF16>(w, i + 16);
+    prefetch_ahead<BF16>(w, i);
+    for (int t = 0; t < TB; ++t) {
+      a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * xs + i), a0[t]);
+      a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * xs + i + 16), a1[t]);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 w0 = load16<BF16>(w, i);
+    for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * xs + i), a0[t]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+    for (int64_t j = i; j < n; ++j) s += w_at<BF16>(w, j) * x[t * xs + j];
+    out[t] = s;
+  }
+}
+
+MC_AVX512 float sum_avx512(const float* p, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+#endif  // MOECACHE_X86
+
+struct Features {
+  bool avx2 = false, fma = false, avx512f = false;
+};
+
+Features cpu_features() {
+  Features f;
+#ifdef MOECACHE_X86
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+#endif
+  return f;
+}
+
+// The kernel to run for a request ("auto", "portable", "avx2", "avx512") on a CPU with features `f`:
+// the requested one where the CPU has it, else the best one below it that it has.
+Isa choose_isa(const std::string& requested, const Features& f) {
+  const Isa best = f.avx512f ? AVX512 : (f.avx2 && f.fma ? AVX2 : PORTABLE);
+  if (requested == "auto" || requested.empty()) return best;
+  if (requested == "portable") return PORTABLE;
+  if (requested == "avx2") return best >= AVX2 ? AVX2 : PORTABLE;
+  if (requested == "avx512") return best;
+  throw std::invalid_argument("unknown CPU kernel '" + requested + "'; valid: auto, portable, avx2, avx512");
+}
+
+struct Kernels {
+  DotsFn dots[2][MAX_TB];  // [bf16][tokens - 1]
+  float (*sum)(const float*, int64_t);
+};
+
+Kernels kernels_for(Isa isa) {
+  Kernels k{};
+#define MC_FILL(NAME)                                                                   \
+  k.dots[0][0] = NAME<1, false>, k.dots[0][1] = NAME<2, false>, k.dots[0][2] = NAME<3, false>, \
+  k.dots[0][3] = NAME<4, false>, k.dots[1][0] = NAME<1, true>, k.dots[1][1] = NAME<2, true>,   \
+  k.dots[1][2] = NAME<3, true>, k.dots[1][3] = NAME<4, true>
+  switch (isa) {
+#ifdef MOECACHE_X86
+    case AVX512:
+      MC_FILL(dots_avx512);
+      k.sum = sum_avx512;
+      return k;
+    case AVX2:
+      MC_FILL(dots_avx2);
+      k.sum = sum_avx2;
+      return k;
+#endif
+    default:
+      MC_FILL(dots_portable);
+      k.sum = sum_portable;
+      return k;
+  }
+#undef MC_FILL
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// One expert of a task: `tokens` rows of x (tokens, H) -> out (tokens, H); act is its (tokens, I) scratch.
+struct Job {
+  const float* x;
+  int64_t tokens;
+  const void* gate_up;
+  const void* down;
+  float* out;
+  std::vector<float> act;
+  int64_t first1 = 0, first2 = 0;  // index of its first work item in phase 1 / phase 2
+};
+
+struct Task {
+  bool read = false;  // a bandwidth probe: sum `buf` (n floats) instead of experts
+  std::vector<Job> jobs;
+  int64_t H = 0, I = 0;
+  bool bf16 = false;
+  int64_t rows1 = 1, rows2 = 1;        // rows per work item in phase 1 (of I) and phase 2 (of H)
+  int64_t items1 = 0, items2 = 0;
+  const float* buf = nullptr;
+  int64_t n = 0, chunk = 0;
+  std::vector<float> partial;          // per item (read tasks)
+  std::atomic<int64_t> next1{0}, next2{0};
+  std::atomic<int> arrived{0}, finished{0};
+  std::chrono::steady_clock::time_point t0;
+  double ms = 0.0;
+  bool done = false;
+};
+
+class CpuExpertPool {
+ public:
+  CpuExpertPool(int64_t threads, const std::string& kernel)
+      : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)) {
+    if (threads < 1) {
+      const int64_t hw = static_cast<int64_t>(std::thread::hardware_concurrency());
+      threads = std::max<int64_t>(1, hw - 1);
+    }
+    nthreads_ = static_cast<int>(threads);
+    for (int i = 0; i < nthreads_; ++i) workers_.emplace_back([this] { work(); });
+  }
+
+  ~CpuExpertPool() { close(); }
+
+  // Queue one task of experts sharing (hidden, inter, weight dtype); returns its ticket. The buffers
+  // are addresses (see the header): x[j] (tokens[j], H) fp32, gate_up[j] (2I, H), down[j] (H, I),
+  // out[j] (tokens[j], H) fp32. wtype: 0 = fp32, 1 = bf16.
+  int64_t submit(int64_t hidden, int64_t inter, int64_t wtype, const std::vector<int64_t>& x,
+                 const std::vector<int64_t>& tokens, const std::vector<int64_t>& gate_up,
+                 const std::vector<int64_t>& down, const std::vector<int64_t>& out) {
+    if (hidden < 1 || inter < 1) throw std::invalid_argument("hidden and intermediate sizes must be >= 1");
+    if (wtype != 0 && wtype != 1) throw std::invalid_argument("wtype must be 0 (fp32) or 1 (bf16)");
+    const size_t n = x.size();
+    if (tokens.size() != n || gate_up.size() != n || down.size() != n || out.size() != n)
+      throw std::invalid_argument("x, tokens, gate_up, down and out differ in length");
+    auto t = std::make_shared<Task>();
+    t->H = hidden;
+    t->I = inter;
+    t->bf16 = wtype == 1;
+    const int64_t wbytes = t->bf16 ? 2 : 4;
+    // ~32 KiB of weights per work item: long sequential streams, enough items to balance.
+    t->rows1 = std::max<int64_t>(1, (32 << 10) / (2 * hidden * wbytes));
+    t->rows2 = std::max<int64_t>(1, (32 << 10) / (inter * wbytes));
+    const int64_t c1 = (inter + t->rows1 - 1) / t->rows1, c2 = (hidden + t->rows2 - 1) / t->rows2;
+    t->jobs.resize(n);
+    for (size_t j = 0; j < n; ++j) {
+      if (tokens[j] < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
+      Job& jb = t->jobs[j];
+      jb.x = reinterpret_cast<const float*>(x[j]);
+      jb.tokens = tokens[j];
+      jb.gate_up = reinterpret_cast<const void*>(gate_up[j]);
+      jb.down = reinterpret_cast<const void*>(down[j]);
+      jb.out = reinterpret_cast<float*>(out[j]);
+      jb.act.assign(static_cast<size_t>(tokens[j] * inter), 0.f);
+      jb.first1 = t->items1;
+      jb.first2 = t->items2;
+      t->items1 += c1;
+      t->items2 += c2;
+    }
+    return enqueue(t);
+  }
+
+  // Block (GIL released) until task `ticket` finished; returns its wall time in ms.
+  double wait(int64_t ticket) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = tickets_.find(ticket);
+    if (it == tickets_.end()) throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
+    auto t = it->second;
+    cv_done_.wait(lock, [&] { return t->done; });
+    tickets_.erase(ticket);
+    return t->ms;
+  }
+
+  bool ready(int64_t ticket) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = tickets_.find(ticket);
+    if (it == tickets_.end()) throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
+    return it->second->done;
+  }
+
+  // Multi-threaded read of `nbytes` at `addr` (fp32 sum, so nothing is optimised away) with the
+  // pool's workers and kernel: (ms, checksum). The host read bandwidth the FFN kernel is compared to.
+  std::tuple<double, double> read(int64_t addr, int64_t nbytes) {
+    auto t = std::make_shared<Task>();
+    t->read = true;
+    t->buf = reinterpret_cast<const float*>(addr);
+    t->n = nbytes / static_cast<int64_t>(sizeof(float));
+    t->chunk = (1 << 20) / sizeof(float);  // 1 MiB per item
+    t->items1 = (t->n + t->chunk - 1) / t->chunk;
+    t->partial.assign(static_cast<size_t>(t->items1), 0.f);
+    const double ms = wait(enqueue(t));
+    double s = 0.0;
+    for (float v : t->partial) s += v;
+    return std::make_tuple(ms, s);
+  }
+
+  // [tasks, experts, token rows] run so far, and their summed wall time in ms.
+  std::tuple<int64_t, int64_t, int64_t, double> counters() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::make_tuple(tasks_run_, experts_run_, tokens_run_, busy_ms_);
+  }
+
+  std::string kernel() const { return ISA_NAMES[isa_]; }
+  int64_t threads() const { return nthreads_; }
+
+  // Finish queued tasks, stop the workers. Idempotent.
+  void close() {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (closed_) return;
+      closed_ = true;
+      cv_done_.wait(lock, [&] { return !active_ && queue_.empty(); });
+      stop_ = true;
+    }
+    cv_work_.notify_all();
+    for (auto& w : workers_)
+      if (w.joinable()) w.join();
+    workers_.clear();
+  }
+
+ private:
+  int64_t enqueue(const std::shared_ptr<Task>& t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) throw std::runtime_error("this CpuExpertPool is closed");
+    const int64_t ticket = next_ticket_++;
+    tickets_[ticket] = t;
+    queue_.push_back(t);
+    if (!active_) start_next_locked();
+    return ticket;
+  }
+
+  void start_next_locked() {
+    active_ = queue_.front();
+    queue_.pop_front();
+    active_->t0 = std::chrono::steady_clock::now();
+    ++generation_;
+    cv_work_.notify_all();
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Task> t;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_work_.wait(lock, [&] { return stop_ || (active_ && generation_ != seen); });
+        if (stop_) return;
+        seen = generation_;
+        t = active_;
+      }
+      run(*t);
+      if (t->finished.fetch_add(1, std::memory_order_acq_rel) + 1 == nthreads_) finish(t);
+    }
+  }
+
+  void finish(const std::shared_ptr<Task>& t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    t->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t->t0).count();
+    t->done = true;
+    if (!t->read) {
+      ++tasks_run_;
+      experts_run_ += static_cast<int64_t>(t->jobs.size());
+      for (const Job& j : t->jobs) tokens_run_ += j.tokens;
+      busy_ms_ += t->ms;
+    }
+    active_.reset();
+    if (!queue_.empty()) start_next_locked();
+    cv_done_.notify_all();
+  }
+
+  // Which job an item index belongs to (a task has few jobs: a linear scan).
+  static size_t job_of(const Task& t, int64_t item, bool phase2) {
+    size_t j = 0;
+    while (j + 1 < t.jobs.size() && (phase2 ? t.jobs[j + 1].first2 : t.jobs[j + 1].first1) <= item) ++j;
+    return j;
+  }
+
+  // rows [r0, r1) of `w` (row length n) dotted with token rows [p0, p0 + tb) of `x` (stride xs).
+  template <typename Emit>
+  void rows_dots(const void* w, int64_t r0, int64_t r1, int64_t n, const float* x, int64_t xs, int64_t tokens,
+                 bool bf16, Emit emit) const {
+    const int64_t wb = bf16 ? 2 : 4;
+    const char* base = static_cast<const char*>(w);
+    float v[MAX_TB];
+    // Token blocks outside, rows inside: the item's rows stay in L2 across token blocks.
+    for (int64_t p0 = 0; p0 < tokens; p0 += MAX_TB) {
+      const int tb = static_cast<int>(std::min<int64_t>(MAX_TB, tokens - p0));
+      const DotsFn fn = k_.dots[bf16 ? 1 : 0][tb - 1];
+      for (int64_t r = r0; r < r1; ++r) {
+        fn(base + r * n * wb, x + p0 * xs, xs, n, v);
+        emit(r, p0, tb, v);
+      }
+    }
+  }
+
+  void run(Task& t) {
+    if (t.read) {
+      for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
+        const int64_t a = it * t.chunk, b = std::min(t.n, a + t.chunk);
+        t.partial[static_cast<size_t>(it)] = k_.sum(t.buf + a, b - a);
+      }
+      return;
+    }
+    const int64_t H = t.H, I = t.I, wb = t.bf16 ? 2 : 4;
+    // Phase 1: act[p, r] = silu(gate_r . x_p) * (up_r . x_p) for the item's rows r of I.
+    for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
+      Job& jb = t.jobs[job_of(t, it, false)];
+      const int64_t r0 = (it - jb.first1) * t.rows1, r1 = std::min(I, r0 + t.rows1);
+      const char* up = static_cast<const char*>(jb.gate_up) + I * H * wb;
+      float* act = jb.act.data();
+      for (int64_t p0 = 0; p0 < jb.tokens; p0 += MAX_TB) {
+        const int tb = static_cast<int>(std::min<int64_t>(MAX_TB, jb.tokens - p0));
+        const DotsFn fn = k_.dots[t.bf16 ? 1 : 0][tb - 1];
+        float g[MAX_TB], u[MAX_TB];
+        for (int64_t r = r0; r < r1; ++r) {
+          fn(static_cast<const char*>(jb.gate_up) + r * H * wb, jb.x + p0 * H, H, H, g);
+          fn(up + r * H * wb, jb.x + p0 * H, H, H, u);
+          for (int q = 0; q < tb; ++q) act[(p0 + q) * I + r] = silu(g[q]) * u[q];
+        }
+      }
+    }
+    // Barrier: phase 2 reads every row of act.
+    t.arrived.fetch_add(1, std::memory_order_acq_rel);
+    while (t.arrived.load(std::memory_order_acquire) < nthreads_) std::this_thread::yield();
+    // Phase 2: out[p, j] = down_j . act_p for the item's rows j of H.
+    for (int64_t it; (it = t.next2.fetch_add(1, std::memory_order_relaxed)) < t.items2;) {
+      Job& jb = t.jobs[job_of(t, it, true)];
+      const int64_t r0 = (it - jb.first2) * t.rows2, r1 = std::min(H, r0 + t.rows2);
+      float* out = jb.out;
+      rows_dots(jb.down, r0, r1, I, jb.act.data(), I, jb.tokens, t.bf16,
+                [&](int64_t r, int64_t p0, int tb, const float* v) {
+                  for (int q = 0; q < tb; ++q) out[(p0 + q) * H + r] = v[q];
+                });
+    }
+  }
+
+  Isa isa_;
+  Kernels k_;
+  int nthreads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  std::deque<std::shared_ptr<Task>> queue_;
+  std::shared_ptr<Task> active_;
+  std::map<int64_t, std::shared_ptr<Task>> tickets_;
+  uint64_t generation_ = 0;
+  int64_t next_ticket_ = 1;
+  bool stop_ = false, closed_ = false;
+  int64_t tasks_run_ = 0, experts_run_ = 0, tokens_run_ = 0;
+  double busy_ms_ = 0.0;
+};
+
+}  // namespace moecache_cpu
+
+void register_cpu_expert(pybind11::module& m) {
+  namespace py = pybind11;
+  using moecache_cpu::CpuExpertPool;
+  py::class_<CpuExpertPool>(m, "CpuExpertPool",
+                            "thread pool computing SwiGLU experts on the host (see csrc/cpu_expert.cpp)")
+      .def(py::init<int64_t, const std::string&>(), py::arg("threads"), py::arg("kernel") = "auto")
+      .def("submit", &CpuExpertPool::submit, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
+           py::arg("inter"), py::arg("wtype"), py::arg("x"), py::arg("tokens"), py::arg("gate_up"), py::arg("down"),
+           py::arg("out"))
+      .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
+      .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
+      .def("read", &CpuExpertPool::read, py::call_guard<py::gil_scoped_release>(), py::arg("addr"),
+           py::arg("nbytes"))
+      .def("counters", &CpuExpertPool::counters)
+      .def("kernel", &CpuExpertPool::kernel)
+      .def("threads", &CpuExpertPool::threads)
+      .def("close", &CpuExpertPool::close, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_features", [] {
+    const auto f = moecache_cpu::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    return d;
+  }, "the vector instructions this CPU (and OS) supports, as the CPU expert kernel sees them");
+  m.def("choose_cpu_kernel", [](const std::string& requested, bool avx2, bool fma, bool avx512f) {
+    moecache_cpu::Features f;
+    f.avx2 = avx2;
+    f.fma = fma;
+    f.avx512f = avx512f;
+    return std::string(moecache_cpu::ISA_NAMES[moecache_cpu::choose_isa(requested, f)]);
+  }, "the kernel CpuExpertPool(kernel=requested) runs on a CPU with these features (its selection rule)",
+        py::arg("requested"), py::arg("avx2"), py::arg("fma"), py::arg("avx512f"));
+}

@@ -1,0 +1,202 @@
+"""``eval/e2e_compare.py`` on the CPU: configuration specs, sequence plans, the model calls a replay
+made, the Belady lower bound (hand-worked), accelerate's device map, targets, and one tiny run of the
+whole script on the real Mixtral trace (skipped where ../shared is absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moecache.errors import ConfigError
+from moecache.replay import replay
+from moecache.trace import RoutingBlock, Trace, TraceMeta
+
+from .tiny_models import tiny_model
+
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    sys.path.insert(0, str(EVAL))
+    spec = importlib.util.spec_from_file_location("e2e_compare", EVAL / "e2e_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["e2e_compare"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _trace(lengths: list[int], layers: int = 3, experts: int = 8, k: int = 2, seed: int = 0) -> Trace:
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    ids = np.stack([np.stack([rng.choice(experts, k, replace=False) for _ in range(layers)]) for _ in range(n)])
+    seq = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.concatenate([np.arange(x) for x in lengths])
+    meta = TraceMeta(num_experts=experts, top_k=k, moe_layers=list(range(layers)), model="synthetic")
+    return Trace(meta, RoutingBlock.build(ids.astype(np.int16), seq=seq, pos=pos, phase=0))
+
+
+def _units(e2e, rows: list[list[int]], timed_from: int, request: int = 0):
+    """One-layer, top-1 units, one per step, each listing the experts its rows pick."""
+    return [e2e.Unit(np.asarray(r, dtype=np.int64).reshape(-1, 1, 1), request, i >= timed_from)
+            for i, r in enumerate(rows)]
+
+
+def test_candidate_specs_parse_and_bad_ones_say_what_is_valid(e2e):
+    c = e2e.Candidate.parse("lrfu+transition-d2+hybrid-auto")
+    assert (c.policy, c.scope, c.predictor, c.depth, c.hybrid) == ("lrfu", "global", "transition", 2, "auto")
+    assert c.label == "lrfu+transition-d2+hybrid-auto"
+    assert e2e.Candidate.parse("lru@layer") == e2e.LRU_LAYER and e2e.LRU_LAYER.label == "lru@layer"
+    assert e2e.Candidate.parse("static+hybrid-cpu") == e2e.FIDDLER
+    for d in e2e.DEFAULT_CANDIDATES:
+        assert e2e.Candidate.parse(d).label == d
+    for bad, msg in (("lruu", "unknown policy 'lruu'; valid: .*lru"), ("belady", "simulator only"),
+                     ("lru+transition", "PREDICTOR-dN"),
+                     ("lru+oracle2-d1", "unknown predictor"), ("lru+hybrid-fast", "hybrid mode 'fast'"),
+                     ("predicted", "add \\+PREDICTOR-dN"), ("lru@pool", "scope 'pool'")):
+        with pytest.raises(ConfigError, match=msg):
+            e2e.Candidate.parse(bad)
+    assert e2e.parse_configs("e,a,b") == ["a", "e", "b"]  # (a) first, accelerate last
+    with pytest.raises(ConfigError, match="valid: a, b, c, d, e"):
+        e2e.parse_configs("a,f")
+    assert e2e.parse_batches("1,8") == [1, 8]
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        e2e.parse_batches("0")
+
+
+def test_plans_time_long_sequences_fit_on_the_rest_and_warm_up_apart(e2e):
+    tr = _trace([12, 3, 12, 12, 5, 12, 12])
+    plans, fit, notes, errors = e2e.plan_batches(tr, [1, 2, 8], tokens=10, warm_steps=2, sequences={})
+    assert plans[1].groups == [[0], [2]] and plans[2].groups == [[0, 2]]
+    assert fit == [1, 3, 4, 5, 6] and plans[1].warm == [1] and plans[2].warm == [1, 3]
+    assert not plans[1].warm_is_timed and not notes
+    assert 8 in errors and "the trace has 7" in errors[8]
+    plans, fit, notes, _ = e2e.plan_batches(tr, [4], tokens=10, warm_steps=4, sequences={4: 3})
+    assert plans[4].groups == [[0, 2, 3, 5]] and fit == [1, 4, 6]  # 3 rounded up to a multiple of 4
+    assert plans[4].warm == plans[4].groups[0] and plans[4].warm_is_timed  # 2 of 3 fit sequences are short
+    plans, _fit, notes, _ = e2e.plan_batches(tr, [2], tokens=20, warm_steps=2, sequences={})
+    assert plans[2].groups == [[0, 2]] and "took the 2 longest" in notes[0]
+
+
+def test_belady_bound_hand_worked(e2e):
+    # capacity 2, one layer, top-1: 0 1 2 0 1 0. MIN: miss 0, miss 1, miss 2 evicting 1 (next use
+    # later than 0's), hit 0, miss 1, hit 0 -> 4 misses, one of them in the timed steps 3..5.
+    units = _units(e2e, [[0], [1], [2], [0], [1], [0]], timed_from=3)
+    misses, steps = e2e.belady_misses(units, num_experts=4, capacity=2)
+    assert (misses, steps) == ([1], 3)
+    # with bypass, 2 (never used again) is not cached: the timed steps all hit
+    assert e2e.belady_misses(units, num_experts=4, capacity=2, bypass=True) == ([], 3)
+    # a step of two rows needs both experts once, with the tokens that picked each
+    units = _units(e2e, [[0, 0], [1, 0], [2, 3]], timed_from=0)
+    misses, steps = e2e.belady_misses(units, num_experts=4, capacity=2)
+    assert steps == 3 and misses == [2, 1, 1, 1]
+    b = e2e.lower_bound(10, 5, copy_ms=2.0, compute_ms=3.0, cpu_service_ms=5.0)
+    assert (b["copy_ms_per_step"], b["bound_ms_per_step"], b["serial_ms_per_step"]) == (4.0, 4.0, 7.0)
+    assert b["miss_service_with_cpu_ms_per_step"] == 1.0
+    b = e2e.lower_bound(10, 5, copy_ms=0.5, compute_ms=3.0)
+    assert b["bound_ms_per_step"] == 3.0  # compute-bound
+    assert e2e.lower_bound(3, 2, copy_ms=1.0, compute_ms=None)["bound_ms_per_step"] == 1.5
+
+
+def test_replayed_units_are_the_model_calls_of_a_batched_replay(e2e):
+    m = tiny_model("qwen3_moe")
+    tr = _trace([6, 6, 6, 4], seed=2)
+    seen: list[np.ndarray] = []
+    hook = m.model.layers[1].mlp.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1].numpy()))
+    warm = replay(m, tr, sequences=[3], prefill=2)
+    res = replay(m, tr, sequences=[0, 1, 2], prefill=1, batch=2)
+    hook.remove()
+    units = e2e.replayed_units(tr, warm, 0, False) + e2e.replayed_units(tr, res, 1, True)
+    assert len(units) == len(seen) == (1 + 2) + (1 + 5) + (1 + 5)
+    for u, ids in zip(units, seen):
+        assert np.array_equal(u.ids[:, 1], ids)
+    assert [u.request for u in units] == [0] * 3 + [1] * 6 + [2] * 6
+    assert [u.timed_decode for u in units] == [False] * 4 + [True] * 5 + [False] + [True] * 5
+
+
+def test_device_map_keeps_non_experts_whole_and_maps_each_experts_module(e2e):
+    sys.path.insert(0, str(EVAL))
+    from _shapes import experts_module_names
+
+    m = tiny_model("mixtral")
+    names = experts_module_names(m, "mixtral")
+    assert names == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    dmap = e2e.device_map_for(m, {names[0]: 0, names[1]: "cpu", names[2]: "cpu"}, 0)
+    assert dmap[names[0]] == 0 and dmap[names[1]] == dmap[names[2]] == "cpu"
+    assert dmap["lm_head"] == 0 and dmap["model.embed_tokens"] == 0 and dmap["model.layers.0.self_attn"] == 0
+    for name, _ in list(m.named_parameters()) + list(m.named_buffers()):
+        owners = [k for k in dmap if k == "" or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
+
+
+def test_targets_compare_the_best_rows(e2e):
+    rows = [{"config": "a", "status": "ok", "tokens_per_s": 20.0},
+            {"config": "a", "status": "ok", "tokens_per_s": 25.0},
+            {"config": "b", "status": "ok", "tokens_per_s": 0.3}, {"config": "c", "status": "ok", "tokens_per_s": 15.0},
+            {"config": "e", "status": "ok", "tokens_per_s": 21.0, "ms_per_step": 47.6,
+             "bound": {"bound_ms_per_step": 40.0}},
+            {"config": "e", "status": "error: x", "tokens_per_s": None}]
+    got = {t["target"]: t for t in e2e.check_targets("deepseek", 1, rows)}
+    assert got["(e) >= 0.8x (a)"]["met"] and got["(e) >= 0.8x (a)"]["value"] == pytest.approx(21 / 25)
+    assert got["(e) >= 1.2x (c)"]["met"] and got["(e) >= 50x (b)"]["met"]
+    got = {t["target"]: t for t in e2e.check_targets("deepseek", 8, rows)}
+    assert got["(e) >= 1.5x the better of (c), (d)"]["met"] is False
+    assert got["(e) within 2x of the lower bound"]["met"] and got["(e) within 2x of the lower bound"]["value"] == \
+        pytest.approx(47.6 / 40)
+    assert e2e.check_targets("mixtral", 1, rows[:4])[0]["met"] is None  # no (e)
+
+
+def test_the_whole_script_runs_on_a_tiny_mixtral_shape(e2e, routing_dir, tmp_path):
+    out = tmp_path / "e2e.json"
+    rc = e2e.main(["--model", "mixtral", "--quick", "--layers", "2", "--tokens", "4", "--warm-steps", "1",
+                   "--configs", "a,b,c,d,e", "--candidates", "lru,lru+transition-d1", "--out", str(out),
+                   "--trace", str(routing_dir / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["setup"]["moe_layers"] == 2 and res["setup"]["slots"] == 4 and res["copy"]["ms_per_expert"] > 0
+    rows = res["batches"]["1"]["rows"]
+    by = {(r["config"], r["label"]): r for r in rows}
+    assert {"a", "b", "c", "d", "e"} == {c for c, _ in by}
+    for key in [("a", "resident (batched_mm)"), ("c", "lru@layer"), ("d", "static+hybrid-cpu"), ("e", "lru")]:
+        r = by[key]
+        assert r["status"] == "ok" and r["decode_steps"] == 2 * 3 and r["tokens_per_s"] > 0, r
+        assert r["bound"]["steps"] == 6 and r["bound"]["bound_ms_per_step"] > 0
+    assert by[("c", "lru@layer")]["misses"] > 0 and by[("c", "lru@layer")]["runtime_config"]["slots"] == 4
+    d = by[("d", "static+hybrid-cpu")]
+    assert d["preloaded_experts"] == 3 and d["cpu_experts"] > 0 and d["bytes_copied"] == 0  # nothing copied on a miss
+    assert by[("b", "accelerate dispatch_model")]["status"] in ("ok", "unavailable: accelerate is not installed "
+                                                                "(pip install accelerate)")
+    assert sum(bool(r.get("best_of_e")) for r in rows) == 1
+    assert [t["target"] for t in res["batches"]["1"]["targets"]] == ["(e) >= 1.5x the better of (c), (d)",
+                                                                     "(e) within 2x of the lower bound"]
+    md = (tmp_path / "e2e.md").read_text()
+    assert "| c | lru@layer |" in md and "Lower bound on (e)'s steps" in md
+    assert "command: `python eval/e2e_compare.py" in md
+
+
+@pytest.mark.gpu
+def test_the_whole_script_on_the_gpu_with_a_tiny_shape(e2e, request, tmp_path):
+    """The CUDA paths: pinned copy timing, bf16, accelerate's CPU offload, the copy engine, hybrid.
+    The trace: ``build/mixtral_trace`` (``moecache trace import`` of the Mixtral source, carried to a
+    GPU machine without ../shared) where present, else ../shared's source folder."""
+    imported = EVAL.parent / "build" / "mixtral_trace"
+    trace = imported if (imported / "manifest.json").is_file() else \
+        request.getfixturevalue("routing_dir") / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe"
+    out = tmp_path / "e2e.json"
+    rc = e2e.main(["--model", "mixtral", "--quick", "--device", "cuda", "--layers", "4", "--tokens", "8",
+                   "--batch", "1", "--candidates", "lru,lru+transition-d1,lru+transition-d1+hybrid-auto",
+                   "--out", str(out), "--trace", str(trace)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["setup"]["dtype"] == "bfloat16" and res["setup"]["host_pinned"] and res["copy"]["gb_per_s"] > 1
+    rows = res["batches"]["1"]["rows"]
+    assert all(r["status"] == "ok" for r in rows), [(r["label"], r["status"]) for r in rows]
+    b = next(r for r in rows if r["config"] == "b")
+    assert b["offloaded_to"] == "cpu" and b["experts_layers_on_gpu"] == 1 and b["decode_steps"] > 0
+    d = next(r for r in rows if r["config"] == "d")
+    assert d["bytes_copied"] == 0 and d["cpu_experts"] > 0
