@@ -11,11 +11,28 @@
 //
 // Threads: a persistent pool of N workers (the caller picks N = cores - 1, keeping a core for the
 // thread that launches GPU work). A submitted task runs on all N workers: phase 1 splits the rows of
-// I (each worker streams its own chunks of gate and up rows), a barrier, phase 2 splits the rows of
+// I (each worker streams its own items of gate and up rows), a barrier, phase 2 splits the rows of
 // H (down). At batch 1 this is memory bound, so spreading one expert over every core is what makes
-// it fast. Chunks are taken from an atomic counter, so a worker slowed by copies running at the same
-// time takes fewer. Each output element is one dot product by one worker in a fixed order, so the
-// result does not depend on the thread count or the scheduling.
+// it fast. Items are taken from an atomic counter, so a worker slowed by copies running at the same
+// time takes fewer. Thread hand-offs cost a wake-up each (tens of microseconds, more in a VM; a whole
+// expert of DeepSeek-V2-Lite's size takes ~0.2 ms on the CPU), so the caller announces a task with
+// prewake() before it prepares the inputs (the workers wake meanwhile and spin, yielding, for it),
+// and wait() spins, yielding, on the core kept free before it sleeps.
+//
+// Token blocking: a micro-kernel computes a register block of up to RB weight rows x TB token rows
+// of dot products (AVX-512 4 x 4, AVX2 4 x 2), so each weight vector loaded serves TB tokens and each
+// token vector RB rows. With more tokens than one block, an item walks its rows chunk by chunk
+// (CHUNK elements): a chunk of every token row stays in L2 while all the item's rows pass, and each
+// weight chunk stays in L1 while all the token blocks pass, so the weights leave memory once however
+// many tokens there are (batches, prefill); items grow with the tokens so that the weights, not the
+// token rows, stay the main traffic.
+//
+// Summation order: every output element is one dot product, summed by one worker as: per chunk of
+// CHUNK elements (in order), one vector accumulator (AVX-512 16 lanes, AVX2 8, portable 1) over the
+// chunk's elements in order, the chunk's tail as one more vector step with zeros, the lanes reduced,
+// and the chunk's sum added to the running sum. Nothing in it depends on the thread count, the
+// scheduling, the register block or the number of tokens run together: one token alone gives the
+// bits it gives among 64.
 //
 // Kernels: AVX-512F, AVX2+FMA and portable scalar C++, chosen once at construction from what the
 // CPU reports (__builtin_cpu_supports, which also checks the OS saves the vector state), so a CPU
@@ -59,14 +76,23 @@ namespace moecache_cpu {
 
 enum Isa : int { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
 const char* const ISA_NAMES[] = {"portable", "avx2", "avx512"};
-constexpr int MAX_TB = 4;  // token rows per dot-product block (accumulators stay in registers)
+// Register blocks: up to MAX_RB weight rows x MAX_TB token rows of dot products per micro-kernel call
+// (AVX-512: 4 x 4 = 16 accumulators of its 32 registers; AVX2: 4 x 2 = 8 of its 16).
+constexpr int MAX_RB = 4, MAX_TB = 4;
+// Every dot product is summed chunk by chunk in this order (see "Summation order" above).
+constexpr int64_t CHUNK = 1024;
 // Software prefetch distance along a weight row, in bytes. The hardware streamer restarts at every
 // 4 KiB page and one core keeps few misses in flight; prefetching 2 KiB ahead raised the kernel's
 // single-thread bandwidth from ~0.7 to ~0.95 of a plain streaming read (Mixtral expert, bf16).
 constexpr int64_t PREFETCH_BYTES = 2048;
+// Waiting for a task, the caller spins (yielding) this long before it sleeps; prewake()'s workers
+// spin this long for the task announced.
+constexpr std::chrono::milliseconds WAIT_SPIN{20}, PREWAKE_SPIN{2};
 
-// out[t] = sum_i w[i] * x[t * xs + i] for t < TB; w is bf16 (raw uint16) or fp32.
-using DotsFn = void (*)(const void* w, const float* x, int64_t xs, int64_t n, float* out);
+// part[r * ps + t] += (rows[r][k0:k1] . x[t * xs + k0 : t * xs + k1]) for r < RB, t < TB; the
+// weight rows are bf16 (raw uint16) or fp32, x fp32. One call is one chunk of the summation order.
+using BlockFn = void (*)(const void* const* rows, const float* x, int64_t xs, int64_t k0, int64_t k1, float* part,
+                         int64_t ps);
 
 inline float bf16_to_f32(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -85,15 +111,20 @@ inline float w_at(const void* w, int64_t i) {
 }
 
 // ---- portable --------------------------------------------------------------------------------
-template <int TB, bool BF16>
-void dots_portable(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
-  float acc[TB];
-  for (int t = 0; t < TB; ++t) acc[t] = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float wv = w_at<BF16>(w, i);
-    for (int t = 0; t < TB; ++t) acc[t] += wv * x[t * xs + i];
+template <int RB, int TB, bool BF16>
+void block_portable(const void* const* rows, const float* x, int64_t xs, int64_t k0, int64_t k1, float* part,
+                    int64_t ps) {
+  float acc[RB][TB] = {};
+  for (int64_t k = k0; k < k1; ++k) {
+    float w[RB];
+    for (int r = 0; r < RB; ++r) w[r] = w_at<BF16>(rows[r], k);
+    for (int t = 0; t < TB; ++t) {
+      const float xv = x[t * xs + k];
+      for (int r = 0; r < RB; ++r) acc[r][t] += w[r] * xv;
+    }
   }
-  for (int t = 0; t < TB; ++t) out[t] = acc[t];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) part[r * ps + t] += acc[r][t];
 }
 
 float sum_portable(const float* p, int64_t n) {
@@ -119,6 +150,13 @@ inline void prefetch_ahead(const void* w, int64_t i) {
   if constexpr (!BF16) _mm_prefetch(p + 64, _MM_HINT_T0);
 }
 
+// The last m < lanes elements of a row or of x, zero-padded to a full vector in `buf`: a vector step
+// with zeros adds nothing, and nothing past the end of a buffer is read.
+template <bool BF16, int LANES>
+inline void pad_tail(const void* w, int64_t k, int64_t m, float* buf) {
+  for (int64_t i = 0; i < LANES; ++i) buf[i] = i < m ? w_at<BF16>(w, k + i) : 0.f;
+}
+
 // ---- AVX2 + FMA ------------------------------------------------------------------------------
 template <bool BF16>
 MC_AVX2 inline __m256 load8(const void* w, int64_t i) {
@@ -137,28 +175,44 @@ MC_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int TB, bool BF16>
-MC_AVX2 void dots_avx2(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
-  __m256 a0[TB], a1[TB];
-  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 w0 = load8<BF16>(w, i), w1 = load8<BF16>(w, i + 8);
-    prefetch_ahead<BF16>(w, i);
+template <int RB, int TB, bool BF16>
+MC_AVX2 void block_avx2(const void* const* rows, const float* x, int64_t xs, int64_t k0, int64_t k1, float* part,
+                        int64_t ps) {
+  __m256 acc[RB][TB];
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+  __m256 w[RB];
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    if ((k & 31) == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) prefetch_ahead<BF16>(rows[r], k);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) w[r] = load8<BF16>(rows[r], k);
+#pragma GCC unroll 4
     for (int t = 0; t < TB; ++t) {
-      a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * xs + i), a0[t]);
-      a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * xs + i + 8), a1[t]);
+      const __m256 xv = _mm256_loadu_ps(x + t * xs + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm256_fmadd_ps(w[r], xv, acc[r][t]);
     }
   }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 w0 = load8<BF16>(w, i);
-    for (int t = 0; t < TB; ++t) a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * xs + i), a0[t]);
+  if (k < k1) {
+    alignas(32) float buf[8];
+    for (int r = 0; r < RB; ++r) {
+      pad_tail<BF16, 8>(rows[r], k, k1 - k, buf);
+      w[r] = _mm256_load_ps(buf);
+    }
+    for (int t = 0; t < TB; ++t) {
+      pad_tail<false, 8>(x + t * xs, k, k1 - k, buf);
+      const __m256 xv = _mm256_load_ps(buf);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm256_fmadd_ps(w[r], xv, acc[r][t]);
+    }
   }
-  for (int t = 0; t < TB; ++t) {
-    float s = hsum8(_mm256_add_ps(a0[t], a1[t]));
-    for (int64_t j = i; j < n; ++j) s += w_at<BF16>(w, j) * x[t * xs + j];
-    out[t] = s;
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) part[r * ps + t] += hsum8(acc[r][t]);
 }
 
 MC_AVX2 float sum_avx2(const float* p, int64_t n) {
@@ -186,28 +240,44 @@ MC_AVX512 inline __m512 load16(const void* w, int64_t i) {
   }
 }
 
-template <int TB, bool BF16>
-MC_AVX512 void dots_avx512(const void* w, const float* x, int64_t xs, int64_t n, float* out) {
-  __m512 a0[TB], a1[TB];
-  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 w0 = load16<BF16>(w, i), w1 = load16<BF16>(w, i + 16);
-    prefetch_ahead<BF16>(w, i);
+template <int RB, int TB, bool BF16>
+MC_AVX512 void block_avx512(const void* const* rows, const float* x, int64_t xs, int64_t k0, int64_t k1, float* part,
+                            int64_t ps) {
+  __m512 acc[RB][TB];
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  __m512 w[RB];
+  int64_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    if ((k & 31) == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) prefetch_ahead<BF16>(rows[r], k);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) w[r] = load16<BF16>(rows[r], k);
+#pragma GCC unroll 4
     for (int t = 0; t < TB; ++t) {
-      a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * xs + i), a0[t]);
-      a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * xs + i + 16), a1[t]);
+      const __m512 xv = _mm512_loadu_ps(x + t * xs + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
     }
   }
-  for (; i + 16 <= n; i += 16) {
-    const __m512 w0 = load16<BF16>(w, i);
-    for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * xs + i), a0[t]);
+  if (k < k1) {
+    alignas(64) float buf[16];
+    for (int r = 0; r < RB; ++r) {
+      pad_tail<BF16, 16>(rows[r], k, k1 - k, buf);
+      w[r] = _mm512_load_ps(buf);
+    }
+    for (int t = 0; t < TB; ++t) {
+      pad_tail<false, 16>(x + t * xs, k, k1 - k, buf);
+      const __m512 xv = _mm512_load_ps(buf);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+    }
   }
-  for (int t = 0; t < TB; ++t) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
-    for (int64_t j = i; j < n; ++j) s += w_at<BF16>(w, j) * x[t * xs + j];
-    out[t] = s;
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) part[r * ps + t] += _mm512_reduce_add_ps(acc[r][t]);
 }
 
 MC_AVX512 float sum_avx512(const float* p, int64_t n) {
@@ -252,33 +322,55 @@ Isa choose_isa(const std::string& requested, const Features& f) {
 }
 
 struct Kernels {
-  DotsFn dots[2][MAX_TB];  // [bf16][tokens - 1]
-  float (*sum)(const float*, int64_t);
+  BlockFn block[2][MAX_RB][MAX_TB] = {};  // [bf16][rows - 1][tokens - 1], up to (rb, tb)
+  int rb = 1, tb = 1;                     // the register block of this instruction set
+  float (*sum)(const float*, int64_t) = nullptr;
 };
 
+// Fill k.block[.][r][t] with F<r + 1, t + 1, bf16> for r < RB, t < TB (recursing over the sizes).
+template <template <int, int, bool> class F, int RB, int TB>
+struct Fill {
+  static void in(Kernels& k) {
+    k.block[0][RB - 1][TB - 1] = F<RB, TB, false>::fn;
+    k.block[1][RB - 1][TB - 1] = F<RB, TB, true>::fn;
+    if constexpr (TB > 1) Fill<F, RB, TB - 1>::in(k);
+    if constexpr (TB == 1 && RB > 1) Fill<F, RB - 1, MAX_TB>::in(k);
+  }
+};
+
+template <int RB, int TB, bool BF16>
+struct PortableFn {
+  static constexpr BlockFn fn = block_portable<RB, TB, BF16>;
+};
+#ifdef MOECACHE_X86
+template <int RB, int TB, bool BF16>
+struct Avx2Fn {
+  static constexpr BlockFn fn = block_avx2<RB, TB, BF16>;
+};
+template <int RB, int TB, bool BF16>
+struct Avx512Fn {
+  static constexpr BlockFn fn = block_avx512<RB, TB, BF16>;
+};
+#endif
+
 Kernels kernels_for(Isa isa) {
-  Kernels k{};
-#define MC_FILL(NAME)                                                                   \
-  k.dots[0][0] = NAME<1, false>, k.dots[0][1] = NAME<2, false>, k.dots[0][2] = NAME<3, false>, \
-  k.dots[0][3] = NAME<4, false>, k.dots[1][0] = NAME<1, true>, k.dots[1][1] = NAME<2, true>,   \
-  k.dots[1][2] = NAME<3, true>, k.dots[1][3] = NAME<4, true>
+  Kernels k;
   switch (isa) {
 #ifdef MOECACHE_X86
     case AVX512:
-      MC_FILL(dots_avx512);
-      k.sum = sum_avx512;
+      Fill<Avx512Fn, MAX_RB, MAX_TB>::in(k);
+      k.rb = 4, k.tb = 4, k.sum = sum_avx512;
       return k;
     case AVX2:
-      MC_FILL(dots_avx2);
-      k.sum = sum_avx2;
+      Fill<Avx2Fn, MAX_RB, MAX_TB>::in(k);
+      k.rb = 4, k.tb = 2, k.sum = sum_avx2;  // 8 accumulators + 4 weight vectors of 16 registers
       return k;
 #endif
     default:
-      MC_FILL(dots_portable);
-      k.sum = sum_portable;
+      Fill<PortableFn, MAX_RB, MAX_TB>::in(k);
+      k.rb = 4, k.tb = 4, k.sum = sum_portable;
       return k;
   }
-#undef MC_FILL
 }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
@@ -291,6 +383,7 @@ struct Job {
   const void* down;
   float* out;
   std::vector<float> act;
+  int64_t rows1 = 1, rows2 = 1;    // rows per work item: of I in phase 1 (gate and up), of H in phase 2
   int64_t first1 = 0, first2 = 0;  // index of its first work item in phase 1 / phase 2
 };
 
@@ -299,7 +392,6 @@ struct Task {
   std::vector<Job> jobs;
   int64_t H = 0, I = 0;
   bool bf16 = false;
-  int64_t rows1 = 1, rows2 = 1;        // rows per work item in phase 1 (of I) and phase 2 (of H)
   int64_t items1 = 0, items2 = 0;
   const float* buf = nullptr;
   int64_t n = 0, chunk = 0;
@@ -309,7 +401,21 @@ struct Task {
   std::chrono::steady_clock::time_point t0;
   double ms = 0.0;
   bool done = false;
+  std::atomic<bool> done_flag{false};  // `done` for a waiter spinning without the lock
 };
+
+// Rows of a work item (of `total_rows`, each `row_bytes` of weights; the item reads `x_bytes` of token
+// rows whatever its size): ~64 KiB of weights (long streams) and at least `min_rows`; at least as many
+// as make its weights outweigh the token rows it reads, so that many tokens (prefill) leave the
+// weights the main traffic; at most what leaves ~4 items per thread to balance. Item boundaries never
+// change a result.
+inline int64_t item_rows(int64_t total_rows, int64_t row_bytes, int64_t x_bytes, int64_t min_rows, int nthreads) {
+  int64_t rows = std::max<int64_t>(min_rows, (64 << 10) / row_bytes);
+  rows = std::max<int64_t>(rows, (x_bytes + row_bytes - 1) / row_bytes);
+  const int64_t balance = std::max<int64_t>(min_rows, (total_rows + 4 * nthreads - 1) / (4 * nthreads));
+  rows = std::min<int64_t>({rows, balance, 512});
+  return std::max<int64_t>(1, std::min<int64_t>(rows, total_rows));
+}
 
 class CpuExpertPool {
  public:
@@ -341,10 +447,6 @@ class CpuExpertPool {
     t->I = inter;
     t->bf16 = wtype == 1;
     const int64_t wbytes = t->bf16 ? 2 : 4;
-    // ~32 KiB of weights per work item: long sequential streams, enough items to balance.
-    t->rows1 = std::max<int64_t>(1, (32 << 10) / (2 * hidden * wbytes));
-    t->rows2 = std::max<int64_t>(1, (32 << 10) / (inter * wbytes));
-    const int64_t c1 = (inter + t->rows1 - 1) / t->rows1, c2 = (hidden + t->rows2 - 1) / t->rows2;
     t->jobs.resize(n);
     for (size_t j = 0; j < n; ++j) {
       if (tokens[j] < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
@@ -355,23 +457,49 @@ class CpuExpertPool {
       jb.down = reinterpret_cast<const void*>(down[j]);
       jb.out = reinterpret_cast<float*>(out[j]);
       jb.act.assign(static_cast<size_t>(tokens[j] * inter), 0.f);
+      // Phase 1 rows are (gate, up) pairs: two weight rows each.
+      jb.rows1 = item_rows(inter, 2 * hidden * wbytes, jb.tokens * hidden * 4, 2, nthreads_);
+      jb.rows2 = item_rows(hidden, inter * wbytes, jb.tokens * inter * 4, 4, nthreads_);
       jb.first1 = t->items1;
       jb.first2 = t->items2;
-      t->items1 += c1;
-      t->items2 += c2;
+      t->items1 += (inter + jb.rows1 - 1) / jb.rows1;
+      t->items2 += (hidden + jb.rows2 - 1) / jb.rows2;
     }
     return enqueue(t);
   }
 
-  // Block (GIL released) until task `ticket` finished; returns its wall time in ms.
+  // Block (GIL released) until task `ticket` finished; returns its wall time in ms. The caller spins
+  // (yielding) for up to WAIT_SPIN first: its core is the one kept free, and a sleeping waiter pays
+  // a thread wake-up (tens of microseconds, more in a VM) when the task ends.
   double wait(int64_t ticket) {
+    std::shared_ptr<Task> t;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = tickets_.find(ticket);
+      if (it == tickets_.end())
+        throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
+      t = it->second;
+    }
+    const auto until = std::chrono::steady_clock::now() + WAIT_SPIN;
+    while (!t->done_flag.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
     std::unique_lock<std::mutex> lock(mu_);
-    auto it = tickets_.find(ticket);
-    if (it == tickets_.end()) throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
-    auto t = it->second;
     cv_done_.wait(lock, [&] { return t->done; });
-    tickets_.erase(ticket);
+    if (tickets_.erase(ticket) == 0)  // another thread waited for it meanwhile
+      throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
     return t->ms;
+  }
+
+  // A task is about to come (the caller is preparing its inputs): sleeping workers wake now and spin
+  // (yielding) for up to PREWAKE_SPIN, so the task starts without the wake-up of every worker.
+  void prewake() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (closed_) return;
+      ++wake_;
+      spin_until_ = std::chrono::steady_clock::now() + PREWAKE_SPIN;
+    }
+    cv_work_.notify_all();
   }
 
   bool ready(int64_t ticket) {
@@ -437,17 +565,27 @@ class CpuExpertPool {
     queue_.pop_front();
     active_->t0 = std::chrono::steady_clock::now();
     ++generation_;
+    started_.store(generation_, std::memory_order_release);
     cv_work_.notify_all();
   }
 
   void work() {
-    uint64_t seen = 0;
+    uint64_t seen = 0, seen_wake = 0;
     for (;;) {
       std::shared_ptr<Task> t;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_work_.wait(lock, [&] { return stop_ || (active_ && generation_ != seen); });
+        cv_work_.wait(lock, [&] { return stop_ || (active_ && generation_ != seen) || wake_ != seen_wake; });
         if (stop_) return;
+        if (!(active_ && generation_ != seen)) {
+          // Woken ahead of a task (prewake): spin without the lock until it starts, or give up.
+          seen_wake = wake_;
+          const auto until = spin_until_;
+          lock.unlock();
+          while (started_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+            std::this_thread::yield();
+          continue;  // decide again under the lock (a task, stop, or back to sleep)
+        }
         seen = generation_;
         t = active_;
       }
@@ -466,6 +604,7 @@ class CpuExpertPool {
       for (const Job& j : t->jobs) tokens_run_ += j.tokens;
       busy_ms_ += t->ms;
     }
+    t->done_flag.store(true, std::memory_order_release);
     active_.reset();
     if (!queue_.empty()) start_next_locked();
     cv_done_.notify_all();
@@ -478,21 +617,29 @@ class CpuExpertPool {
     return j;
   }
 
-  // rows [r0, r1) of `w` (row length n) dotted with token rows [p0, p0 + tb) of `x` (stride xs).
-  template <typename Emit>
-  void rows_dots(const void* w, int64_t r0, int64_t r1, int64_t n, const float* x, int64_t xs, int64_t tokens,
-                 bool bf16, Emit emit) const {
-    const int64_t wb = bf16 ? 2 : 4;
-    const char* base = static_cast<const char*>(w);
-    float v[MAX_TB];
-    // Token blocks outside, rows inside: the item's rows stay in L2 across token blocks.
-    for (int64_t p0 = 0; p0 < tokens; p0 += MAX_TB) {
-      const int tb = static_cast<int>(std::min<int64_t>(MAX_TB, tokens - p0));
-      const DotsFn fn = k_.dots[bf16 ? 1 : 0][tb - 1];
-      for (int64_t r = r0; r < r1; ++r) {
-        fn(base + r * n * wb, x + p0 * xs, xs, n, v);
-        emit(r, p0, tb, v);
-      }
+  // part[i * P + p] = rows[i] . x[p] (row length n, x row stride xs) for i < nrows, p < P, summed in
+  // the fixed order (chunks of CHUNK elements in order; see the header) whatever the blocking.
+  void dots(const void* const* rows, int64_t nrows, int64_t n, const float* x, int64_t xs, int64_t P, bool bf16,
+            float* part) const {
+    std::fill(part, part + nrows * P, 0.f);
+    const int bi = bf16 ? 1 : 0;
+    auto block = [&](int64_t i0, int64_t p0, int64_t k0, int64_t k1) {
+      const int rb = static_cast<int>(std::min<int64_t>(k_.rb, nrows - i0));
+      const int tb = static_cast<int>(std::min<int64_t>(k_.tb, P - p0));
+      k_.block[bi][rb - 1][tb - 1](rows + i0, x + p0 * xs, xs, k0, k1, part + i0 * P + p0, P);
+    };
+    if (P <= k_.tb) {
+      // One token block (decode): each row block streams its rows end to end, chunk after chunk.
+      for (int64_t i0 = 0; i0 < nrows; i0 += k_.rb)
+        for (int64_t k0 = 0; k0 < n; k0 += CHUNK) block(i0, 0, k0, std::min(n, k0 + CHUNK));
+      return;
+    }
+    // Many tokens: per chunk, the item's weights (RB rows at a time, in L1) meet every token block;
+    // the chunk of x for all tokens stays in L2 across the item's rows. Weights leave memory once.
+    for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+      const int64_t k1 = std::min(n, k0 + CHUNK);
+      for (int64_t i0 = 0; i0 < nrows; i0 += k_.rb)
+        for (int64_t p0 = 0; p0 < P; p0 += k_.tb) block(i0, p0, k0, k1);
     }
   }
 
@@ -505,22 +652,24 @@ class CpuExpertPool {
       return;
     }
     const int64_t H = t.H, I = t.I, wb = t.bf16 ? 2 : 4;
+    thread_local std::vector<float> part;
+    thread_local std::vector<const void*> rows;
     // Phase 1: act[p, r] = silu(gate_r . x_p) * (up_r . x_p) for the item's rows r of I.
     for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
       Job& jb = t.jobs[job_of(t, it, false)];
-      const int64_t r0 = (it - jb.first1) * t.rows1, r1 = std::min(I, r0 + t.rows1);
-      const char* up = static_cast<const char*>(jb.gate_up) + I * H * wb;
-      float* act = jb.act.data();
-      for (int64_t p0 = 0; p0 < jb.tokens; p0 += MAX_TB) {
-        const int tb = static_cast<int>(std::min<int64_t>(MAX_TB, jb.tokens - p0));
-        const DotsFn fn = k_.dots[t.bf16 ? 1 : 0][tb - 1];
-        float g[MAX_TB], u[MAX_TB];
-        for (int64_t r = r0; r < r1; ++r) {
-          fn(static_cast<const char*>(jb.gate_up) + r * H * wb, jb.x + p0 * H, H, H, g);
-          fn(up + r * H * wb, jb.x + p0 * H, H, H, u);
-          for (int q = 0; q < tb; ++q) act[(p0 + q) * I + r] = silu(g[q]) * u[q];
-        }
+      const int64_t r0 = (it - jb.first1) * jb.rows1, r1 = std::min(I, r0 + jb.rows1), nr = r1 - r0, P = jb.tokens;
+      const char* gate = static_cast<const char*>(jb.gate_up);
+      const char* up = gate + I * H * wb;
+      rows.resize(static_cast<size_t>(2 * nr));
+      for (int64_t i = 0; i < nr; ++i) {  // interleaved (gate_r, up_r): a row block holds both of a pair
+        rows[2 * i] = gate + (r0 + i) * H * wb;
+        rows[2 * i + 1] = up + (r0 + i) * H * wb;
       }
+      part.resize(static_cast<size_t>(2 * nr * P));
+      dots(rows.data(), 2 * nr, H, jb.x, H, P, t.bf16, part.data());
+      float* act = jb.act.data();
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t p = 0; p < P; ++p) act[p * I + r0 + i] = silu(part[2 * i * P + p]) * part[(2 * i + 1) * P + p];
     }
     // Barrier: phase 2 reads every row of act.
     t.arrived.fetch_add(1, std::memory_order_acq_rel);
@@ -528,12 +677,14 @@ class CpuExpertPool {
     // Phase 2: out[p, j] = down_j . act_p for the item's rows j of H.
     for (int64_t it; (it = t.next2.fetch_add(1, std::memory_order_relaxed)) < t.items2;) {
       Job& jb = t.jobs[job_of(t, it, true)];
-      const int64_t r0 = (it - jb.first2) * t.rows2, r1 = std::min(H, r0 + t.rows2);
-      float* out = jb.out;
-      rows_dots(jb.down, r0, r1, I, jb.act.data(), I, jb.tokens, t.bf16,
-                [&](int64_t r, int64_t p0, int tb, const float* v) {
-                  for (int q = 0; q < tb; ++q) out[(p0 + q) * H + r] = v[q];
-                });
+      const int64_t r0 = (it - jb.first2) * jb.rows2, r1 = std::min(H, r0 + jb.rows2), nr = r1 - r0, P = jb.tokens;
+      const char* down = static_cast<const char*>(jb.down);
+      rows.resize(static_cast<size_t>(nr));
+      for (int64_t i = 0; i < nr; ++i) rows[i] = down + (r0 + i) * I * wb;
+      part.resize(static_cast<size_t>(nr * P));
+      dots(rows.data(), nr, I, jb.act.data(), I, P, t.bf16, part.data());
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t p = 0; p < P; ++p) jb.out[p * H + r0 + i] = part[i * P + p];
     }
   }
 
@@ -547,6 +698,9 @@ class CpuExpertPool {
   std::shared_ptr<Task> active_;
   std::map<int64_t, std::shared_ptr<Task>> tickets_;
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> started_{0};  // generation_, for workers spinning without the lock
+  uint64_t wake_ = 0;                 // prewake() calls
+  std::chrono::steady_clock::time_point spin_until_{};
   int64_t next_ticket_ = 1;
   bool stop_ = false, closed_ = false;
   int64_t tasks_run_ = 0, experts_run_ = 0, tokens_run_ = 0;
@@ -566,6 +720,7 @@ void register_cpu_expert(pybind11::module& m) {
            py::arg("out"))
       .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
       .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
+      .def("prewake", &CpuExpertPool::prewake, py::call_guard<py::gil_scoped_release>())
       .def("read", &CpuExpertPool::read, py::call_guard<py::gil_scoped_release>(), py::arg("addr"),
            py::arg("nbytes"))
       .def("counters", &CpuExpertPool::counters)

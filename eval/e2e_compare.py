@@ -106,21 +106,29 @@ WEIGHTS = {"a": 2.0, "b": 1.0, "c": 1.5, "d": 1.5, "e": 1.0}
 
 @dataclass(frozen=True)
 class Candidate:
-    """One moecache offload configuration, written ``policy[@layer]+predictor-dN+hybrid-MODE``
+    """One moecache offload configuration, written ``policy[@layer]+predictor-dN+pP+wW+hybrid-MODE``
     (every part after the policy optional), e.g. ``lru``, ``lru@layer``, ``lrfu+transition-d2``,
-    ``lru+transition-d1+hybrid-auto``, ``static+hybrid-cpu``."""
+    ``lru+transition-d1+hybrid-auto``, ``static+hybrid-cpu``; ``pP`` prefetches only experts whose
+    predicted probability is at least P (``min_prob``, default 0.05), ``wW`` at most W per target
+    layer (``prefetch_width``, default top-k times the batch rows)."""
 
     policy: str = "lru"
     scope: str = "global"
     predictor: str | None = None
     depth: int = 0
     hybrid: str | None = None
+    min_prob: float | None = None
+    width: int | None = None
 
     @property
     def label(self) -> str:
         out = self.policy + ("@layer" if self.scope == "layer" else "")
         if self.predictor:
             out += f"+{self.predictor}-d{self.depth}"
+        if self.min_prob is not None:
+            out += f"+p{self.min_prob:g}"
+        if self.width is not None:
+            out += f"+w{self.width}"
         if self.hybrid:
             out += f"+hybrid-{self.hybrid}"
         return out
@@ -146,6 +154,12 @@ class Candidate:
                 if mode not in HYBRID_MODES:
                     raise ConfigError(f"candidate {text!r}: hybrid mode {mode!r}; valid: {', '.join(HYBRID_MODES)}")
                 kw["hybrid"] = mode
+                continue
+            if part[:1] in ("p", "w") and part[1:].replace(".", "", 1).isdigit():
+                if part[0] == "p":
+                    kw["min_prob"] = float(part[1:])
+                else:
+                    kw["width"] = int(float(part[1:]))
                 continue
             name, _, depth = part.rpartition("-d")
             if not name or not depth.isdigit() or int(depth) < 1:
@@ -579,6 +593,10 @@ def offload_kwargs(bench: Bench, cand: Candidate, policy_params: dict[str, Any] 
     if cand.predictor:
         cls = PREDICTORS.get(cand.predictor)
         kw["predictor"] = cand.predictor if getattr(cls, "needs_model", False) else bench.predictor(cand.predictor)
+        if cand.min_prob is not None:
+            kw["min_prob"] = cand.min_prob
+        if cand.width is not None:
+            kw["prefetch_width"] = cand.width
     if cand.hybrid:
         kw["hybrid"] = True if cand.hybrid == "true" else cand.hybrid
     return kw

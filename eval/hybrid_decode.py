@@ -10,19 +10,24 @@ mixtral-8x7b-instruct-v0.1-fp8__speculative-moe`` (imported with ``moecache.trac
 trace layers evenly spread over the 32 (0, 8, 16, 24 for 4), the first ``--tokens`` decode
 tokens of each of its 4 sequences, tokens with a missing record dropped.
 
-Configurations, all with the same pool (``--slots``, default 2 of 8 experts per layer = 25%), LRU,
-no prefetch: all experts resident (unpatched; its time less the experts' measured GPU time gives
-the non-expert time per layer the simulator needs); copy-only misses (``hybrid=False``);
-``hybrid="auto"`` (the calibrated cost model); ``hybrid="cpu"`` (every miss on the CPU). Per row:
-ms per decode token (best of ``--passes`` timed passes after a warm-up, cache warm), tokens/s,
-speed-up over copy-only, hit rate, decisions, CPU kernel time, and the simulator's estimate
-(``moecache.sim.simulate``, the same trace, LRU, capacity and miss rule: copy / min / cpu, with the
-hardware profile the runtime calibrated on this machine).
+Configurations, all with the same pool (``--slots``, default 2 of 8 experts per layer = 25%), LRU:
+all experts resident (unpatched; its time less the experts' measured marginal GPU time gives the
+non-expert time per layer the simulator needs); copy-only misses (``hybrid=False``);
+``hybrid="auto"`` (the calibrated cost model, its CPU cost adapted online, the copy credited for the
+hits it earns: ``moecache.sim.timing.reuse_credit``); ``hybrid="cpu"`` (every miss on the CPU); all
+without prefetch, and copy-only and auto again with prefetch (``--predictor``, default temporal,
+depth 1: ``+pf`` rows). Per row: ms per decode token (best of ``--passes`` timed passes after a
+warm-up, cache warm), tokens/s, speed-up over copy-only, hit rate, decisions, CPU kernel time, the
+hybrid rule's live inputs (CPU cost scale, reuse rate) and host ms per layer with CPU experts
+(launching them, merging them), and the simulator's estimate (``moecache.sim.simulate``, the same
+trace, LRU, capacity, predictor and miss rule: copy / auto / cpu, with the hardware profile the
+runtime calibrated on this machine, its CPU times scaled as the auto run measured them).
 
 Kernel bandwidth: the host's multi-threaded read bandwidth (the CPU pool's own threads summing 2
 GiB of the host store) against the kernel's effective bandwidth (expert bytes / time, one token,
 rotating over experts so nothing is cached), alone and while host-to-GPU copies of other experts
-run on a CUDA stream (whose bandwidth is reported too).
+run on a CUDA stream (whose bandwidth is reported too); and the kernel's time for one expert with
+1-64 tokens against one token (token blocking).
 
     python eval/hybrid_decode.py                 # GPU, ~5 min: eval/results/hybrid_decode.{json,md}
     python eval/hybrid_decode.py --quick --out-dir /tmp/hyb    # CPU smoke run, tiny shape, seconds
@@ -64,6 +69,8 @@ TRACE_DIR = os.environ.get("MOECACHE_MIXTRAL_ROUTING") or os.path.join(
 TRACE_LAYERS = 32
 TARGET_SPEEDUP = 1.3
 TARGET_BANDWIDTH = 0.7
+#: Tokens per expert of the kernel's token sweep.
+SWEEP_TOKENS = (1, 2, 4, 8, 16, 64)
 
 
 def machine() -> dict[str, Any]:
@@ -183,22 +190,27 @@ def run_config(model: nn.Module, trace: Any, passes: int, warm_tokens: int, hand
         s = handle.stats()
         for key in ("hit_rate", "misses", "accesses", "decisions", "cpu_experts", "cpu_tokens", "cpu_ms",
                     "cpu_wait_ms", "cpu_kernel", "cpu_kernel_experts", "stall_s", "bytes_copied", "copies",
-                    "host_ms_per_layer", "sync_ms_per_layer"):
+                    "host_ms_per_layer", "sync_ms_per_layer", "layer_calls", "prefetch_issued", "prefetch_useful",
+                    "cpu_layers", "cpu_launch_ms_per_layer", "cpu_launch_parts_ms_per_layer", "cpu_merge_ms_per_layer", "cpu_cost_scale",
+                    "reuse_rate"):
             row[key] = s.get(key)
         row["hybrid"] = s["config"]["hybrid"]
     return row
 
 
-def simulate_row(trace: Any, slots: int, profile: Any, rule: str) -> dict[str, Any]:
+def simulate_row(trace: Any, slots: int, profile: Any, rule: str, predictor: str | None = None) -> dict[str, Any]:
     from moecache.policies import new_policy
+    from moecache.predictors import PREDICTORS
     from moecache.sim import Schedule, simulate
 
     m = trace.meta
     sched = Schedule(trace, decode_stream=True)
     pol = new_policy("lru", slots, m.num_layers, m.num_experts, top_k=m.top_k, scope="global")
-    r = simulate(sched, pol, hardware=profile, miss_rule=rule, bound=False, engine="python")
-    return {"miss_rule": rule, "ms_per_token": r.time_ms / r.tokens, "hit_rate": r.hits / r.accesses,
-            "loads": r.loads, "cpu_runs": r.cpu_runs, "tokens": r.tokens}
+    pred = PREDICTORS.get(predictor)(m.num_layers, m.num_experts, m.top_k) if predictor else None
+    r = simulate(sched, pol, pred, depth=1 if pred is not None else 0, hardware=profile, miss_rule=rule, bound=False,
+                 engine="python")
+    return {"miss_rule": rule, "predictor": predictor, "ms_per_token": r.time_ms / r.tokens,
+            "hit_rate": r.hits / r.accesses, "loads": r.loads, "cpu_runs": r.cpu_runs, "tokens": r.tokens}
 
 
 # -- kernel bandwidth -------------------------------------------------------------------------------
@@ -215,12 +227,13 @@ def kernel_bandwidth(store: HostStore, dev: torch.device, reps: int) -> dict[str
     read = [kernel.read_bandwidth(block) for _ in range(reps)]
     keys = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
     x = torch.randn(1, H).to(store.layout.dtype)
+    turn = iter(range(1 << 62))
 
-    def run_experts(n: int) -> list[float]:
+    def run_experts(n: int, x: torch.Tensor = x) -> list[float]:
         out = []
-        for i in range(n):
-            layer, e = keys[i % len(keys)]
-            out.append(kernel.wait(kernel.submit(layer, [e], x, [1]))[1])
+        for _ in range(n):
+            layer, e = keys[next(turn) % len(keys)]
+            out.append(kernel.wait(kernel.submit(layer, [e], x, [x.shape[0]]))[1])
         return out
 
     run_experts(2)  # warm-up
@@ -231,6 +244,14 @@ def kernel_bandwidth(store: HostStore, dev: torch.device, reps: int) -> dict[str
         "kernel_ms": statistics.median(alone), "kernel_gbps": expert_bytes / (statistics.median(alone) * 1e6),
     }
     res["kernel_vs_read"] = res["kernel_gbps"] / res["read_gbps"]
+    # Token blocking: one expert with n tokens (a batch's or a prefill's rows) against one token.
+    flops = 2 * 3 * H * I
+    sweep = []
+    for n in SWEEP_TOKENS:
+        xn = torch.randn(n, H).to(store.layout.dtype)
+        ms = statistics.median(run_experts(max(3, reps // 2), xn))
+        sweep.append({"tokens": n, "ms": ms, "vs_one_token": ms / res["kernel_ms"], "gflops": n * flops / (ms * 1e6)})
+    res["token_sweep"] = sweep
     if dev.type == "cuda":
         row_bytes = store.layout.slot_bytes
         dst = torch.empty(store.layout.slot_numel, dtype=store.layout.dtype, device=dev)
@@ -280,8 +301,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Model: {d['model']}, {d['layers']} layers, {d['dtype']}; routing: {d['trace']} (trace layers "
         f"{d['trace_layers']}), {d['sequences']} sequences, {d['tokens_per_sequence']} tokens each; pool "
-        f"{d['slots']} of {d['total_experts']} experts, LRU, no prefetch. Simulator: same trace, LRU, capacity "
-        "and miss rule, with the profile the runtime calibrated here and the measured non-expert time.",
+        f"{d['slots']} of {d['total_experts']} experts, LRU; prefetch only in the `+pf` rows ({d.get('predictor')}, "
+        "depth 1). Simulator: same trace, LRU, capacity, predictor and miss rule (copy / auto / cpu), with the "
+        "profile the runtime calibrated here (CPU times scaled as the auto run measured them) and the measured "
+        "non-expert time.",
         "",
         "| configuration | ms/token | tokens/s | speed-up vs copy | simulator ms/token | hit rate "
         "| misses copied / on CPU (all passes) | CPU kernel ms/token |",
@@ -298,8 +321,31 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_f(row.get('speedup_vs_copy'))} | {_f(sim.get('ms_per_token'))} | {_f(row.get('hit_rate'), '.3f')} | "
             f"{split} | {_f(cpu_per_tok)} |")
     sp = d.get("speedup_auto_vs_copy")
-    lines += ["", f"Speed-up of hybrid auto over copy-only misses: **{_f(sp)}x** (target {TARGET_SPEEDUP}x: "
-                  f"{'met' if sp is not None and sp >= TARGET_SPEEDUP else 'NOT met'})."]
+    lines += ["", f"Speed-up of hybrid auto over copy-only misses (both without prefetch): **{_f(sp)}x** (target "
+                  f"{TARGET_SPEEDUP}x: {'met' if sp is not None and sp >= TARGET_SPEEDUP else 'NOT met'})."]
+    hyb = [r for r in d["rows"] if r.get("hybrid")]
+    if hyb:
+        lines += ["", "Hybrid rows: the rule's live inputs and the host time of a layer with CPU experts "
+                      "(launch: decision to kernel running, the hidden rows' sync included; merge: after the "
+                      "wait, copy back, weighting, scatter).", "",
+                  "| configuration | CPU cost scale (measured / calibrated) | reuse rate (hits per copy) | "
+                  "layers with CPU experts | launch ms/layer | CPU wait ms/layer | merge ms/layer |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in hyb:
+            n = r.get("cpu_layers") or 0
+            wait = r["cpu_wait_ms"] / n if n and r.get("cpu_wait_ms") is not None else None
+            lines.append(f"| {r['config']} | {_f(r.get('cpu_cost_scale'))} | {_f(r.get('reuse_rate'))} | {n} | "
+                         f"{_f(r.get('cpu_launch_ms_per_layer'), '.3f')} | {_f(wait)} | "
+                         f"{_f(r.get('cpu_merge_ms_per_layer'), '.3f')} |")
+    prof = d.get("sim_profile")
+    if prof:
+        def table(t: dict[str, float]) -> str:
+            return ", ".join(f"{n} tok {ms:.3f}" for n, ms in t.items())
+
+        copy_ms = prof["bytes_per_expert"] / (prof["copy_bandwidth_gbps"] * 1e6)
+        lines += ["", f"Simulator profile: copy {copy_ms:.2f} ms; "
+                      f"GPU (marginal) {table(prof['gpu_ms'])} ms; CPU {table(prof['cpu_ms'])} ms; non-expert "
+                      f"{table(prof['non_expert_ms'])} ms per layer; {prof['source']}."]
     k = res.get("kernel_bandwidth")
     if k:
         lines += ["", "## CPU kernel bandwidth", "",
@@ -316,6 +362,11 @@ def markdown(res: dict[str, Any]) -> str:
                       f"| H2D copies during the kernel | {_f(k['copy_gbps_with_kernel'], '.1f')} | |"]
         lines += ["", f"Target: kernel at least {TARGET_BANDWIDTH:.0%} of the host read bandwidth: "
                       f"{'met' if k['kernel_vs_read'] >= TARGET_BANDWIDTH else 'NOT met'} alone."]
+        if k.get("token_sweep"):
+            lines += ["", "One expert with n tokens (token blocking: the weights are read once per job):", "",
+                      "| tokens | ms | x one token | GFLOP/s |", "| --- | --- | --- | --- |"]
+            lines += [f"| {r['tokens']} | {_f(r['ms'])} | {_f(r['vs_one_token'])} | {_f(r['gflops'], '.0f')} |"
+                      for r in k["token_sweep"]]
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None, help="kernel bandwidth repetitions (default 20; quick 3)")
     ap.add_argument("--impl", default="batched_mm", help="experts implementation (batched_mm, grouped_mm)")
-    ap.add_argument("--configs", default="resident,copy,auto,cpu")
+    ap.add_argument("--configs", default="resident,copy,auto,cpu,copy+pf,auto+pf",
+                    help="resident, copy, auto, cpu, copy+pf, auto+pf (+pf: with prefetch)")
+    ap.add_argument("--predictor", default="temporal", help="the +pf rows' predictor (depth 1)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and dev.index is None:
@@ -360,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                               "trace": os.path.basename(TRACE_DIR), "trace_layers": pick,
                               "sequences": len(trace.sequences()), "tokens_per_sequence": tokens,
                               "slots": slots, "total_experts": L * E, "expert_bytes": store.layout.slot_bytes,
-                              "rows": []}
+                              "predictor": args.predictor, "rows": []}
     res["decode"] = decode
     rows = decode["rows"]
     warm = min(8, tokens)
@@ -374,18 +427,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"  resident: {row['ms_per_token']:.2f} ms/token", flush=True)
     profile = None
-    for name, spec, rule in (("copy", False, "copy"), ("auto", "auto", "min"), ("cpu", "cpu", "cpu")):
+    cpu_scale = None
+    names = {"copy": "copy-only misses (hybrid off)", "auto": "hybrid auto",
+             "cpu": "hybrid cpu (every miss on the CPU)",
+             "copy+pf": f"copy-only misses + prefetch ({args.predictor})",
+             "auto+pf": f"hybrid auto + prefetch ({args.predictor})"}
+    for name, spec, rule in (("copy", False, "copy"), ("auto", "auto", "auto"), ("cpu", "cpu", "cpu"),
+                             ("copy+pf", False, "copy"), ("auto+pf", "auto", "auto")):
         if name not in configs:
             continue
-        h = offload(model, cache_slots=slots, device=str(dev), host_store=store, own_store=False, hybrid=spec)
-        if h.runtime.hybrid is not None and h.runtime.hybrid.costs is not None:
-            profile = h.runtime.hybrid.costs
-        row = {"config": {"copy": "copy-only misses (hybrid off)", "auto": "hybrid auto",
-                          "cpu": "hybrid cpu (every miss on the CPU)"}[name], "key": name, "miss_rule": rule,
+        pf = name.endswith("+pf")
+        h = offload(model, cache_slots=slots, device=str(dev), host_store=store, own_store=False, hybrid=spec,
+                    predictor=args.predictor if pf else None, prefetch_depth=1 if pf else 0)
+        if h.runtime.hybrid is not None and h.runtime.hybrid.profile is not None:
+            profile = h.runtime.hybrid.profile
+        row = {"config": names[name], "key": name, "miss_rule": rule, "predictor": args.predictor if pf else None,
                **run_config(model, trace, args.passes, warm, h)}
+        if name == "auto":
+            cpu_scale = row.get("cpu_cost_scale")
         h.remove(restore=False)
         rows.append(row)
-        print(f"  {name}: {row['ms_per_token']:.2f} ms/token, decisions {row.get('decisions')}", flush=True)
+        print(f"  {name}: {row['ms_per_token']:.2f} ms/token, decisions {row.get('decisions')}, hit rate "
+              f"{row.get('hit_rate')}", flush=True)
         write_json_atomic(stem + ".json", res)
     copy_ms = next((r["ms_per_token"] for r in rows if r.get("key") == "copy"), None)
     for r in rows:
@@ -394,24 +457,31 @@ def main(argv: list[str] | None = None) -> int:
     auto = next((r for r in rows if r.get("key") == "auto"), None)
     decode["speedup_auto_vs_copy"] = auto.get("speedup_vs_copy") if auto else None
 
-    # The simulator with the calibrated profile and the measured non-expert time per layer.
+    # The simulator with the calibrated profile (CPU times as the auto run measured them) and the
+    # measured non-expert time per layer.
     if profile is None and any(r.get("key") for r in rows):  # auto did not run: calibrate (or read the cache)
         h = offload(model, cache_slots=slots, device=str(dev), host_store=store, own_store=False, hybrid="auto")
-        profile = h.runtime.hybrid.costs
+        profile = h.runtime.hybrid.profile
         h.remove(restore=False)
     resident = next((r for r in rows if r["config"].startswith("resident")), None)
     if profile is not None:
         from moecache.sim.hardware import HardwareProfile
 
         hw = HardwareProfile(**{**profile.to_json()})
+        sources = [profile.source]
+        if cpu_scale is not None:
+            hw.cpu_ms = {n: ms * cpu_scale for n, ms in hw.cpu_ms.items()}
+            sources.append(f"CPU times x {cpu_scale:.3f} (the auto run's measured / calibrated)")
         if resident is not None:
             experts_gpu = L * 2 * profile.gpu(1)
             hw.non_expert_ms = {1: max(0.0, (resident["ms_per_token"] - experts_gpu) / L)}
-            hw.source = profile.source + "; non-expert time from the resident run"
+            sources.append("non-expert time from the resident run")
+        hw.source = "; ".join(sources)
+        hw._cache.clear()
         decode["sim_profile"] = hw.to_json()
         for r in rows:
             if r.get("key"):
-                r["simulated"] = simulate_row(trace, slots, hw, r["miss_rule"])
+                r["simulated"] = simulate_row(trace, slots, hw, r["miss_rule"], r.get("predictor"))
     write_json_atomic(stem + ".json", res)
 
     res["kernel_bandwidth"] = kernel_bandwidth(store, dev, reps)

@@ -54,11 +54,15 @@ class KeyedHeap:
         heap, cur = self._heap, self._cur
         held: list[tuple] = []
         out: list[tuple] = []
+        seen: set[int] = set()
         while heap and len(out) < n:
             prio = heapq.heappop(heap)
             key = prio[-1]
-            if cur.get(key) != prio:
+            # stale, or a second entry equal to the live one (a key set back to an earlier priority,
+            # e.g. evicted and prefetched again with the same next uses): dropped, each key counts once
+            if cur.get(key) != prio or key in seen:
                 continue
+            seen.add(key)
             held.append(prio)
             if key not in protected:
                 out.append(prio)

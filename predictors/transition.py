@@ -37,18 +37,33 @@ from .base import PREDICTORS
 from ._common import StreamPredictor, check_trace, layer_prior, multi_hot, token_order
 
 
+def _observed(hot: np.ndarray) -> np.ndarray:
+    """Experts observed in any row, ascending: the fixed order the combine rules fold them in."""
+    return np.nonzero(hot.any(axis=0))[0]
+
+
+# Both rules fold the observed experts' rows in ascending expert order with elementwise IEEE
+# operations only (no BLAS product, whose summation order depends on the machine's kernel, and no
+# exp/log, whose vectorised versions differ from libm), so the C++ simulator core
+# (csrc/sim_predict.h) reproduces every probability exactly.
 def _mean(hot: np.ndarray, cond: np.ndarray, prior_t: np.ndarray) -> np.ndarray:
     n = hot.sum(axis=1, keepdims=True)
-    return (hot @ cond) / np.maximum(n, 1.0)
+    total = np.zeros((hot.shape[0], cond.shape[1]))
+    for e in _observed(hot):
+        total += np.where(hot[:, e:e + 1] > 0, cond[e][None, :], 0.0)
+    return total / np.maximum(n, 1.0)
 
 
 def _product(hot: np.ndarray, cond: np.ndarray, prior_t: np.ndarray) -> np.ndarray:
-    n = hot.sum(axis=1, keepdims=True)
-    # log prior + sum_e [log P(e'|e) - log prior]; shifted by the row max before exp for range
-    logs = hot @ np.log(cond) - n * np.log(prior_t)[None, :] + np.log(prior_t)[None, :]
-    logs -= logs.max(axis=1, keepdims=True)
-    w = np.exp(logs)
-    return w / w.sum(axis=1, keepdims=True)
+    # prior times each observed expert's likelihood ratio P(e'|e) / prior, then renormalised. The
+    # ratios lie in [alpha / (row count + alpha), 1 / prior], so the product stays in range for any
+    # realistic top_k; a row that still over- or underflows falls back to the prior.
+    w = np.array(np.broadcast_to(prior_t, hot.shape), dtype=np.float64)
+    for e in _observed(hot):
+        w *= np.where(hot[:, e:e + 1] > 0, (cond[e] / prior_t)[None, :], 1.0)
+    total = w.sum(axis=1, keepdims=True)
+    ok = (total > 0) & np.isfinite(total)
+    return np.where(ok, w / np.where(ok, total, 1.0), prior_t[None, :])
 
 
 #: How the conditionals of a token's several observed experts are combined into one distribution.

@@ -16,7 +16,8 @@ from moecache.errors import ConfigError
 from moecache.runtime import offload
 from moecache.runtime import hybrid as hy
 from moecache.sim.hardware import HardwareProfile, load_profile
-from moecache.sim.timing import MISS_RULES, Timeline, choose_copy
+from moecache.sim import Schedule, simulate
+from moecache.sim.timing import MISS_RULES, REUSE_CREDIT_MAX, Timeline, choose_copy, reuse_credit, reuse_rate
 
 from .tiny_models import tiny_model
 
@@ -111,6 +112,62 @@ def test_kernel_task_of_several_experts_and_threads():
 
 
 @needs_ext
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tokens_together_equal_tokens_one_by_one(kernel, dtype):
+    """Token blocking: many tokens in one job (register blocks of rows x tokens, chunk-major order
+    past one token block) give exactly the bits of each token run alone, and torch's result. Shapes
+    cross the 1024-element summation chunks with tails in both phases; 13 and 70 tokens take the
+    chunk-major path with partial token blocks."""
+    C = extension()
+    pool = C.CpuExpertPool(3, kernel)
+    gen = torch.Generator().manual_seed(2)
+    wt = 1 if dtype == torch.bfloat16 else 0
+    for H, I, P in ((1100, 70, 13), (130, 1030, 70), (37, 19, 5)):
+        gate_up = torch.randn(2 * I, H, generator=gen).to(dtype)
+        down = torch.randn(H, I, generator=gen).to(dtype)
+        x = torch.randn(P, H, generator=gen)
+        together = torch.full((P, H), float("nan"))
+        pool.wait(pool.submit(H, I, wt, [x.data_ptr()], [P], [gate_up.data_ptr()], [down.data_ptr()],
+                              [together.data_ptr()]))
+        alone = torch.full((P, H), float("nan"))
+        for p in range(P):
+            pool.wait(pool.submit(H, I, wt, [x[p:].data_ptr()], [1], [gate_up.data_ptr()], [down.data_ptr()],
+                                  [alone[p:].data_ptr()]))
+        assert torch.equal(together, alone), (kernel, dtype, H, I, P)
+        ref = torch_ffn(x, gate_up, down)
+        assert (together.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item(), (kernel, H, I, P)
+    pool.close()
+
+
+@needs_ext
+def test_prewake_then_task_or_none():
+    """prewake() announces a task: the workers spin for it, take it when it comes, and go back to
+    sleep when it does not; close() still returns while they spin."""
+    import time
+
+    C = extension()
+    pool = C.CpuExpertPool(2, "auto")
+    gen = torch.Generator().manual_seed(3)
+    H, I = 24, 10
+    gate_up, down = torch.randn(2 * I, H, generator=gen), torch.randn(H, I, generator=gen)
+    x = torch.randn(2, H, generator=gen)
+    for pause in (0.0, 0.005):  # the task within the spin window, then after it ended (workers asleep again)
+        pool.prewake()
+        time.sleep(pause)
+        out = torch.full((2, H), float("nan"))
+        pool.wait(pool.submit(H, I, 0, [x.data_ptr()], [2], [gate_up.data_ptr()], [down.data_ptr()], [out.data_ptr()]))
+        ref = torch_ffn(x, gate_up, down)
+        assert (out.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
+    assert pool.counters()[0] == 2
+    pool.prewake()
+    t0 = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - t0 < 1.0
+    pool.prewake()  # closed: nothing to wake, no error
+
+
+@needs_ext
 def test_kernel_selection_falls_back_to_what_the_cpu_has():
     # (avx2, fma, avx512f) -> kernel, for each request: never an instruction set the CPU lacks.
     choose = extension().choose_cpu_kernel
@@ -155,18 +212,32 @@ def _profile(copy_ms=1.0, gpu=0.5, cpu=None) -> HardwareProfile:
 
 
 def test_choose_copy_by_hand():
-    # copy path: max(t, copy_free) + copy + gpu; CPU path: max(t, cpu_free) + cpu; ties copy.
+    # copy path: max(t, copy_free) + copy + gpu - credit; CPU path: max(t, cpu_free) + cpu; ties copy.
     assert choose_copy(0.0, 0.0, 0.0, 1.0, 0.5, 2.0) is True      # 1.5 vs 2
     assert choose_copy(0.0, 1.0, 0.0, 1.0, 0.5, 2.0) is False     # 2.5 vs 2
     assert choose_copy(0.0, 0.5, 0.0, 1.0, 0.5, 2.0) is True      # 2 vs 2: tie -> copy
     assert choose_copy(3.0, 1.0, 0.0, 1.0, 0.5, 2.0) is True      # both start at t = 3
-    # The simulator's 'min' miss rule is this very function (declined misses aside).
+    assert choose_copy(0.0, 1.0, 0.0, 1.0, 0.5, 2.0, reuse_credit_ms=0.5) is True  # 2.5 - 0.5 vs 2: tie
+    # The simulator's 'min' miss rule is this very function without a credit, its 'auto' rule with the
+    # credit of the replay's own reuse counts (declined misses aside).
     rng = np.random.default_rng(0)
     for _ in range(200):
         t, cf, pf, cp, g, c = rng.uniform(0, 3, 6).round(1)
+        hits, copies = (int(v) for v in rng.integers(0, 20, 2))
         tl = Timeline()
-        tl.copy, tl.cpu = cf, pf
+        tl.copy, tl.cpu, tl.hits, tl.copies = cf, pf, hits, copies
         assert MISS_RULES.get("min").decide(tl, t, cp, g, c, True) == choose_copy(t, cf, pf, cp, g, c)
+        assert MISS_RULES.get("auto").decide(tl, t, cp, g, c, True) == \
+            choose_copy(t, cf, pf, cp, g, c, reuse_credit(hits, copies, c))
+        assert MISS_RULES.get("auto").decide(tl, t, cp, g, c, False) is False
+
+
+def test_reuse_estimate_and_credit():
+    # Hits per copy, pulled to the prior 0.5 while copies are few; the credit caps it.
+    assert reuse_rate(0, 0) == 0.5 and reuse_rate(30, 20) == pytest.approx(32 / 24)
+    assert reuse_credit(0, 0, 10.0) == pytest.approx(REUSE_CREDIT_MAX * 10.0)
+    assert reuse_credit(300, 100, 10.0) == pytest.approx(REUSE_CREDIT_MAX * 10.0)   # capped
+    assert reuse_credit(0, 196, 10.0) == pytest.approx(2 / 200 * 10.0)              # copies never reused
 
 
 def _executor(rule: str, costs: HardwareProfile | None = None) -> hy.HybridExecutor:
@@ -175,17 +246,57 @@ def _executor(rule: str, costs: HardwareProfile | None = None) -> hy.HybridExecu
     return hy.HybridExecutor(hy.HybridConfig(rule=rule), hy.CpuKernel(), costs, RuntimeCounters())
 
 
-def test_auto_rule_matches_the_simulators_min_rule_by_hand():
+def _no_reuse(ex: hy.HybridExecutor) -> hy.HybridExecutor:
+    """Copies seen never to be reused: the credit is ~0 and ``auto`` compares finish times only."""
+    ex.copies = 10**6
+    return ex
+
+
+def test_auto_rule_matches_the_simulators_min_rule_without_reuse():
     # tests/test_timing.py::test_min_rule_by_hand: copy 1, GPU 0.5, CPU 2: key 0 copied (1.5 < 2),
     # key 1 then waits for the copy engine (2.5 > 2): CPU.
-    ex = _executor("auto", _profile())
+    ex = _no_reuse(_executor("auto", _profile()))
     assert ex.decide([(0, 1), (1, 1)]) == [True, False]
     assert (ex.counters.decide_copy, ex.counters.decide_cpu) == (1, 1)
 
 
+def test_reuse_credit_flips_a_decision():
+    # One miss, CPU 1.4 ms against copy 1 + GPU 0.5: the CPU finishes first (1.4 < 1.5), but the copy
+    # also caches the expert: credited 0.4 x 1.4 (the prior's 0.5 hits per copy, capped), 0.94 < 1.4.
+    ex = _executor("auto", _profile(cpu={1: 1.4}))
+    assert ex.decide([(0, 1)]) == [True]
+    # Copies seen never to be reused: no credit, the CPU again.
+    ex = _no_reuse(_executor("auto", _profile(cpu={1: 1.4})))
+    ex.copy_until = 0.0
+    assert ex.decide([(0, 1)]) == [False]
+    # The runtime counts the hits it is told of (a layer without misses too) and the copies it issued.
+    ex = _executor("auto", _profile(cpu={1: 1.4}))
+    assert ex.decide([], hits=6) == [] and ex.hits == 6
+    ex.copies_issued(3)
+    assert ex.copies == 3 and reuse_rate(ex.hits, ex.copies) == pytest.approx((6 + 2) / (3 + 4))
+
+
+@pytest.mark.parametrize("cpu_ms", [2.82, 3.35, 4.0])
+def test_two_misses_of_a_layer_split_one_each_at_realistic_costs(cpu_ms):
+    """Mixtral at batch 1 on the GPU machine: copy 6.41 ms, marginal GPU 0.15 ms, CPU 2.8 (calibrated
+    alone) to 4.0 ms (live, copies running). Two misses: the first on the CPU, the second copied, so
+    that both finish about together and the pool fills. Without the credit, at 2.82 ms both would
+    go to the CPU (5.64 < 6.56) and nothing would ever be cached. A third miss goes to the CPU again."""
+    costs = HardwareProfile(bytes_per_expert=352321536, copy_bandwidth_gbps=352321536 / 6.41e6,
+                            copy_latency_ms=0.0, gpu_ms={1: 0.15}, cpu_ms={1: cpu_ms}, non_expert_ms={1: 1.0})
+    ex = _executor("auto", costs)
+    assert ex.decide([(3, 1), (5, 1)]) == [False, True]
+    ex.copy_until = 0.0
+    assert ex.decide([(3, 1), (5, 1), (6, 1)]) == [False, True, False]
+    if cpu_ms < 3.2:
+        tl = Timeline()
+        tl.issue_cpu(0.0, cpu_ms)
+        assert not choose_copy(0.0, tl.copy, tl.cpu, costs.copy_ms, 0.15, cpu_ms)  # 'min' keeps it on the CPU
+
+
 def test_tokens_per_expert_and_copy_backlog_flip_the_decision():
     costs = _profile(copy_ms=6.4, gpu=0.14, cpu={1: 5.8, 64: 7.8})  # the Mixtral row of hardware.md
-    ex = _executor("auto", costs)
+    ex = _no_reuse(_executor("auto", costs))
     assert ex.decide([(3, 1)]) == [False]        # batch 1: the CPU (5.8 ms) beats copy + GPU (6.54 ms)
     ex.copy_until = 0.0
     assert ex.decide([(3, 64)]) == [True]        # 64 tokens on the expert: 7.8 ms on the CPU, copy wins
@@ -194,6 +305,46 @@ def test_tokens_per_expert_and_copy_backlog_flip_the_decision():
     # A copy backlog (prefetches queued) makes even a 64-token expert go to the CPU.
     ex.copies_issued(2)
     assert ex.decide([(5, 64)]) == [False]
+
+
+def test_online_cpu_cost_follows_the_kernels_measurements():
+    costs = _profile(cpu={1: 1.0, 4: 2.0})
+    online = hy.OnlineCosts(costs)
+    assert online.cpu(1) == 1.0 and online.cpu(4) == 2.0 and online.copy_ms == costs.copy_ms
+    online.observe_cpu([1, 4], 6.0)   # modelled 3 ms, measured 6: ratio 2, EWMA step
+    assert online.cpu_scale == pytest.approx(1.0 + hy.CPU_EWMA * (2.0 - 1.0))
+    for _ in range(60):
+        online.observe_cpu([1], 2.0)
+    assert online.cpu_scale == pytest.approx(2.0) and online.cpu(4) == pytest.approx(4.0)
+    online.observe_cpu([1], 1e6)      # a preempted worker moves it by at most the clamp
+    assert online.cpu_scale == pytest.approx(2.0 + hy.CPU_EWMA * (hy.CPU_RATIO_CLAMP[1] - 2.0))
+    # The decision follows: calibrated, the CPU (1.0) beats copy 1 + GPU 0.5 - credit 0.4; measured
+    # twice as slow, it loses (2.0 > 1.5 - 0.8).
+    ex = _executor("auto", _profile(cpu={1: 1.0}))
+    assert ex.decide([(0, 1)]) == [False]
+    for _ in range(60):
+        ex.costs.observe_cpu([1], 2.0)
+    ex.copy_until = 0.0
+    assert ex.decide([(0, 1)]) == [True]
+
+
+def test_simulators_auto_rule_counts_reuse_and_runs_in_python():
+    from moecache.policies import new_policy
+
+    from .test_timing import make_trace
+
+    # One layer, 1 slot; expert 0 needed by 4 tokens in a row. CPU 1.4 against copy 1 + GPU 0.5:
+    # 'min' runs every need on the CPU; 'auto' credits the copy (prior 0.5, capped 0.4) and caches it.
+    trace = make_trace([[0], [0], [0], [0]], num_experts=4)
+    hw = _profile(cpu={1: 1.4})
+    for rule, outcomes in (("min", ["cpu"] * 4), ("auto", ["copy", "hit", "hit", "hit"])):
+        log: list = []
+        r = simulate(Schedule(trace), new_policy("lru", 1, 1, 4), hardware=hw, miss_rule=rule, record=log,
+                     bound=False, engine="auto")
+        assert [o for *_x, o in log] == outcomes, rule
+    assert r.hits == 3 and r.loads == 1
+    with pytest.raises(ConfigError, match="miss rule 'auto' has no C.. version"):
+        simulate(Schedule(trace), new_policy("lru", 1, 1, 4), hardware=hw, miss_rule="auto", engine="cpp")
 
 
 def test_forced_rules_and_config_errors():
@@ -274,6 +425,50 @@ def test_calibration_is_measured_cached_and_reused(monkeypatch, tmp_path):
                 hybrid=hy.HybridConfig("auto", cache_dir=d))
 
 
+def test_calibration_times_gpu_back_to_back_and_cpu_on_rotating_experts():
+    """The GPU time is the marginal one (``back_to_back`` calls timed together, divided); every CPU
+    run reads another expert than the one before (weights from memory, as a miss's are)."""
+    from moecache.runtime.hoststore import HostAllocator, HostStore
+    from moecache.runtime.layout import SlotLayout
+    from moecache.runtime.pool import SlotPool
+
+    m = tiny_model("mixtral")
+    experts = m.model.layers[0].mlp.experts
+    E = experts.gate_up_proj.shape[0]
+    layout = SlotLayout.from_module(experts, E)
+    store = HostStore(layout, 2, E, HostAllocator(pin=False))
+    store.fill_random(seed=0, std=0.02)
+    pool = SlotPool(layout, 2, torch.device("cpu"))
+    calls = {"shell": 0}
+
+    def shell(x, idx, w):
+        calls["shell"] += 1
+        return x
+
+    class Recording(hy.CpuKernel):
+        name = "recording"
+
+        def __init__(self):
+            self.runs = []
+
+        def submit(self, layer, experts, x, sizes):
+            self.runs.append((layer, tuple(experts), tuple(sizes)))
+            return x, 0.5
+
+        def wait(self, handle):
+            return handle
+
+    kernel = Recording()
+    prof = hy.calibrate(store, pool, shell, kernel, 32, reps=3, back_to_back=5)
+    # Per token count: a warm-up and 3 timed measurements of 5 calls each.
+    assert calls["shell"] == len(hy.GPU_TOKENS) * (1 + 3) * 5
+    assert len(kernel.runs) == len(hy.CPU_TOKENS) * (1 + 3)
+    keys = [(layer, e[0]) for layer, e, _n in kernel.runs]
+    assert all(a != b for a, b in zip(keys, keys[1:])) and len(set(keys)) == min(len(keys), 2 * E)  # in turn
+    assert [n for *_x, (n,) in kernel.runs] == [n for n in hy.CPU_TOKENS for _ in range(4)]
+    assert set(prof.cpu_ms) == set(hy.CPU_TOKENS) and all(v >= 0 for v in prof.gpu_ms.values())
+
+
 def test_given_profile_skips_calibration(monkeypatch, tmp_path):
     monkeypatch.setattr(hy, "calibrate", lambda *a, **k: pytest.fail("calibrated although a profile was given"))
     f = tmp_path / "hw.json"
@@ -289,6 +484,26 @@ def test_given_profile_skips_calibration(monkeypatch, tmp_path):
 
 
 # -- the runtime ------------------------------------------------------------------------------------
+
+@needs_ext
+def test_runtime_adapts_the_cpu_cost_and_reports_the_rule_inputs():
+    """A profile that overstates the CPU 1000-fold: the kernel's measured times pull the cost down
+    (clamped per job), and stats report it with the reuse estimate and the host time per CPU layer."""
+    costs = HardwareProfile(bytes_per_expert=10**6, copy_bandwidth_gbps=1e-3, copy_latency_ms=0.0, gpu_ms={1: 0.0},
+                            cpu_ms={1: 100.0, 64: 200.0}, non_expert_ms={1: 1.0}, source="test")  # copy 1 s
+    m = tiny_model("mixtral")
+    h = offload(m, cache_slots=4, device="cpu", hybrid=hy.HybridConfig("auto", profile=costs))
+    _gen(m, 4)
+    s = h.stats()
+    h.remove()
+    assert s["decisions"]["cpu"] == s["misses"] > 0 and s["cpu_layers"] > 8
+    lo = hy.CPU_RATIO_CLAMP[0]
+    assert lo <= s["cpu_cost_scale"] < lo + (1 - lo) * (1 - hy.CPU_EWMA) ** 8
+    assert s["reuse_rate"] == pytest.approx(reuse_rate(s["hits"], s["copies"]))
+    assert s["cpu_launch_ms_per_layer"] > 0 and s["cpu_merge_ms_per_layer"] > 0
+
+
+
 
 def _gen(m, n=8, prompt=PROMPT):
     return m.generate(torch.tensor(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -483,3 +698,19 @@ def test_cuda_hybrid_close_to_unpatched(rule):
     if rule == "half":
         assert s["cpu_experts"] > 0
     _assert_close_run(out, ref, logit_tol=0.05, gap=0.1)
+
+
+def test_thread_count_leaves_two_cores_and_reads_the_environment(monkeypatch):
+    from moecache.runtime import hybrid as hy
+
+    monkeypatch.delenv(hy.ENV_THREADS, raising=False)
+    monkeypatch.setattr(hy.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert hy.default_threads() == 14
+    monkeypatch.setattr(hy.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert hy.default_threads() == 1
+    monkeypatch.setenv(hy.ENV_THREADS, "5")
+    assert hy.default_threads() == 5
+    for bad in ("0", "x"):
+        monkeypatch.setenv(hy.ENV_THREADS, bad)
+        with pytest.raises(ConfigError, match=hy.ENV_THREADS):
+            hy.default_threads()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -390,3 +391,33 @@ def test_from_pretrained_refuses_encoder_decoder_models_clearly(tmp_path):
     tiny_model("switch_transformers").save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="encoder-decoder .* moecache.offload"):
         from_pretrained(tmp_path, cache_slots=4, device="cpu")
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_predicted_policy_gets_scores_at_any_prefetch_depth(depth):
+    """The ``predicted`` policy wants the predictor's probabilities at its own ``score_depth`` (L layers
+    ahead: the same layer, next token) every layer, as the simulator feeds them, whatever the prefetch
+    depth; the scores are the row mean of ``predict(layer, score_depth)``."""
+    from moecache.policies import new_policy
+
+    ref = _gen(tiny_model("qwen3_moe"), 8).sequences
+    m = tiny_model("qwen3_moe")
+    L, E, k = m.config.num_hidden_layers, m.config.num_experts, m.config.num_experts_per_tok
+    pol = new_policy("predicted", 3 * L, L, E, top_k=k, scope="global")
+    seen: list[tuple[int, np.ndarray]] = []
+    feed = pol.on_scores
+
+    def spy(layer: int, probs: np.ndarray) -> None:
+        seen.append((layer, np.array(probs)))
+        feed(layer, probs)
+
+    pol.on_scores = spy  # type: ignore[method-assign]
+    h = offload(m, cache_slots=3 * L, device="cpu", policy=pol, predictor="temporal", prefetch_depth=depth)
+    out = _gen(m, 8).sequences
+    calls = h.stats()["layer_calls"]
+    h.remove()
+    assert torch.equal(out, ref)
+    assert len(seen) == calls > 0
+    assert {layer for layer, _ in seen} == set(range(L))
+    for _, p in seen:
+        assert p.shape == (E,) and abs(p.sum() - k) < 1e-9

@@ -1,7 +1,10 @@
 """The C++ replay engine against the Python reference: identical result rows and need logs.
 
 The reference runs with the extension disabled (``MOECACHE_DISABLE_EXT=1``), the C++ engine with
-``engine="cpp"``; rows (bound included) and per-need records are compared with ``==``.
+``engine="cpp"``; rows (bound included) and per-need records are compared with ``==``. Covered:
+every policy, both scopes, every miss rule, capacities from top_k to all experts, step and decode
+schedules, and with predictors: the C++ ones (prior, temporal, transition) and streamed Python ones
+(oracle, activation_matrix, learned, subclasses), prefetch depths 0-3 with both rules and budgets.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from moecache._ext import ENV_DISABLE, extension
@@ -23,7 +26,7 @@ from moecache.errors import ConfigError
 from moecache.policies import new_policy
 from moecache.sim import HardwareProfile, Schedule, default_profile, simulate
 from moecache.sim import engine_cpp
-from moecache.sim.engine_cpp import CPP_POLICIES, choose_engine
+from moecache.sim.engine_cpp import CPP_POLICIES, CPP_PREDICTORS, choose_engine, predictor_mode
 from moecache.trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta, count_ids
 from moecache.trace.importers import read_sources
 
@@ -33,10 +36,17 @@ pytestmark = pytest.mark.skipif(extension() is None or not hasattr(extension(), 
                                 reason="moecache._C with sim_replay is not built")
 
 MISS_RULES = ("copy", "cpu", "policy", "min")
-#: (policy, parameters) pairs covering every C++ policy and the parameter edge cases.
+#: (policy, parameters) pairs covering every C++ policy that needs no predictor and the parameter edge cases.
 CONFIGS = [("lru", {}), ("fifo", {}), ("lfu", {}), ("lfu", {"half_life": 0}), ("lfu", {"half_life": 1}),
            ("lrfu", {}), ("lrfu", {"half_life": 0.5}), ("static", {}), ("static", {"scratch": 1}),
+           ("activation", {}), ("activation", {"half_life": 0}), ("activation", {"alpha": 2.0, "half_life": 3.0}),
            ("belady", {}), ("belady_bypass", {})]
+#: ... and those that read a predictor's scores.
+SCORE_CONFIGS = [("predicted", {}), ("predicted", {"half_life": 0, "alpha": 4.0})]
+#: (predictor, parameters): the C++ predictors with their edge cases, and streamed Python ones.
+PRED_CONFIGS = [("prior", {}), ("prior", {"alpha": 0.0}), ("temporal", {}), ("temporal", {"decay": 1.0, "strength": 0.0}),
+                ("temporal", {"decay": 0.0, "strength": 3.0}), ("transition", {}), ("transition", {"combine": "mean"}),
+                ("oracle", {}), ("activation_matrix", {"library_size": 2, "matches": 1})]
 
 
 @contextlib.contextmanager
@@ -68,19 +78,40 @@ def _profile(bytes_per_expert: int = 3_000_000) -> HardwareProfile:
                            non_expert_ms={1: 0.0517, 8: 0.2, 64: 1.3}, source="test")
 
 
-def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, bound=True):
-    """(reference row, reference log), (C++ row, C++ log)."""
+def _predictor(name, params, trace, depths=()):
+    """A predictor for ``trace`` (fitted on it where it needs fitting); transition deep enough for ``depths``."""
+    if name is None:
+        return None
+    from moecache.predictors import PREDICTORS
+
+    m = trace.meta
+    params = dict(params)
+    if name == "transition" and "max_depth" not in params:
+        params["max_depth"] = max([1, *depths])
+    pred = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k, **params)
+    if pred.needs_fit or name == "temporal":
+        pred.fit(trace)
+    return pred
+
+
+def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, bound=True, pred=None, depth=0,
+         prefetch="topk", budget=None):
+    """(reference row, reference log), (C++ row, C++ log); ``pred`` = (predictor name, parameters)."""
     hw = hw or _profile()
     out = []
     for engine in ("python", "cpp"):
         log: list = []
         sched = Schedule(trace, decode_stream=decode, name="t")
         pol = _policy(name, params, cap, trace, scope)
+        depths = list(range(1, depth + 1)) + ([trace.meta.num_layers] if pol.uses_scores else [])
+        predictor = _predictor(*pred, trace, depths) if pred else None
+        kw = dict(hardware=hw, miss_rule=miss_rule, record=log, bound=bound, depth=depth, prefetch=prefetch,
+                  budget=budget)
         if engine == "python":
             with ext_disabled():
-                r = simulate(sched, pol, hardware=hw, miss_rule=miss_rule, record=log, bound=bound)
+                r = simulate(sched, pol, predictor, **kw)
         else:
-            r = simulate(sched, pol, hardware=hw, miss_rule=miss_rule, record=log, bound=bound, engine="cpp")
+            r = simulate(sched, pol, predictor, engine="cpp", **kw)
         out.append((r.row(), log))
     return out
 
@@ -136,8 +167,48 @@ def test_random_traces_identical(case, config, miss_rule, decode, heap):
     assert got_log == ref_log
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 70), st.data())
+def test_normalise_identical(rows, experts, data):
+    # the core's Predictor.normalise, row by row, on scores that overflow (several capping rounds),
+    # vanish, tie or span many magnitudes
+    from moecache.predictors.base import Predictor
+
+    top_k = data.draw(st.integers(1, experts))
+    value = st.one_of(st.just(0.0), st.floats(0.0, 1.0), st.floats(1e-300, 1e300), st.sampled_from([1e-9, 0.5, 7.0]))
+    scores = np.array(data.draw(st.lists(value, min_size=rows * experts, max_size=rows * experts)),
+                      np.float64).reshape(rows, experts)
+    with np.errstate(all="ignore"):  # sums of huge scores overflow: both sides must then agree on inf / nan
+        ref = Predictor(1, experts, top_k).normalise(scores)
+    got = extension().sim_normalise(__import__("torch").from_numpy(scores), top_k).numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_every_cpp_policy_is_covered():
-    assert {n for n, _p in CONFIGS} == set(CPP_POLICIES.names())
+    from moecache.policies import POLICIES
+
+    assert {n for n, _p in CONFIGS + SCORE_CONFIGS} == set(CPP_POLICIES.names()) == set(POLICIES.names())
+    assert {n for n, _p in PRED_CONFIGS} >= set(CPP_PREDICTORS.names())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS),
+       st.integers(0, 3), st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)),
+       st.sampled_from(MISS_RULES), st.booleans(), st.booleans())
+def test_random_traces_with_predictors_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap):
+    trace, scope, cap = case
+    name, params = config
+    if name not in ("predicted",) and depth == 0:
+        depth = 1  # a predictor without prefetch changes nothing for the other policies
+    with tuning(heap):
+        try:
+            (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
+                                                  pred=pred, depth=depth, prefetch=prefetch, budget=budget)
+        except ConfigError as e:  # prior with alpha 0 cannot be fitted on a trace with an empty layer
+            assert "no routing at layers" in str(e)
+            reject()
+    assert got == ref
+    assert got_log == ref_log
 
 
 # -- prefixes of the real traces -----------------------------------------------------------------
@@ -174,18 +245,49 @@ def test_real_trace_prefixes_identical(routing_dir, which):
             assert got["accesses"] == Schedule(trace).accesses
 
 
+#: (policy, parameters, predictor, predictor parameters, depth, prefetch rule, budget, scope, miss rule, decode)
+REAL_PRED_CASES = [
+    ("lru", {}, "transition", {}, 2, "topk", None, "layer", "copy", True),
+    ("predicted", {}, "temporal", {}, 1, "fill", None, "global", "copy", False),
+    ("belady_bypass", {}, "prior", {}, 1, "topk", None, "layer", "min", True),
+    ("activation", {}, "oracle", {}, 1, "topk", None, "global", "policy", False),
+    ("lrfu", {}, "activation_matrix", {"library_size": 2}, 2, "fill", 2, "global", "copy", True),
+    ("static", {}, "transition", {"combine": "mean"}, 1, "topk", 3, "layer", "cpu", False),
+    ("belady", {}, "learned", {"max_depth": 1, "max_samples": 200}, 1, "topk", None, "layer", "copy", True),
+]
+
+
+@pytest.mark.parametrize("which,tokens", [("deepseek", None), ("mixtral", 60), ("qwen", 400)])
+def test_real_trace_prefixes_with_predictors_identical(routing_dir, which, tokens):
+    trace = _real(routing_dir, which)
+    if tokens is not None:
+        trace = trace.select(slice(0, tokens))
+    m = trace.meta
+    hw = default_profile(m.bytes_per_expert)
+    prefetched = 0
+    for name, params, pname, pparams, depth, rule, budget, scope, miss, decode in REAL_PRED_CASES:
+        total = m.num_experts if scope == "layer" else m.num_layers * m.num_experts
+        cap = max(m.top_k, total // 4)
+        (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss, decode=decode, hw=hw,
+                                              pred=(pname, pparams), depth=depth, prefetch=rule, budget=budget)
+        assert got == ref, (name, pname, scope)
+        assert got_log == ref_log
+        prefetched += ref["prefetches"] > 0
+    assert prefetched >= len(REAL_PRED_CASES) - 2  # the prefetch paths were exercised
+
+
 def test_golden_mixtral_hits(routing_dir):
     # tests/test_policies.py pins these demand hits for the Python engine; the C++ engine must match
     from tests.simtools import mixtral_prefix
-    from tests.test_policies import GOLDEN_HITS
+    from tests.test_policies import GOLDEN_HITS, _ready
 
     trace = mixtral_prefix(routing_dir)
     checked = 0
     for (name, scope, cap), hits in GOLDEN_HITS.items():
         if name not in CPP_POLICIES:
             continue
-        pol = _policy(name, {}, cap, trace, scope)
-        r = simulate(Schedule(trace), pol, miss_rule="policy", bound=False, engine="cpp")
+        pol, pred = _ready(name, cap, 32, 8, 2, scope, trace)  # predicted: the oracle (streamed)
+        r = simulate(Schedule(trace), pol, pred, miss_rule="policy", bound=False, engine="cpp")
         assert r.hits == hits, (name, scope, cap)
         checked += 1
     assert checked == 3 * len(CPP_POLICIES)
@@ -194,11 +296,25 @@ def test_golden_mixtral_hits(routing_dir):
 # -- engine choice, errors, the GIL --------------------------------------------------------------
 
 def test_engine_choice_and_fallback():
+    from moecache.policies.lru import LRU
+    from moecache.predictors import PREDICTORS
+
     trace = make_trace([[0], [1], [2]], num_experts=4)
-    pol = new_policy("activation", 2, 1, 4)
-    assert choose_engine("auto", pol) == "python"
-    with pytest.raises(ConfigError, match="no C\\+\\+ version"):
-        simulate(Schedule(trace), pol, engine="cpp")
+    # auto takes cpp for every registered policy, with or without a predictor and prefetch
+    assert choose_engine("auto", new_policy("activation", 2, 1, 4)) == "cpp"
+    temporal = PREDICTORS.get("temporal")(1, 4, 1)
+    assert choose_engine("auto", new_policy("predicted", 2, 1, 4), temporal, 2, "fill") == "cpp"
+    assert predictor_mode(temporal) == "cpp"
+    assert predictor_mode(PREDICTORS.get("oracle")(1, 4, 1)) == "stream"
+
+    class Renamed(LRU):  # a subclass: its hooks would be skipped by the core
+        pass
+
+    sub = Renamed(2, 1, 4)
+    assert choose_engine("auto", sub) == "python"
+    with pytest.raises(ConfigError, match="subclass"):
+        simulate(Schedule(trace), sub, engine="cpp")
+    assert choose_engine("auto", new_policy("lru", 2, 1, 4), temporal, 1, "no_such_rule") == "python"
     with pytest.raises(ConfigError, match="unknown engine"):
         simulate(Schedule(trace), new_policy("lru", 2, 1, 4), engine="fortran")
     assert choose_engine("auto", new_policy("lru", 2, 1, 4)) == "cpp"
@@ -209,6 +325,103 @@ def test_engine_choice_and_fallback():
         assert choose_engine("auto", new_policy("lru", 2, 1, 4)) == "python"
         with pytest.raises(ConfigError, match="not built or is disabled"):
             simulate(Schedule(trace), new_policy("lru", 2, 1, 4), engine="cpp")
+
+
+def _toy(n=60, L=3, E=8, K=2, seqs=4, seed=5):
+    rng = np.random.default_rng(seed)
+    toks = [[rng.choice(E, K, replace=False) for _ in range(L)] for _ in range(n)]
+    return make_trace(toks, num_experts=E, top_k=K, seq=np.repeat(np.arange(seqs), n // seqs))
+
+
+def test_streamed_predictions_arrive_in_bounded_chunks(monkeypatch):
+    # a streamed (Python) predictor: the core asks for a few steps at a time, never the whole trace
+    trace = _toy()
+    steps = Schedule(trace, decode_stream=True).num_steps
+    fills: list[tuple[int, int]] = []
+    orig = engine_cpp._PredictionStream.fill
+
+    def spy(self):
+        n = orig(self)
+        fills.append((n, self.buf.size))
+        return n
+
+    monkeypatch.setattr(engine_cpp._PredictionStream, "fill", spy)
+    monkeypatch.setattr(engine_cpp, "STREAM_CHUNK_DOUBLES", 3 * 2 * 8)  # 3 steps of 2 slots x 8 experts
+    (ref, ref_log), (got, got_log) = both(trace, "predicted", {}, 3, "layer", "copy", decode=True,
+                                          pred=("oracle", {}), depth=1)
+    assert got == ref and got_log == ref_log
+    assert [n for n, _ in fills] == [3] * (steps // 3) + ([steps % 3] if steps % 3 else [])
+    assert {size for _n, size in fills} == {3 * 2 * 8}
+
+
+class _Subtemporal:
+    """Builds a subclass of the temporal predictor (so it streams from Python) that may raise."""
+
+    @staticmethod
+    def make(trace, fail_at=None):
+        from moecache.predictors.temporal import TemporalPredictor
+
+        class Sub(TemporalPredictor):
+            calls = 0
+
+            def observe(self, layer, experts, hidden=None):
+                Sub.calls += 1
+                if fail_at is not None and Sub.calls == fail_at:
+                    raise ValueError(f"boom at observe {fail_at}")
+                super().observe(layer, experts, hidden)
+
+        m = trace.meta
+        return Sub(m.num_layers, m.num_experts, m.top_k).fit(trace)
+
+
+def test_streamed_subclass_equals_native_and_reference():
+    trace = _toy()
+    rows = []
+    for engine, make in (("python", _Subtemporal.make), ("cpp", _Subtemporal.make), ("cpp", None)):
+        m = trace.meta
+        pred = make(trace) if make else _predictor("temporal", {}, trace)
+        assert predictor_mode(pred) == ("cpp" if make is None else "stream")
+        pol = new_policy("predicted", 4, m.num_layers, m.num_experts, top_k=m.top_k, scope="global")
+        ctx = ext_disabled() if engine == "python" else contextlib.nullcontext()
+        with ctx:
+            rows.append(simulate(Schedule(trace), pol, pred, depth=2, engine=engine, hardware=_profile()).row())
+    assert rows[0] == rows[1] == rows[2]
+    assert rows[0]["prefetches"] > 0
+
+
+def test_streamed_predictor_error_surfaces_like_the_reference(monkeypatch):
+    trace = _toy()
+    monkeypatch.setattr(engine_cpp, "STREAM_CHUNK_DOUBLES", 4 * 1 * 8)
+    errors = []
+    for engine in ("python", "cpp"):
+        pred = _Subtemporal.make(trace, fail_at=10)
+        m = trace.meta
+        pol = new_policy("lru", 3, m.num_layers, m.num_experts, top_k=m.top_k)
+        ctx = ext_disabled() if engine == "python" else contextlib.nullcontext()
+        with ctx, pytest.raises(ValueError) as e:
+            simulate(Schedule(trace), pol, pred, depth=1, engine=engine)
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1] == (ValueError, "boom at observe 10")
+
+
+def test_predictor_errors_are_the_same():
+    trace = _toy()
+    m = trace.meta
+    msgs = []
+    for engine in ("python", "cpp"):
+        ctx = ext_disabled() if engine == "python" else contextlib.nullcontext()
+        with ctx:
+            shallow = _predictor("transition", {"max_depth": 2}, trace)
+            pol = new_policy("lru", 3, m.num_layers, m.num_experts, top_k=m.top_k)
+            with pytest.raises(ConfigError) as e:  # deeper than fitted
+                simulate(Schedule(trace), pol, shallow, depth=3, engine=engine)
+            msgs.append(str(e.value))
+            pol = new_policy("predicted", 3, m.num_layers, m.num_experts, top_k=m.top_k)
+            with pytest.raises(ConfigError) as e:  # predicted wants depth L = 3
+                simulate(Schedule(trace), pol, shallow, engine=engine)
+            msgs.append(str(e.value))
+    assert msgs[:2] == msgs[2:]
+    assert "fitted up to depth 2, asked for 3" in msgs[0]
 
 
 def test_bad_input_same_errors():
@@ -242,9 +455,10 @@ def test_cpp_engine_checks_ids_itself():
         simulate(sched, new_policy("lru", 2, 1, 4), engine="cpp", bound=False)
 
 
-def test_gil_released_during_replay():
+@pytest.mark.parametrize("with_predictor", [False, True])
+def test_gil_released_during_replay(with_predictor):
     rng = np.random.default_rng(0)
-    n, L, E, K = 200_000, 4, 16, 2
+    n, L, E, K = (200_000 if not with_predictor else 40_000), 4, 16, 2
     ids = np.argsort(rng.random((n, L, E)), axis=2)[:, :, :K].astype(np.int64)
     meta = TraceMeta(num_experts=E, top_k=K, moe_layers=list(range(L)), bytes_per_expert=10)
     sched = Schedule(Trace(meta, RoutingBlock.build(ids, seq=0, phase=PHASE_DECODE)), decode_stream=True)
@@ -266,7 +480,13 @@ def test_gil_released_during_replay():
     time.sleep(0.02)
     gap[0] = 0.0
     t0 = time.perf_counter()
-    r = simulate(sched, new_policy("belady", 4, L, E, top_k=K), engine="cpp", bound=False)
+    if with_predictor:  # temporal runs inside the core: no Python at all during the replay
+        from moecache.predictors import PREDICTORS
+
+        pred = PREDICTORS.get("temporal")(L, E, K)
+        r = simulate(sched, new_policy("predicted", 4, L, E, top_k=K), pred, depth=1, engine="cpp", bound=False)
+    else:
+        r = simulate(sched, new_policy("belady", 4, L, E, top_k=K), engine="cpp", bound=False)
     took = time.perf_counter() - t0
     done.set()
     t.join()
@@ -291,23 +511,29 @@ def test_bench_engine_flag(tmp_path, capsys):
         assert code == 0
         return json.loads(out)
 
-    cpp_ok = "lru,fifo,lfu,lrfu,static,belady,belady_bypass"
-    ref = bench(cpp_ok + ",activation", "--engine", "python", "--jobs", "1")
-    auto = bench(cpp_ok + ",activation", "--jobs", "2")  # default engine: auto, runs in 2 threads
-    cpp = bench(cpp_ok, "--engine", "cpp", "--jobs", "2")
+    every = "lru,fifo,lfu,lrfu,static,activation,belady,belady_bypass"
+    ref = bench(every, "--engine", "python", "--jobs", "1")
+    auto = bench(every, "--jobs", "2")  # default engine: auto, runs in 2 threads
+    cpp = bench(every, "--engine", "cpp", "--jobs", "2")
     assert {r["engine"] for r in ref} == {"python"} and {r["engine"] for r in cpp} == {"cpp"}
-    # auto: cpp where supported, python for activation (no C++ version); each row says which
-    assert {(r["policy"].split("(")[0], r["engine"]) for r in auto} == \
-        {(n, "cpp") for n in cpp_ok.split(",")} | {("activation", "python")}
+    # auto: cpp for every policy now; each row says which engine ran it
+    assert {r["engine"] for r in auto} == {"cpp"}
 
     def strip(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "engine"} for r in rows]
 
-    assert strip(auto) == strip(ref)
-    assert strip(cpp) == [r for r in strip(ref) if not r["policy"].startswith("activation")]
+    assert strip(auto) == strip(ref) == strip(cpp)
+    # with a predictor (in C++: temporal; streamed from Python: oracle) and prefetch
+    for pred in ("temporal", "oracle"):
+        extra = ("--predictor", pred, "--prefetch-depth", "2", "--prefetch-rule", "fill")
+        ref = bench("lru,predicted,belady", "--engine", "python", "--jobs", "1", *extra)
+        cpp = bench("lru,predicted,belady", "--jobs", "2", *extra)
+        assert {r["engine"] for r in cpp} == {"cpp"}
+        assert strip(cpp) == strip(ref) and all(r["prefetches"] > 0 for r in ref)
     # an explicit --engine cpp that cannot run says why
-    assert main(["bench", path, "--policies", "activation", "--engine", "cpp", "--quiet"]) == 2
-    assert "no C++ version" in capsys.readouterr().err
+    with ext_disabled():
+        assert main(["bench", path, "--policies", "lru", "--engine", "cpp", "--quiet"]) == 2
+    assert "not built or is disabled" in capsys.readouterr().err
     # the table's footer states the engine
     assert main(["bench", path, "--policies", "lru", "--quiet"]) == 0
     assert "engine cpp (2 runs)" in capsys.readouterr().out

@@ -146,7 +146,7 @@ def test_batched_step_runs_in_waves():
 
 
 def test_miss_rules_registry():
-    assert set(MISS_RULES.names()) == {"copy", "cpu", "min", "policy"}
+    assert set(MISS_RULES.names()) == {"copy", "cpu", "min", "policy", "auto"}
     assert not MISS_RULES.get("copy").uses_cpu and MISS_RULES.get("min").uses_cpu
     with pytest.raises(ConfigError, match="valid names"):
         simulate(Schedule(make_trace(TOKENS, num_experts=4)), lru(), hardware=unit_profile(), miss_rule="teleport")
@@ -163,7 +163,7 @@ def test_split_time():
     assert split_time(1.0, [5.0, 0.5, 0.5]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("rule", ["copy", "cpu", "policy", "min"])
+@pytest.mark.parametrize("rule", ["copy", "cpu", "policy", "min", "auto"])
 @pytest.mark.parametrize("name", ["lru", "lfu", "activation", "belady", "belady_bypass"])
 def test_estimate_never_beats_the_bound(rule, name):
     rng = np.random.default_rng(3)

@@ -3,6 +3,8 @@
 One run per (trace, scope, capacity, policy); each prints one row with its whole configuration,
 the hit and ready rates, prefetch precision and recall, bytes moved, and the timing model's ms per
 token against the lower bound. ``--list`` names every policy, predictor, prefetch rule and miss rule.
+``--suite CONFIG -o DIR`` runs a whole grid from a config instead, resumable, with tables and plots
+(``moecache.sim.suite``).
 
 Fitting: static placement and learned predictors are fitted on ``--fit TRACE``; without it, on the
 leading ``--fit-share`` of each trace's sequences, which are then not scored (by any run of that
@@ -11,8 +13,9 @@ every JSON row (``fit``).
 
 Engines: ``--engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
 Python reference), ``--engine python`` in the reference; the default ``auto`` takes cpp where the
-extension is built and the configuration is supported (no predictor or prefetch; policies of
-``moecache.sim.engine_cpp.CPP_POLICIES``), else python. Every JSON row names its ``engine`` and the
+extension is built and the configuration is supported (every registered policy and prefetch rule;
+predictors prior, temporal and transition run in the core, the others stream their predictions
+from Python: ``moecache.sim.engine_cpp``), else python. Every JSON row names its ``engine`` and the
 table's footer counts them. Runs go in ``--jobs`` threads (the C++ core releases the GIL).
 """
 
@@ -113,6 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.list:
         return cmd_list(args)
+    if args.suite or args.out:
+        return cmd_suite(args)
     if not args.traces:
         raise ConfigError("give at least one TRACE folder (convert published logs with `moecache trace import`), "
                           "or --list")
@@ -178,7 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if policy.needs_fit:
             policy.fit(counts)
         pred = copy.deepcopy(predictor) if predictor is not None else None
-        engine = choose_engine(args.engine, policy, pred, depth)
+        engine = choose_engine(args.engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
                        hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine)
         row = res.row()
@@ -207,6 +212,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             for e in sorted({r["engine"] for r in rows}))
         print(f"\nhardware: {'; '.join(hws)}; miss rule {args.miss_rule}; "
               f"{'decode stream' if args.decode_stream else 'batched steps as recorded'}; engine {engines}")
+    return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.sim.suite`` (its traces come from the config)."""
+    from ..sim.suite import run_suite
+
+    if not (args.suite and args.out):
+        raise ConfigError("a suite needs both --suite CONFIG and -o DIR (the folder for its rows, tables and plots)")
+    if args.traces:
+        raise ConfigError("--suite takes its traces from the config; give no TRACE arguments")
+    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --engine {args.engine}"
+    res = run_suite(args.suite, args.out, jobs=args.jobs, progress=not args.quiet and sys.stderr.isatty(),
+                    engine=args.engine, command=command,
+                    log=lambda msg: print(f"moecache bench: {msg}", file=sys.stderr))
+    print(f"{len(res.rows)} configurations: {res.computed} computed now, {res.loaded} loaded from "
+          f"{args.out}/rows.jsonl" + (f" ({res.torn} torn line dropped)" if res.torn else "")
+          + f"; {len(res.plan.skipped)} combinations skipped (see results.md); {res.seconds:.0f} s")
+    print("wrote " + ", ".join(res.files))
     return 0
 
 
@@ -244,6 +268,10 @@ def register(sub) -> None:
                         "each row states the engine that ran it")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="runs in parallel threads (default: the CPU count; the C++ engine releases the GIL)")
+    p.add_argument("--suite", metavar="CONFIG",
+                   help="run the grid of a suite config (TOML/JSON; see moecache.sim.suite) in --jobs processes, "
+                        "resumable, into -o DIR")
+    p.add_argument("-o", "--out", metavar="DIR", help="with --suite: folder for rows.jsonl, results.md/.csv, plots")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)

@@ -92,6 +92,9 @@ class Runtime:
         self.top_k = int(top_k)
         self.L = int(num_layers)
         self.prefetch_depth = int(prefetch_depth) if predictor is not None else 0
+        #: The predictor depth whose row-mean probabilities the policy's ``on_scores`` wants (None: none).
+        self.score_depth: int | None = policy.score_depth() if (
+            predictor is not None and getattr(policy, "uses_scores", False)) else None
         self.prefetch_width = prefetch_width
         self.min_prob = float(min_prob)
         self.device = pool.device
@@ -171,7 +174,7 @@ class Runtime:
             t2 = time.perf_counter()
             out = self._rounds(li, hidden, weights, ids, np.asarray(experts), counts)
             t3 = time.perf_counter()
-        if self.prefetch_depth:
+        if self.prefetch_depth or self.score_depth:
             self._prefetch(li, ids, hidden)
         c.host_s += (t2 - t1) + (time.perf_counter() - t3)
         return out
@@ -323,20 +326,27 @@ class Runtime:
 
     # -- hybrid CPU-GPU execution -------------------------------------------------------------------
     def _misses_on_cpu(self, keys: list[int], counts: list[int]) -> set[int]:
-        """The hybrid rule's verdict on this layer's misses (ascending keys): the keys to run on the CPU."""
-        misses = [(key, n) for key, n in zip(keys, counts) if self.slot_of[key] < 0]
-        if not misses:
-            return set()
-        copy = self.hybrid.decide(misses)
+        """The hybrid rule's verdict on this layer's misses (ascending keys): the keys to run on the CPU.
+        Every layer's hits are counted too (the rule's reuse estimate)."""
+        slot_of = self.slot_of
+        misses = [(key, n) for key, n in zip(keys, counts) if slot_of[key] < 0]
+        copy = self.hybrid.decide(misses, len(keys) - len(misses))
         return {key for (key, _n), cp in zip(misses, copy) if not cp}
 
     def _hybrid(self, li: int, hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, keys: list[int],
                 counts: list[int], on_cpu: set[int]) -> torch.Tensor:
-        """A layer with CPU experts: CPU launched first, GPU experts meanwhile, merged in (token, k) order."""
+        """A layer with CPU experts: CPU launched first, GPU experts meanwhile, merged in (token, k) order.
+
+        Exactness as designed: the unpatched kernels sum each token's k weighted expert outputs in k order,
+        so the CPU rows go to their (token, k) places of the contribution buffer and the one sum over k
+        follows; GPU experts run pair by pair (as in rounds) for the same reason: folding them into the
+        normal call with the CPU experts' weights zeroed would add the CPU terms after the others, in
+        another order. The host work here runs while the CPU computes; after the wait: the copy back,
+        the weighting, the scatter and the sum."""
         c = self.counters
         tokens, k = ids.shape
         base = li * self.E
-        work = self.hybrid.launch(li, hidden, ids, [key - base for key in keys if key in on_cpu])
+        work = self.hybrid.launch(li, hidden, weights, ids, [key - base for key in keys if key in on_cpu])
         try:
             for key, n in zip(keys, counts):  # every need in key order, as in the simulator
                 self.policy.access(key, n)
@@ -348,8 +358,8 @@ class Runtime:
                 self._pairs_into(contrib, li, hidden, weights, ids, np.asarray([e for e, _ in gpu], dtype=np.int64),
                                  [n for _, n in gpu], accessed=True)
         finally:  # the pool reads buffers the work holds: never leave it running
-            pairs_t, rows = self.hybrid.finish(work, weights, hidden.dtype)
-        contrib[pairs_t] = rows.to(contrib.dtype)
+            pairs_t, rows = self.hybrid.finish(work, hidden.dtype)
+        contrib[pairs_t] = rows.to(contrib.dtype)  # no-op where the routing weights have the model's dtype
         return contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     # -- prefetch ---------------------------------------------------------------------------------
@@ -360,8 +370,10 @@ class Runtime:
         return ids
 
     def _prefetch(self, li: int, ids: np.ndarray, hidden: torch.Tensor) -> None:
+        """Feed the routing to the predictor; pass the policy its scores (as the simulator does: the
+        row mean of ``predict(li, score_depth)``, whatever the prefetch depth); queue prefetches."""
         pred = self.predictor
-        if pred is None or self.prefetch_depth < 1:
+        if pred is None:
             return
         rows = self._step_rows(ids)
         h = None
@@ -375,14 +387,15 @@ class Runtime:
         slots: list[int] = []
         keys: list[int] = []
         prios: list[float] = []
-        score_depth = self.policy.score_depth() if getattr(self.policy, "uses_scores", False) else None
+        preds: dict[int, np.ndarray] = {}
+        if self.score_depth:
+            preds[self.score_depth] = np.asarray(pred.predict(li, self.score_depth), dtype=np.float64)
+            self.policy.on_scores(pred.target(li, self.score_depth)[0], preds[self.score_depth].mean(axis=0))
         for depth in range(1, self.prefetch_depth + 1):
             target, _offset = pred.target(li, depth)
-            p = np.asarray(pred.predict(li, depth), dtype=np.float64)
+            p = preds[depth] if depth in preds else np.asarray(pred.predict(li, depth), dtype=np.float64)
             # Probability that any row needs the expert (rows independent).
             p_any = 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=0)
-            if score_depth == depth:
-                self.policy.on_scores(target, p_any)
             order = np.argsort(-p_any, kind="stable")[:width]  # ties: lowest expert id first
             for e in order.tolist():
                 prob = float(p_any[e])

@@ -8,19 +8,28 @@ decides per missed expert which of the two serves it:
   on a miss: only prefetches fill the pool, Fiddler's scheme), ``copy`` (never the CPU) and ``half``
   (every second miss on the CPU, for tests). ``hybrid=True`` means ``auto``.
 * The ``auto`` rule is ``moecache.sim.timing.choose_copy``, the very function behind the
-  simulator's ``min`` miss rule: per missed expert, in ascending key order, copy unless the CPU
-  would finish first, given the queues: the copy engine's modelled backlog (every copy issued adds
-  ``copy_ms``) and the CPU runs already decided in this layer. Its costs (copy ms per expert, CPU ms
-  and GPU ms per expert by tokens routed to it) are *measured* at start-up on this machine
-  (``calibrate``: a fraction of a second at Mixtral's size) and cached as a hardware profile JSON
-  per machine and expert shape under ``$MOECACHE_CACHE_DIR`` or ``~/.cache/moecache``
-  (``hybrid/<hash>.json``); ``moecache bench --hardware FILE --miss-rule min`` replays traces with
-  the same profile and the same rule. Many tokens per expert (batches, prefill) raise the CPU time
+  simulator's ``auto`` (and, without the credit, ``min``) miss rule: per missed expert, in ascending
+  key order, copy unless the CPU would finish first, given the queues: the copy engine's modelled
+  backlog (every copy issued adds ``copy_ms``) and the CPU runs already decided in this layer. The
+  copy path is credited for what caching the expert saves later (``timing.reuse_credit``: hits per
+  copy so far, at most ``timing.REUSE_CREDIT_MAX``, times the CPU run), so that a layer's misses
+  split between the two queues instead of all going to a CPU that is slightly faster than a copy
+  and leaving the pool empty (Mixtral at batch 1: two misses, one each). Its costs (copy ms per
+  expert, CPU ms and marginal GPU ms per expert by tokens routed to it) are *measured* at start-up
+  on this machine (``calibrate``: a second or two at Mixtral's size) and cached as a hardware
+  profile JSON per machine and expert shape under ``$MOECACHE_CACHE_DIR`` or ``~/.cache/moecache``
+  (``hybrid/<hash>.json``); ``moecache bench --hardware FILE --miss-rule auto`` replays traces with
+  the same profile and the same rule. While the model runs, the CPU cost follows what its CPU jobs
+  measure (``OnlineCosts``: an EWMA of measured / modelled, the measurement being the host's launch,
+  the kernel and the merge, so it absorbs the slowdown of copies running at the same time and the
+  hybrid path's fixed cost per layer). Many tokens per expert (batches, prefill) raise the CPU time
   and favour the copy.
 
 The CPU side (``CpuKernel``): the C++ pool ``moecache._C.CpuExpertPool`` (``csrc/cpu_expert.cpp``:
-AVX-512 / AVX2+FMA / portable, fp32 accumulation, ``cores - 1`` threads so one core stays free for
-the thread that launches GPU work, GIL released) for the concatenated SwiGLU layout with SiLU; the
+AVX-512 / AVX2+FMA / portable, fp32 accumulation, blocked over weight rows x tokens so that a batch
+or a prefill reads each weight once, with the same bits for a token alone or among many; ``cores -
+1`` threads so one core stays free for the thread that launches GPU work, GIL released) for the
+concatenated SwiGLU layout with SiLU; the
 torch path (the model's own experts class on host views of the store, run on the calling thread)
 for anything else, or where the extension is missing or disabled. ``MOECACHE_CPU_KERNEL`` picks
 ``auto`` (default), ``portable``, ``avx2``, ``avx512`` or ``torch``; a CPU without the requested
@@ -58,30 +67,72 @@ from ..atomic import write_json_atomic
 from ..errors import ConfigError
 from ..registry import Registry
 from ..sim.hardware import HardwareProfile, default_profile, load_profile
-from ..sim.timing import Timeline, choose_copy
+from ..sim.timing import Timeline, choose_copy, reuse_credit, reuse_rate
 from .experts import make_shell
 from .stats import RuntimeCounters
 
 ENV_KERNEL = "MOECACHE_CPU_KERNEL"
 ENV_CACHE = "MOECACHE_CACHE_DIR"
 #: Bump when what calibrate() measures changes: older cache files are then measured again.
-CALIBRATION_VERSION = 1
+#: 2: marginal GPU time (back-to-back calls), CPU time on experts rotated out of the caches.
+CALIBRATION_VERSION = 2
 #: Tokens per expert at which the CPU and GPU times are measured (read piecewise-linearly between).
 CPU_TOKENS = (1, 4, 16, 64)
 GPU_TOKENS = (1, 64)
 CPU_KERNELS = ("auto", "portable", "avx2", "avx512", "torch")
+#: Weight of the newest measured/modelled CPU time ratio in the online CPU cost (EWMA) ...
+CPU_EWMA = 0.2
+#: ... and the range one measurement may move it by (a preempted worker is not the machine's speed).
+CPU_RATIO_CLAMP = (0.25, 4.0)
+#: Up to this many token rows in a layer, CPU experts' rows are gathered on the host from one copy of
+#: the whole hidden state (decode: a few KiB) rather than on the device (saves two launches).
+HOST_GATHER_ROWS = 16
 
 
 # -- decision rules ---------------------------------------------------------------------------------
 
-class LayerQueues:
-    """What a rule reads when it decides one MoE layer's misses: the costs, and the copy engine's and
-    the CPU's queues as a ``Timeline`` in ms from now (the simulator's own type)."""
+class OnlineCosts:
+    """The costs a rule reads while the model runs: the calibrated profile, with the CPU time scaled by
+    what this run's own CPU jobs cost (EWMA of measured / modelled ms). Measured is what a layer's CPU
+    experts put on its critical path: the host's launch (gathering and copying their rows, starting
+    the kernel), the kernel's own time (slowed by copies running at the same time, which a calibration
+    on an idle machine misses) and the merge after the wait; so the scale also spreads the hybrid
+    path's fixed cost per layer over its CPU experts (it matters where an expert takes ~0.2 ms on the
+    CPU). Copy and GPU times stay as calibrated: the copy engine's copies are not timed one by one."""
 
-    def __init__(self, costs: HardwareProfile | None, copy_backlog_ms: float, seen: int):
+    def __init__(self, profile: HardwareProfile):
+        self.profile = profile
+        self.copy_ms = profile.copy_ms
+        self.cpu_scale = 1.0
+        self.samples = 0
+
+    def gpu(self, tokens: int) -> float:
+        return self.profile.gpu(tokens)
+
+    def cpu(self, tokens: int) -> float:
+        return self.profile.cpu(tokens) * self.cpu_scale
+
+    def observe_cpu(self, sizes: Sequence[int], measured_ms: float) -> None:
+        """One CPU job of experts with ``sizes`` tokens each took ``measured_ms``."""
+        modelled = sum(self.profile.cpu(n) for n in sizes)
+        if modelled <= 0.0 or measured_ms <= 0.0:
+            return
+        lo, hi = CPU_RATIO_CLAMP
+        ratio = min(hi, max(lo, measured_ms / modelled))
+        self.cpu_scale += CPU_EWMA * (ratio - self.cpu_scale)
+        self.samples += 1
+
+
+class LayerQueues:
+    """What a rule reads when it decides one MoE layer's misses: the costs, the copy engine's and the
+    CPU's queues as a ``Timeline`` in ms from now (the simulator's own type), and the runtime's reuse
+    counts (needs served from the pool and copies issued, as the simulator counts them)."""
+
+    def __init__(self, costs: OnlineCosts | None, copy_backlog_ms: float, seen: int, hits: int = 0, copies: int = 0):
         self.costs = costs
         self.tl = Timeline()
         self.tl.copy = copy_backlog_ms
+        self.tl.hits, self.tl.copies = hits, copies
         self.seen = seen  # misses decided before this layer (by this runtime)
 
 
@@ -98,12 +149,14 @@ HYBRID_RULES: Registry[DecisionRule] = Registry("hybrid rule")
 
 
 def _auto(q: LayerQueues, key: int, tokens: int) -> bool:
-    c = q.costs
-    return choose_copy(0.0, q.tl.copy, q.tl.cpu, c.copy_ms, c.gpu(tokens), c.cpu(tokens))
+    c, tl = q.costs, q.tl
+    cpu = c.cpu(tokens)
+    return choose_copy(0.0, tl.copy, tl.cpu, c.copy_ms, c.gpu(tokens), cpu, reuse_credit(tl.hits, tl.copies, cpu))
 
 
 for _rule, _help in ((DecisionRule("auto", True, _auto),
-                      "copy unless the CPU finishes first (measured costs; the simulator's 'min' rule)"),
+                      "copy unless the CPU finishes first, the copy credited for the hits caching earns "
+                      "(measured costs; the simulator's 'auto' miss rule)"),
                      (DecisionRule("cpu", False, lambda q, key, n: False),
                       "every miss on the CPU; nothing copied on a miss (only prefetches fill the pool)"),
                      (DecisionRule("copy", False, lambda q, key, n: True), "every miss copied (hybrid off)"),
@@ -153,13 +206,28 @@ class HybridConfig:
         return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate)
 
 
+#: Environment variable that sets the CPU kernel's thread count (default: ``default_threads()``).
+ENV_THREADS = "MOECACHE_CPU_THREADS"
+
+
 def default_threads() -> int:
-    """Usable cores minus one: that core runs the thread that launches GPU work."""
+    """Usable cores minus two, or ``$MOECACHE_CPU_THREADS``. One core runs the thread that launches GPU
+    work, one the copy worker: both spin while they wait on CUDA (the driver's default for a single
+    context), and a pool thread descheduled for a time slice holds up the whole expert it is part of."""
+    env = os.environ.get(ENV_THREADS)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ConfigError(f"{ENV_THREADS}={env!r} is not a thread count; set a positive integer or unset it")
+        if n < 1:
+            raise ConfigError(f"{ENV_THREADS}={env!r}: the CPU kernel needs at least one thread")
+        return n
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 2
-    return max(1, cores - 1)
+    return max(1, cores - 2)
 
 
 # -- CPU kernels ------------------------------------------------------------------------------------
@@ -203,6 +271,9 @@ class CpuKernel:
 
     def experts_run(self) -> int:
         raise NotImplementedError
+
+    def prewake(self) -> None:
+        """A ``submit`` is coming: get ready (the C++ pool wakes its workers meanwhile)."""
 
     def close(self) -> None:
         pass
@@ -249,6 +320,9 @@ class CppKernel(CpuKernel):
 
     def experts_run(self) -> int:
         return int(self._pool.counters()[1])
+
+    def prewake(self) -> None:
+        self._pool.prewake()
 
     def read_bandwidth(self, buf: torch.Tensor) -> float:
         """GB/s of a multi-threaded read of ``buf`` (contiguous host tensor) by this pool's threads."""
@@ -335,11 +409,19 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 @torch.no_grad()
-def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden: int, reps: int = 5
-              ) -> HardwareProfile:
+def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden: int, reps: int = 7,
+              back_to_back: int = 20) -> HardwareProfile:
     """Measure one expert's copy (host row -> pool slot 0), its GPU time on the pool (``shell``, the
     remap shell of MoE layer 0, slot 0) and its CPU time with ``kernel`` at ``GPU_TOKENS`` and
-    ``CPU_TOKENS`` tokens of ``hidden`` values. Run before the pool is used (slot 0 is overwritten)."""
+    ``CPU_TOKENS`` tokens of ``hidden`` values; medians of ``reps`` after a warm-up. Run before the
+    pool is used (slot 0 is overwritten).
+
+    * GPU: the *marginal* time of one more expert, ``back_to_back`` calls queued one after another
+      and timed together (CUDA events) divided by their number: one isolated call timed alone also
+      measures the host's launch latency on an idle GPU (~1 ms), which a layer pays once, not per expert.
+    * CPU: each run on another expert (rotating over the store's rows), so that its weights come
+      from memory as a miss's do, not from the caches the previous run filled; the warm-up runs once
+      on every worker thread."""
     dev = pool.device
     timed = _timer(dev)
     layout = store.layout
@@ -361,14 +443,21 @@ def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden
         x = torch.randn((n, H), generator=gen).to(device=dev, dtype=layout.dtype)
         idx = torch.zeros((n, 1), dtype=torch.long, device=dev)
         w = torch.ones((n, 1), dtype=layout.dtype, device=dev)
-        gpu[n] = _median_ms(lambda: timed(lambda: shell(x, idx, w)), reps)
+
+        def calls() -> None:
+            for _ in range(back_to_back):
+                shell(x, idx, w)
+        gpu[n] = _median_ms(lambda: timed(calls), reps) / back_to_back
+    rows = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
+    turn = iter(range(1 << 62))
     cpu: dict[int, float] = {}
     for n in CPU_TOKENS:
         x = torch.randn((n, H), generator=gen).to(layout.dtype)
 
         def run_cpu() -> float:
+            layer, e = rows[next(turn) % len(rows)]
             t0 = time.perf_counter()
-            kernel.wait(kernel.submit(0, [0], x, [n]))
+            kernel.wait(kernel.submit(layer, [e], x, [n]))
             return 1e3 * (time.perf_counter() - t0)
         cpu[n] = _median_ms(run_cpu, reps)
     return HardwareProfile(
@@ -450,11 +539,14 @@ def save_calibration(key: dict[str, Any], profile: HardwareProfile, directory: s
 
 @dataclass
 class CpuWork:
-    """CPU experts of one layer in flight: their (token, k) pair indices (grouped by expert) and the
-    kernel's handle."""
+    """CPU experts of one layer in flight: their (token, k) pair indices (grouped by expert, on the
+    device), the routing weights of those pairs (device), the tokens per expert and the kernel's handle."""
 
-    pairs: np.ndarray
+    pairs: torch.Tensor
+    weights: torch.Tensor
+    sizes: list[int]
     handle: Any
+    launch_ms: float = 0.0  # host time from the launch's start to the kernel running
 
 
 class HybridExecutor:
@@ -467,26 +559,40 @@ class HybridExecutor:
         if self.rule.needs_costs and costs is None:
             raise ConfigError(f"hybrid rule {cfg.rule!r} needs costs: calibrate or pass a profile")
         self.kernel = kernel
-        self.costs = costs
+        self.profile = costs
+        self.costs = OnlineCosts(costs) if costs is not None else None
         self.counters = counters
         self.kernel_reason = kernel_reason
         self.calibration = calibration
         self.copy_until = 0.0  # perf_counter time at which the modelled copy backlog ends
         self.seen = 0          # misses decided so far (the "half" rule alternates on it)
+        # Reuse counts for the rule (the simulator's Timeline.hits / .copies): needs served from the
+        # pool and copies issued, over the whole run (stats resets do not forget what was learnt).
+        self.hits = 0
+        self.copies = 0
         self._experts_base = 0
+        self._launch_s = self._merge_s = 0.0
+        self._launch_parts = [0.0, 0.0, 0.0]  # prewake, hidden rows to the host, submit
+        self.prewake = os.environ.get("MOECACHE_CPU_PREWAKE", "1") != "0"
+        self._layers = 0
 
     def describe(self) -> dict[str, Any]:
+        p = self.profile
         return {"rule": self.rule.name, "kernel": self.kernel.name, "threads": getattr(self.kernel, "threads", None),
                 "kernel_reason": self.kernel_reason, "calibration": self.calibration,
-                "costs": None if self.costs is None else {
-                    "copy_ms": self.costs.copy_ms, "gpu_ms": dict(self.costs.gpu_ms), "cpu_ms": dict(self.costs.cpu_ms),
-                    "source": self.costs.source}}
+                "costs": None if p is None else {
+                    "copy_ms": p.copy_ms, "gpu_ms": dict(p.gpu_ms), "cpu_ms": dict(p.cpu_ms), "source": p.source}}
 
     # -- deciding ---------------------------------------------------------------------------------
-    def decide(self, misses: Sequence[tuple[int, int]]) -> list[bool]:
-        """One layer's misses ``(key, tokens)`` in ascending key order -> copy (True) or CPU (False)."""
+    def decide(self, misses: Sequence[tuple[int, int]], hits: int = 0) -> list[bool]:
+        """One layer's misses ``(key, tokens)`` in ascending key order -> copy (True) or CPU (False);
+        ``hits``: the layer's needs found in the pool (counted for the reuse estimate, as the simulator
+        counts them before it decides the misses)."""
+        self.hits += hits
+        if not misses:
+            return []
         backlog = max(0.0, 1e3 * (self.copy_until - time.perf_counter()))
-        q = LayerQueues(self.costs, backlog, self.seen)
+        q = LayerQueues(self.costs, backlog, self.seen, self.hits, self.copies)
         out: list[bool] = []
         costs = self.costs
         for key, n in misses:
@@ -507,48 +613,92 @@ class HybridExecutor:
 
     def copies_issued(self, n: int) -> None:
         """``n`` copies (demand or prefetch) were queued: the modelled copy backlog grows."""
+        self.copies += n
         if self.costs is not None and n:
             now = time.perf_counter()
             self.copy_until = max(now, self.copy_until) + n * self.costs.copy_ms / 1e3
 
     # -- running ----------------------------------------------------------------------------------
-    def launch(self, layer: int, hidden: torch.Tensor, ids: np.ndarray, experts: Sequence[int]) -> CpuWork:
-        """Start the CPU experts ``experts`` (ascending) of MoE layer ``layer`` on the rows routed to them."""
+    def launch(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray,
+               experts: Sequence[int]) -> CpuWork:
+        """Start the CPU experts ``experts`` (ascending) of MoE layer ``layer`` on the rows routed to them.
+        Returns as soon as the kernel runs; what the merge needs on the device (pair indices, their
+        routing weights) is enqueued after that, while the CPU computes."""
+        t0 = time.perf_counter()
+        if self.prewake:
+            self.kernel.prewake()  # the workers wake while the rows are gathered and copied
+        ta = time.perf_counter()
         k = ids.shape[1]
         flat = ids.reshape(-1)
-        groups = [np.nonzero(flat == e)[0] for e in experts]
-        pairs = np.concatenate(groups)
-        rows = torch.from_numpy(pairs // k).to(hidden.device, non_blocking=True)
-        # Second host sync of the layer, and a cheap one: the routing sync just drained the stream,
-        # so this waits for the row gather and its own small transfer only.
-        x = hidden.detach()[rows].to("cpu")
-        handle = self.kernel.submit(layer, experts, x, [len(g) for g in groups])
+        groups = [np.flatnonzero(flat == e) for e in experts]  # by expert, each in (token, k) order
+        pairs = groups[0] if len(groups) == 1 else np.concatenate(groups)
+        sizes = [int(g.size) for g in groups]
+        rows = pairs // k
+        # Second host sync of the layer, and a cheap one: the routing sync just drained the stream, so
+        # this waits for its own small transfer only. Decode: the whole hidden state (a few KiB), gathered
+        # on the host; prefill: only the rows needed, gathered on the device.
+        h = hidden.detach()
+        if h.shape[0] <= HOST_GATHER_ROWS:
+            x = h.to("cpu")[torch.from_numpy(rows)]
+        else:
+            x = h[torch.from_numpy(rows).to(h.device, non_blocking=True)].to("cpu")
+        tb = time.perf_counter()
+        handle = self.kernel.submit(layer, experts, x, sizes)
+        tc = time.perf_counter()
+        launch_s = tc - t0
+        parts = self._launch_parts
+        parts[0] += ta - t0
+        parts[1] += tb - ta
+        parts[2] += tc - tb
+        self._launch_s += launch_s
+        dev = weights.device
+        pairs_t = torch.from_numpy(pairs).to(dev, non_blocking=True)
+        w = weights.reshape(-1)[pairs_t].unsqueeze(-1)
         c = self.counters
         c.cpu_experts += len(experts)
         c.cpu_tokens += int(pairs.size)
-        return CpuWork(pairs, handle)
+        self._layers += 1
+        return CpuWork(pairs_t, w, sizes, handle, 1e3 * launch_s)
 
-    def finish(self, work: CpuWork, weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, work: CpuWork, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for ``work``; returns the pair indices and their weighted contributions on the device."""
         t0 = time.perf_counter()
         out, ms = self.kernel.wait(work.handle)
+        t1 = time.perf_counter()
         c = self.counters
-        c.cpu_wait_s += time.perf_counter() - t0
+        c.cpu_wait_s += t1 - t0
         c.cpu_ms += ms
-        dev = weights.device
-        pairs_t = torch.from_numpy(work.pairs).to(dev, non_blocking=True)
-        proj = out.to(dev, non_blocking=True).to(dtype)  # pinned on CUDA: an async copy
-        w = weights.reshape(-1)[pairs_t]
-        # As transformers weights each expert output: proj_out (model dtype) * routing weight.
-        return pairs_t, proj * w.unsqueeze(-1)
+        # As transformers weights each expert output: proj_out (model dtype) * routing weight. The
+        # host buffer is pinned on CUDA: an async copy.
+        rows = out.to(work.weights.device, non_blocking=True).to(dtype) * work.weights
+        merge_s = time.perf_counter() - t1
+        self._merge_s += merge_s
+        if self.costs is not None:
+            self.costs.observe_cpu(work.sizes, work.launch_ms + ms + 1e3 * merge_s)
+        return work.pairs, rows
 
     # -- stats and teardown -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """``cpu_kernel``, ``cpu_kernel_experts`` (what the kernel reports having run), ``hybrid_rule``;
+        ``cpu_layers`` (layer calls with CPU experts) and the host ms per such layer spent launching them
+        (``cpu_launch_ms_per_layer``: from the decision to the kernel running, the hidden rows' sync
+        included) and merging their results after the wait (``cpu_merge_ms_per_layer``); the rule's
+        live inputs: ``cpu_cost_scale`` (measured / calibrated CPU time) and ``reuse_rate``."""
+        n = self._layers
         return {"cpu_kernel": self.kernel.name, "cpu_kernel_experts": self.kernel.experts_run() - self._experts_base,
-                "hybrid_rule": self.rule.name}
+                "hybrid_rule": self.rule.name, "cpu_layers": n,
+                "cpu_launch_ms_per_layer": 1e3 * self._launch_s / n if n else None,
+                # where the launch time goes: waking the pool, the hidden rows to the host, the submit
+                "cpu_launch_parts_ms_per_layer": [1e3 * v / n for v in self._launch_parts] if n else None,
+                "cpu_merge_ms_per_layer": 1e3 * self._merge_s / n if n else None,
+                "cpu_cost_scale": self.costs.cpu_scale if self.costs is not None else None,
+                "reuse_rate": reuse_rate(self.hits, self.copies)}
 
     def reset(self) -> None:
         self._experts_base = self.kernel.experts_run()
+        self._launch_s = self._merge_s = 0.0
+        self._launch_parts = [0.0, 0.0, 0.0]
+        self._layers = 0
 
     def close(self) -> None:
         self.kernel.close()
@@ -587,4 +737,5 @@ def make_hybrid(spec: Any, runtime: Any) -> HybridExecutor | None:
 
 __all__ = ["HYBRID_RULES", "HybridConfig", "HybridExecutor", "CpuKernel", "CppKernel", "TorchKernel", "calibrate",
            "calibration_key", "calibration_path", "cached_calibration", "save_calibration", "make_hybrid",
-           "swiglu_mismatch", "default_threads", "LayerQueues", "DecisionRule", "ENV_KERNEL", "ENV_CACHE"]
+           "swiglu_mismatch", "default_threads", "LayerQueues", "OnlineCosts", "DecisionRule", "ENV_KERNEL",
+           "ENV_CACHE"]

@@ -96,8 +96,9 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     if engine != "python":
         from .engine_cpp import choose_engine, replay_cpp
 
-        if choose_engine(engine, policy, predictor, depth) == "cpp":
-            res = replay_cpp(schedule, policy, hw, rule, budget=budget, capacity_label=capacity_label, record=record)
+        if choose_engine(engine, policy, predictor, depth, prefetch, rule.name) == "cpp":
+            res = replay_cpp(schedule, policy, hw, rule, predictor=predictor, depth=depth, prefetch=prefetch,
+                             budget=budget, capacity_label=capacity_label, record=record)
             return _with_bound(res, schedule, policy, hw, rule, bound)
     L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
 
@@ -168,6 +169,7 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
                     accesses += c
                     if key in resident:
                         hits += c
+                        tl.hits += 1
                         if ready_at[key] <= t_route:
                             ready += c
                         if key in pf_unused:

@@ -35,13 +35,16 @@ from ..registry import Registry
 
 
 class Timeline:
-    """Free times and busy totals of the copy engine, GPU and CPU (ms)."""
+    """Free times and busy totals of the copy engine, GPU and CPU (ms), and the two counts the
+    ``auto`` miss rule estimates reuse from: copies issued (demand and prefetch) and needs served
+    from the cache (``hits``, counted by the replay, one per expert need)."""
 
-    __slots__ = ("gpu", "copy", "cpu", "gpu_busy", "copy_busy", "cpu_busy")
+    __slots__ = ("gpu", "copy", "cpu", "gpu_busy", "copy_busy", "cpu_busy", "copies", "hits")
 
     def __init__(self) -> None:
         self.gpu = self.copy = self.cpu = 0.0
         self.gpu_busy = self.copy_busy = self.cpu_busy = 0.0
+        self.copies = self.hits = 0
 
     def non_expert(self, ms: float) -> float:
         """Run the layer's non-expert GPU work; returns ``t_route``."""
@@ -54,6 +57,7 @@ class Timeline:
         start = t if t > self.copy else self.copy
         self.copy = start + ms
         self.copy_busy += ms
+        self.copies += 1
         return self.copy
 
     def issue_cpu(self, t: float, ms: float) -> float:
@@ -110,14 +114,56 @@ _register(MissRule("policy", True, True, lambda tl, t, cp, g, c, adm: adm),
           "copy and cache what the policy admits, run what it declines on the CPU")
 
 
-def choose_copy(t: float, copy_free: float, cpu_free: float, copy_ms: float, gpu_ms: float, cpu_ms: float) -> bool:
+#: Expected cache hits per copy before any copy was seen (``reuse_rate``'s prior) ...
+REUSE_PRIOR = 0.5
+#: ... weighted as this many copies: the estimate moves to the measured rate as copies accumulate.
+REUSE_PRIOR_COPIES = 4.0
+#: The most hits per copy ``reuse_credit`` credits (see there).
+REUSE_CREDIT_MAX = 0.4
+
+
+def reuse_rate(hits: int, copies: int) -> float:
+    """Cache hits per copy so far (every cached expert arrived by a copy), pulled towards
+    ``REUSE_PRIOR`` while there are few copies."""
+    return (hits + REUSE_PRIOR * REUSE_PRIOR_COPIES) / (copies + REUSE_PRIOR_COPIES)
+
+
+def reuse_credit(hits: int, copies: int, cpu_ms: float) -> float:
+    """What caching a missed expert is expected to save later (ms): each later hit it earns is a miss
+    that would otherwise cost about a CPU run of the same size; hits per copy so far estimate how many.
+
+    Capped at ``REUSE_CREDIT_MAX`` hits: the average reuse of the copies made overstates what one
+    *more* copy earns (it evicts a victim that loses its hits, and returns diminish: on the Mixtral
+    trace at 8 of 32 experts, copying every miss instead of about a third of them buys 871 more
+    copies and only 102 more hits). ``eval/hybrid_credit_grid.py`` chose the cap with this simulator
+    (Mixtral expert shape, copy 6.4 ms, CPU 2.5-5.5 ms per expert): uncapped, the credit copies
+    single misses and runs up to 51% slower than no credit; 0.4 is the fastest of the caps tried
+    wherever the CPU takes 2.8-4.5 ms (the GPU machine measures 3.4-4.0), where no credit at all
+    leaves the pool empty below ~3.2 ms (26.0 against 14.4-21.3 ms/token at 2.8 ms). Outside that
+    range it errs: at 5.5 ms it copies single misses (9-16% slower than no credit), at 2.5 ms two
+    misses still both go to the CPU. With copies seldom reused (fewer hits per copy than the cap)
+    the credit shrinks towards 0, the ``min`` rule."""
+    rate = reuse_rate(hits, copies)
+    return (rate if rate < REUSE_CREDIT_MAX else REUSE_CREDIT_MAX) * cpu_ms
+
+
+def choose_copy(t: float, copy_free: float, cpu_free: float, copy_ms: float, gpu_ms: float, cpu_ms: float,
+                reuse_credit_ms: float = 0.0) -> bool:
     """The hybrid decision for one missed expert: True = copy it (and compute on the GPU), False = run
     it on the CPU. Finish times given the queues now (free at ``copy_free`` and ``cpu_free``): copy
-    path = copy end + GPU compute; CPU path = CPU end. Ties go to the copy (it also caches the expert).
+    path = copy end + GPU compute - ``reuse_credit_ms`` (a copy also caches the expert: the later
+    misses it saves, ``reuse_credit``; 0 compares finish times alone); CPU path = CPU end. Ties go
+    to the copy.
 
-    The one rule shared by the simulator's ``min`` miss rule and the runtime's ``auto`` hybrid rule
-    (``moecache.runtime.hybrid``), so estimates and measurements use the same decisions."""
-    copy_done = (t if t > copy_free else copy_free) + copy_ms + gpu_ms
+    Called greedily per miss in key order with the queues advanced by each decision, a layer's misses
+    split between the two so that they finish about together: Mixtral at batch 1 (CPU 3.35 ms, copy
+    6.4 ms + GPU 0.15 ms, credit 0.4 x 3.35) runs the first of two misses on the CPU (3.35 < 5.2)
+    and copies the second (5.2 < 6.7).
+
+    The one rule shared by the simulator's ``min`` (no credit) and ``auto`` miss rules and the
+    runtime's ``auto`` hybrid rule (``moecache.runtime.hybrid``), so estimates and measurements use
+    the same decisions."""
+    copy_done = (t if t > copy_free else copy_free) + copy_ms + gpu_ms - reuse_credit_ms
     cpu_done = (t if t > cpu_free else cpu_free) + cpu_ms
     return not cpu_done < copy_done
 
@@ -131,3 +177,14 @@ def _min_rule(tl: Timeline, t: float, copy_ms: float, gpu_ms: float, cpu_ms: flo
 _register(MissRule("min", True, True, _min_rule),
           "whichever finishes first given the current queues (copy + GPU compute vs CPU run); "
           "declined misses run on the CPU")
+
+
+def _auto_rule(tl: Timeline, t: float, copy_ms: float, gpu_ms: float, cpu_ms: float, admitted: bool) -> bool:
+    if not admitted:
+        return False
+    return choose_copy(t, tl.copy, tl.cpu, copy_ms, gpu_ms, cpu_ms, reuse_credit(tl.hits, tl.copies, cpu_ms))
+
+
+_register(MissRule("auto", True, True, _auto_rule),
+          "'min' with the copy credited for the cache hits it earns (timing.reuse_credit: hits per copy so "
+          "far, capped, x the CPU run); the runtime's hybrid='auto'. Python engine only")
