@@ -16,6 +16,21 @@ def test_doctor_json(capsys):
     assert "available" in info["extension"]
 
 
+def test_doctor_names_the_cpu_kernel_and_honours_the_override(capsys, monkeypatch):
+    from moecache._ext import extension
+
+    monkeypatch.setenv("MOECACHE_CPU_KERNEL", "portable")
+    assert main(["doctor", "--json"]) == 0
+    cpu = json.loads(capsys.readouterr().out)["cpu_kernel"]
+    assert cpu["requested"] == "portable"
+    if extension() is not None:
+        assert cpu["kernel"] == "portable" and set(cpu["features"]) == {"avx2", "fma", "avx512f"}
+    monkeypatch.setenv("MOECACHE_CPU_KERNEL", "bogus")
+    assert main(["doctor"]) == 0  # a bad value is reported, not raised
+    out = capsys.readouterr().out
+    assert "cpu kernel" in out and ("invalid MOECACHE_CPU_KERNEL" in out or "not built" in out)
+
+
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "moecache", "doctor"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

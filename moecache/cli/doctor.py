@@ -33,7 +33,32 @@ def collect() -> dict:
 
     info["numpy"] = numpy.__version__
     info["extension"] = extension_status()
+    info["cpu_kernel"] = cpu_kernel_status()
     return info
+
+
+def cpu_kernel_status() -> dict:
+    """What hybrid execution's CPU expert kernel would run here: the CPU's vector features, the kernel
+    chosen for them (or forced by MOECACHE_CPU_KERNEL) and the pool's default thread count."""
+    import os
+
+    from .._ext import extension
+    from ..runtime.hybrid import ENV_KERNEL, default_threads
+
+    C = extension()
+    requested = os.environ.get(ENV_KERNEL) or "auto"
+    if C is None or not hasattr(C, "cpu_features"):
+        return {"kernel": "torch (the extension is not built)", "requested": requested}
+    f = C.cpu_features()
+    try:
+        kernel = "torch" if requested == "torch" else C.choose_cpu_kernel(requested, f["avx2"], f["fma"], f["avx512f"])
+    except Exception as e:  # an unknown MOECACHE_CPU_KERNEL value: say so instead of failing the doctor
+        kernel = f"invalid {ENV_KERNEL}={requested!r} ({e})"
+    try:
+        threads = default_threads()
+    except Exception as e:
+        threads = f"invalid ({e})"
+    return {"kernel": kernel, "requested": requested, "features": dict(f), "threads": threads}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     if ext["available"]:
         print(f"{'build flags':>16}: {ext['build_flags']}")
         print(f"{'extension cuda':>16}: {ext['with_cuda']}")
+    cpu = info.pop("cpu_kernel", None)
+    if cpu:
+        feats = ", ".join(k for k, v in cpu.get("features", {}).items() if v) or "none"
+        print(f"{'cpu kernel':>16}: {cpu['kernel']} (requested {cpu['requested']}; CPU features: {feats}; "
+              f"threads {cpu.get('threads', '?')})")
     return 0
 
 
