@@ -53,15 +53,14 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "eval"))  # eval/_shapes.py
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.families import find_moe_blocks, get_family  # noqa: E402
-from moecache.loading import params_on_meta  # noqa: E402
 from moecache.replay import replay  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 from moecache.runtime import hybrid as hy  # noqa: E402
-from moecache.runtime.hoststore import HostAllocator, HostStore  # noqa: E402
-from moecache.runtime.layout import SlotLayout  # noqa: E402
+from moecache.runtime.hoststore import HostStore  # noqa: E402
 
 # The published Mixtral routing logs; MOECACHE_MIXTRAL_ROUTING points elsewhere (the GPU machine has no ../shared).
 TRACE_DIR = os.environ.get("MOECACHE_MIXTRAL_ROUTING") or os.path.join(
@@ -98,46 +97,13 @@ def sync(dev: torch.device) -> None:
 
 # -- model and trace --------------------------------------------------------------------------------
 
-def mixtral_config(quick: bool, layers: int) -> Any:
-    from transformers import MixtralConfig
-
-    size = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256) \
-        if quick else dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                           vocab_size=32000)
-    return MixtralConfig(num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, router_jitter_noise=0.0,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **size)
-
-
-@torch.no_grad()
 def build(quick: bool, layers: int, dev: torch.device, dtype: torch.dtype, seed: int = 0
           ) -> tuple[nn.Module, HostStore]:
-    """Meta build; non-experts random on ``dev``; experts random straight into the (pinned) host store."""
-    from transformers import AutoModelForCausalLM
+    """Meta build; non-experts random on ``dev``; experts random straight into the (pinned) host store
+    (the shared builder of ``eval/_shapes.py``, Mixtral-8x7B shape with ``layers`` layers)."""
+    from _shapes import build_model, mixtral_config
 
-    config = mixtral_config(quick, layers)
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    blocks = find_moe_blocks(model, get_family("mixtral"))
-    expert_ids = {id(p) for b in blocks for p in b.experts.parameters()}
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None or id(p) in expert_ids:
-                continue
-            value = torch.empty(p.shape, dtype=dtype, device=dev)
-            if "norm" in type(mod).__name__.lower():
-                value.fill_(1.0)
-            else:
-                value.normal_(0.0, 0.02, generator=gen)
-            mod._parameters[name] = nn.Parameter(value, requires_grad=False)
-        for name, buf in list(mod._buffers.items()):
-            if buf is not None:
-                mod._buffers[name] = buf.to(dev)
-    layout = SlotLayout.from_module(blocks[0].experts, config.num_local_experts)
-    store = HostStore(layout, len(blocks), config.num_local_experts, HostAllocator())
-    store.fill_random(seed=seed + 1, std=0.02, device=dev)
-    return model, store
+    return build_model(mixtral_config(quick, layers), "mixtral", dev, dtype, seed)
 
 
 @torch.no_grad()
