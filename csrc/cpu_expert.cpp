@@ -397,7 +397,10 @@ struct Task {
   int64_t n = 0, chunk = 0;
   std::vector<float> partial;          // per item (read tasks)
   std::atomic<int64_t> next1{0}, next2{0};
-  std::atomic<int> arrived{0}, finished{0};
+  // Items finished per phase. The phase barrier and the task's end count items, not threads: a
+  // worker that wakes late (a descheduled vCPU, a slow futex wake-up) finds no items left and goes
+  // back to sleep instead of holding every other thread and the waiter until it arrives.
+  std::atomic<int64_t> done1{0}, done2{0};
   std::chrono::steady_clock::time_point t0;
   double ms = 0.0;
   bool done = false;
@@ -589,8 +592,7 @@ class CpuExpertPool {
         seen = generation_;
         t = active_;
       }
-      run(*t);
-      if (t->finished.fetch_add(1, std::memory_order_acq_rel) + 1 == nthreads_) finish(t);
+      if (run(*t)) finish(t);  // this worker finished the task's last item
     }
   }
 
@@ -643,13 +645,16 @@ class CpuExpertPool {
     }
   }
 
-  void run(Task& t) {
+  // Works on `t` until no item is left; true for the one call that finished the task's last item.
+  bool run(Task& t) {
     if (t.read) {
+      bool last = false;
       for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
         const int64_t a = it * t.chunk, b = std::min(t.n, a + t.chunk);
         t.partial[static_cast<size_t>(it)] = k_.sum(t.buf + a, b - a);
+        last = t.done1.fetch_add(1, std::memory_order_acq_rel) + 1 == t.items1;
       }
-      return;
+      return last;
     }
     const int64_t H = t.H, I = t.I, wb = t.bf16 ? 2 : 4;
     thread_local std::vector<float> part;
@@ -670,10 +675,12 @@ class CpuExpertPool {
       float* act = jb.act.data();
       for (int64_t i = 0; i < nr; ++i)
         for (int64_t p = 0; p < P; ++p) act[p * I + r0 + i] = silu(part[2 * i * P + p]) * part[(2 * i + 1) * P + p];
+      t.done1.fetch_add(1, std::memory_order_acq_rel);
     }
-    // Barrier: phase 2 reads every row of act.
-    t.arrived.fetch_add(1, std::memory_order_acq_rel);
-    while (t.arrived.load(std::memory_order_acquire) < nthreads_) std::this_thread::yield();
+    // Barrier: phase 2 reads every row of act, so it starts once every phase-1 item is done (by
+    // whichever workers took them). A worker arriving after phase 2 is handed out skips the wait.
+    if (t.next2.load(std::memory_order_relaxed) >= t.items2) return false;
+    while (t.done1.load(std::memory_order_acquire) < t.items1) std::this_thread::yield();
     // Phase 2: out[p, j] = down_j . act_p for the item's rows j of H.
     for (int64_t it; (it = t.next2.fetch_add(1, std::memory_order_relaxed)) < t.items2;) {
       Job& jb = t.jobs[job_of(t, it, true)];
@@ -685,7 +692,9 @@ class CpuExpertPool {
       dots(rows.data(), nr, I, jb.act.data(), I, P, t.bf16, part.data());
       for (int64_t i = 0; i < nr; ++i)
         for (int64_t p = 0; p < P; ++p) jb.out[p * H + r0 + i] = part[i * P + p];
+      if (t.done2.fetch_add(1, std::memory_order_acq_rel) + 1 == t.items2) return true;
     }
+    return false;
   }
 
   Isa isa_;

@@ -8,6 +8,8 @@ import json
 import os
 
 import numpy as np
+import time
+
 import pytest
 import torch
 
@@ -53,6 +55,34 @@ def _expected_kernel(requested: str) -> str:
     best = "avx512" if f["avx512f"] else ("avx2" if f["avx2"] and f["fma"] else "portable")
     order = ["portable", "avx2", "avx512"]
     return requested if order.index(requested) <= order.index(best) else best
+
+
+@needs_ext
+def test_kernel_many_tasks_with_more_threads_than_cores():
+    """Oversubscribed pool (8 threads on this machine's few cores), many small tasks in a row, a
+    waiter that sleeps between them: every task ends (a task ends when its items are done, not when
+    every thread has passed, so late workers cannot hold it) with the 1-thread results bit for bit."""
+    C = extension()
+    gen = torch.Generator().manual_seed(3)
+    H, I = 64, 48
+    gu, d = torch.randn(2 * I, H, generator=gen).bfloat16(), torch.randn(H, I, generator=gen).bfloat16()
+    xs = [torch.randn(n, H, generator=gen) for n in (1, 2, 1, 5, 1, 3) * 10]
+    results = []
+    for threads in (1, 8):
+        pool = C.CpuExpertPool(threads, "auto")
+        outs = []
+        for i, x in enumerate(xs):
+            out = torch.empty(x.shape[0], H)
+            t = pool.submit(H, I, 1, [x.data_ptr()], [x.shape[0]], [gu.data_ptr()], [d.data_ptr()], [out.data_ptr()])
+            if i % 7 == 0:
+                time.sleep(0.002)  # the workers go back to sleep before some tasks
+            pool.wait(t)
+            outs.append(out)
+        assert pool.counters()[0] == len(xs)
+        pool.close()
+        results.append(outs)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @needs_ext
