@@ -350,3 +350,14 @@ def test_analyze_real_trace_prefix(routing_dir, tmp_path):
     assert all(r["belady"] >= r["lru"] for r in rows)
     if s["cache"]["simulator"]["available"]:
         assert all(r["best_online_sim"] >= r["lfu_sim"] for r in rows)
+
+
+def test_nmi_of_a_constant_side_is_undefined_not_rounding_noise():
+    """One expert always chosen at the source layer: H_a is 0 up to rounding (~1e-16 bits here), and so
+    is MI; their ratio (2.0 before the fix) is noise, so NMI is NaN."""
+    from moecache.analysis.affinity import pair_stats
+
+    st = pair_stats(np.array([[11.0, 2.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert np.isnan(st["nmi"]) and st["mi"] < 1e-12
+    st = pair_stats(np.array([[5.0, 1.0], [1.0, 5.0]]))
+    assert 0.0 < st["nmi"] <= 1.0

@@ -27,6 +27,8 @@ import numpy as np
 from .access import Accesses
 
 DEFAULT_DEPTHS = (1, 2, 3)
+#: Entropies (bits) below this are rounding noise of a distribution with a single value.
+_ENTROPY_EPS = 1e-12
 
 
 def pair_stats(C: np.ndarray) -> dict[str, float]:
@@ -42,7 +44,10 @@ def pair_stats(C: np.ndarray) -> dict[str, float]:
     ha = float(-(pa[pa > 0] * np.log2(pa[pa > 0])).sum())
     hb = float(-(pb[pb > 0] * np.log2(pb[pb > 0])).sum())
     h = min(ha, hb)
-    return {"mi": max(mi, 0.0), "nmi": max(mi, 0.0) / h if h > 0 else float("nan"), "h_a": ha, "h_b": hb}
+    # A side with one value has zero entropy; rounding can leave ~1e-16 bits (and MI of the same
+    # size), whose ratio is noise: NMI is undefined there. Elsewhere MI <= min(H_a, H_b) up to rounding.
+    nmi = min(max(mi, 0.0) / h, 1.0) if h > _ENTROPY_EPS else float("nan")
+    return {"mi": max(mi, 0.0), "nmi": nmi, "h_a": ha, "h_b": hb}
 
 
 def conditional(C: np.ndarray, n_a: np.ndarray) -> np.ndarray:
