@@ -58,6 +58,14 @@ def _product(hot: np.ndarray, cond: np.ndarray, prior_t: np.ndarray) -> np.ndarr
     # prior times each observed expert's likelihood ratio P(e'|e) / prior, then renormalised. The
     # ratios lie in [alpha / (row count + alpha), 1 / prior], so the product stays in range for any
     # realistic top_k; a row that still over- or underflows falls back to the prior.
+    if hot.shape[0] == 1:  # one row (batch-1 decode, the runtime's hot path): the same folds, no row masks
+        w1 = np.array(prior_t, dtype=np.float64)
+        for e in np.flatnonzero(hot[0]):
+            w1 *= cond[e] / prior_t
+        total1 = w1.sum()
+        if total1 > 0 and np.isfinite(total1):
+            return (w1 / total1)[None, :]
+        return np.array(prior_t, dtype=np.float64)[None, :]
     w = np.array(np.broadcast_to(prior_t, hot.shape), dtype=np.float64)
     for e in _observed(hot):
         w *= np.where(hot[:, e:e + 1] > 0, (cond[e] / prior_t)[None, :], 1.0)

@@ -564,3 +564,33 @@ def test_gate_lookahead_beats_the_prior_on_the_trained_model(tiny_model_dir):
     prior = evaluate([PREDICTORS.get("prior")(6, 32, 4)], trace, (1,))[0]
     assert gate.targets == prior.targets > 1000
     assert gate.recall() > prior.recall() + 0.1, (gate.recall(), prior.recall())
+
+
+def test_transition_product_single_row_fast_path_is_the_masked_fold():
+    """The one-row path (batch-1 decode) returns exactly what the row-masked fold returns for that row."""
+    from moecache.predictors.transition import _observed, _product
+
+    def masked(hot, cond, prior_t):
+        w = np.array(np.broadcast_to(prior_t, hot.shape), dtype=np.float64)
+        for e in _observed(hot):
+            w *= np.where(hot[:, e:e + 1] > 0, (cond[e] / prior_t)[None, :], 1.0)
+        total = w.sum(axis=1, keepdims=True)
+        ok = (total > 0) & np.isfinite(total)
+        return np.where(ok, w / np.where(ok, total, 1.0), prior_t[None, :])
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        E = int(rng.integers(2, 70))
+        cond = rng.random((E, E)) + 1e-3
+        cond /= cond.sum(axis=1, keepdims=True)
+        prior = rng.random(E) + 1e-3
+        prior /= prior.sum()
+        hot = np.zeros((1, E))
+        hot[0, rng.choice(E, size=int(rng.integers(0, min(E, 8) + 1)), replace=False)] = 1
+        assert np.array_equal(_product(hot, cond, prior), masked(hot, cond, prior))
+    # a product that underflows to 0 falls back to the prior, as the masked fold does
+    E = 4
+    cond = np.full((E, E), 1e-300)
+    hot = np.ones((1, E))
+    prior = np.full(E, 0.25)
+    assert np.array_equal(_product(hot, cond, prior), masked(hot, cond, prior))
