@@ -94,7 +94,7 @@ HYBRID_BUILT = "hybrid" in inspect.signature(offload).parameters
 HYBRID_MODES = ("auto", "cpu", "copy", "true")
 
 DEFAULT_CANDIDATES = ("lru", "lru+transition-d1", "lru+transition-d2", "lrfu+transition-d1", "lru+temporal-d1",
-                      "predicted+transition-d1", "lru+transition-d1+hybrid-auto")
+                      "activation+transition-d1", "lru+transition-d1+hybrid-auto")
 CONFIG_KEYS = ("a", "b", "c", "d", "e")
 #: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last.
 RUN_ORDER = ("a", "c", "d", "e", "b")
