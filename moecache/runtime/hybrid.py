@@ -28,12 +28,14 @@ decides per missed expert which of the two serves it:
 The CPU side (``CpuKernel``): the C++ pool ``moecache._C.CpuExpertPool`` (``csrc/cpu_expert.cpp``:
 AVX-512 / AVX2+FMA / portable, fp32 accumulation, blocked over weight rows x tokens so that a batch
 or a prefill reads each weight once, with the same bits for a token alone or among many; ``cores -
-1`` threads so one core stays free for the thread that launches GPU work, GIL released) for the
+2`` threads by default (``$MOECACHE_CPU_THREADS``) so cores stay free for the thread that launches GPU
+work and for the copy worker, GIL released) for the
 concatenated SwiGLU layout with SiLU; the
 torch path (the model's own experts class on host views of the store, run on the calling thread)
 for anything else, or where the extension is missing or disabled. ``MOECACHE_CPU_KERNEL`` picks
 ``auto`` (default), ``portable``, ``avx2``, ``avx512`` or ``torch``; a CPU without the requested
-instructions gets the best kernel it has.
+instructions gets the best kernel it has. ``MOECACHE_CPU_PREWAKE=0`` stops the launch from waking the
+pool's workers before the task is ready (a diagnostic switch; see eval/results/hybrid_diag).
 
 Where results differ from the unpatched model: an expert run on the CPU accumulates in fp32 in a
 different order than the GPU's GEMMs, and rounds to the model dtype once at the end, so its output
@@ -73,6 +75,7 @@ from .stats import RuntimeCounters
 
 ENV_KERNEL = "MOECACHE_CPU_KERNEL"
 ENV_CACHE = "MOECACHE_CACHE_DIR"
+ENV_PREWAKE = "MOECACHE_CPU_PREWAKE"
 #: Bump when what calibrate() measures changes: older cache files are then measured again.
 #: 2: marginal GPU time (back-to-back calls), CPU time on experts rotated out of the caches.
 CALIBRATION_VERSION = 2
@@ -573,7 +576,7 @@ class HybridExecutor:
         self._experts_base = 0
         self._launch_s = self._merge_s = 0.0
         self._launch_parts = [0.0, 0.0, 0.0]  # prewake, hidden rows to the host, submit
-        self.prewake = os.environ.get("MOECACHE_CPU_PREWAKE", "1") != "0"
+        self.prewake = os.environ.get(ENV_PREWAKE, "1") != "0"
         self._layers = 0
 
     def describe(self) -> dict[str, Any]:
