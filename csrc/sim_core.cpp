@@ -466,22 +466,12 @@ struct LRUPolicy : NoRequestHooks {  // lru.py; with fifo = true, fifo.py (acces
   }
 };
 
-struct StaticPolicy : NoRequestHooks {  // static.py
-  Core& c;
-  Lists lists;
+// static.py: LRU order (the same list hooks) for the scratch slots; the victim skips pinned experts.
+struct StaticPolicy : LRUPolicy {
   std::vector<uint8_t> pinned;
   std::vector<int64_t> count;
   StaticPolicy(Core& c_, std::vector<uint8_t> pinned_, std::vector<int64_t> count_)
-      : c(c_), lists(c_.LE, c_.pools), pinned(std::move(pinned_)), count(std::move(count_)) {}
-  void on_access(int64_t key, int64_t) {
-    if (c.res[key]) lists.to_end(c.pool(key), key);
-  }
-  void on_insert(int64_t key) { lists.append(c.pool(key), key); }
-  void on_evict(int64_t key) { lists.unlink(key); }
-  bool admit(int64_t) { return true; }
-  void begin_step(const int64_t*, int64_t) {}
-  void park(const int64_t*, int64_t) {}
-  void unpark() {}
+      : LRUPolicy(c_, false), pinned(std::move(pinned_)), count(std::move(count_)) {}
   int64_t victim(int64_t pool) {
     const int64_t s = c.LE + pool;
     for (int64_t k = lists.next[s]; k != s; k = lists.next[k])
