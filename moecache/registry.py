@@ -54,3 +54,16 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def split_spec(text: str, what: str = "parameter") -> tuple[str, dict[str, str]]:
+    """``"name"`` or ``"name:key=value:key=value"`` (a registered name with parameters, as the CLI and
+    suite configs write them) -> ``(name, {key: raw value})``; ``what`` starts the error message."""
+    name, *rest = text.split(":")
+    params: dict[str, str] = {}
+    for item in rest:
+        if "=" not in item:
+            raise ConfigError(f"{what} {item!r} in {text!r} is not key=value (e.g. lfu:half_life=32)")
+        k, v = item.split("=", 1)
+        params[k.strip()] = v.strip()
+    return name.strip(), params

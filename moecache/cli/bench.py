@@ -30,18 +30,12 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import split_spec
 
 
 def _parse_policy(spec: str) -> tuple[str, dict[str, str]]:
     """``name`` or ``name:key=value:key=value``."""
-    name, *rest = spec.split(":")
-    params: dict[str, str] = {}
-    for item in rest:
-        if "=" not in item:
-            raise ConfigError(f"policy parameter {item!r} in {spec!r} is not key=value (e.g. lfu:half_life=32)")
-        k, v = item.split("=", 1)
-        params[k.strip()] = v.strip()
-    return name.strip(), params
+    return split_spec(spec, "policy parameter")
 
 
 def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:

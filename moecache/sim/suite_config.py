@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
+from ..registry import split_spec
 
 #: The predictor name that means "no predictor".
 NONE = "none"
@@ -117,16 +118,13 @@ def _scalar(v: Any, where: str) -> Any:
 def _parse_spec(item: Any, where: str) -> Spec:
     """``"name"``, ``"name:key=value:..."`` or ``{name = ..., params = {...}}``."""
     if isinstance(item, str):
-        name, *rest = item.split(":")
+        name, raw = split_spec(item, f"{where}: parameter")
         params: dict[str, Any] = {}
-        for kv in rest:
-            if "=" not in kv:
-                raise ConfigError(f"{where}: parameter {kv!r} in {item!r} is not key=value (e.g. lfu:half_life=32)")
-            k, v = kv.split("=", 1)
+        for k, v in raw.items():
             try:
-                params[k.strip()] = json.loads(v)
+                params[k] = json.loads(v)
             except json.JSONDecodeError:
-                params[k.strip()] = v.strip()
+                params[k] = v
     elif isinstance(item, dict):
         unknown = sorted(set(item) - {"name", "params"})
         if unknown or not isinstance(item.get("name"), str):
