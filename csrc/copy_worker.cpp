@@ -39,6 +39,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <pthread.h>
+#endif
+
 #ifdef MOECACHE_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -425,6 +429,9 @@ class CopyWorker : public torch::CustomClassHolder {
   }
 
   void run() {
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "moecache-copy");  // tells it apart in per-thread CPU time
+#endif
 #ifdef MOECACHE_WITH_CUDA
     if (cuda_) cudaSetDevice(device_);
 #endif

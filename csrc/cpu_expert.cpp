@@ -61,6 +61,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <pthread.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 // GCC's intrinsics headers build "undefined" vectors as `__m256d __Y = __Y;`, which -Wall reports
 // as uninitialised in every instantiation; nothing uninitialised is read.
@@ -573,6 +577,10 @@ class CpuExpertPool {
   }
 
   void work() {
+#ifdef __linux__
+    // Named so that per-thread CPU time (top -H, /proc/PID/task/*/comm) tells the pool apart.
+    pthread_setname_np(pthread_self(), "moecache-cpu");
+#endif
     uint64_t seen = 0, seen_wake = 0;
     for (;;) {
       std::shared_ptr<Task> t;

@@ -744,3 +744,45 @@ def test_thread_count_leaves_two_cores_and_reads_the_environment(monkeypatch):
         monkeypatch.setenv(hy.ENV_THREADS, bad)
         with pytest.raises(ConfigError, match=hy.ENV_THREADS):
             hy.default_threads()
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_launch_runs_no_torch_cpu_op(monkeypatch):
+    """A torch op computing on host tensors wakes torch's OpenMP threads, which then spin on the pool's
+    cores (each expert ~2x slower on the H100 machine: eval/results/hybrid_diag/README.md). The launch
+    moves the rows to the host and gathers them with numpy only; the kernel's submit takes them as they are."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    NO_COMPUTE = ("aten::view", "aten::empty", "aten::lift_fresh", "aten::detach", "aten::alias")
+
+    class HostOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            name = func._schema.name  # allocating or aliasing host memory computes nothing
+            if flat and all(t.device.type == "cpu" for t in flat) and not name.startswith(NO_COMPUTE):
+                self.ops.append(str(func))
+            return out
+
+    m = tiny_model("mixtral").to(torch.bfloat16).to("cuda").eval()
+    h = offload(m, cache_slots=4, device="cuda", hybrid="cpu")
+    mode = HostOps()
+    launch = hy.HybridExecutor.launch
+    launched = []
+
+    def watched(self, *a, **k):
+        with mode:
+            work = launch(self, *a, **k)
+        launched.append(work)
+        return work
+
+    monkeypatch.setattr(hy.HybridExecutor, "launch", watched)
+    m.generate(torch.tensor(PROMPT, device="cuda"), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    h.remove()
+    assert launched, "no layer ran an expert on the CPU"
+    assert not mode.ops, f"torch CPU ops during the launch: {mode.ops}"

@@ -305,7 +305,7 @@ class CppKernel(CpuKernel):
             self._down.append([views["down_proj"][e].data_ptr() for e in range(store.num_experts)])
 
     def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
-        x32 = x.to(torch.float32).contiguous()
+        x32 = x.to(torch.float32).contiguous()  # the launch passes fp32 rows: no CPU op here
         out = torch.empty((x32.shape[0], self.H), dtype=torch.float32, pin_memory=self.pin)
         row = self.H * 4  # bytes of one fp32 row, in and out
         xs, outs, off = [], [], 0
@@ -638,13 +638,17 @@ class HybridExecutor:
         sizes = [int(g.size) for g in groups]
         rows = pairs // k
         # Second host sync of the layer, and a cheap one: the routing sync just drained the stream, so
-        # this waits for its own small transfer only. Decode: the whole hidden state (a few KiB), gathered
-        # on the host; prefill: only the rows needed, gathered on the device.
+        # this waits for its own small transfer only. The rows reach the host as fp32 (converted on the
+        # device: exact from bf16/fp16), the kernel's input as it is. Decode: the whole hidden state (a
+        # few KiB), gathered by numpy; prefill: only the rows needed, gathered on the device.
+        # No torch CPU op on this path: one wakes torch's intra-op (OpenMP) threads, which then spin on
+        # the cores the pool computes on; on the H100 machine that made this launch take ~4 ms and
+        # each expert ~2x slower (eval/results/hybrid_diag/README.md).
         h = hidden.detach()
         if h.shape[0] <= HOST_GATHER_ROWS:
-            x = h.to("cpu")[torch.from_numpy(rows)]
+            x = torch.from_numpy(h.to(torch.float32).cpu().numpy()[rows])
         else:
-            x = h[torch.from_numpy(rows).to(h.device, non_blocking=True)].to("cpu")
+            x = h[torch.from_numpy(rows).to(h.device, non_blocking=True)].to(torch.float32).cpu()
         tb = time.perf_counter()
         handle = self.kernel.submit(layer, experts, x, sizes)
         tc = time.perf_counter()
