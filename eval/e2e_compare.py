@@ -93,8 +93,10 @@ from moecache.runtime import offload  # noqa: E402
 HYBRID_BUILT = "hybrid" in inspect.signature(offload).parameters
 HYBRID_MODES = ("auto", "cpu", "copy", "true")
 
-DEFAULT_CANDIDATES = ("lru", "lru+transition-d1", "lru+transition-d2", "lrfu+transition-d1", "lru+temporal-d1",
-                      "activation+transition-d1", "lru+transition-d1+hybrid-auto")
+#: The candidates of the recorded runs (eval/results/e2e_*.md): plain LRU, hybrid execution with a global
+#: and a per-layer pool, selective prefetch with hybrid execution, and the best batch-8 prefetcher.
+DEFAULT_CANDIDATES = ("lru", "lru+hybrid-auto", "lru@layer+hybrid-auto", "lru+transition-d1+p0.3+hybrid-auto",
+                      "activation+transition-d1")
 CONFIG_KEYS = ("a", "b", "c", "d", "e")
 #: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last.
 RUN_ORDER = ("a", "c", "d", "e", "b")
