@@ -24,7 +24,7 @@ Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on 
 * (d) ``fiddler``: ``offload(hybrid="cpu", policy=static)``: every miss computed on the CPU from
   host memory, nothing copied on a miss. As Fiddler places the most popular experts on the GPU at
   load time, the static placement (fitted on sequences not replayed; one scratch slot) is copied
-  into the pool before the run (``preload``).
+  into the pool before the run (``handle.preload()``).
 * (e) ``moecache``: each of ``--candidates`` (policy, predictor, prefetch depth, hybrid), timed in
   this same run; the fastest by measured decode tokens/s is reported as (e).
 
@@ -604,18 +604,6 @@ def offload_kwargs(bench: Bench, cand: Candidate, policy_params: dict[str, Any] 
     return kw
 
 
-def preload(handle: Any, keys: list[int], dev: torch.device) -> None:
-    """Fiddler's load-time placement: ``keys`` copied into the pool before the run, through the
-    runtime's own placement and copy engine (``hybrid="cpu"`` never copies a miss, so without this
-    the pool would stay empty). Uses the runtime's private ``_place``: no public API preloads yet."""
-    rt = handle.runtime
-    keys = sorted(keys)
-    slots = [rt._place(key, set(keys)) for key in keys]
-    if slots:
-        rt.engine.demand(slots, keys, slots)
-        sync(dev)
-
-
 def run_offload(bench: Bench, plan: BatchPlan, key: str, cand: Candidate, weight: float,
                 policy_params: dict[str, Any] | None = None, preload_pinned: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"config": key, "label": cand.label}
@@ -633,9 +621,8 @@ def run_offload(bench: Bench, plan: BatchPlan, key: str, cand: Candidate, weight
     handle = None
     try:
         handle = offload(bench.model, **offload_kwargs(bench, cand, policy_params))
-        if preload_pinned:
-            preload(handle, list(handle.runtime.policy.pinned), bench.dev)
-            row["preloaded_experts"] = len(handle.runtime.policy.pinned)
+        if preload_pinned:  # Fiddler's load-time placement (hybrid="cpu" never copies a miss)
+            row["preloaded_experts"] = handle.preload()
         row.update(_timed(bench, plan, share, bench.tokens - 1, handle))
     except Exception as exc:  # noqa: BLE001
         row.update(_error_row(exc))

@@ -421,3 +421,48 @@ def test_predicted_policy_gets_scores_at_any_prefetch_depth(depth):
     assert {layer for layer, _ in seen} == set(range(L))
     for _, p in seen:
         assert p.shape == (E,) and abs(p.sum() - k) < 1e-9
+
+
+def test_preload_places_experts_before_the_run():
+    """``handle.preload``: (layer, expert) pairs or the static policy's own placement, copied before the first
+    call through the policy; tokens unchanged; bad pairs, an overfull pool and a removed handle are errors."""
+    from moecache.policies import new_policy
+
+    ref = _gen(tiny_model("olmoe")).sequences
+    m = tiny_model("olmoe")
+    L, E, k = _moe_shape(m)
+    h = offload(m, cache_slots=5, device="cpu", policy="lru")
+    rt = h.runtime
+    assert h.preload([(0, 1), (1, 2), (0, 1)]) == 2
+    assert rt.slot_of[1] >= 0 and rt.slot_of[E + 2] >= 0
+    s = h.stats()
+    assert s["resident"] == 2 and s["copies"] == 2
+    assert h.preload([(0, 1)]) == 0  # already resident
+    assert torch.equal(_gen(m).sequences, ref)
+    for bad in ([(L, 0)], [(0, E)], [(-1, 0)]):
+        with pytest.raises(ConfigError, match="cannot preload expert"):
+            h.preload(bad)
+    with pytest.raises(ConfigError, match="no placement of its own"):
+        h.preload()
+    h.remove()
+    with pytest.raises(ConfigError, match="removed"):
+        h.preload([(0, 0)])
+
+    # A per-layer pool holds k experts: k + 1 of one layer cannot all be placed.
+    m = tiny_model("olmoe")
+    h = offload(m, cache_slots=k * L, device="cpu", policy=new_policy("lru", k, L, E, top_k=k, scope="layer"))
+    with pytest.raises(ConfigError, match="into MoE layer 0's pool of 2 slots"):
+        h.preload([(0, e) for e in range(k + 1)])
+    assert h.stats()["resident"] == 0  # nothing placed by the refused call
+    h.remove()
+
+    # static: its fitted pinned experts (the most routed) by default.
+    counts = np.zeros((L, E), np.int64)
+    counts[:, 3], counts[:, 5] = 10, 5
+    pol = new_policy("static", 5, L, E, top_k=k, scope="global", scratch=2).fit(counts)
+    m = tiny_model("olmoe")
+    h = offload(m, cache_slots=5, device="cpu", policy=pol)
+    assert h.preload() == len(pol.pinned) == 3
+    assert all(h.runtime.slot_of[key] >= 0 for key in pol.pinned)
+    assert torch.equal(_gen(m).sequences, ref)
+    h.remove()

@@ -223,6 +223,37 @@ class Runtime:
             self._copied(copy_slots)
         return slots
 
+    def preload(self, keys: list[int]) -> list[int]:
+        """Copy the experts ``keys`` (global: ``layer * E + expert``) into the pool now, a placement chosen
+        before the run (Fiddler's popular experts, a warm start), and wait for the copies. Each goes through
+        the policy's ``insert`` as a miss would, so the policy knows it; keys already resident are skipped.
+        Counted in ``copies`` and ``bytes_copied`` (reset the stats afterwards to leave them out). Returns the
+        slots copied into."""
+        keys = sorted({int(k) for k in keys})
+        bad = [k for k in keys if not 0 <= k < self.L * self.E]
+        if bad:
+            raise ConfigError(f"cannot preload expert key {bad[0]}: keys are layer * {self.E} + expert, "
+                              f"below {self.L * self.E}")
+        per_pool: dict[int, int] = {}
+        for k in keys:
+            per_pool[self.policy.pool(k)] = per_pool.get(self.policy.pool(k), 0) + 1
+        pool, n = max(per_pool.items(), key=lambda kv: kv[1], default=(0, 0))
+        if n > self.policy.capacity:
+            where = f"MoE layer {pool}'s pool" if self.policy.num_pools > 1 else "the pool"
+            raise ConfigError(f"cannot preload {n} experts into {where} of {self.policy.capacity} slots: "
+                              "preload at most that many (or offload with more GPU memory)")
+        new = [k for k in keys if self.slot_of[k] < 0]
+        protected = set(keys)
+        slots = [self._place(k, protected) for k in new]
+        if slots:
+            self.engine.demand(slots, new, slots)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # load time: wait for the copies
+            self.ready_slots.update(slots)
+            self.counters.copies += len(slots)
+            self.counters.bytes_copied += len(slots) * self.pool.layout.slot_bytes
+        return slots
+
     def _place(self, key: int, protected: set[int]) -> int:
         """Ask the policy for a slot for ``key`` (evicting as it decides); the caller queues the copy."""
         for victim in self.policy.insert(key, protected):

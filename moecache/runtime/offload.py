@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +231,30 @@ class OffloadHandle:
             out["gpu_other_peak_bytes"] = int(max(0, peak - self.config["gpu_nonexpert_bytes"]
                                                   - self.config["pool_bytes"] - WORKSPACE_BYTES))
         return out
+
+    def preload(self, experts: Iterable[tuple[int, int]] | None = None) -> int:
+        """Copy ``experts`` (``(layer, expert)`` pairs; MoE layers counted from 0) into the GPU pool now,
+        before the run, and wait for the copies. Without ``experts``: the policy's own placement (``static``:
+        its pinned experts, fitted on a trace). Each enters through the policy as a miss would; ones already
+        resident are skipped. Returns how many were copied."""
+        if self.removed:
+            raise ConfigError("this offload handle was removed; offload the model again to preload")
+        rt = self.runtime
+        if experts is None:
+            pinned = getattr(rt.policy, "pinned", None)
+            if not pinned:
+                raise ConfigError(f"policy {rt.policy.name!r} has no placement of its own to preload: pass "
+                                  "experts=[(layer, expert), ...], or use a fitted 'static' policy")
+            keys = [int(k) for k in pinned]
+        else:
+            keys = []
+            for pair in experts:
+                layer, expert = (int(v) for v in pair)
+                if not (0 <= layer < rt.L and 0 <= expert < rt.E):
+                    raise ConfigError(f"cannot preload expert {(layer, expert)}: this model has {rt.L} MoE layers "
+                                      f"of {rt.E} experts")
+                keys.append(layer * rt.E + expert)
+        return len(rt.preload(keys))
 
     def summary(self) -> str:
         return format_summary(self.stats())
