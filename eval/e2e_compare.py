@@ -437,7 +437,7 @@ def _timed(bench: Bench, plan: BatchPlan, limit_s: float, max_steps: int, handle
         keep = ("accesses", "hits", "misses", "hit_rate", "ready_rate", "evictions", "prefetch_issued",
                 "prefetch_precision", "prefetch_cancelled", "bytes_copied", "copies", "stall_s", "host_ms_per_layer",
                 "sync_ms_per_layer", "round_calls", "decisions", "cpu_experts", "cpu_tokens", "cpu_ms", "cpu_wait_ms",
-                "cpu_kernel", "hybrid_rule", "resident")
+                "cpu_kernel", "hybrid_rule", "resident", "cpu_layers", "cpu_layer_parts_ms", "cpu_cost_scale")
         row.update({key: s[key] for key in keep if key in s})
         if res.decode_steps:
             row["stall_ms_per_step"] = 1e3 * s["stall_s"] / res.decode_steps

@@ -687,9 +687,17 @@ def test_reset_stats_and_summary():
     h.reset_stats()
     s = h.stats()
     assert s["cpu_experts"] == s["cpu_kernel_experts"] == 0 and s["cpu_ms"] == 0.0
+    assert s["cpu_layer_parts_ms"] is None  # no layer with CPU experts since the reset
+    t0 = time.perf_counter()
     _gen(m, 2)
+    wall_ms = 1e3 * (time.perf_counter() - t0)
     s = h.stats()
     assert s["cpu_experts"] == s["cpu_kernel_experts"] > 0
+    parts = s["cpu_layer_parts_ms"]
+    assert set(parts) == {"launch", "gpu_experts", "wait", "merge", "scatter"}
+    assert all(v >= 0.0 for v in parts.values()) and parts["launch"] > 0.0
+    assert parts["launch"] == pytest.approx(s["cpu_launch_ms_per_layer"])
+    assert sum(parts.values()) * s["cpu_layers"] < wall_ms  # parts of the layers, inside the calls' time
     h.remove()
 
 

@@ -378,6 +378,7 @@ class Runtime:
         tokens, k = ids.shape
         base = li * self.E
         work = self.hybrid.launch(li, hidden, weights, ids, [key - base for key in keys if key in on_cpu])
+        t0 = time.perf_counter()
         try:
             for key, n in zip(keys, counts):  # every need in key order, as in the simulator
                 self.policy.access(key, n)
@@ -388,10 +389,14 @@ class Runtime:
             if gpu:
                 self._pairs_into(contrib, li, hidden, weights, ids, np.asarray([e for e, _ in gpu], dtype=np.int64),
                                  [n for _, n in gpu], accessed=True)
+            t1 = time.perf_counter()
         finally:  # the pool reads buffers the work holds: never leave it running
             pairs_t, rows = self.hybrid.finish(work, hidden.dtype)
+        t2 = time.perf_counter()
         contrib[pairs_t] = rows.to(contrib.dtype)  # no-op where the routing weights have the model's dtype
-        return contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        out = contrib.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        self.hybrid.layer_done(t1 - t0, time.perf_counter() - t2)
+        return out
 
     # -- prefetch ---------------------------------------------------------------------------------
     def _step_rows(self, ids: np.ndarray) -> np.ndarray:

@@ -576,6 +576,7 @@ class HybridExecutor:
         self._experts_base = 0
         self._launch_s = self._merge_s = 0.0
         self._launch_parts = [0.0, 0.0, 0.0]  # prewake, hidden rows to the host, submit
+        self._gpu_s = self._scatter_s = 0.0  # the layer's GPU experts (host side); the final scatter and sum
         self.prewake = os.environ.get(ENV_PREWAKE, "1") != "0"
         self._layers = 0
 
@@ -667,6 +668,12 @@ class HybridExecutor:
         self._layers += 1
         return CpuWork(pairs_t, w, sizes, handle, 1e3 * launch_s)
 
+    def layer_done(self, gpu_s: float, scatter_s: float) -> None:
+        """The runtime's share of a hybrid layer, host seconds: its GPU experts' path (the pool's
+        acquire, the pair gathers, the experts call) and the final scatter of the CPU rows and sum."""
+        self._gpu_s += gpu_s
+        self._scatter_s += scatter_s
+
     def finish(self, work: CpuWork, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for ``work``; returns the pair indices and their weighted contributions on the device."""
         t0 = time.perf_counter()
@@ -698,6 +705,10 @@ class HybridExecutor:
                 # where the launch time goes: waking the pool, the hidden rows to the host, the submit
                 "cpu_launch_parts_ms_per_layer": [1e3 * v / n for v in self._launch_parts] if n else None,
                 "cpu_merge_ms_per_layer": 1e3 * self._merge_s / n if n else None,
+                # host ms of a layer with CPU experts, by part (the CPU wait is cpu_wait_ms over cpu_layers)
+                "cpu_layer_parts_ms": {"launch": 1e3 * self._launch_s / n, "gpu_experts": 1e3 * self._gpu_s / n,
+                                       "wait": 1e3 * self.counters.cpu_wait_s / n, "merge": 1e3 * self._merge_s / n,
+                                       "scatter": 1e3 * self._scatter_s / n} if n else None,
                 "cpu_cost_scale": self.costs.cpu_scale if self.costs is not None else None,
                 "reuse_rate": reuse_rate(self.hits, self.copies)}
 
@@ -705,6 +716,7 @@ class HybridExecutor:
         self._experts_base = self.kernel.experts_run()
         self._launch_s = self._merge_s = 0.0
         self._launch_parts = [0.0, 0.0, 0.0]
+        self._gpu_s = self._scatter_s = 0.0
         self._layers = 0
 
     def close(self) -> None:
