@@ -542,14 +542,16 @@ def save_calibration(key: dict[str, Any], profile: HardwareProfile, directory: s
 
 @dataclass
 class CpuWork:
-    """CPU experts of one layer in flight: their (token, k) pair indices (grouped by expert, on the
-    device), the routing weights of those pairs (device), the tokens per expert and the kernel's handle."""
+    """CPU experts of one layer in flight: their (token, k) pair indices (grouped by expert; on the host,
+    then on the device once ``bind`` gave them), the routing weights of those pairs (device, from
+    ``bind``), the tokens per expert and the kernel's handle."""
 
-    pairs: torch.Tensor
-    weights: torch.Tensor
+    host_pairs: np.ndarray
     sizes: list[int]
     handle: Any
     launch_ms: float = 0.0  # host time from the launch's start to the kernel running
+    pairs: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 class HybridExecutor:
@@ -626,8 +628,8 @@ class HybridExecutor:
     def launch(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray,
                experts: Sequence[int]) -> CpuWork:
         """Start the CPU experts ``experts`` (ascending) of MoE layer ``layer`` on the rows routed to them.
-        Returns as soon as the kernel runs; what the merge needs on the device (pair indices, their
-        routing weights) is enqueued after that, while the CPU computes."""
+        Returns as soon as the kernel runs, with the pairs' indices on the host: the runtime uploads them
+        with its own indices (one host-to-device copy per layer) and hands them back with ``bind``."""
         t0 = time.perf_counter()
         if self.prewake:
             self.kernel.prewake()  # the workers wake while the rows are gathered and copied
@@ -659,14 +661,18 @@ class HybridExecutor:
         parts[1] += tb - ta
         parts[2] += tc - tb
         self._launch_s += launch_s
-        dev = weights.device
-        pairs_t = torch.from_numpy(pairs).to(dev, non_blocking=True)
-        w = weights.reshape(-1)[pairs_t].unsqueeze(-1)
         c = self.counters
         c.cpu_experts += len(experts)
         c.cpu_tokens += int(pairs.size)
         self._layers += 1
-        return CpuWork(pairs_t, w, sizes, handle, 1e3 * launch_s)
+        return CpuWork(pairs, sizes, handle, 1e3 * launch_s)
+
+    @staticmethod
+    def bind(work: CpuWork, pairs: torch.Tensor, weights: torch.Tensor) -> None:
+        """``work``'s pair indices on the device (``work.host_pairs`` uploaded) and the routing weights they
+        select, for the merge."""
+        work.pairs = pairs
+        work.weights = weights.reshape(-1)[pairs].unsqueeze(-1)
 
     def layer_done(self, gpu_s: float, scatter_s: float) -> None:
         """The runtime's share of a hybrid layer, host seconds: its GPU experts' path (the pool's
@@ -682,6 +688,8 @@ class HybridExecutor:
         c = self.counters
         c.cpu_wait_s += t1 - t0
         c.cpu_ms += ms
+        if work.weights is None:  # the layer failed before binding: the pool is done with the buffers
+            return work.pairs, out
         # As transformers weights each expert output: proj_out (model dtype) * routing weight. The
         # host buffer is pinned on CUDA: an async copy.
         rows = out.to(work.weights.device, non_blocking=True).to(dtype) * work.weights
