@@ -30,6 +30,7 @@ one sum over k.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,10 +235,7 @@ class Runtime:
         if bad:
             raise ConfigError(f"cannot preload expert key {bad[0]}: keys are layer * {self.E} + expert, "
                               f"below {self.L * self.E}")
-        per_pool: dict[int, int] = {}
-        for k in keys:
-            per_pool[self.policy.pool(k)] = per_pool.get(self.policy.pool(k), 0) + 1
-        pool, n = max(per_pool.items(), key=lambda kv: kv[1], default=(0, 0))
+        pool, n = max(Counter(self.policy.pool(k) for k in keys).items(), key=lambda kv: kv[1], default=(0, 0))
         if n > self.policy.capacity:
             where = f"MoE layer {pool}'s pool" if self.policy.num_pools > 1 else "the pool"
             raise ConfigError(f"cannot preload {n} experts into {where} of {self.policy.capacity} slots: "
@@ -346,7 +344,7 @@ class Runtime:
                 parts.append(extra)
             up = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)).to(dev, non_blocking=True)
             pairs_t, ids_t, sid_t = up[:n], up[n:2 * n].view(-1, 1), up[2 * n:3 * n].view(-1, 1)
-            if extra is not None and start == 0:
+            if len(parts) == 4:
                 extra_t = up[3 * n:]
             # Each (token, k) pair as its own one-expert "token": the kernel returns its weighted output.
             out = self._kernel(li, hidden[pairs_t // k], ids_t, w_flat[pairs_t].reshape(-1, 1),
