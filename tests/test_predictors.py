@@ -72,6 +72,25 @@ def test_normalise_matches_per_row_water_filling(k, n, seed):
     assert np.allclose(p.sum(axis=1), k) and (p >= 0).all() and (p <= 1 + 1e-12).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(6, 64), st.integers(0, 10**6))
+def test_normalise_one_row_equals_the_batched_path_bit_for_bit(k, n, seed):
+    # The one-row fast path (batch-1 decode) must give the very bits of the rows path that the C++
+    # simulator core reproduces; a row alone and the same row among others are compared.
+    rng = np.random.default_rng(seed)
+    s = rng.random((6, n)) ** rng.integers(1, 12)
+    s[0] = 0.0
+    s[1, : n - 1] = 0.0
+    s[2, :k] = 1e6
+    s[3, k:] = 0.0
+    pred = Predictor(1, n, k)
+    batched = pred.normalise(s)
+    for r in range(len(s)):
+        alone = pred.normalise(s[r])
+        assert alone.shape == (1, n)
+        assert np.array_equal(alone[0], batched[r]), r
+
+
 def test_normalise_hand_worked():
     p = Predictor(1, 4, 2).normalise(np.array([[4.0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]]))
     np.testing.assert_allclose(p, [[1, 1 / 3, 1 / 3, 1 / 3], [0.5] * 4, [1, 1 / 3, 1 / 3, 1 / 3]])
