@@ -177,7 +177,11 @@ class Runtime:
             t3 = time.perf_counter()
         if self.prefetch_depth or self.score_depth:
             self._prefetch(li, ids, hidden)
-        c.host_s += (t2 - t1) + (time.perf_counter() - t3)
+            t4 = time.perf_counter()
+            c.prefetch_s += t4 - t3
+        else:
+            t4 = time.perf_counter()
+        c.host_s += (t2 - t1) + (t4 - t3)
         return out
 
     def _acquire(self, keys: list[int], counts: list[int], accessed: bool = False) -> list[int]:

@@ -15,7 +15,9 @@ Definitions (one *access* = one expert needed by one MoE layer forward, however 
 * ``stall_s``: time the computation waited for copies (CUDA events around the waits on the GPU;
   host time blocked on the CPU).
 * ``host_s``: host time spent in the runtime's per-layer code, excluding the routing sync, the
-  waits and the expert kernels; ``host_ms_per_layer`` divides it by the MoE layer calls.
+  waits and the expert kernels; ``host_ms_per_layer`` divides it by the MoE layer calls, and
+  ``prefetch_host_ms_per_layer`` is its share spent after the kernel was enqueued: feeding the
+  predictor, its predictions and queueing the prefetches (and the policy's scores).
 * prefill/decode: a model call with more than one token per row is prefill, one token per row is
   decode; ``ttft_s`` is the duration of the latest request's prefill call (time to first token).
 * hybrid execution (``offload(..., hybrid=...)``, ``moecache.runtime.hybrid``): ``decisions`` counts
@@ -49,6 +51,7 @@ class RuntimeCounters:
     round_calls: int = 0  # layer calls that needed more experts than the pool holds
     host_s: float = 0.0
     sync_s: float = 0.0
+    prefetch_s: float = 0.0
     prefill_calls: int = 0
     prefill_tokens: int = 0
     prefill_s: float = 0.0
@@ -85,6 +88,7 @@ def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dic
         "layer_calls": c.layer_calls, "round_calls": c.round_calls,
         "host_ms_per_layer": _ratio(c.host_s * 1e3, c.layer_calls),
         "sync_ms_per_layer": _ratio(c.sync_s * 1e3, c.layer_calls),
+        "prefetch_host_ms_per_layer": _ratio(c.prefetch_s * 1e3, c.layer_calls),
         "ttft_s": c.ttft_s,
         "prefill_tokens": c.prefill_tokens, "prefill_s": c.prefill_s,
         "prefill_tokens_per_s": _ratio(c.prefill_tokens, c.prefill_s),
