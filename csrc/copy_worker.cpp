@@ -28,6 +28,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -100,6 +101,13 @@ class CopyWorker : public torch::CustomClassHolder {
     TORCH_CHECK(!dst.is_cuda(), "moecache._C was built without CUDA; rebuild it on a machine with nvcc");
 #endif
     (void)num_streams;
+    // $MOECACHE_COPY_WAIT: "poll" (default) or "sync" (block in cudaEventSynchronize, as before).
+    if (const char* how = std::getenv("MOECACHE_COPY_WAIT")) {
+      const std::string h(how);
+      TORCH_CHECK(h.empty() || h == "poll" || h == "sync", "MOECACHE_COPY_WAIT=", h,
+                  " is not a copy wait mode: set it to poll (the default) or sync, or unset it");
+      if (h == "sync") poll_us_ = 0;
+    }
     thread_ = std::thread([this] { run(); });
   }
 
@@ -113,41 +121,40 @@ class CopyWorker : public torch::CustomClassHolder {
   // Queue a copy of host row `key` into `slot`; `priority` is the predicted need time (lower first,
   // 0 = needed now). A copy still queued for the slot is replaced (counted as cancelled).
   void submit(int64_t slot, int64_t key, double priority) {
-    std::unique_lock<std::mutex> lock(mu_);
-    raise_if_failed();
-    check_slot(slot);
-    TORCH_CHECK(key >= 0 && key < static_cast<int64_t>(src_.size()), "key ", key, " out of range");
-    // A copy being issued right now finishes first (short); a queued one is replaced.
-    cv_done_.wait(lock, [&] { return state_[slot] != COPYING || !error_.empty(); });
-    raise_if_failed();
-    if (state_[slot] == QUEUED) {
-      queue_.erase(std::make_tuple(std::get<0>(qpos_[slot]), std::get<1>(qpos_[slot]), slot));
-      ++cancelled_;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      enqueue_locked(lock, slot, key, priority);
     }
-    state_[slot] = QUEUED;
-    key_[slot] = key;
-    urgent_[slot] = priority <= 0.0 ? 1 : 0;
-    qpos_[slot] = std::make_tuple(priority, seq_++);
-    queue_.insert(std::make_tuple(priority, std::get<1>(qpos_[slot]), slot));
-    lock.unlock();
     cv_work_.notify_one();
   }
 
-  // Queue several copies at once (one call from Python for a layer's prefetches).
+  // Queue several copies at once (one call from Python for a layer's prefetches), under one lock and
+  // with one wake-up of the worker: waking it after each would have it contend for the lock with the
+  // rest of the batch (~20 us per call on a 2-core host).
   void submit_many(std::vector<int64_t> slots, std::vector<int64_t> keys, std::vector<double> priorities) {
     TORCH_CHECK(slots.size() == keys.size() && slots.size() == priorities.size(),
                 "submit_many: slots, keys and priorities differ in length");
-    for (size_t i = 0; i < slots.size(); ++i) submit(slots[i], keys[i], priorities[i]);
+    if (slots.empty()) return;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      for (size_t i = 0; i < slots.size(); ++i) enqueue_locked(lock, slots[i], keys[i], priorities[i]);
+    }
+    cv_work_.notify_one();
   }
 
   // The demand path of one MoE layer in one call: queue the copies of `copy_slots` (rows
   // `copy_keys`) as needed now, then make `stream` wait for every slot of `wait_slots` (which
-  // includes the fresh copies; wait() issues them at once on the calling thread).
+  // includes the fresh copies; wait() issues them at once on the calling thread, so the worker is
+  // woken only afterwards, for whatever the wait left queued).
   void demand(std::vector<int64_t> copy_slots, std::vector<int64_t> copy_keys, std::vector<int64_t> wait_slots,
               int64_t stream) {
     TORCH_CHECK(copy_slots.size() == copy_keys.size(), "demand: copy_slots and copy_keys differ in length");
-    for (size_t i = 0; i < copy_slots.size(); ++i) submit(copy_slots[i], copy_keys[i], 0.0);
+    if (!copy_slots.empty()) {
+      std::unique_lock<std::mutex> lock(mu_);
+      for (size_t i = 0; i < copy_slots.size(); ++i) enqueue_locked(lock, copy_slots[i], copy_keys[i], 0.0);
+    }
     if (!wait_slots.empty()) wait(std::move(wait_slots), stream);
+    if (!copy_slots.empty()) cv_work_.notify_one();
   }
 
   // Remove a copy that has not started. Returns false when it started (or none was queued).
@@ -386,6 +393,25 @@ class CopyWorker : public torch::CustomClassHolder {
     return nullptr;
   }
 
+  // submit()'s work with mu_ held (`lock`): a copy being issued into the slot right now finishes
+  // first (short); a queued one is replaced.
+  void enqueue_locked(std::unique_lock<std::mutex>& lock, int64_t slot, int64_t key, double priority) {
+    raise_if_failed();
+    check_slot(slot);
+    TORCH_CHECK(key >= 0 && key < static_cast<int64_t>(src_.size()), "key ", key, " out of range");
+    cv_done_.wait(lock, [&] { return state_[slot] != COPYING || !error_.empty(); });
+    raise_if_failed();
+    if (state_[slot] == QUEUED) {
+      queue_.erase(std::make_tuple(std::get<0>(qpos_[slot]), std::get<1>(qpos_[slot]), slot));
+      ++cancelled_;
+    }
+    state_[slot] = QUEUED;
+    key_[slot] = key;
+    urgent_[slot] = priority <= 0.0 ? 1 : 0;
+    qpos_[slot] = std::make_tuple(priority, seq_++);
+    queue_.insert(std::make_tuple(priority, std::get<1>(qpos_[slot]), slot));
+  }
+
   void check_slot(int64_t s) const {
     TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(state_.size()), "slot ", s, " out of range 0..",
                 state_.size() - 1);
@@ -448,7 +474,16 @@ class CopyWorker : public torch::CustomClassHolder {
         if (static_cast<int64_t>(inflight_.size()) >= max_inflight_) {
           cudaEvent_t oldest = done_[inflight_.front()];
           lock.unlock();
-          cudaEventSynchronize(oldest);
+          if (poll_us_ > 0) {
+            // Poll rather than block in cudaEventSynchronize: a thread blocked in the driver may hold up
+            // the thread that launches the model's kernels. Paired batch-1 runs with prefetch: poll faster
+            // in 5 of 7 pairs, within the noise (eval/results/prefetch_ceiling/README.md).
+            while (cudaEventQuery(oldest) == cudaErrorNotReady) {
+              std::this_thread::sleep_for(std::chrono::microseconds(poll_us_));
+            }
+          } else {
+            cudaEventSynchronize(oldest);
+          }
           lock.lock();
           continue;
         }
@@ -488,6 +523,7 @@ class CopyWorker : public torch::CustomClassHolder {
   std::vector<int64_t> src_;
   size_t row_bytes_ = 0;
   int64_t max_inflight_;
+  int64_t poll_us_ = 20;  // > 0: the worker polls its oldest copy every poll_us_ instead of blocking on it
   bool cuda_ = false;
   int device_ = 0;
 

@@ -126,6 +126,20 @@ def test_worker_priority_order_cancel_and_replace():
     eng.close()
 
 
+@pytest.mark.parametrize("mode", ["poll", "sync", ""])
+def test_worker_copy_wait_modes_and_a_bad_one(monkeypatch, mode):
+    store, pool = _store_and_pool()
+    monkeypatch.setenv("MOECACHE_COPY_WAIT", mode)
+    eng = _worker(store, pool)
+    eng.submit_many([0, 1, 2], [4, 5, 6], [1.0, 2.0, 3.0])
+    eng.wait([0, 1, 2])
+    assert all(torch.equal(pool.data[s], store.row(k)) for s, k in ((0, 4), (1, 5), (2, 6)))
+    eng.close()
+    monkeypatch.setenv("MOECACHE_COPY_WAIT", "spin")
+    with pytest.raises(ConfigError, match="MOECACHE_COPY_WAIT='spin' is not a copy wait mode"):
+        make_engine("worker", store, pool)
+
+
 def test_worker_wait_issues_queued_copies_itself():
     store, pool = _store_and_pool()
     eng = _worker(store, pool)

@@ -9,7 +9,11 @@ One interface, three implementations, chosen by name from ``COPY_ENGINES``:
   so nothing can be reordered or cancelled. The fallback where the extension is missing.
 * ``worker`` (C++ ``torch.classes.moecache.CopyWorker``, CPU or CUDA): a worker thread with a
   priority queue ordered by predicted need time, cancellation of copies not yet started, copy
-  stream(s), and the same per-slot events. No Python on the copy path.
+  stream(s), and the same per-slot events. No Python on the copy path. With ``max_inflight``
+  copies enqueued on the GPU it waits for the oldest by polling its event every 20 us
+  (``$MOECACHE_COPY_WAIT=poll``, the default); ``sync`` blocks in ``cudaEventSynchronize`` instead.
+  In paired batch-1 runs with prefetch poll was faster in 5 of 7 pairs, within the GPU pool's noise
+  (``eval/results/prefetch_ceiling/README.md``).
 
 ``auto`` picks ``worker`` where the extension is built (and not disabled by
 ``MOECACHE_DISABLE_EXT=1``), else ``stream`` on CUDA and ``sync`` on the CPU.
@@ -31,6 +35,7 @@ Protocol (slots are pool slot indices, keys host-store rows):
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Sequence
 
@@ -182,6 +187,11 @@ class StreamEngine(CopyEngine):
         self.copy_stream.synchronize()
 
 
+#: How the worker thread waits for its oldest copy in flight (read by the C++ worker at construction).
+ENV_COPY_WAIT = "MOECACHE_COPY_WAIT"
+COPY_WAITS = ("poll", "sync")
+
+
 @COPY_ENGINES.register("worker", "C++ worker thread: priority queue, cancellation, copy streams, CUDA events")
 class WorkerEngine(CopyEngine):
     name = "worker"
@@ -192,6 +202,10 @@ class WorkerEngine(CopyEngine):
         if extension() is None:
             raise ConfigError("the 'worker' copy engine needs the compiled extension moecache._C "
                               "(not built, or disabled by MOECACHE_DISABLE_EXT=1); use engine='auto'")
+        wait = os.environ.get(ENV_COPY_WAIT, "") or "poll"  # the C++ worker reads the same variable
+        if wait not in COPY_WAITS:
+            raise ConfigError(f"{ENV_COPY_WAIT}={wait!r} is not a copy wait mode: set it to "
+                              f"{' or '.join(COPY_WAITS)}, or unset it (poll)")
         # Keep the host store rows alive as long as the worker holds their addresses.
         self._ptrs = store.row_pointers()
         self._w = torch.classes.moecache.CopyWorker(self._ptrs, pool.data, int(max_inflight), int(num_streams))
