@@ -26,7 +26,11 @@ Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on 
   load time, the static placement (fitted on sequences not replayed; one scratch slot) is copied
   into the pool before the run (``handle.preload()``).
 * (e) ``moecache``: each of ``--candidates`` (policy, predictor, prefetch depth, hybrid), timed in
-  this same run; the fastest by measured decode tokens/s is reported as (e).
+  this same run; the fastest by measured decode tokens/s is reported as (e). A candidate with the
+  ``oracle`` predictor (``lru+oracle-d1``) is not a scheme anyone can run: its predictor reads the
+  replay's routing ahead (``ReplayOracle``), so it measures the ceiling of prefetch on this machine
+  (perfect predictions, the runtime's real copies and host work); such rows are reported but never
+  chosen as (e).
 
 Measurement per configuration: set up, a short warm-up replay (``--warm-steps`` decode steps on a
 group of sequences not timed where the trace has one, else the first timed group), then the timed
@@ -44,13 +48,19 @@ compute; ``serial = copy + compute`` is reported too). Where (d) ran and measure
 expert, a second figure bounds the miss service when misses may run on the CPU: Belady-with-bypass
 misses split optimally between the copy engine and the CPU (``moecache.sim.bound.split_time``).
 
+Machine noise: the same configuration on the same GPU machine has run 10-30% apart from one process to
+the next (and more between machines). ``--repeats R`` runs the whole list of configurations R times,
+round-robin, and pools each configuration's runs (its decode tokens over its decode seconds); the
+Markdown lists every run's tokens/s.
+
 Time guard: ``--time-budget`` seconds for the whole run (default 540, i.e. 9 minutes, model build
 included); each configuration's timed replay gets a share of what is left (weights: ``WEIGHTS``)
 and stops its decode steps when the share is spent (``replay(time_limit_s=...)``), so its
 sequences may be cut; configurations reached with no time left are reported as skipped.
 
-    python eval/e2e_compare.py --model deepseek --batch 1,8 --out eval/results/e2e_deepseek.json
-    python eval/e2e_compare.py --model mixtral --layers 16 --batch 1 --out eval/results/e2e_mixtral.json
+    python eval/e2e_compare.py --model deepseek --batch 1 --repeats 2 --out eval/results/e2e_deepseek_b1.json
+    python eval/e2e_compare.py --model deepseek --batch 8 --repeats 2 --out eval/results/e2e_deepseek_b8.json
+    python eval/e2e_compare.py --model mixtral --layers 16 --batch 1 --repeats 2 --out eval/results/e2e_mixtral.json
     python eval/e2e_compare.py --model deepseek --quick --out /tmp/e2e.json          # CPU smoke run
 
 ``--trace`` takes a moecache trace folder (``moecache trace import SRC -o build/NAME``) or the raw
@@ -87,16 +97,18 @@ from _shapes import (ModelShape, build_model, experts_module_names, get_shape, h
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402
 from moecache.replay import ReplayResult, replay  # noqa: E402
+from moecache.predictors.oracle import OraclePredictor  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 
 #: Whether this build of moecache.offload takes ``hybrid=`` (CPU execution of misses).
 HYBRID_BUILT = "hybrid" in inspect.signature(offload).parameters
 HYBRID_MODES = ("auto", "cpu", "copy", "true")
 
-#: The candidates of the recorded runs (eval/results/e2e_*.md): plain LRU, hybrid execution with a global
-#: and a per-layer pool, selective prefetch with hybrid execution, and the best batch-8 prefetcher.
-DEFAULT_CANDIDATES = ("lru", "lru+hybrid-auto", "lru@layer+hybrid-auto", "lru+transition-d1+p0.3+hybrid-auto",
-                      "activation+transition-d1")
+#: (e)'s default candidates: plain LRU, selective prefetch with the learned predictor (the best real
+#: predictor at batch 1, eval/results/prefetch_ceiling), hybrid execution with a global and a per-layer
+#: pool, and prefetch with hybrid execution. The recorded runs name theirs (eval/results/e2e_*.md).
+DEFAULT_CANDIDATES = ("lru", "lru+learned-d1+p0.5", "lru+hybrid-auto", "lru@layer+hybrid-auto",
+                      "lru+learned-d1+p0.5+hybrid-auto")
 CONFIG_KEYS = ("a", "b", "c", "d", "e")
 #: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last.
 RUN_ORDER = ("a", "c", "d", "e", "b")
@@ -184,6 +196,45 @@ FIDDLER = Candidate("static", "global", hybrid="cpu")
 FIDDLER_POLICY_PARAMS = {"scratch": 1}
 
 
+# -- the prefetch ceiling: an oracle that reads the replay's routing ahead ---------------------------
+
+class ReplayLookahead:
+    """The replay's forced routing ahead of the layer being run: ``replay(lookahead=...)`` seeks it to each
+    call's last row; ``ReplayOracle.observe`` tells it the layer. ``target(depth)`` gives the ids ``(b, k)``
+    of the MoE layer ``depth`` ahead (wrapping into the next step), or None past the replayed rows."""
+
+    def __init__(self, num_layers: int):
+        self.L = int(num_layers)
+        self.ids: np.ndarray | None = None  # (b, n, L, k)
+        self.pos = 0
+        self.layer = 0
+
+    def seek(self, ids: np.ndarray, pos: int) -> None:
+        self.ids, self.pos = ids, int(pos)
+
+    def target(self, depth: int) -> np.ndarray | None:
+        t = self.layer + depth
+        step = self.pos + t // self.L
+        if self.ids is None or step >= self.ids.shape[1]:
+            return None
+        return self.ids[:, step, t % self.L]
+
+
+class ReplayOracle(OraclePredictor):
+    """``oracle`` in the end-to-end replay: the predictor that knows the forced routing, so that a
+    candidate ``lru+oracle-d1`` measures what prefetch could give with perfect predictions (the experts
+    each next layer really uses, nothing else) on this machine: the ceiling of any real predictor."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int):
+        super().__init__(num_layers, num_experts, top_k)
+        self.lookahead = ReplayLookahead(num_layers)
+        self.set_future(self.lookahead)
+
+    def observe(self, layer: int, experts: np.ndarray, hidden: Any = None) -> None:
+        super().observe(layer, experts, hidden)
+        self.lookahead.layer = int(layer)
+
+
 # -- the run's shared state -------------------------------------------------------------------------
 
 @dataclass
@@ -250,6 +301,8 @@ class Bench:
         fitting can take tens of seconds on a large trace)."""
         from moecache.predictors import PREDICTORS
 
+        if name == "oracle":
+            return ReplayOracle(self.L, self.E, self.k)
         if name not in self.fitted:
             self.fitted[name] = PREDICTORS.get(name)(self.L, self.E, self.k).fit(self.fit_trace)
         return copy.deepcopy(self.fitted[name])
@@ -412,16 +465,18 @@ def measure_copy(store: Any, dev: torch.device, copies: int = 24, repeats: int =
 
 
 def _timed(bench: Bench, plan: BatchPlan, limit_s: float, max_steps: int, handle: Any = None,
-           warm_steps: int | None = None) -> dict[str, Any]:
-    """Warm-up, reset, timed replay; the row's speed, runtime counts and the replayed model calls."""
+           warm_steps: int | None = None, lookahead: ReplayLookahead | None = None) -> dict[str, Any]:
+    """Warm-up, reset, timed replay; the row's speed, runtime counts and the replayed model calls.
+    ``lookahead``: the oracle predictor's view of the routing ahead, kept at the replay's position."""
     m, tr, b = bench.model, bench.trace, plan.batch
     warm_steps = bench.warm_steps if warm_steps is None else warm_steps
-    warm = replay(m, tr, sequences=plan.warm, max_tokens=1 + min(warm_steps, max_steps), prefill=1, batch=b)
+    warm = replay(m, tr, sequences=plan.warm, max_tokens=1 + min(warm_steps, max_steps), prefill=1, batch=b,
+                  lookahead=lookahead)
     if handle is not None:
         handle.reset_stats()
     peak_reset(bench.dev)
     res = replay(m, tr, sequences=plan.sequences, max_tokens=1 + max_steps, prefill=1, batch=b,
-                 time_limit_s=max(limit_s, 1e-3))
+                 time_limit_s=max(limit_s, 1e-3), lookahead=lookahead)
     row: dict[str, Any] = {
         "status": "ok" if res.decode_steps else "skipped: time budget spent before the first timed decode step",
         "decode_steps": res.decode_steps, "decode_tokens": res.decode_tokens,
@@ -436,7 +491,8 @@ def _timed(bench: Bench, plan: BatchPlan, limit_s: float, max_steps: int, handle
         s = handle.stats()
         keep = ("accesses", "hits", "misses", "hit_rate", "ready_rate", "evictions", "prefetch_issued",
                 "prefetch_precision", "prefetch_cancelled", "bytes_copied", "copies", "stall_s", "host_ms_per_layer",
-                "sync_ms_per_layer", "round_calls", "decisions", "cpu_experts", "cpu_tokens", "cpu_ms", "cpu_wait_ms",
+                "sync_ms_per_layer", "prefetch_host_ms_per_layer", "round_calls", "decisions", "cpu_experts",
+                "cpu_tokens", "cpu_ms", "cpu_wait_ms",
                 "cpu_kernel", "hybrid_rule", "resident", "cpu_layers", "cpu_layer_parts_ms", "cpu_cost_scale")
         row.update({key: s[key] for key in keep if key in s})
         if res.decode_steps:
@@ -620,10 +676,12 @@ def run_offload(bench: Bench, plan: BatchPlan, key: str, cand: Candidate, weight
     row["experts_implementation"] = impl
     handle = None
     try:
-        handle = offload(bench.model, **offload_kwargs(bench, cand, policy_params))
+        kw = offload_kwargs(bench, cand, policy_params)
+        handle = offload(bench.model, **kw)
         if preload_pinned:  # Fiddler's load-time placement (hybrid="cpu" never copies a miss)
             row["preloaded_experts"] = handle.preload()
-        row.update(_timed(bench, plan, share, bench.tokens - 1, handle))
+        row.update(_timed(bench, plan, share, bench.tokens - 1, handle,
+                          lookahead=getattr(kw.get("predictor"), "lookahead", None)))
     except Exception as exc:  # noqa: BLE001
         row.update(_error_row(exc))
     finally:
@@ -645,7 +703,10 @@ def run_fiddler(bench: Bench, plan: BatchPlan) -> list[dict[str, Any]]:
 def make_best(candidates: list[Candidate]) -> Callable[[Bench, BatchPlan], list[dict[str, Any]]]:
     def run_best(bench: Bench, plan: BatchPlan) -> list[dict[str, Any]]:
         rows = [run_offload(bench, plan, "e", c, WEIGHTS["e"]) for c in candidates]
-        ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_s")]
+        for r, c in zip(rows, candidates):
+            if c.predictor == "oracle":
+                r["config"] = "e*"  # the prefetch ceiling: reported, never (e)
+        ok = [r for r in rows if r["config"] == "e" and r["status"] == "ok" and r.get("tokens_per_s")]
         if ok:
             max(ok, key=lambda r: r["tokens_per_s"])["best_of_e"] = True
         return rows
@@ -677,10 +738,36 @@ TARGETS = (
 )
 
 
-def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The reported row per config key: the faster implementation for (a), the best candidate for (e)."""
-    out: dict[str, dict[str, Any]] = {}
+def pooled_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (config, label), in first-seen order. A configuration run several times (``--repeats``)
+    gets its speed pooled over its ok runs (decode tokens / decode seconds, seconds / steps), each run's
+    tokens/s in ``runs_tokens_per_s``, its counts from its first ok run; a single run is itself."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
+        groups.setdefault((r["config"], r["label"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        ok = [r for r in rs if r.get("status") == "ok" and r.get("tokens_per_s")]
+        if len(rs) == 1 or not ok:
+            out.append(rs[0])
+            continue
+        m = dict(ok[0])
+        seconds = sum(r["decode_s"] for r in ok)
+        m.update(tokens_per_s=sum(r["decode_tokens"] for r in ok) / seconds,
+                 ms_per_step=1e3 * seconds / sum(r["decode_steps"] for r in ok),
+                 ms_per_token=1e3 * seconds / sum(r["decode_tokens"] for r in ok),
+                 decode_steps=sum(r["decode_steps"] for r in ok), runs_tokens_per_s=[r["tokens_per_s"] for r in ok])
+        if (m.get("bound") or {}).get("bound_ms_per_step"):
+            m["ms_per_step_over_bound"] = m["ms_per_step"] / m["bound"]["bound_ms_per_step"]
+        out.append(m)
+    return out
+
+
+def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The reported row per config key (runs of one configuration pooled): the faster implementation for
+    (a), the best candidate for (e)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in pooled_rows(rows):
         if r.get("status") != "ok" or not r.get("tokens_per_s"):
             continue
         cur = out.get(r["config"])
@@ -750,7 +837,7 @@ def attach_bounds(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["ms_per_step_over_bound"] = r["ms_per_step"] / b
     summary = {"copy_ms_per_expert": copy_ms, "compute_ms_per_step": compute, "cpu_ms_per_expert": cpu_ms,
                "slots": bench.slots}
-    e = best.get("e")
+    e = best_rows(rows).get("e")  # again: the pooled rows are copies made before the bounds were attached
     if e is not None and "bound" in e:
         summary["for_e"] = e["bound"]
     return summary
@@ -790,18 +877,27 @@ def write_markdown(path: str, out: dict[str, Any]) -> None:
             lines += [f"not run: {res['error']}", ""]
             continue
         lines += ["| config | configuration | tokens/s | ms/step | hit rate | ready rate | stall ms/step | "
-                  "MB copied/step | steps | x bound | status |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for r in res["rows"]:
-            mark = " **(best)**" if r.get("best_of_a") or r.get("best_of_e") else ""
+                  "MB copied/step | host ms/layer (prefetch) | steps | x bound | status |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        best = {(r["config"], r["label"]) for r in best_rows(res["rows"]).values() if r["config"] in ("a", "e")}
+        for r in pooled_rows(res["rows"]):
+            mark = " **(best)**" if (r["config"], r["label"]) in best else ""
+            if r.get("runs_tokens_per_s"):
+                mark += " (runs: " + " / ".join(f"{v:.2f}" for v in r["runs_tokens_per_s"]) + " tokens/s)"
             bpp = r.get("bytes_copied_per_step")
+            host = "—" if r.get("host_ms_per_layer") is None else (
+                f"{r['host_ms_per_layer']:.2f} ({_f(r.get('prefetch_host_ms_per_layer'))})")
             lines.append(
                 f"| {r['config']} | {r['label']}{mark} | {_f(r.get('tokens_per_s'))} | "
                 f"{_f(r.get('ms_per_step'), '.1f')} | "
                 f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('ready_rate'), '.3f')} | "
-                f"{_f(r.get('stall_ms_per_step'), '.1f')} | {_f(None if bpp is None else bpp / 1e6, '.0f')} | "
+                f"{_f(r.get('stall_ms_per_step'), '.1f')} | {_f(None if bpp is None else bpp / 1e6, '.0f')} | {host} | "
                 f"{r.get('decode_steps', '—')} | {_f(r.get('ms_per_step_over_bound'))} | "
                 f"{r['status'].splitlines()[0][:90]} |")
+        if any(r["config"] == "e*" for r in res["rows"]):
+            lines += ["", "e*: the prefetch ceiling, not a scheme anyone can run: its `oracle` predictor reads the "
+                      "replay's routing ahead, so every prefetch is of an expert the next layer really uses; the "
+                      "copies, the policy and the host work are the runtime's own. Never chosen as (e)."]
         s = res.get("bound_summary", {})
         fe = s.get("for_e")
         if fe:
@@ -876,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run of the whole pipeline)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the configurations this many times, round-robin (machine noise shifts between runs: "
+                    "each configuration's speed is then pooled over its runs)")
     args = ap.parse_args(argv)
     try:
         return run(args, argv)
@@ -893,6 +992,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     candidates = [Candidate.parse(c) for c in args.candidates.split(",") if c.strip()]
     if "e" in configs and not candidates:
         raise ConfigError("--candidates is empty; (e) needs at least one")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: run the configurations at least once")
     if not 0 < args.fraction < 1:
         raise ConfigError(f"--fraction {args.fraction}: a share of expert memory strictly between 0 and 1")
     dev = torch.device(args.device)
@@ -941,7 +1042,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 bench.predictor(name)
     t_fit = time.perf_counter() - t0
     weights = {c: WEIGHTS[c] * (len(candidates) if c == "e" else 1) for c in configs}
-    budget.weights_left = sum(weights.values()) * len(plans)
+    budget.weights_left = sum(weights.values()) * len(plans) * args.repeats
 
     out: dict[str, Any] = {
         "machine": machine(), "command": command, "args": {**vars(args), "time_budget": budget.total_s},
@@ -977,10 +1078,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         rows: list[dict[str, Any]] = []
         entry: dict[str, Any] = {"rows": rows}
         out["batches"][str(b)] = entry
-        for c in configs:
-            print(f"batch {b}: ({c}) ... {budget.left():.0f} s left", flush=True)
+        for rep, c in [(rep, c) for rep in range(args.repeats) for c in configs]:
+            print(f"batch {b}: ({c}){f' run {rep + 1}' if args.repeats > 1 else ''} ... {budget.left():.0f} s left",
+                  flush=True)
             got = run_of[c](bench, plan)
             for r in got:
+                r["run"] = rep + 1
                 print(f"  {r['config']} {r['label']:40s} {_f(r.get('tokens_per_s'), '8.2f')} tokens/s "
                       f"{_f(r.get('ms_per_step'), '8.1f')} ms/step  {r['status'].splitlines()[0][:100]}", flush=True)
             rows.extend(got)

@@ -29,6 +29,9 @@ The router still runs, so its cost stays in the timing.
 * ``time_limit_s``: stop a replay's decode steps once this much wall time has passed since the
   replay began (checked on the host between decode calls, without a sync); the steps run so far
   are counted and ``ReplayResult.truncated`` is set. For benchmarks that must stay under a budget.
+* ``lookahead``: an object whose ``seek(ids, pos)`` is called before each model call with the group's
+  whole forced routing ``(b, n, L, k)`` and the index of the call's last row: what an oracle
+  predictor reads to know the routing ahead (benchmarks of the prefetch ceiling; no real run has it).
 
 A trace whose expert count, top-k or MoE layer count differs from the model's is a ``ConfigError``.
 """
@@ -192,13 +195,14 @@ def _sequence_rows(trace: Any, sid: int, max_tokens: int | None, k: int, vocab: 
 @torch.no_grad()
 def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | None = None,
            prefill: int | None = None, max_tokens: int | None = None, family: str | None = None,
-           progress: bool = False, batch: int = 1, time_limit_s: float | None = None) -> ReplayResult:
+           progress: bool = False, batch: int = 1, time_limit_s: float | None = None,
+           lookahead: Any = None) -> ReplayResult:
     """Run ``model`` over ``trace``'s sequences with the trace's routing (module docstring).
 
     ``sequences``: how many (the first n) or which sequence ids; ``max_tokens``: rows per sequence
     at most; ``prefill``: rows fed in the first call (see above); ``batch``: sequences run side by
     side, one batch row each (common-length rule in the module docstring); ``time_limit_s``: stop
-    decoding after this much wall time.
+    decoding after this much wall time; ``lookahead``: told the routing ahead before each call.
     """
     if int(batch) < 1:
         raise ConfigError(f"batch must be >= 1 sequences side by side, got {batch}")
@@ -247,6 +251,8 @@ def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | Non
                 forcer.set_rows(ids[:, lo:hi].reshape(rows, L, k), w[:, lo:hi].reshape(rows, L, k),
                                 None if keep_mask is None else keep_mask[:, lo:hi].reshape(rows, L),
                                 device, dtype)
+                if lookahead is not None:
+                    lookahead.seek(ids, hi - 1)
                 model(input_ids=tok[:, lo:hi], use_cache=True, **{cache_arg: cache})
 
             _sync(device)

@@ -134,13 +134,50 @@ def test_device_map_keeps_non_experts_whole_and_maps_each_experts_module(e2e):
         assert len(owners) == 1, (name, owners)
 
 
+def test_replay_lookahead_reads_the_forced_routing_ahead(e2e):
+    ids = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)  # (b=2 rows, n=3 steps, L=4 layers, k=2)
+    la = e2e.ReplayLookahead(4)
+    assert la.target(1) is None  # nothing replayed yet
+    la.seek(ids, 1)
+    la.layer = 1
+    assert np.array_equal(la.target(1), ids[:, 1, 2]) and np.array_equal(la.target(2), ids[:, 1, 3])
+    assert np.array_equal(la.target(3), ids[:, 2, 0])  # wraps into the next step's first layer
+    assert la.target(7) is None  # past the replayed rows
+    oracle = e2e.ReplayOracle(4, 16, 2)
+    oracle.lookahead.seek(ids % 16, 0)
+    oracle.observe(3, ids[:, 0, 3] % 16)
+    p = oracle.predict(3, 1)  # layer 0 of the next step
+    assert p.shape == (2, 16) and np.allclose(p.sum(axis=1), 2)
+    for r in range(2):
+        assert set(np.flatnonzero(p[r] == 1.0)) == set((ids[r, 1, 0] % 16).tolist())
+
+
+def test_repeated_runs_are_pooled_and_the_best_is_chosen_on_the_pool(e2e):
+    def run(label, cfg, tokens, seconds, steps, **kw):
+        return {"config": cfg, "label": label, "status": "ok", "decode_tokens": tokens, "decode_s": seconds,
+                "decode_steps": steps, "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / steps, **kw}
+
+    rows = [run("lru", "e", 100, 10.0, 100, bound={"bound_ms_per_step": 50.0}), run("x", "e", 100, 4.0, 100),
+            run("lru", "e", 100, 5.0, 100), run("x", "e", 100, 16.0, 100),
+            {"config": "e", "label": "x", "status": "error: boom", "tokens_per_s": None}]
+    pooled = {r["label"]: r for r in e2e.pooled_rows(rows)}
+    assert pooled["lru"]["tokens_per_s"] == pytest.approx(200 / 15.0)  # not the mean of 10 and 20
+    assert pooled["lru"]["ms_per_step"] == pytest.approx(75.0) and pooled["lru"]["decode_steps"] == 200
+    assert pooled["lru"]["runs_tokens_per_s"] == [10.0, 20.0]
+    assert pooled["lru"]["ms_per_step_over_bound"] == pytest.approx(1.5)
+    assert pooled["x"]["tokens_per_s"] == pytest.approx(10.0)  # the failed run is left out
+    # x's best run (25 tokens/s) beats lru's, but pooled lru is faster
+    assert e2e.best_rows(rows)["e"]["label"] == "lru"
+
+
 def test_targets_compare_the_best_rows(e2e):
-    rows = [{"config": "a", "status": "ok", "tokens_per_s": 20.0},
-            {"config": "a", "status": "ok", "tokens_per_s": 25.0},
-            {"config": "b", "status": "ok", "tokens_per_s": 0.3}, {"config": "c", "status": "ok", "tokens_per_s": 15.0},
-            {"config": "e", "status": "ok", "tokens_per_s": 21.0, "ms_per_step": 47.6,
+    rows = [{"config": "a", "label": "batched", "status": "ok", "tokens_per_s": 20.0},
+            {"config": "a", "label": "grouped", "status": "ok", "tokens_per_s": 25.0},
+            {"config": "b", "label": "b", "status": "ok", "tokens_per_s": 0.3},
+            {"config": "c", "label": "c", "status": "ok", "tokens_per_s": 15.0},
+            {"config": "e", "label": "lru", "status": "ok", "tokens_per_s": 21.0, "ms_per_step": 47.6,
              "bound": {"bound_ms_per_step": 40.0}},
-            {"config": "e", "status": "error: x", "tokens_per_s": None}]
+            {"config": "e", "label": "x", "status": "error: x", "tokens_per_s": None}]
     got = {t["target"]: t for t in e2e.check_targets("deepseek", 1, rows)}
     assert got["(e) >= 0.8x (a)"]["met"] and got["(e) >= 0.8x (a)"]["value"] == pytest.approx(21 / 25)
     assert got["(e) >= 1.2x (c)"]["met"] and got["(e) >= 50x (b)"]["met"]
@@ -154,14 +191,15 @@ def test_targets_compare_the_best_rows(e2e):
 def test_the_whole_script_runs_on_a_tiny_mixtral_shape(e2e, routing_dir, tmp_path):
     out = tmp_path / "e2e.json"
     rc = e2e.main(["--model", "mixtral", "--quick", "--layers", "2", "--tokens", "4", "--warm-steps", "1",
-                   "--configs", "a,b,c,d,e", "--candidates", "lru,lru+transition-d1", "--out", str(out),
+                   "--configs", "a,b,c,d,e", "--repeats", "2", "--candidates", "lru,lru+transition-d1,lru+oracle-d1",
+                   "--out", str(out),
                    "--trace", str(routing_dir / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe")])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["setup"]["moe_layers"] == 2 and res["setup"]["slots"] == 4 and res["copy"]["ms_per_expert"] > 0
     rows = res["batches"]["1"]["rows"]
     by = {(r["config"], r["label"]): r for r in rows}
-    assert {"a", "b", "c", "d", "e"} == {c for c, _ in by}
+    assert {"a", "b", "c", "d", "e", "e*"} == {c for c, _ in by}
     for key in [("a", "resident (batched_mm)"), ("c", "lru@layer"), ("d", "static+hybrid-cpu"), ("e", "lru")]:
         r = by[key]
         assert r["status"] == "ok" and r["decode_steps"] == 2 * 3 and r["tokens_per_s"] > 0, r
@@ -171,11 +209,21 @@ def test_the_whole_script_runs_on_a_tiny_mixtral_shape(e2e, routing_dir, tmp_pat
     assert d["preloaded_experts"] == 3 and d["cpu_experts"] > 0 and d["bytes_copied"] == 0  # nothing copied on a miss
     assert by[("b", "accelerate dispatch_model")]["status"] in ("ok", "unavailable: accelerate is not installed "
                                                                 "(pip install accelerate)")
-    assert sum(bool(r.get("best_of_e")) for r in rows) == 1
+    assert sum(bool(r.get("best_of_e")) for r in rows) == 2  # one per run
+    runs: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        runs.setdefault((r["config"], r["label"]), []).append(r["run"])
+    assert all(v == [1, 2] for v in runs.values()), runs  # every configuration ran twice, round-robin
+    # The oracle's row is the prefetch ceiling: reported apart, never (e); it knew every next layer's experts.
+    oracle = by[("e*", "lru+oracle-d1")]
+    assert oracle["status"] == "ok" and not oracle.get("best_of_e") and oracle["prefetch_issued"] > 0
+    assert oracle["prefetch_precision"] > 0.9 and oracle["hit_rate"] > by[("e", "lru")]["hit_rate"]
     assert [t["target"] for t in res["batches"]["1"]["targets"]] == ["(e) >= 1.5x the better of (c), (d)",
                                                                      "(e) within 2x of the lower bound"]
     md = (tmp_path / "e2e.md").read_text()
-    assert "| c | lru@layer |" in md and "Lower bound on (e)'s steps" in md
+    assert "| c | lru@layer (runs: " in md, md
+    assert "Lower bound on (e)'s steps" in md
+    assert md.count("| c | lru@layer") == 1  # its two runs pooled into one line
     assert "command: `python eval/e2e_compare.py" in md
 
 
