@@ -130,7 +130,7 @@ class CopyWorker : public torch::CustomClassHolder {
 
   // Queue several copies at once (one call from Python for a layer's prefetches), under one lock and
   // with one wake-up of the worker: waking it after each would have it contend for the lock with the
-  // rest of the batch (~20 us per call on a 2-core host).
+  // rest of the batch.
   void submit_many(std::vector<int64_t> slots, std::vector<int64_t> keys, std::vector<double> priorities) {
     TORCH_CHECK(slots.size() == keys.size() && slots.size() == priorities.size(),
                 "submit_many: slots, keys and priorities differ in length");
