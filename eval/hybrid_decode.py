@@ -14,7 +14,7 @@ Configurations, all with the same pool (``--slots``, default 2 of 8 experts per 
 all experts resident (unpatched; its time less the experts' measured marginal GPU time gives the
 non-expert time per layer the simulator needs); copy-only misses (``hybrid=False``);
 ``hybrid="auto"`` (the calibrated cost model, its CPU cost adapted online, the copy credited for the
-hits it earns: ``moecache.sim.timing.reuse_credit``); ``hybrid="cpu"`` (every miss on the CPU); all
+hits it earns: ``moecache.cost.timing.reuse_credit``); ``hybrid="cpu"`` (every miss on the CPU); all
 without prefetch, and copy-only and auto again with prefetch (``--predictor``, default temporal,
 depth 1: ``+pf`` rows). Per row: ms per decode token (best of ``--passes`` timed passes after a
 warm-up, cache warm), tokens/s, speed-up over copy-only, hit rate, decisions, CPU kernel time, the
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         h.remove(restore=False)
     resident = next((r for r in rows if r["config"].startswith("resident")), None)
     if profile is not None:
-        from moecache.sim.hardware import HardwareProfile
+        from moecache.cost.hardware import HardwareProfile
 
         hw = HardwareProfile(**{**profile.to_json()})
         sources = [profile.source]

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from moecache._ext import ENV_DISABLE, extension
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
-from moecache.sim import HardwareProfile, Schedule, default_profile, simulate
+from moecache.cost import HardwareProfile, default_profile
+from moecache.sim import Schedule, simulate
 from moecache.sim import engine_cpp
 from moecache.sim.engine_cpp import CPP_POLICIES, CPP_PREDICTORS, choose_engine, predictor_mode
 from moecache.trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta, count_ids

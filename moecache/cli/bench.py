@@ -64,7 +64,8 @@ def _scopes(text: str) -> list[str]:
 def cmd_list(args: argparse.Namespace) -> int:
     from ..policies import POLICIES
     from ..predictors import PREDICTORS
-    from ..sim import MISS_RULES, PREFETCH_RULES
+    from ..cost import MISS_RULES
+    from ..sim import PREFETCH_RULES
 
     tables = {"policies": POLICIES, "predictors": PREDICTORS, "prefetch_rules": PREFETCH_RULES,
               "miss_rules": MISS_RULES}
@@ -103,8 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..policies import POLICIES, new_policy
     from ..predictors import PREDICTORS
-    from ..sim import (MISS_RULES, PREFETCH_RULES, Schedule, default_profile, format_table, load_profile,
-                       parse_capacities, resolve_capacity, simulate)
+    from ..cost import MISS_RULES, default_profile, load_profile
+    from ..sim import PREFETCH_RULES, Schedule, format_table, parse_capacities, resolve_capacity, simulate
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
 

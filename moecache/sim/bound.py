@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 
 from ..policies import new_policy
-from .hardware import HardwareProfile
+from ..cost.hardware import HardwareProfile
 from .schedule import Schedule
 
 

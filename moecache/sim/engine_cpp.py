@@ -42,10 +42,10 @@ from ..errors import ConfigError
 from ..policies.base import POLICIES, Policy
 from ..predictors.base import PREDICTORS
 from ..registry import Registry
-from .hardware import HardwareProfile
+from ..cost.hardware import HardwareProfile
 from .results import SimResult
 from .schedule import Schedule
-from .timing import MissRule
+from ..cost.timing import MissRule
 
 #: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --engine``.
 ENGINES = ("auto", "python", "cpp")

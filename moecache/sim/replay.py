@@ -31,11 +31,11 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..policies.base import Policy
-from .hardware import HardwareProfile, default_profile
+from ..cost.hardware import HardwareProfile, default_profile
 from .prefetch import PREFETCH_RULES
 from .results import SimResult
 from .schedule import Schedule
-from .timing import MISS_RULES, Timeline
+from ..cost.timing import MISS_RULES, Timeline
 
 
 def describe_predictor(predictor: Any) -> str | None:

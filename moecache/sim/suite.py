@@ -120,7 +120,7 @@ def split_trace(trace: Any, spec: TraceSpec) -> tuple[Any, Any, str]:
 
 
 def hardware_for(settings: Settings, bytes_per_expert: int | None) -> Any:
-    from .hardware import default_profile, load_profile
+    from ..cost.hardware import default_profile, load_profile
 
     if settings.hardware:
         return load_profile(settings.hardware, bytes_per_expert)

@@ -266,7 +266,7 @@ def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") 
     """Validate a config object (see the module docstring); ``base`` resolves relative paths."""
     from ..policies import POLICIES, SCOPES
     from .prefetch import PREFETCH_RULES
-    from .timing import MISS_RULES
+    from ..cost.timing import MISS_RULES
 
     if not isinstance(obj, dict):
         raise ConfigError(f"{source}: the config must be a table (TOML) or object (JSON)")
