@@ -4,7 +4,7 @@ One run per (trace, scope, capacity, policy); each prints one row with its whole
 the hit and ready rates, prefetch precision and recall, bytes moved, and the timing model's ms per
 token against the lower bound. ``--list`` names every policy, predictor, prefetch rule and miss rule.
 ``--suite CONFIG -o DIR`` runs a whole grid from a config instead, resumable, with tables and plots
-(``moecache.sim.suite``).
+(``moecache.bench``).
 
 Fitting: static placement and learned predictors are fitted on ``--fit TRACE``; without it, on the
 leading ``--fit-share`` of each trace's sequences, which are then not scored (by any run of that
@@ -211,8 +211,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.sim.suite`` (its traces come from the config)."""
-    from ..sim.suite import run_suite
+    """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.bench`` (its traces come from the config)."""
+    from ..bench import run_suite
 
     if not (args.suite and args.out):
         raise ConfigError("a suite needs both --suite CONFIG and -o DIR (the folder for its rows, tables and plots)")
@@ -264,7 +264,7 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="runs in parallel threads (default: the CPU count; the C++ engine releases the GIL)")
     p.add_argument("--suite", metavar="CONFIG",
-                   help="run the grid of a suite config (TOML/JSON; see moecache.sim.suite) in --jobs processes, "
+                   help="run the grid of a suite config (TOML/JSON; see moecache.bench.suite) in --jobs processes, "
                         "resumable, into -o DIR")
     p.add_argument("-o", "--out", metavar="DIR", help="with --suite: folder for rows.jsonl, results.md/.csv, plots")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
