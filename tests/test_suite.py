@@ -399,10 +399,10 @@ def test_journal_errors_and_lock(workdir):
 
 
 def test_engine_choice_reaches_every_row(workdir):
-    """``--engine python`` replays every row on the reference; the rows equal the default engine's."""
+    """``--sim-engine python`` replays every row on the reference; the rows equal the default engine's."""
     cfg = _config(workdir, policies='["lru", "predicted", "belady"]')
     auto, ref = workdir / "auto", workdir / "ref"
-    assert main(["bench", "--suite", str(cfg), "-o", str(ref), "--engine", "python", "--quiet", "--jobs", "1"]) == 0
+    assert main(["bench", "--suite", str(cfg), "-o", str(ref), "--sim-engine", "python", "--quiet", "--jobs", "1"]) == 0
     run_suite(cfg, auto)
     assert {r["engine"] for r in _csv(ref)} == {"python"}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "engine"} for r in rows]  # noqa: E731

@@ -44,7 +44,7 @@ Outputs in DIR (``moecache.bench.report``): ``results.md``, ``results.csv``, ``s
 ``<metric>.png`` and ``<metric>_ratio.png`` for the four metrics (``moecache.bench.plots``), ``meta.json`` and
 the journal ``rows.jsonl``.
 Engine: each run goes through ``moecache.sim.engine_cpp.choose_engine`` and ``simulate``, as
-``moecache bench`` does (``--engine``, default auto: the C++ core where it is built and supports the
+``moecache bench`` does (``--sim-engine``, default auto: the C++ core where it is built and supports the
 configuration, else the Python reference); each row names its engine. The engines give identical rows,
 so the engine is not part of a row's key.
 """

@@ -11,8 +11,8 @@ leading ``--fit-share`` of each trace's sequences, which are then not scored (by
 trace, so all rows of a trace score the same tokens). The share used is stated on stderr and in
 every JSON row (``fit``).
 
-Engines: ``--engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
-Python reference), ``--engine python`` in the reference; the default ``auto`` takes cpp where the
+Engines: ``--sim-engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
+Python reference), ``--sim-engine python`` in the reference; the default ``auto`` takes cpp where the
 extension is built and the configuration is supported (every registered policy and prefetch rule;
 predictors prior, temporal and transition run in the core, the others stream their predictions
 from Python: ``moecache.sim.engine_cpp``), else python. Every JSON row names its ``engine`` and the
@@ -31,6 +31,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import split_spec
+from .options import DeprecatedFlag
+
+#: ``moecache.sim.engine_cpp.ENGINES``, spelled out so that building the parser imports no simulator.
+SIM_ENGINES = ("auto", "python", "cpp")
 
 
 def _parse_policy(spec: str) -> tuple[str, dict[str, str]]:
@@ -178,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if policy.needs_fit:
             policy.fit(counts)
         pred = copy.deepcopy(predictor) if predictor is not None else None
-        engine = choose_engine(args.engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
+        engine = choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
                        hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine)
         row = res.row()
@@ -218,9 +222,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
         raise ConfigError("a suite needs both --suite CONFIG and -o DIR (the folder for its rows, tables and plots)")
     if args.traces:
         raise ConfigError("--suite takes its traces from the config; give no TRACE arguments")
-    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --engine {args.engine}"
+    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --sim-engine {args.sim_engine}"
     res = run_suite(args.suite, args.out, jobs=args.jobs, progress=not args.quiet and sys.stderr.isatty(),
-                    engine=args.engine, command=command,
+                    engine=args.sim_engine, command=command,
                     log=lambda msg: print(f"moecache bench: {msg}", file=sys.stderr))
     print(f"{len(res.rows)} configurations: {res.computed} computed now, {res.loaded} loaded from "
           f"{args.out}/rows.jsonl" + (f" ({res.torn} torn line dropped)" if res.torn else "")
@@ -257,10 +261,11 @@ def register(sub) -> None:
                    help="how a demand miss is served: copy, cpu, policy, min (default copy; see --list)")
     p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
     p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
-    p.add_argument("--engine", default="auto", choices=("auto", "python", "cpp"),
-                   help="replay engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
+    p.add_argument("--sim-engine", default="auto", choices=SIM_ENGINES,
+                   help="simulator engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
                         "(default: cpp where built and the configuration is supported, else python); "
                         "each row states the engine that ran it")
+    p.add_argument("--engine", dest="sim_engine", action=DeprecatedFlag, new_flag="--sim-engine", choices=SIM_ENGINES)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="runs in parallel threads (default: the CPU count; the C++ engine releases the GIL)")
     p.add_argument("--suite", metavar="CONFIG",

@@ -48,7 +48,7 @@ from ..registry import Registry
 from .results import SimResult, describe_predictor
 from .schedule import Schedule
 
-#: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --engine``.
+#: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --sim-engine``.
 ENGINES = ("auto", "python", "cpp")
 
 #: Miss rule name -> code of csrc/sim_core.cpp (MissCode).
@@ -246,7 +246,7 @@ def choose_engine(engine: str, policy: Policy, predictor: Any = None, depth: int
     if why is None:
         return "cpp"
     if engine == "cpp":
-        raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python (--engine python)")
+        raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python (--sim-engine python)")
     return "python"
 
 
