@@ -1,7 +1,7 @@
 // moecache._C.sim_replay: the trace-replay simulator's core loop in C++.
 //
-// The readable specification is moecache/sim/replay.py with the policies in policies/*.py, the
-// prefetch rules in moecache/sim/prefetch.py and the timing model in moecache/sim/timing.py; this
+// The readable specification is moecache/sim/engine_python.py with the policies in policies/*.py, the
+// prefetch rules in moecache/sim/prefetch.py and the timing model in moecache/cost/timing.py; this
 // file follows them step by step, doing every float operation in the same order and precision
 // (IEEE double, no fast-math, no FMA contraction on the x86-64 baseline), so a run here reproduces
 // the Python reference's result row exactly. The differential tests (tests/test_sim_cpp.py)

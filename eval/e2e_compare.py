@@ -2,7 +2,7 @@
 
 One model run per invocation: a real-size shape with random weights (``eval/_shapes.py``: built on
 meta, every expert generated straight into one pinned host store, built once and reused by every
-configuration), routing replayed from the shape's real trace (``moecache.replay``, teacher-forced;
+configuration), routing replayed from the shape's real trace (``moecache.forced_routing``, teacher-forced;
 ``batch=b`` runs b sequences side by side, step by step, each group for its common length).
 
 Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on the GPU except (a):
@@ -55,7 +55,7 @@ Markdown lists every run's tokens/s.
 
 Time guard: ``--time-budget`` seconds for the whole run (default 540, i.e. 9 minutes, model build
 included); each configuration's timed replay gets a share of what is left (weights: ``WEIGHTS``)
-and stops its decode steps when the share is spent (``replay(time_limit_s=...)``), so its
+and stops its decode steps when the share is spent (``run_forced(time_limit_s=...)``), so its
 sequences may be cut; configurations reached with no time left are reported as skipped.
 
     python eval/e2e_compare.py --model deepseek --batch 1 --repeats 2 --out eval/results/e2e_deepseek_b1.json
@@ -96,7 +96,7 @@ from _shapes import (ModelShape, build_model, experts_module_names, get_shape, h
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402
-from moecache.replay import ReplayResult, replay  # noqa: E402
+from moecache.forced_routing import ForcedRunResult, run_forced  # noqa: E402
 from moecache.predictors.oracle import OraclePredictor  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 
@@ -199,7 +199,7 @@ FIDDLER_POLICY_PARAMS = {"scratch": 1}
 # -- the prefetch ceiling: an oracle that reads the replay's routing ahead ---------------------------
 
 class ReplayLookahead:
-    """The replay's forced routing ahead of the layer being run: ``replay(lookahead=...)`` seeks it to each
+    """The replay's forced routing ahead of the layer being run: ``run_forced(lookahead=...)`` seeks it to each
     call's last row; ``ReplayOracle.observe`` tells it the layer. ``target(depth)`` gives the ids ``(b, k)``
     of the MoE layer ``depth`` ahead (wrapping into the next step), or None past the replayed rows."""
 
@@ -369,7 +369,7 @@ class Unit:
     timed_decode: bool
 
 
-def replayed_units(trace: Any, result: ReplayResult, request0: int, timed: bool) -> list[Unit]:
+def replayed_units(trace: Any, result: ForcedRunResult, request0: int, timed: bool) -> list[Unit]:
     """The model calls a replay made, rebuilt from its per-group record: per group one prefill call
     (its ``prefill`` rows of each sequence, in (row, step) order) and one call per decode step."""
     units: list[Unit] = []
@@ -470,12 +470,12 @@ def _timed(bench: Bench, plan: BatchPlan, limit_s: float, max_steps: int, handle
     ``lookahead``: the oracle predictor's view of the routing ahead, kept at the replay's position."""
     m, tr, b = bench.model, bench.trace, plan.batch
     warm_steps = bench.warm_steps if warm_steps is None else warm_steps
-    warm = replay(m, tr, sequences=plan.warm, max_tokens=1 + min(warm_steps, max_steps), prefill=1, batch=b,
+    warm = run_forced(m, tr, sequences=plan.warm, max_tokens=1 + min(warm_steps, max_steps), prefill=1, batch=b,
                   lookahead=lookahead)
     if handle is not None:
         handle.reset_stats()
     peak_reset(bench.dev)
-    res = replay(m, tr, sequences=plan.sequences, max_tokens=1 + max_steps, prefill=1, batch=b,
+    res = run_forced(m, tr, sequences=plan.sequences, max_tokens=1 + max_steps, prefill=1, batch=b,
                  time_limit_s=max(limit_s, 1e-3), lookahead=lookahead)
     row: dict[str, Any] = {
         "status": "ok" if res.decode_steps else "skipped: time budget spent before the first timed decode step",

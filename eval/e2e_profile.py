@@ -19,13 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_compare as ec  # noqa: E402
 
 ROWS = int(os.environ.get("MOECACHE_PROFILE_TOKENS", "40"))
-_replay = ec.replay
+_run_forced = ec.run_forced
 _count = [0]
 
 
-def profiled_replay(*args: Any, **kwargs: Any) -> Any:
+def profiled_run(*args: Any, **kwargs: Any) -> Any:
     if kwargs.get("time_limit_s") is None:  # the warm-up: as it is
-        return _replay(*args, **kwargs)
+        return _run_forced(*args, **kwargs)
     from torch.profiler import ProfilerActivity, profile
 
     kwargs["max_tokens"] = min(kwargs.get("max_tokens") or ROWS, ROWS)
@@ -33,7 +33,7 @@ def profiled_replay(*args: Any, **kwargs: Any) -> Any:
     if isinstance(seqs, list):
         kwargs["sequences"] = seqs[:1]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        res = _replay(*args, **kwargs)
+        res = _run_forced(*args, **kwargs)
     _count[0] += 1
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     out = os.environ.get("OUT", ".")
@@ -44,5 +44,5 @@ def profiled_replay(*args: Any, **kwargs: Any) -> Any:
 
 
 if __name__ == "__main__":
-    ec.replay = profiled_replay
+    ec.run_forced = profiled_run
     raise SystemExit(ec.main(sys.argv[1:]))

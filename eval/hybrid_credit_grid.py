@@ -1,5 +1,5 @@
 """How much should a copy be credited for the cache hits it earns? The simulator's ``auto`` miss rule
-(``moecache.sim.timing.reuse_credit``) over a grid of caps on the hits per copy it credits, against
+(``moecache.cost.timing.reuse_credit``) over a grid of caps on the hits per copy it credits, against
 the CPU time per expert, on the real Mixtral routing. This grid chose ``REUSE_CREDIT_MAX``.
 
 Setup (the shape of ``eval/hybrid_decode.py``'s decode run): the Mixtral-8x7B trace at 4 evenly
@@ -30,8 +30,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from moecache.sim import timing  # noqa: E402
-from moecache.sim.hardware import HardwareProfile  # noqa: E402
+from moecache.cost import timing  # noqa: E402
+from moecache.cost.hardware import HardwareProfile  # noqa: E402
 
 EXPERT_BYTES = 352321536
 COPY_MS = 6.41
@@ -86,7 +86,7 @@ def markdown(res: dict[str, Any]) -> str:
             cells.append(f"**{txt}**" if v["ms_per_token"] == best else txt)
         lines.append(f"| {row['cpu_ms']} | {row['slots']} | {row['copy']['ms_per_token']:.2f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"Chosen: `REUSE_CREDIT_MAX = {timing.REUSE_CREDIT_MAX}` (moecache/sim/timing.py)."]
+    lines += ["", f"Chosen: `REUSE_CREDIT_MAX = {timing.REUSE_CREDIT_MAX}` (moecache/cost/timing.py)."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ Model: the Mixtral-8x7B expert shape (hidden 4096, intermediate 14336, 8 experts
 per expert in bf16) with ``--layers`` (4) decoder layers and the real attention shape (32 heads, 8
 KV heads, vocabulary 32000), random bf16 weights: built on the meta device, the non-expert weights
 materialised on the GPU, every expert generated into the pinned host store. Routing is replayed
-(``moecache.replay``) from the real Mixtral trace ``../shared/data/routing/
+(``moecache.forced_routing``) from the real Mixtral trace ``../shared/data/routing/
 mixtral-8x7b-instruct-v0.1-fp8__speculative-moe`` (imported with ``moecache.trace.importers``):
 trace layers evenly spread over the 32 (0, 8, 16, 24 for 4), the first ``--tokens`` decode
 tokens of each of its 4 sequences, tokens with a missing record dropped.
@@ -14,7 +14,7 @@ Configurations, all with the same pool (``--slots``, default 2 of 8 experts per 
 all experts resident (unpatched; its time less the experts' measured marginal GPU time gives the
 non-expert time per layer the simulator needs); copy-only misses (``hybrid=False``);
 ``hybrid="auto"`` (the calibrated cost model, its CPU cost adapted online, the copy credited for the
-hits it earns: ``moecache.sim.timing.reuse_credit``); ``hybrid="cpu"`` (every miss on the CPU); all
+hits it earns: ``moecache.cost.timing.reuse_credit``); ``hybrid="cpu"`` (every miss on the CPU); all
 without prefetch, and copy-only and auto again with prefetch (``--predictor``, default temporal,
 depth 1: ``+pf`` rows). Per row: ms per decode token (best of ``--passes`` timed passes after a
 warm-up, cache warm), tokens/s, speed-up over copy-only, hit rate, decisions, CPU kernel time, the
@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(ROOT, "eval"))  # eval/_shapes.py
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.families import find_moe_blocks, get_family  # noqa: E402
-from moecache.replay import replay  # noqa: E402
+from moecache.forced_routing import run_forced  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 from moecache.runtime import hybrid as hy  # noqa: E402
 from moecache.runtime.hoststore import HostStore  # noqa: E402
@@ -145,10 +145,10 @@ def load_trace(layers: int, tokens: int) -> tuple[Any, list[int]]:
 
 def run_config(model: nn.Module, trace: Any, passes: int, warm_tokens: int, handle: Any = None) -> dict[str, Any]:
     """Warm up, then ``passes`` timed replays of every sequence; the fastest pass counts."""
-    replay(model, trace, sequences=1, max_tokens=warm_tokens, prefill=1)
+    run_forced(model, trace, sequences=1, max_tokens=warm_tokens, prefill=1)
     if handle is not None:
         handle.reset_stats()
-    results = [replay(model, trace, prefill=1).as_dict() for _ in range(passes)]
+    results = [run_forced(model, trace, prefill=1).as_dict() for _ in range(passes)]
     ms = [r["ms_per_decode_token"] for r in results]
     row = {"ms_per_token": min(ms), "ms_per_token_passes": ms, "tokens_per_s": 1e3 / min(ms),
            "decode_tokens_per_pass": results[0]["decode_tokens"]}
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         h.remove(restore=False)
     resident = next((r for r in rows if r["config"].startswith("resident")), None)
     if profile is not None:
-        from moecache.sim.hardware import HardwareProfile
+        from moecache.cost.hardware import HardwareProfile
 
         hw = HardwareProfile(**{**profile.to_json()})
         sources = [profile.source]

@@ -183,7 +183,7 @@ def main() -> int:
     res["parts"] = parts
 
     # The decode, every miss on the CPU, each launch's pieces timed.
-    from moecache.replay import replay
+    from moecache.forced_routing import run_forced
     from moecache.runtime import offload
 
     trace, _pick = load_trace(args.layers, args.tokens)
@@ -214,7 +214,7 @@ def main() -> int:
         name = mode + ("+torch_cpu_op" if extra else "")
         h = offload(model, cache_slots=2 * args.layers, device="cuda", host_store=store, own_store=False,
                     hybrid=False if mode == "copy" else mode)
-        replay(model, trace, sequences=1, max_tokens=6, prefill=1)
+        run_forced(model, trace, sequences=1, max_tokens=6, prefill=1)
         h.reset_stats()
         pieces.clear()
 
@@ -231,7 +231,7 @@ def main() -> int:
         hy.HybridExecutor.launch = launch
         c0 = thread_cpu()
         s0, tt0 = steal_jiffies()
-        r = replay(model, trace, prefill=1).as_dict()
+        r = run_forced(model, trace, prefill=1).as_dict()
         s1, tt1 = steal_jiffies()
         c1 = thread_cpu()
         hy.HybridExecutor.launch = orig_launch

@@ -6,7 +6,7 @@ Two models, bf16 on the GPU (fp32 on the CPU):
 2. the DeepSeek-V2-Lite shape (27 layers, 64 routed experts top-6, 2 shared, hidden 2048, expert
    intermediate 1408), random weights: built on the meta device, non-expert weights materialised on
    the GPU, every expert generated straight into the pinned host store (per layer, on the GPU, then
-   copied down); routing replayed (``moecache.replay``) from the real trace
+   copied down); routing replayed (``moecache.forced_routing``) from the real trace
    ``../shared/data/routing/deepseek-v2-lite-chat__moe-beyond`` (prefill logs replayed token by
    token as a decode stream), imported with ``moecache.trace.importers``.
 
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # eval/_shapes.p
 
 from moecache.atomic import write_json_atomic  # noqa: E402
 from moecache.default_model import default_model, encode  # noqa: E402
-from moecache.replay import replay  # noqa: E402
+from moecache.forced_routing import run_forced  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 
 # The DeepSeek-V2-Lite builders are shared with eval/e2e_compare.py.
@@ -156,11 +156,11 @@ def bench_deepseek(dev: torch.device, quick: bool, sequences: int, tokens: int, 
         handle = None
         if kw:
             handle = offload(model, device=str(dev), host_store=store, own_store=False, **kw)
-        replay(model, trace, sequences=bench_seqs[:1], max_tokens=min(32, tokens), prefill=1)  # warm-up
+        run_forced(model, trace, sequences=bench_seqs[:1], max_tokens=min(32, tokens), prefill=1)  # warm-up
         if handle is not None:
             handle.reset_stats()
         peak_reset(dev)
-        passes = [replay(model, trace, sequences=bench_seqs, max_tokens=tokens, prefill=1).as_dict()
+        passes = [run_forced(model, trace, sequences=bench_seqs, max_tokens=tokens, prefill=1).as_dict()
                   for _ in range(repeats)]
         ms = [p["ms_per_decode_token"] for p in passes]
         row = {"config": name, "experts_implementation": impl, "ms_per_token": min(ms), "ms_per_token_passes": ms,

@@ -37,12 +37,22 @@ def from_pretrained(path, gpu_memory=None, **kwargs):
     return _from_pretrained(path, gpu_memory, **kwargs)
 
 
+def run_forced(model, trace, **kwargs):
+    """Run ``model`` with its routing forced to ``trace`` (teacher forcing); see
+    ``moecache.forced_routing.run_forced``."""
+    from .forced_routing import run_forced as _run_forced
+
+    return _run_forced(model, trace, **kwargs)
+
+
 def replay(model, trace, **kwargs):
-    """Run ``model`` with its routing forced to ``trace`` (teacher forcing); see ``moecache.replay.replay``."""
-    from .replay import replay as _replay
+    """Deprecated name of ``run_forced`` (kept for one release)."""
+    import warnings
 
-    return _replay(model, trace, **kwargs)
+    warnings.warn("moecache.replay is deprecated; use moecache.run_forced (same arguments)", DeprecationWarning,
+                  stacklevel=2)
+    return run_forced(model, trace, **kwargs)
 
 
-__all__ = ["__version__", "record", "offload", "from_pretrained", "replay", "open_trace", "Trace", "TraceMeta", "MoecacheError", "TraceFormatError",
+__all__ = ["__version__", "record", "offload", "from_pretrained", "run_forced", "replay", "open_trace", "Trace", "TraceMeta", "MoecacheError", "TraceFormatError",
            "UnsupportedModelError", "ConfigError"]

@@ -152,7 +152,7 @@ def split(trace: Any, mode: str = "alternate", fraction: float = 0.5) -> tuple[A
     return fit, rest
 
 
-# -- replay -------------------------------------------------------------------------------------
+# -- recall -------------------------------------------------------------------------------------
 
 def _packs(trace: Any, rows: int) -> list[list[np.ndarray]]:
     """Token indices per sequence, longest first (stable), grouped ``rows`` at a time."""
@@ -164,10 +164,10 @@ def _packs(trace: Any, rows: int) -> list[list[np.ndarray]]:
     return [per_seq[i:i + rows] for i in range(0, len(per_seq), rows)]
 
 
-def replay(predictor: Any, trace: Any, depths: Sequence[int] = (1, 2), *, hidden: np.ndarray | None = None,
+def measure_recall(predictor: Any, trace: Any, depths: Sequence[int] = (1, 2), *, hidden: np.ndarray | None = None,
            set_sizes: Sequence[int] | None = None, rows: int = 64, label: str | None = None,
            progress: bool = False) -> list[RecallRow]:
-    """Replay ``trace`` through ``predictor`` and return one ``RecallRow`` per depth (in ``depths`` order).
+    """Run ``predictor`` over ``trace`` and return one ``RecallRow`` per depth (in ``depths`` order).
 
     ``hidden`` (optional) is ``(tokens, layers, hidden_size)`` aligned with the trace's rows: the
     input of each MoE block, passed to ``observe`` for predictors that read it. ``set_sizes``
@@ -297,7 +297,7 @@ def evaluate(predictors: Iterable[Any], trace: Any, depths: Sequence[int] = (1, 
         t0 = time.perf_counter()
         pred.fit(fit_trace)
         fit_s = time.perf_counter() - t0
-        got = replay(pred, score_trace, depths, hidden=score_hidden, label=label, rows=rows, progress=progress)
+        got = measure_recall(pred, score_trace, depths, hidden=score_hidden, label=label, rows=rows, progress=progress)
         for r in got:
             r.fit_seconds = fit_s
         rows_out += got

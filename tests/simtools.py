@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from moecache.sim import HardwareProfile, Schedule, simulate
+from moecache.cost import HardwareProfile
+from moecache.sim import Schedule, simulate
 from moecache.trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta
 
 

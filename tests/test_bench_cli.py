@@ -136,3 +136,21 @@ def test_missing_inputs(tmp_path, capsys):
     single = make_trace([[(0, 1)]] * 4, num_experts=4, top_k=2).save(tmp_path / "one")
     code, _, err = run(capsys, single, "--policies", "static")
     assert code == 2 and "--fit OTHER_TRACE" in err
+
+
+def test_old_engine_flag_still_works_with_a_warning(tmp_path, capsys):
+    """``--engine`` was renamed ``--sim-engine`` (generate's ``--engine`` is the copy engine): the old
+    spelling gives the same rows for one release, with a FutureWarning naming the new flag."""
+    from moecache.cli.bench import SIM_ENGINES
+    from moecache.sim.engine_cpp import ENGINES
+
+    assert SIM_ENGINES == ENGINES
+    path = _write(tmp_path)
+    code, new, _ = run(capsys, path, "--policies", "lru,fifo", "--sim-engine", "python", "--json", "--quiet")
+    assert code == 0
+    with pytest.warns(FutureWarning, match="--engine is deprecated.*use --sim-engine python"):
+        code, old, _ = run(capsys, path, "--policies", "lru,fifo", "--engine", "python", "--json", "--quiet")
+    assert code == 0 and json.loads(old) == json.loads(new)
+    assert {r["engine"] for r in json.loads(old)} == {"python"}
+    with pytest.raises(SystemExit):  # the old flag keeps the new one's choices
+        main(["bench", path, "--engine", "fast"])

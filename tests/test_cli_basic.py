@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from moecache.cli import main
 from moecache.trace import RoutingBlock, TraceMeta, TraceWriter, write_trace
@@ -74,3 +75,29 @@ def test_finalise_cli(tmp_path, capsys):
     assert "UNFINISHED" in capsys.readouterr().out
     assert main(["trace", "finalise", str(tmp_path / "r.partial")]) == 0
     assert (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_generate_copy_engine_flag_and_its_old_spelling():
+    import warnings
+
+    from moecache.cli import build_parser
+
+    parser = build_parser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for the new flag or the default
+        assert parser.parse_args(["generate"]).copy_engine == "auto"
+        assert parser.parse_args(["generate", "--copy-engine", "sync"]).copy_engine == "sync"
+    with pytest.warns(FutureWarning, match="--engine is deprecated.*use --copy-engine stream"):
+        assert parser.parse_args(["generate", "--engine", "stream"]).copy_engine == "stream"
+
+
+def test_replay_is_a_deprecated_name_of_run_forced(monkeypatch):
+    import moecache
+    import moecache.forced_routing
+
+    calls = []
+    monkeypatch.setattr(moecache.forced_routing, "run_forced", lambda model, trace, **kw: calls.append((model, trace, kw)))
+    with pytest.warns(DeprecationWarning, match="use moecache.run_forced"):
+        moecache.replay("m", "t", batch=2)
+    moecache.run_forced("m2", "t2")
+    assert calls == [("m", "t", {"batch": 2}), ("m2", "t2", {})]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moecache.errors import ConfigError
-from moecache.replay import replay
+from moecache.forced_routing import run_forced
 from moecache.trace import RoutingBlock, Trace, TraceMeta
 
 from .tiny_models import tiny_model
@@ -108,8 +108,8 @@ def test_replayed_units_are_the_model_calls_of_a_batched_replay(e2e):
     tr = _trace([6, 6, 6, 4], seed=2)
     seen: list[np.ndarray] = []
     hook = m.model.layers[1].mlp.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1].numpy()))
-    warm = replay(m, tr, sequences=[3], prefill=2)
-    res = replay(m, tr, sequences=[0, 1, 2], prefill=1, batch=2)
+    warm = run_forced(m, tr, sequences=[3], prefill=2)
+    res = run_forced(m, tr, sequences=[0, 1, 2], prefill=1, batch=2)
     hook.remove()
     units = e2e.replayed_units(tr, warm, 0, False) + e2e.replayed_units(tr, res, 1, True)
     assert len(units) == len(seen) == (1 + 2) + (1 + 5) + (1 + 5)

@@ -17,9 +17,9 @@ from moecache._ext import extension
 from moecache.errors import ConfigError
 from moecache.runtime import offload
 from moecache.runtime import hybrid as hy
-from moecache.sim.hardware import HardwareProfile, load_profile
+from moecache.cost.hardware import HardwareProfile, load_profile
 from moecache.sim import Schedule, simulate
-from moecache.sim.timing import MISS_RULES, REUSE_CREDIT_MAX, Timeline, choose_copy, reuse_credit, reuse_rate
+from moecache.cost.timing import MISS_RULES, REUSE_CREDIT_MAX, Timeline, choose_copy, reuse_credit, reuse_rate
 
 from .tiny_models import tiny_model
 

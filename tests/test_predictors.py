@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moecache.errors import ConfigError, UnsupportedModelError
-from moecache.predict_eval import RecallRow, evaluate, replay, split, split_mask
+from moecache.predict_eval import RecallRow, evaluate, measure_recall, split, split_mask
 from moecache.predictors import PREDICTORS, Predictor
 from moecache.predictors._common import multi_hot, token_order
 from moecache.predictors.gate_lookahead import GateLookaheadPredictor, capture, moe_routers
@@ -285,7 +285,7 @@ def test_learned_finds_cross_token_and_window_rules():
         seqs.append(ids)
     fit, score = make_trace(seqs[:20], 4, 1), make_trace(seqs[20:], 4, 1)
     p = PREDICTORS.get("learned")(3, 4, 1, window=2).fit(fit)
-    rows = replay(p, score, (1,))
+    rows = measure_recall(p, score, (1,))
     assert rows[0].recall() > 0.6  # layer 2 is random (1/4), layers 0 and 1 follow rules
     p.reset()
     seq = seqs[25]
@@ -518,7 +518,7 @@ def test_replay_recall_hand_worked():
     fixed = _Fixed([0.3, 0.1, 0.5, 0.1])
     toks = np.array([[[2], [0]], [[1], [-1]], [[3], [2]]])  # token 1's layer-1 record is missing
     t = make_trace([toks], 4, 1)
-    d1, d2 = replay(fixed, t, (1, 2), set_sizes=(1, 2, 3))
+    d1, d2 = measure_recall(fixed, t, (1, 2), set_sizes=(1, 2, 3))
     # depth 1 targets: t0L1=0, t1L0=1, t1L1=missing (skipped), t2L0=3, t2L1=2 ; t2L1 -> past the end
     assert d1.targets == 4 and d1.selected == 4
     assert d1.hits == {1: 1, 2: 2, 3: 3}  # 2 in top-1; 0 in top-2; 1 in top-3; 3 never
@@ -535,8 +535,8 @@ def test_replay_packs_rows_without_changing_results():
     rng = np.random.default_rng(6)
     t = make_trace([rng.integers(0, 6, (n, 3, 2)) for n in (9, 4, 7, 1, 6)], 6, 2)
     t = Trace(t.meta, RoutingBlock.build(np.sort(t.ids, axis=2), seq=t.seq, pos=t.pos))
-    one = replay(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=1)
-    many = replay(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=64)
+    one = measure_recall(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=1)
+    many = measure_recall(PREDICTORS.get("temporal")(3, 6, 2), t, (1, 2), rows=64)
     for a, b in zip(one, many):
         assert (a.targets, a.selected, a.hits) == (b.targets, b.selected, b.hits)
 
@@ -544,9 +544,9 @@ def test_replay_packs_rows_without_changing_results():
 def test_replay_checks_its_inputs():
     t = make_trace([col(0, 1)], 4, 1)
     with pytest.raises(ConfigError, match="built for"):
-        replay(PREDICTORS.get("temporal")(2, 4, 1), t)
+        measure_recall(PREDICTORS.get("temporal")(2, 4, 1), t)
     with pytest.raises(ConfigError, match="hidden"):
-        replay(PREDICTORS.get("gate_lookahead")(1, 4, 1), t)
+        measure_recall(PREDICTORS.get("gate_lookahead")(1, 4, 1), t)
 
 
 def test_evaluate_fits_on_one_part_and_scores_the_other():

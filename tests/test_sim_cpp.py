@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from moecache._ext import ENV_DISABLE, extension
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
-from moecache.sim import HardwareProfile, Schedule, default_profile, simulate
+from moecache.cost import HardwareProfile, default_profile
+from moecache.sim import Schedule, simulate
 from moecache.sim import engine_cpp
 from moecache.sim.engine_cpp import CPP_POLICIES, CPP_PREDICTORS, choose_engine, predictor_mode
 from moecache.trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta, count_ids
@@ -512,9 +513,9 @@ def test_bench_engine_flag(tmp_path, capsys):
         return json.loads(out)
 
     every = "lru,fifo,lfu,lrfu,static,activation,belady,belady_bypass"
-    ref = bench(every, "--engine", "python", "--jobs", "1")
+    ref = bench(every, "--sim-engine", "python", "--jobs", "1")
     auto = bench(every, "--jobs", "2")  # default engine: auto, runs in 2 threads
-    cpp = bench(every, "--engine", "cpp", "--jobs", "2")
+    cpp = bench(every, "--sim-engine", "cpp", "--jobs", "2")
     assert {r["engine"] for r in ref} == {"python"} and {r["engine"] for r in cpp} == {"cpp"}
     # auto: cpp for every policy now; each row says which engine ran it
     assert {r["engine"] for r in auto} == {"cpp"}
@@ -526,13 +527,13 @@ def test_bench_engine_flag(tmp_path, capsys):
     # with a predictor (in C++: temporal; streamed from Python: oracle) and prefetch
     for pred in ("temporal", "oracle"):
         extra = ("--predictor", pred, "--prefetch-depth", "2", "--prefetch-rule", "fill")
-        ref = bench("lru,predicted,belady", "--engine", "python", "--jobs", "1", *extra)
+        ref = bench("lru,predicted,belady", "--sim-engine", "python", "--jobs", "1", *extra)
         cpp = bench("lru,predicted,belady", "--jobs", "2", *extra)
         assert {r["engine"] for r in cpp} == {"cpp"}
         assert strip(cpp) == strip(ref) and all(r["prefetches"] > 0 for r in ref)
-    # an explicit --engine cpp that cannot run says why
+    # an explicit --sim-engine cpp that cannot run says why
     with ext_disabled():
-        assert main(["bench", path, "--policies", "lru", "--engine", "cpp", "--quiet"]) == 2
+        assert main(["bench", path, "--policies", "lru", "--sim-engine", "cpp", "--quiet"]) == 2
     assert "not built or is disabled" in capsys.readouterr().err
     # the table's footer states the engine
     assert main(["bench", path, "--policies", "lru", "--quiet"]) == 0

@@ -17,8 +17,8 @@ import pytest
 
 from moecache.cli import main
 from moecache.errors import ConfigError, MoecacheError
-from moecache.sim import suite as suite_mod
-from moecache.sim.suite import Journal, load_config, plan_suite, run_suite
+from moecache.bench import load_config, plan_suite, run_suite
+from moecache.bench.journal import DirLock, Journal
 
 from tests.simtools import make_trace
 
@@ -303,10 +303,10 @@ def test_suite_row_equals_bench_row(workdir, capsys):
 
 KILLER = textwrap.dedent("""
     import multiprocessing, os, signal, sys
-    from moecache.sim import suite
+    from moecache.bench import journal, suite
 
     after, torn, jobs, pids = int(sys.argv[3]), sys.argv[4] == "torn", int(sys.argv[5]), sys.argv[6]
-    append = suite.Journal.append
+    append = journal.Journal.append
     done = []
 
     def die():
@@ -325,7 +325,7 @@ KILLER = textwrap.dedent("""
         if not torn and len(done) == after:
             die()
 
-    suite.Journal.append = dying_append
+    journal.Journal.append = dying_append
     suite.run_suite(sys.argv[1], sys.argv[2], jobs=jobs)
 """)
 
@@ -393,16 +393,16 @@ def test_journal_errors_and_lock(workdir):
     with pytest.raises(MoecacheError, match=r"rows.jsonl:2: not a suite row record; delete that line"):
         Journal(str(path)).load()
     path.write_bytes(b"".join(lines))
-    with suite_mod._DirLock(str(out)):
+    with DirLock(str(out)):
         with pytest.raises(MoecacheError, match="another suite run is writing"):
             run_suite(_config(workdir, policies='["lru", "belady"]'), out)
 
 
 def test_engine_choice_reaches_every_row(workdir):
-    """``--engine python`` replays every row on the reference; the rows equal the default engine's."""
+    """``--sim-engine python`` replays every row on the reference; the rows equal the default engine's."""
     cfg = _config(workdir, policies='["lru", "predicted", "belady"]')
     auto, ref = workdir / "auto", workdir / "ref"
-    assert main(["bench", "--suite", str(cfg), "-o", str(ref), "--engine", "python", "--quiet", "--jobs", "1"]) == 0
+    assert main(["bench", "--suite", str(cfg), "-o", str(ref), "--sim-engine", "python", "--quiet", "--jobs", "1"]) == 0
     run_suite(cfg, auto)
     assert {r["engine"] for r in _csv(ref)} == {"python"}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "engine"} for r in rows]  # noqa: E731
@@ -432,7 +432,8 @@ def test_the_shipped_config_is_valid(workdir):
     """eval/suite.toml names only registered policies and predictors and a sound grid (its traces are built by
     eval/suite_traces.py, so here each is pointed at a synthetic trace)."""
     tomllib = pytest.importorskip("tomllib")
-    from moecache.sim.suite import describe_trace, expand, parse_config
+    from moecache.bench.config import parse_config
+    from moecache.bench.plan import describe_trace, expand
 
     obj = tomllib.loads((ROOT / "eval" / "suite.toml").read_text())
     names = [t["name"] for t in obj["traces"]]

@@ -10,8 +10,9 @@ import pytest
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
 from moecache.predictors import PREDICTORS, Predictor
-from moecache.sim import (MISS_RULES, Schedule, default_profile, load_profile, lower_bound, simulate, split_time)
-from moecache.sim.hardware import MIB, lookup
+from moecache.cost import MISS_RULES, default_profile, load_profile
+from moecache.cost.hardware import MIB, lookup
+from moecache.sim import Schedule, lower_bound, simulate, split_time
 
 from tests.simtools import make_trace, unit_profile
 

@@ -75,13 +75,13 @@ def popularity_recall(fit_trace, score_trace) -> float:
 
 
 def _predictor_recall(name: str, fit_trace, score_trace, tokens: int) -> float:
-    from ..predict_eval import replay
+    from ..predict_eval import measure_recall
     from ..predictors import PREDICTORS
 
     m = fit_trace.meta
     pred = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k)
     pred.fit(fit_trace)
-    row = replay(pred, head(score_trace, tokens), depths=(1,), set_sizes=(m.top_k,))[0]
+    row = measure_recall(pred, head(score_trace, tokens), depths=(1,), set_sizes=(m.top_k,))[0]
     return float(row.recall(m.top_k))
 
 

@@ -4,15 +4,15 @@ One run per (trace, scope, capacity, policy); each prints one row with its whole
 the hit and ready rates, prefetch precision and recall, bytes moved, and the timing model's ms per
 token against the lower bound. ``--list`` names every policy, predictor, prefetch rule and miss rule.
 ``--suite CONFIG -o DIR`` runs a whole grid from a config instead, resumable, with tables and plots
-(``moecache.sim.suite``).
+(``moecache.bench``).
 
 Fitting: static placement and learned predictors are fitted on ``--fit TRACE``; without it, on the
 leading ``--fit-share`` of each trace's sequences, which are then not scored (by any run of that
 trace, so all rows of a trace score the same tokens). The share used is stated on stderr and in
 every JSON row (``fit``).
 
-Engines: ``--engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
-Python reference), ``--engine python`` in the reference; the default ``auto`` takes cpp where the
+Engines: ``--sim-engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
+Python reference), ``--sim-engine python`` in the reference; the default ``auto`` takes cpp where the
 extension is built and the configuration is supported (every registered policy and prefetch rule;
 predictors prior, temporal and transition run in the core, the others stream their predictions
 from Python: ``moecache.sim.engine_cpp``), else python. Every JSON row names its ``engine`` and the
@@ -31,6 +31,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import split_spec
+from .options import DeprecatedFlag
+
+#: ``moecache.sim.engine_cpp.ENGINES``, spelled out so that building the parser imports no simulator.
+SIM_ENGINES = ("auto", "python", "cpp")
 
 
 def _parse_policy(spec: str) -> tuple[str, dict[str, str]]:
@@ -64,7 +68,8 @@ def _scopes(text: str) -> list[str]:
 def cmd_list(args: argparse.Namespace) -> int:
     from ..policies import POLICIES
     from ..predictors import PREDICTORS
-    from ..sim import MISS_RULES, PREFETCH_RULES
+    from ..cost import MISS_RULES
+    from ..sim import PREFETCH_RULES
 
     tables = {"policies": POLICIES, "predictors": PREDICTORS, "prefetch_rules": PREFETCH_RULES,
               "miss_rules": MISS_RULES}
@@ -103,8 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..policies import POLICIES, new_policy
     from ..predictors import PREDICTORS
-    from ..sim import (MISS_RULES, PREFETCH_RULES, Schedule, default_profile, format_table, load_profile,
-                       parse_capacities, resolve_capacity, simulate)
+    from ..cost import MISS_RULES, default_profile, load_profile
+    from ..sim import PREFETCH_RULES, Schedule, format_table, parse_capacities, resolve_capacity, simulate
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
 
@@ -177,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if policy.needs_fit:
             policy.fit(counts)
         pred = copy.deepcopy(predictor) if predictor is not None else None
-        engine = choose_engine(args.engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
+        engine = choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
                        hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine)
         row = res.row()
@@ -210,16 +215,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.sim.suite`` (its traces come from the config)."""
-    from ..sim.suite import run_suite
+    """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.bench`` (its traces come from the config)."""
+    from ..bench import run_suite
 
     if not (args.suite and args.out):
         raise ConfigError("a suite needs both --suite CONFIG and -o DIR (the folder for its rows, tables and plots)")
     if args.traces:
         raise ConfigError("--suite takes its traces from the config; give no TRACE arguments")
-    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --engine {args.engine}"
+    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --sim-engine {args.sim_engine}"
     res = run_suite(args.suite, args.out, jobs=args.jobs, progress=not args.quiet and sys.stderr.isatty(),
-                    engine=args.engine, command=command,
+                    engine=args.sim_engine, command=command,
                     log=lambda msg: print(f"moecache bench: {msg}", file=sys.stderr))
     print(f"{len(res.rows)} configurations: {res.computed} computed now, {res.loaded} loaded from "
           f"{args.out}/rows.jsonl" + (f" ({res.torn} torn line dropped)" if res.torn else "")
@@ -256,14 +261,15 @@ def register(sub) -> None:
                    help="how a demand miss is served: copy, cpu, policy, min (default copy; see --list)")
     p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
     p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
-    p.add_argument("--engine", default="auto", choices=("auto", "python", "cpp"),
-                   help="replay engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
+    p.add_argument("--sim-engine", default="auto", choices=SIM_ENGINES,
+                   help="simulator engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
                         "(default: cpp where built and the configuration is supported, else python); "
                         "each row states the engine that ran it")
+    p.add_argument("--engine", dest="sim_engine", action=DeprecatedFlag, new_flag="--sim-engine", choices=SIM_ENGINES)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="runs in parallel threads (default: the CPU count; the C++ engine releases the GIL)")
     p.add_argument("--suite", metavar="CONFIG",
-                   help="run the grid of a suite config (TOML/JSON; see moecache.sim.suite) in --jobs processes, "
+                   help="run the grid of a suite config (TOML/JSON; see moecache.bench.suite) in --jobs processes, "
                         "resumable, into -o DIR")
     p.add_argument("-o", "--out", metavar="DIR", help="with --suite: folder for rows.jsonl, results.md/.csv, plots")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from .options import DeprecatedFlag
 
 DEFAULT_PROMPT = "The mixture of experts"
 
@@ -38,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="lru")
     p.add_argument("--predictor", default=None, help="prefetch predictor name (default: none)")
     p.add_argument("--prefetch-depth", type=int, default=1)
-    p.add_argument("--engine", default="auto", help="copy engine: auto, worker, stream, sync")
+    p.add_argument("--copy-engine", default="auto",
+                   help="how experts are copied to the GPU: auto (default), worker (the C++ copy thread), stream "
+                        "(a CUDA side stream) or sync")
+    p.add_argument("--engine", dest="copy_engine", action=DeprecatedFlag, new_flag="--copy-engine")
     p.add_argument("--hybrid", nargs="?", const="auto", default=None, metavar="RULE",
                    help="run missed experts on the CPU too: auto (a cost model measured at start-up picks copy or "
                         "CPU per miss; the default when the flag has no value), cpu (every miss on the CPU), copy "
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = _budget(args)
-    opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.engine,
+    opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.copy_engine,
                 device=device, hybrid=args.hybrid or False)
     err = sys.stderr
     reference = None

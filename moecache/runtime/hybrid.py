@@ -7,7 +7,7 @@ decides per missed expert which of the two serves it:
 * ``HYBRID_RULES``: ``auto`` (the cost model below), ``cpu`` (every miss on the CPU, nothing copied
   on a miss: only prefetches fill the pool, Fiddler's scheme), ``copy`` (never the CPU) and ``half``
   (every second miss on the CPU, for tests). ``hybrid=True`` means ``auto``.
-* The ``auto`` rule is ``moecache.sim.timing.choose_copy``, the very function behind the
+* The ``auto`` rule is ``moecache.cost.timing.choose_copy``, the very function behind the
   simulator's ``auto`` (and, without the credit, ``min``) miss rule: per missed expert, in ascending
   key order, copy unless the CPU would finish first, given the queues: the copy engine's modelled
   backlog (every copy issued adds ``copy_ms``) and the CPU runs already decided in this layer. The
@@ -68,8 +68,8 @@ from .._ext import extension
 from ..atomic import write_json_atomic
 from ..errors import ConfigError
 from ..registry import Registry
-from ..sim.hardware import HardwareProfile, default_profile, load_profile
-from ..sim.timing import Timeline, choose_copy, reuse_credit, reuse_rate
+from ..cost.hardware import HardwareProfile, default_profile, load_profile
+from ..cost.timing import Timeline, choose_copy, reuse_credit, reuse_rate
 from .experts import make_shell
 from .stats import RuntimeCounters
 

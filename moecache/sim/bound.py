@@ -25,8 +25,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..cost.hardware import HardwareProfile
+from ..cost.timing import MISS_RULES
 from ..policies import new_policy
-from .hardware import HardwareProfile
+from .engines import run_engine
 from .schedule import Schedule
 
 
@@ -59,8 +61,6 @@ def split_time(copy_ms: float, cpu_costs: list[float]) -> float:
 
 def lower_bound(schedule: Schedule, capacity: int, scope: str, hardware: HardwareProfile, uses_cpu: bool) -> Bound:
     """The bound described in the module docstring (cached on ``schedule``)."""
-    from .replay import simulate  # replay imports this module lazily too
-
     key = (capacity, scope, uses_cpu, json.dumps(hardware.to_json(), sort_keys=True))
     cached = schedule._bounds.get(key)
     if cached is not None:
@@ -69,12 +69,12 @@ def lower_bound(schedule: Schedule, capacity: int, scope: str, hardware: Hardwar
     name = "belady_bypass" if uses_cpu else "belady"
     policy = new_policy(name, capacity, L, E, top_k=K, scope=scope)
     if not uses_cpu:
-        r = simulate(schedule, policy, hardware=hardware, miss_rule="copy", bound=False)
+        r = run_engine(schedule, policy, hardware, MISS_RULES.get("copy"))
         miss_ms = r.loads * hardware.copy_ms
         b = Bound(max(r.gpu_busy_ms, miss_ms), r.gpu_busy_ms, miss_ms, r.loads, name, False)
     else:
         log: list[tuple[int, int, int, str]] = []
-        simulate(schedule, policy, hardware=hardware, miss_rule="policy", bound=False, record=log)
+        run_engine(schedule, policy, hardware, MISS_RULES.get("policy"), record=log)
         misses = [c for _g, _k, c, outcome in log if outcome != "hit"]
         gpu = 0.0
         for u in range(schedule.num_units):

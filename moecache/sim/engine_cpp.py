@@ -1,7 +1,7 @@
 """The C++ replay engine: packs a schedule, a policy and a predictor into arrays for ``moecache._C.sim_replay``.
 
-``simulate(..., engine=...)`` (``moecache.sim.replay``) picks the engine: ``python`` is the readable
-reference, ``cpp`` runs the same replay in ``csrc/sim_core.cpp``, ``auto`` (the default) takes
+``simulate(..., engine=...)`` (``moecache.sim.simulator``) picks the engine: ``python`` is the readable
+reference (``engine_python``), ``cpp`` runs the same replay in ``csrc/sim_core.cpp``, ``auto`` (the default) takes
 ``cpp`` where the extension is built (and not disabled by ``MOECACHE_DISABLE_EXT=1``) and the
 configuration is supported, else ``python``. Both give identical result rows: the C++ core does
 every float operation in the reference's order, and whatever the reference computes with a library
@@ -38,16 +38,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .._ext import extension
+from ..cost.hardware import HardwareProfile
+from ..cost.timing import MissRule
 from ..errors import ConfigError
 from ..policies.base import POLICIES, Policy
+from ..predictors import transition
 from ..predictors.base import PREDICTORS
 from ..registry import Registry
-from .hardware import HardwareProfile
-from .results import SimResult
+from .results import SimResult, describe_predictor
 from .schedule import Schedule
-from .timing import MissRule
 
-#: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --engine``.
+#: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --sim-engine``.
 ENGINES = ("auto", "python", "cpp")
 
 #: Miss rule name -> code of csrc/sim_core.cpp (MissCode).
@@ -178,8 +179,6 @@ def _pred_temporal(pred: Any, depths: list[int]) -> dict[str, Any]:
 
 @CPP_PREDICTORS.register("transition", "fitted conditionals, product or mean combine")
 def _pred_transition(pred: Any, depths: list[int]) -> dict[str, Any]:
-    from ..predictors import transition
-
     too_deep = [d for d in depths if d > pred.max_depth]
     if too_deep:  # the reference raises this at its first predict(), before any expert is served
         d = too_deep[0]
@@ -199,8 +198,6 @@ def _native_predictor(pred: Any) -> Callable[[Any, list[int]], dict[str, Any]] |
     if any(callable(v) for k, v in vars(pred).items() if k != "_combine"):
         return None
     if name == "transition":
-        from ..predictors import transition
-
         if pred._combine not in (transition._product, transition._mean):
             return None
     return CPP_PREDICTORS.get(name)
@@ -249,7 +246,7 @@ def choose_engine(engine: str, policy: Policy, predictor: Any = None, depth: int
     if why is None:
         return "cpp"
     if engine == "cpp":
-        raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python (--engine python)")
+        raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python (--sim-engine python)")
     return "python"
 
 
@@ -273,7 +270,7 @@ def _tables(schedule: Schedule, hw: HardwareProfile, wide: bool = False) -> tupl
 
 
 class _PredictionStream:
-    """A Python predictor driven over the schedule exactly as ``replay.simulate`` drives it, writing
+    """A Python predictor driven over the schedule exactly as ``engine_python.replay_python`` drives it, writing
     what the replay reads into ``buf`` chunk by chunk.
 
     Per step, slot ``d - 1`` (d = 1..depth) gets ``predict(l, d).sum(axis=0)`` (the prefetch scores)
@@ -386,7 +383,7 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
           pred_opts: dict[str, Any], wide: bool, budget: int | None, capacity_label: str | None,
           record: list | None, predictor: Any, depth: int, prefetch: str) -> SimResult:
     """One call of the core (the arrays are views, nothing is copied) and its result row."""
-    import torch
+    import torch  # loaded only when the C++ core runs: the simulator itself needs no torch
 
     t = torch.from_numpy
     ids = np.ascontiguousarray(schedule.ids, dtype=np.int64)  # range-checked by the core itself
@@ -411,8 +408,6 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     time_ms, gpu_busy, copy_busy, cpu_busy = times.tolist()
     if record is not None:
         record.extend((g, k, c, OUTCOMES[o]) for g, k, c, o in rec.tolist())
-    from .replay import describe_predictor
-
     return SimResult(
         trace=schedule.name, policy=policy.describe(), scope=policy.scope, capacity=policy.capacity,
         capacity_label=capacity_label or str(policy.capacity), predictor=describe_predictor(predictor),

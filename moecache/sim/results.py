@@ -25,6 +25,17 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 
+
+def describe_predictor(predictor: Any) -> str | None:
+    """A result row's predictor column: its name with its parameters, or None without one."""
+    if predictor is None:
+        return None
+    params = getattr(predictor, "params", {}) or {}
+    if not params:
+        return predictor.name
+    return predictor.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
 @dataclass
 class SimResult:
     # -- configuration ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The trace-replay driver: one policy (and optionally a predictor) over a schedule, with timing.
+"""The Python replay engine, the readable reference: one policy (and optionally a predictor) over a
+schedule, with timing. ``simulate`` (``moecache.sim.simulator``) checks the configuration and picks this
+engine or the C++ one (``engine_cpp``), which follows this loop step by step.
 
 Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this order:
 
 1. the future (if anything reads it) is positioned at ``g``; ``policy.begin_layer(l)``; the GPU runs
-   the layer's non-expert work (``timing``), which ends at ``t_route``;
+   the layer's non-expert work (``moecache.cost.timing``), which ends at ``t_route``;
 2. with a predictor: ``observe(l, ids of the unit at l)``, then ``predict(l, d)`` for every depth
    ``d`` in ``1..D`` (and the policy's ``score_depth``, whose row mean goes to ``on_scores``);
 3. demand: for each needed expert in ascending key order, ``policy.access(key, tokens)``; an
@@ -19,7 +21,7 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
 Sequences are requests: ``policy.begin_request()`` and ``predictor.reset()`` at each new sequence
 (the predictor is also reset when a request's row count changes, e.g. from a batched prefill step
 to decode steps, as the predictor protocol requires). The cache carries over between requests.
-Float arithmetic is done in the order written here and in ``timing``, so a reimplementation that
+Float arithmetic is done in the order written here and in ``moecache.cost.timing``, so a reimplementation that
 follows the same order reproduces every figure exactly.
 """
 
@@ -29,25 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from ..cost.hardware import HardwareProfile
+from ..cost.timing import MissRule, Timeline
 from ..errors import ConfigError
 from ..policies.base import Policy
-from .hardware import HardwareProfile, default_profile
 from .prefetch import PREFETCH_RULES
-from .results import SimResult
+from .results import SimResult, describe_predictor
 from .schedule import Schedule
-from .timing import MISS_RULES, Timeline
 
 
-def describe_predictor(predictor: Any) -> str | None:
-    if predictor is None:
-        return None
-    params = getattr(predictor, "params", {}) or {}
-    if not params:
-        return predictor.name
-    return predictor.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
-
-
-def _check(schedule: Schedule, policy: Policy, predictor: Any, depth: int) -> None:
+def check_config(schedule: Schedule, policy: Policy, predictor: Any, depth: int) -> None:
     dims = (schedule.num_layers, schedule.num_experts, schedule.top_k)
     if (policy.num_layers, policy.num_experts, policy.top_k) != dims:
         raise ConfigError(f"policy built for {policy.num_layers} layers x {policy.num_experts} experts, top-{policy.top_k}, "
@@ -72,34 +65,14 @@ def _check(schedule: Schedule, policy: Policy, predictor: Any, depth: int) -> No
             raise ConfigError(f"predictor {predictor.name!r} must be fitted first (CLI: --fit TRACE or the leading share)")
 
 
-def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth: int = 0,
-             prefetch: str = "topk", budget: int | None = None, hardware: HardwareProfile | None = None,
-             miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
-             record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto") -> SimResult:
-    """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
-
-    ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
-    ``Bound`` uses that one, False leaves it out. ``budget``: prefetches per target layer
-    (default ``top_k`` times the unit's tokens, at most the expert count). ``record``: a list that
-    receives ``(step, key, tokens, outcome)`` for every need as it is served, outcome ``"hit"``,
-    ``"copy"`` (a miss copied in) or ``"cpu"`` (a miss run on the CPU): hits of a step first, then
-    its misses, each in ascending key order. ``engine``: ``python`` (this loop), ``cpp`` (the same
-    replay in csrc/sim_core.cpp, identical rows; see ``engine_cpp``) or ``auto`` (cpp where built
-    and supported).
-    """
-    _check(schedule, policy, predictor, depth)
-    rule = MISS_RULES.get(miss_rule)
+def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
+                  predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
+                  capacity_label: str | None = None, record: list[tuple[int, int, int, str]] | None = None
+                  ) -> SimResult:
+    """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
+    as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
-    if budget is not None and budget < 1:
-        raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
-    hw = hardware or default_profile(schedule.meta.bytes_per_expert)
-    if engine != "python":
-        from .engine_cpp import choose_engine, replay_cpp
-
-        if choose_engine(engine, policy, predictor, depth, prefetch, rule.name) == "cpp":
-            res = replay_cpp(schedule, policy, hw, rule, predictor=predictor, depth=depth, prefetch=prefetch,
-                             budget=budget, capacity_label=capacity_label, record=record)
-            return _with_bound(res, schedule, policy, hw, rule, bound)
+    decide, asks_policy = rule.decide, rule.asks_policy
     L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
 
     future = None
@@ -116,7 +89,6 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     tl = Timeline()
     resident = policy._slot  # live view of the resident set (the base class never rebinds it)
     access, insert, admit, can_insert = policy.access, policy.insert, policy.admit, policy.can_insert
-    decide, asks_policy = rule.decide, rule.asks_policy
     copy_ms = hw.copy_ms
     gpu_of, cpu_of = hw.gpu, hw.cpu
     cap = policy.capacity
@@ -259,15 +231,4 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
         extra={"prefetch_skipped": pf_skipped} if depth else {},
     )
-    return _with_bound(res, schedule, policy, hw, rule, bound)
-
-
-def _with_bound(res: SimResult, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Any,
-                bound: Any) -> SimResult:
-    """Attach the lower bound (``bound`` as in ``simulate``) to a result row."""
-    if bound is True:
-        from .bound import lower_bound
-        bound = lower_bound(schedule, policy.capacity, policy.scope, hw, rule.uses_cpu)
-    if bound:
-        res.bound_ms = bound.total_ms
     return res

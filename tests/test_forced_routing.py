@@ -1,4 +1,4 @@
-"""``moecache.replay``: routing forced to a trace (offloaded and plain models), equal weights where the
+"""``moecache.run_forced``: routing forced to a trace (offloaded and plain models), equal weights where the
 trace has none, the model's own routing where the trace misses a layer, and mismatches as errors.
 Also the ``generate`` command and the embedded default model's size."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moecache.errors import ConfigError
-from moecache.replay import replay
+from moecache.forced_routing import run_forced
 from moecache.runtime import offload
 from moecache.trace import RoutingBlock, Trace, TraceMeta
 
@@ -52,7 +52,7 @@ def test_replay_forces_the_trace_routing_with_equal_weights():
     tr = _trace(3, 8, 2, rows=6)
     h = offload(m, cache_slots=4, device="cpu")
     seen = _recording(h)
-    res = replay(m, tr, prefill=2)
+    res = run_forced(m, tr, prefill=2)
     assert res.sequences == 2 and res.prefill_tokens == 4 and res.decode_tokens == 8
     for layer in range(3):
         ids = torch.cat([i for i, _ in seen[layer]]).numpy()
@@ -76,7 +76,7 @@ def test_replay_on_a_plain_model_uses_trace_weights_and_fills_missing_layers():
     hook = m.model.layers[2].mlp.experts.register_forward_hook(
         lambda mod, args, out: captured.append((args[1].clone(), args[2].clone())))
     # registered after replay's pre-hook would be too late; a forward hook sees the forced args
-    res = replay(m, tr, prefill=1, sequences=1)
+    res = run_forced(m, tr, prefill=1, sequences=1)
     hook.remove()
     assert res.decode_tokens == 3
     ids = torch.cat([a for a, _ in captured]).numpy()
@@ -91,7 +91,7 @@ def test_a_trace_that_does_not_match_the_model_is_an_error():
     for tr, what in ((_trace(3, 16, 2, 3), "experts 16 vs 8"), (_trace(3, 8, 3, 3), "top-k 3 vs 2"),
                      (_trace(5, 8, 2, 3), "MoE layers 5 vs 3")):
         with pytest.raises(ConfigError, match=what):
-            replay(m, tr)
+            run_forced(m, tr)
 
 
 def _logits_hook(model, store: list):
@@ -103,7 +103,7 @@ def test_batched_replay_feeds_each_row_its_sequence_routing_step_by_step():
     tr = _trace(3, 8, 2, rows=6, seqs=4, weights=True, seed=3)
     h = offload(m, cache_slots=5, device="cpu")
     seen = _recording(h)
-    res = replay(m, tr, prefill=2, batch=2)
+    res = run_forced(m, tr, prefill=2, batch=2)
     assert (res.sequences, res.batch, res.decode_steps) == (4, 2, 8)
     assert res.prefill_tokens == 2 * 2 * 2 and res.decode_tokens == 2 * 2 * 4
     assert [g["seqs"] for g in res.per_sequence] == [[0, 1], [2, 3]]
@@ -134,13 +134,13 @@ def test_batched_rows_match_one_sequence_at_a_time_and_the_recorder_sees_the_tra
     tr = tr.select(~((tr.seq == 1) & (tr.pos >= 5)))  # sequence 1 is 2 rows shorter: common length 5
     alone: list = []
     hk = _logits_hook(m, alone)
-    one = [replay(m, tr, sequences=[s], prefill=1) for s in (0, 1)]
+    one = [run_forced(m, tr, sequences=[s], prefill=1) for s in (0, 1)]
     hk.remove()
     assert [r.decode_tokens for r in one] == [6, 4]
     together: list = []
     hk = _logits_hook(m, together)
     with moecache.record(m, tmp_path / "rec") as rec:
-        res = replay(m, tr, prefill=1, batch=2)
+        res = run_forced(m, tr, prefill=1, batch=2)
     hk.remove()
     assert res.decode_steps == 4 and res.decode_tokens == 8 and res.unreplayed_rows == 2
     # the same logits per row as running each sequence alone (its first 5 rows)
@@ -159,19 +159,19 @@ def test_batched_rows_match_one_sequence_at_a_time_and_the_recorder_sees_the_tra
 def test_batch_one_is_the_sequence_by_sequence_replay_and_limits_are_checked():
     m = tiny_model("qwen3_moe")
     tr = _trace(3, 8, 2, rows=5, seqs=3)
-    res = replay(m, tr, prefill=1, batch=1, max_tokens=4)
+    res = run_forced(m, tr, prefill=1, batch=1, max_tokens=4)
     assert [(g["seq"], g["rows"], g["prefill"], g["decode"]) for g in res.per_sequence] == [(0, 1, 1, 3), (1, 1, 1, 3),
                                                                                           (2, 1, 1, 3)]
     assert res.decode_tokens == res.decode_steps == 9 and res.unreplayed_rows == 0
     # three sequences at batch 2: the last group runs with the one row it has
-    res = replay(m, tr, prefill=1, batch=2)
+    res = run_forced(m, tr, prefill=1, batch=2)
     assert [g["rows"] for g in res.per_sequence] == [2, 1] and res.decode_tokens == 2 * 4 + 4
-    cut = replay(m, tr, prefill=1, time_limit_s=1e-9)
+    cut = run_forced(m, tr, prefill=1, time_limit_s=1e-9)
     assert cut.truncated and cut.decode_tokens == 0 and cut.sequences == 1
     with pytest.raises(ConfigError, match="batch must be >= 1"):
-        replay(m, tr, batch=0)
+        run_forced(m, tr, batch=0)
     with pytest.raises(ConfigError, match="time_limit_s"):
-        replay(m, tr, time_limit_s=0)
+        run_forced(m, tr, time_limit_s=0)
 
 
 def test_generate_command_checks_tokens_against_the_unpatched_model(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The policy suite's plots: one PNG per metric, a panel per trace, drawn with matplotlib's Agg backend.
 
-``moecache.sim.suite_report`` picks what to draw (``Panel``: x labels and named series of values, None where
+``moecache.bench.report`` picks what to draw (``Panel``: x labels and named series of values, None where
 a value is missing); this module only draws it. matplotlib is optional (the ``plot`` extra) and is
 imported when a figure is drawn; ``require_matplotlib`` checks for it before a suite starts, so a
 missing install fails before any work, not after it. The PNGs carry no timestamp or version, so the

@@ -1,7 +1,7 @@
 """The policy suite's result files, written from a plan and its rows (grid order, so the same rows give
 the same bytes): ``results.md`` (settings, traces and their fitting split, a summary, the headline rows
 per trace, every row, the skipped combinations by reason), ``results.csv`` (every row with its ratios),
-``skipped.csv`` and the plots (``suite_plots``). Nothing here runs a replay.
+``skipped.csv`` and the plots (``moecache.bench.plots``). Nothing here runs a replay.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .suite import Config, Plan, Run, _policy_class, _predictor_offline
-from .suite_config import NONE, Spec, Suite
+from ..atomic import write_atomic, write_text_atomic
+from .config import NONE, Spec, Suite
+from .plan import Config, Plan, Run, policy_class, predictor_offline
+from .plots import Panel, metric_figure
 
 
 #: (metric, ratio column, title, unit) of the four headline metrics.
@@ -71,7 +73,7 @@ def headlines(plan: Plan, rows: list[dict[str, Any]]) -> dict[tuple[str, str, st
     out = {}
     for cell, items in cells.items():
         def online(r: Run) -> bool:
-            return not _policy_class(r.config.policy).offline and not _predictor_offline(r.config.predictor)
+            return not policy_class(r.config.policy).offline and not predictor_offline(r.config.predictor)
 
         picks = []
         lru = [(r, row) for r, row in items if r.config.policy == Spec("lru") and r.config.predictor is None
@@ -238,8 +240,6 @@ def render_skipped(plan: Plan) -> str:
 
 def plot_panels(plan: Plan, rows: list[dict[str, Any]], column: str) -> list[Any]:
     """Per trace: x = capacities, one line per (headline role, scope) with ``column``'s values."""
-    from .suite_plots import Panel
-
     heads = headlines(plan, rows)
     suite = plan.suite
     panels = []
@@ -256,8 +256,6 @@ def plot_panels(plan: Plan, rows: list[dict[str, Any]], column: str) -> list[Any
 
 def write_outputs(out: str, plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
     """Write the deterministic result files (everything but meta.json); returns their paths."""
-    from ..atomic import write_atomic, write_text_atomic
-
     full = with_ratios(plan, rows)
     files = {"results.md": render_markdown(plan, full), "results.csv": render_csv(full),
              "skipped.csv": render_skipped(plan)}
@@ -267,8 +265,6 @@ def write_outputs(out: str, plan: Plan, rows: list[dict[str, Any]]) -> list[str]
         write_text_atomic(path, text)
         written.append(path)
     if plan.suite.plots:
-        from .suite_plots import metric_figure
-
         for metric, ratio, title, unit in METRICS:
             scale = 1e-6 if unit == "MB" else 1.0
             for column, suffix, ylabel in ((metric, "", f"{title}" + (f" ({unit})" if unit else "")),

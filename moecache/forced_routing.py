@@ -1,4 +1,4 @@
-"""``moecache.replay(model, trace)``: run a model with its routing forced to a recorded trace.
+"""``moecache.run_forced(model, trace)``: run a model with its routing forced to a recorded trace.
 
 Teacher forcing, to benchmark real routing on random-weight models of real sizes: every MoE
 block's experts receive the trace's expert ids (and gate weights) instead of the router's, through
@@ -21,14 +21,14 @@ The router still runs, so its cost stays in the timing.
   step; batch row ``r`` at step ``t`` routes as its sequence's row ``t`` says. Rows of unequal
   length are not padded: a group replays only its *common length*, the first ``min`` rows of its
   sequences (after ``max_tokens``); the rows past it are not run and are counted in
-  ``ReplayResult.unreplayed_rows``. Without padding no attention mask is needed and every row of
+  ``ForcedRunResult.unreplayed_rows``. Without padding no attention mask is needed and every row of
   every call is a real token. The default prefill is the smallest leading-prefill count of the
   group's sequences (at least one). A last group with fewer than ``b`` sequences runs with as many
   rows as it has (its calls have fewer rows; ``per_sequence`` records the rows of each group).
   ``batch=1`` is the one-sequence-at-a-time replay above, unchanged.
 * ``time_limit_s``: stop a replay's decode steps once this much wall time has passed since the
   replay began (checked on the host between decode calls, without a sync); the steps run so far
-  are counted and ``ReplayResult.truncated`` is set. For benchmarks that must stay under a budget.
+  are counted and ``ForcedRunResult.truncated`` is set. For benchmarks that must stay under a budget.
 * ``lookahead``: an object whose ``seek(ids, pos)`` is called before each model call with the group's
   whole forced routing ``(b, n, L, k)`` and the index of the call's last row: what an oracle
   predictor reads to know the routing ahead (benchmarks of the prefetch ceiling; no real run has it).
@@ -52,7 +52,7 @@ from .trace.schema import PHASE_PREFILL
 
 
 @dataclass
-class ReplayResult:
+class ForcedRunResult:
     """Tokens and wall time of a replay (the GPU is synchronised at each group's phase ends).
 
     Tokens count every batch row: a decode step of ``b`` rows is ``b`` decode tokens and one decode
@@ -193,10 +193,10 @@ def _sequence_rows(trace: Any, sid: int, max_tokens: int | None, k: int, vocab: 
 
 
 @torch.no_grad()
-def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | None = None,
+def run_forced(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | None = None,
            prefill: int | None = None, max_tokens: int | None = None, family: str | None = None,
            progress: bool = False, batch: int = 1, time_limit_s: float | None = None,
-           lookahead: Any = None) -> ReplayResult:
+           lookahead: Any = None) -> ForcedRunResult:
     """Run ``model`` over ``trace``'s sequences with the trace's routing (module docstring).
 
     ``sequences``: how many (the first n) or which sequence ids; ``max_tokens``: rows per sequence
@@ -215,7 +215,7 @@ def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | Non
     vocab = int(getattr(model.config, "vocab_size", 0) or getattr(model.config.get_text_config(), "vocab_size"))
     forcer = RoutingForcer(model, L, family)
     cache_arg = _cache_argument(model)
-    result = ReplayResult(batch=batch)
+    result = ForcedRunResult(batch=batch)
     trace_weights = trace.weights if trace.meta.has_weights else None
     seq_ids = _sequences(trace, sequences)
     groups = [seq_ids[i:i + batch] for i in range(0, len(seq_ids), batch)]
@@ -223,7 +223,7 @@ def replay(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] | Non
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(seq_ids), desc="replay", unit="seq")
+        bar = tqdm(total=len(seq_ids), desc="forced routing", unit="seq")
     started = time.perf_counter()
     try:
         for group in groups:
@@ -309,4 +309,4 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["replay", "ReplayResult", "RoutingForcer", "check_trace_matches"]
+__all__ = ["run_forced", "ForcedRunResult", "RoutingForcer", "check_trace_matches"]

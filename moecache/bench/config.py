@@ -28,7 +28,7 @@ current directory, so a config runs the same from anywhere. Every name is checke
 registries (policies, predictors, miss and prefetch rules, scopes) and every trace is opened before
 any work starts; an error names the problem and the valid choices.
 
-The grid it spans, the fitting split, the bound and the outputs: ``moecache.sim.suite``.
+The grid it spans, the fitting split, the bound and the outputs: ``moecache.bench.suite``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from ..cost.timing import MISS_RULES
 from ..errors import ConfigError
+from ..policies import POLICIES, SCOPES, new_policy
+from ..predictors import PREDICTORS
 from ..registry import split_spec
+from ..sim.prefetch import PREFETCH_RULES
+from ..trace.store import MANIFEST
 
 #: The predictor name that means "no predictor".
 NONE = "none"
@@ -139,8 +144,6 @@ def _parse_spec(item: Any, where: str) -> Spec:
 
 
 def _policy(spec: Spec, where: str) -> Spec:
-    from ..policies import POLICIES, new_policy
-
     try:
         POLICIES.get(spec.name)
         new_policy(spec.name, 2, 2, 8, top_k=2, scope="layer", **spec.kwargs())  # checks the parameters
@@ -150,8 +153,6 @@ def _policy(spec: Spec, where: str) -> Spec:
 
 
 def _predictor(spec: Spec, where: str) -> Spec | None:
-    from ..predictors import PREDICTORS
-
     if spec.name == NONE:
         if spec.params:
             raise ConfigError(f"{where}: predictor 'none' takes no parameters")
@@ -230,8 +231,6 @@ def _positive(v: Any, where: str) -> int | None:
 
 
 def _trace(item: Any, i: int, base: str, source: str, defaults: dict[str, Any]) -> TraceSpec:
-    from ..trace.store import MANIFEST
-
     where = f"{source}: traces[{i}]"
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be a table with name and path, got {item!r}")
@@ -264,10 +263,6 @@ def _trace(item: Any, i: int, base: str, source: str, defaults: dict[str, Any]) 
 
 def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") -> Suite:
     """Validate a config object (see the module docstring); ``base`` resolves relative paths."""
-    from ..policies import POLICIES, SCOPES
-    from .prefetch import PREFETCH_RULES
-    from .timing import MISS_RULES
-
     if not isinstance(obj, dict):
         raise ConfigError(f"{source}: the config must be a table (TOML) or object (JSON)")
     unknown = sorted(set(obj) - set(_TOP_KEYS))

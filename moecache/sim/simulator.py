@@ -1,0 +1,55 @@
+"""``simulate``: one policy (and optionally a predictor and prefetch) replayed over a schedule, with its
+lower bound; the entry point of the simulator. The replay itself is ``engine_python`` (the reference
+loop, whose docstring gives the step order) or ``engine_cpp`` (the same replay in C++)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..cost.hardware import HardwareProfile, default_profile
+from ..cost.timing import MISS_RULES, MissRule
+from ..errors import ConfigError
+from ..policies.base import Policy
+from .bound import lower_bound
+from .engine_python import check_config
+from .engines import run_engine
+from .prefetch import PREFETCH_RULES
+from .results import SimResult
+from .schedule import Schedule
+
+
+def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth: int = 0,
+             prefetch: str = "topk", budget: int | None = None, hardware: HardwareProfile | None = None,
+             miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
+             record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto") -> SimResult:
+    """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
+
+    ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
+    ``Bound`` uses that one, False leaves it out. ``budget``: prefetches per target layer
+    (default ``top_k`` times the unit's tokens, at most the expert count). ``record``: a list that
+    receives ``(step, key, tokens, outcome)`` for every need as it is served, outcome ``"hit"``,
+    ``"copy"`` (a miss copied in) or ``"cpu"`` (a miss run on the CPU): hits of a step first, then
+    its misses, each in ascending key order. ``engine``: ``python`` (the reference loop of
+    ``engine_python``), ``cpp`` (the same replay in csrc/sim_core.cpp, identical rows; see
+    ``engine_cpp``) or ``auto`` (cpp where built and supported).
+    """
+    check_config(schedule, policy, predictor, depth)
+    rule = MISS_RULES.get(miss_rule)
+    if depth:
+        PREFETCH_RULES.get(prefetch)  # an unknown rule is an error before anything runs
+    if budget is not None and budget < 1:
+        raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
+    hw = hardware or default_profile(schedule.meta.bytes_per_expert)
+    res = run_engine(schedule, policy, hw, rule, engine=engine, predictor=predictor, depth=depth, prefetch=prefetch,
+                     budget=budget, capacity_label=capacity_label, record=record)
+    return _with_bound(res, schedule, policy, hw, rule, bound)
+
+
+def _with_bound(res: SimResult, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule,
+                bound: Any) -> SimResult:
+    """Attach the lower bound (``bound`` as in ``simulate``) to a result row."""
+    if bound is True:
+        bound = lower_bound(schedule, policy.capacity, policy.scope, hw, rule.uses_cpu)
+    if bound:
+        res.bound_ms = bound.total_ms
+    return res
