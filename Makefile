@@ -18,7 +18,7 @@ venv: $(VPY)
 $(VENV)/.installed: $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cuda/*.cu)
 	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "setuptools>=77" wheel "pybind11>=2.11"
-	$(PIP) install -q --no-build-isolation -e ".[test,plot]"
+	$(PIP) install -q --no-build-isolation -e ".[test,plot,ray]"
 	@touch $@
 
 install: $(VENV)/.installed

@@ -156,8 +156,10 @@ def _execute(tasks: list[Task], jobs: int, done: Callable[[str, dict[str, Any], 
 
 def run_suite(config: str | os.PathLike, out: str | os.PathLike, *, jobs: int = 1, progress: bool = False,
               engine: str = "auto", command: str | None = None,
-              log: Callable[[str], None] | None = None) -> SuiteResult:
-    """Plan, run what the journal in ``out`` lacks (in ``jobs`` processes, on ``engine`` as
+              log: Callable[[str], None] | None = None, ray: bool = False, ray_address: str | None = None,
+              ray_traces: str = "auto") -> SuiteResult:
+    """Plan, run what the journal in ``out`` lacks (in ``jobs`` processes, or as Ray tasks with ``ray``
+    on a local instance or the cluster at ``ray_address``: ``moecache.bench.ray``; on ``engine`` as
     ``moecache.sim.engine_cpp.choose_engine`` takes it), and write the outputs."""
     t_start = time.time()
     log = log or (lambda msg: None)
@@ -165,6 +167,14 @@ def run_suite(config: str | os.PathLike, out: str | os.PathLike, *, jobs: int = 
         raise ConfigError(f"--jobs must be >= 1 processes, got {jobs}")
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+    if ray:  # Ray is an optional extra: imported only when asked for
+        from .ray import TRACE_TRANSPORTS, check_reachable, execute_ray, require_ray
+
+        require_ray()
+        if ray_traces not in TRACE_TRANSPORTS:
+            raise ConfigError(f"unknown --ray-traces {ray_traces!r}; valid: {', '.join(TRACE_TRANSPORTS)}")
+        if ray_address is not None:
+            check_reachable(ray_address)
     suite = load_config(config)
     if suite.plots:
         require_matplotlib()
@@ -189,7 +199,10 @@ def run_suite(config: str | os.PathLike, out: str | os.PathLike, *, jobs: int = 
             bar.update(1)
 
         try:
-            _execute(todo, jobs, done)
+            if ray:
+                execute_ray(todo, run_task, done, address=ray_address, traces=ray_traces, progress=bar, log=log)
+            else:
+                _execute(todo, jobs, done)
         finally:
             bar.close()
         records = journal.load()

@@ -117,6 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_list(args)
     if args.suite or args.out:
         return cmd_suite(args)
+    if args.ray is not None:
+        raise ConfigError("--ray runs a suite's grid: give --suite CONFIG -o DIR with it")
     if not args.traces:
         raise ConfigError("give at least one TRACE folder (convert published logs with `moecache trace import`), "
                           "or --list")
@@ -214,6 +216,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``--ray`` without an address: start a local Ray instance.
+RAY_LOCAL = "local"
+
+
 def cmd_suite(args: argparse.Namespace) -> int:
     """``--suite CONFIG -o DIR``: the resumable grid of ``moecache.bench`` (its traces come from the config)."""
     from ..bench import run_suite
@@ -222,10 +228,15 @@ def cmd_suite(args: argparse.Namespace) -> int:
         raise ConfigError("a suite needs both --suite CONFIG and -o DIR (the folder for its rows, tables and plots)")
     if args.traces:
         raise ConfigError("--suite takes its traces from the config; give no TRACE arguments")
-    command = f"moecache bench --suite {args.suite} -o {args.out} --jobs {args.jobs} --sim-engine {args.sim_engine}"
+    use_ray = args.ray is not None
+    address = None if args.ray in (None, RAY_LOCAL) else args.ray
+    where = (f"--ray{'' if address is None else ' ' + address} --ray-traces {args.ray_traces}" if use_ray
+             else f"--jobs {args.jobs}")
+    command = f"moecache bench --suite {args.suite} -o {args.out} {where} --sim-engine {args.sim_engine}"
     res = run_suite(args.suite, args.out, jobs=args.jobs, progress=not args.quiet and sys.stderr.isatty(),
                     engine=args.sim_engine, command=command,
-                    log=lambda msg: print(f"moecache bench: {msg}", file=sys.stderr))
+                    log=lambda msg: print(f"moecache bench: {msg}", file=sys.stderr),
+                    ray=use_ray, ray_address=address, ray_traces=args.ray_traces)
     print(f"{len(res.rows)} configurations: {res.computed} computed now, {res.loaded} loaded from "
           f"{args.out}/rows.jsonl" + (f" ({res.torn} torn line dropped)" if res.torn else "")
           + f"; {len(res.plan.skipped)} combinations skipped (see results.md); {res.seconds:.0f} s")
@@ -272,6 +283,13 @@ def register(sub) -> None:
                    help="run the grid of a suite config (TOML/JSON; see moecache.bench.suite) in --jobs processes, "
                         "resumable, into -o DIR")
     p.add_argument("-o", "--out", metavar="DIR", help="with --suite: folder for rows.jsonl, results.md/.csv, plots")
+    p.add_argument("--ray", nargs="?", const=RAY_LOCAL, metavar="ADDRESS",
+                   help="with --suite: run the configurations as Ray tasks, on a local Ray instance, or on the "
+                        "cluster at ADDRESS (HOST:PORT, or 'auto' for the one `ray start` made here); needs "
+                        "pip install 'moecache-offload[ray]'")
+    p.add_argument("--ray-traces", default="auto", choices=("auto", "path", "store"),
+                   help="with --ray: how workers reach the traces: their paths (every node reads them), or Ray's "
+                        "object store (default auto: paths on a local instance, the object store on a cluster)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
