@@ -132,6 +132,14 @@ class Predictor:
                 p = np.where(free, 0.0, 1.0)
         return p
 
+    def cpp_port(self, depths: list[int]) -> dict[str, Any] | None:
+        """``sim_replay`` options that run this predictor inside the simulator's C++ core
+        (``"predictor"``: a PredictorCode of csrc/sim/codes.h, with its fitted arrays) for the
+        prediction ``depths`` the replay asks, or None: the C++ engine then calls the Python object
+        itself and streams its predictions. A port must give the very same predictions (the
+        differential tests of tests/test_sim_cpp.py cover every port)."""
+        return None
+
     # -- persistence ---------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """Fitted arrays to save. Override in learned predictors."""
