@@ -51,10 +51,6 @@ class HostAllocator:
         """Unpin ``t`` now (the memory itself is freed when the last reference goes)."""
         _unregister(self._registered, t.data_ptr())
 
-    @property
-    def pinned_bytes(self) -> int:
-        return sum(self._registered.values())
-
 
 def _unregister(registered: dict[int, int], ptr: int) -> None:
     if registered.pop(ptr, None) is not None:
@@ -83,10 +79,6 @@ class HostStore:
             # Padding between kinds is never read, but zero it so that saved stores are deterministic.
             self.blocks[layer].zero_()
         return self.blocks[layer]
-
-    def allocate_all(self) -> None:
-        for layer in range(self.num_layers):
-            self.allocate_layer(layer)
 
     @property
     def pinned(self) -> bool:
