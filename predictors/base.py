@@ -111,8 +111,8 @@ class Predictor:
 
     def _normalise_row(self, s: np.ndarray) -> np.ndarray:
         """``normalise`` of one row (batch-1 decode, the runtime's hot path): the same operations in the same
-        order on a 1-D array, without the row masks (transition's predict at batch 1: 79 -> 36 us on a 2-core VM,
-        eval/predictor_speed.py; a test checks equal bits)."""
+        order on a 1-D array, without the row masks (faster at batch 1: eval/predictor_speed.py; a test
+        checks equal bits)."""
         n = s.shape[0]
         k = float(self.top_k)
         total = s.sum()

@@ -132,7 +132,7 @@ class HostStore:
     @torch.no_grad()
     def fill_random(self, seed: int = 0, std: float = 0.02, device: str | torch.device | None = None) -> None:
         """Random normal weights (mean 0, ``std``), generated per layer on ``device`` (the GPU where
-        there is one: ~100x faster than the CPU for multi-GB stores) and copied into the rows."""
+        there is one: much faster than the CPU for multi-GB stores) and copied into the rows."""
         dev = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         gen = torch.Generator(device=dev).manual_seed(seed)

@@ -16,7 +16,7 @@ decides per missed expert which of the two serves it:
   split between the two queues instead of all going to a CPU that is slightly faster than a copy
   and leaving the pool empty (Mixtral at batch 1: two misses, one each). Its costs (copy ms per
   expert, CPU ms and marginal GPU ms per expert by tokens routed to it) are *measured* at start-up
-  on this machine (``calibrate``: a second or two at Mixtral's size) and cached as a hardware
+  on this machine (``calibrate``, a short measurement) and cached as a hardware
   profile JSON per machine and expert shape under ``$MOECACHE_CACHE_DIR`` or ``~/.cache/moecache``
   (``hybrid/<hash>.json``); ``moecache bench --hardware FILE --miss-rule auto`` replays traces with
   the same profile and the same rule. While the model runs, the CPU cost follows what its CPU jobs
@@ -100,8 +100,8 @@ class OnlineCosts:
     experts put on its critical path: the host's launch (gathering and copying their rows, starting
     the kernel), the kernel's own time (slowed by copies running at the same time, which a calibration
     on an idle machine misses) and the merge after the wait; so the scale also spreads the hybrid
-    path's fixed cost per layer over its CPU experts (it matters where an expert takes ~0.2 ms on the
-    CPU). Copy and GPU times stay as calibrated: the copy engine's copies are not timed one by one."""
+    path's fixed cost per layer over its CPU experts (it matters for small experts, whose CPU run is
+    short next to that fixed cost). Copy and GPU times stay as calibrated: the copy engine's copies are not timed one by one."""
 
     def __init__(self, profile: HardwareProfile):
         self.profile = profile
@@ -421,7 +421,7 @@ def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden
 
     * GPU: the *marginal* time of one more expert, ``back_to_back`` calls queued one after another
       and timed together (CUDA events) divided by their number: one isolated call timed alone also
-      measures the host's launch latency on an idle GPU (~1 ms), which a layer pays once, not per expert.
+      measures the host's launch latency on an idle GPU, which a layer pays once, not per expert.
     * CPU: each run on another expert (rotating over the store's rows), so that its weights come
       from memory as a miss's do, not from the caches the previous run filled; the warm-up runs once
       on every worker thread."""
@@ -645,8 +645,8 @@ class HybridExecutor:
         # device: exact from bf16/fp16), the kernel's input as it is. Decode: the whole hidden state (a
         # few KiB), gathered by numpy; prefill: only the rows needed, gathered on the device.
         # No torch CPU op on this path: one wakes torch's intra-op (OpenMP) threads, which then spin on
-        # the cores the pool computes on; on the H100 machine that made this launch take ~4 ms and
-        # each expert ~2x slower (eval/results/hybrid_diag/README.md).
+        # the cores the pool computes on and slow both this launch and the experts
+        # (eval/results/hybrid_diag/README.md).
         h = hidden.detach()
         if h.shape[0] <= HOST_GATHER_ROWS:
             x = torch.from_numpy(h.to(torch.float32).cpu().numpy()[rows])
