@@ -1,81 +1,15 @@
-"""End-to-end decode comparison on the GPU machine (issue #8): moecache against the other schemes.
-
-One model run per invocation: a real-size shape with random weights (``eval/_shapes.py``: built on
-meta, every expert generated straight into one pinned host store, built once and reused by every
-configuration), routing replayed from the shape's real trace (``moecache.forced_routing``, teacher-forced;
-``batch=b`` runs b sequences side by side, step by step, each group for its common length).
-
-Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on the GPU except (a):
-
-* (a) ``resident``: every expert on the GPU, unpatched; ``batched_mm`` and ``grouped_mm`` both
-  timed, the faster reported; skipped where the experts do not fit in free GPU memory. The
-  offloaded configurations then run on the experts implementation that won at that batch size.
-* (b) ``accelerate``: ``accelerate.dispatch_model`` with a device map under the same budget: every
-  non-expert module on the GPU (as in all other configurations) plus the experts modules of the
-  first ``floor(fraction x layers)`` MoE layers; the other layers' experts mapped to ``"cpu"``,
-  which accelerate keeps in host memory (here: views of the pinned host store) and copies to the
-  GPU at every forward. (``infer_auto_device_map`` with the same ``max_memory`` would also move
-  later layers' attention to the CPU and reserve room for the largest layer; the explicit map keeps
-  the comparison about experts.) Very slow: ``--accelerate-steps`` decode steps only. On a CPU-only
-  run the offloaded experts go to "disk" (accelerate does not offload to the CPU it computes on).
-* (c) ``lru-layer``: ``moecache.offload(policy=LRU with one pool per MoE layer, no predictor,
-  prefetch_depth=0)``: on-demand LRU per layer without prefetch, mixtral-offloading's scheme.
-  ``slots // layers`` slots per layer.
-* (d) ``fiddler``: ``offload(hybrid="cpu", policy=static)``: every miss computed on the CPU from
-  host memory, nothing copied on a miss. As Fiddler places the most popular experts on the GPU at
-  load time, the static placement (fitted on sequences not replayed; one scratch slot) is copied
-  into the pool before the run (``handle.preload()``).
-* (e) ``moecache``: each of ``--candidates`` (policy, predictor, prefetch depth, hybrid), timed in
-  this same run; the fastest by measured decode tokens/s is reported as (e). A candidate with the
-  ``oracle`` predictor (``lru+oracle-d1``) is not a scheme anyone can run: its predictor reads the
-  replay's routing ahead (``ReplayOracle``), so it measures the ceiling of prefetch on this machine
-  (perfect predictions, the runtime's real copies and host work); such rows are reported but never
-  chosen as (e).
-
-Measurement per configuration: set up, a short warm-up replay (``--warm-steps`` decode steps on a
-group of sequences not timed where the trace has one, else the first timed group), then the timed
-replay of the batch's groups: one prefill call of one row per sequence, then decode steps
-(``--tokens`` rows per sequence at most). tokens/s = decode tokens (b per step) / decode wall
-time; ms/step = decode wall time / steps. Hit, ready rate, stall and bytes come from
-``handle.stats()`` over the timed replay (its prefill calls included).
-
-Lower bound per batch size, on the steps each configuration actually replayed (its warm-up
-included, misses counted in its timed decode steps): Belady's MIN with every slot of the budget in
-one pool (the fewest misses any policy or prefetch can have, ``moecache.sim``) x the copy time of
-one expert measured in this run (pinned host store to the GPU, one expert per copy), against the
-measured all-resident time per step of (a): ``bound = max(copy, compute)`` (copies can overlap
-compute; ``serial = copy + compute`` is reported too). Where (d) ran and measured its CPU time per
-expert, a second figure bounds the miss service when misses may run on the CPU: Belady-with-bypass
-misses split optimally between the copy engine and the CPU (``moecache.sim.bound.split_time``).
-
-Machine noise: the same configuration on the same GPU machine has run 10-30% apart from one process to
-the next (and more between machines). ``--repeats R`` runs the whole list of configurations R times,
-round-robin, and pools each configuration's runs (its decode tokens over its decode seconds); the
-Markdown lists every run's tokens/s.
-
-Time guard: ``--time-budget`` seconds for the whole run (default 540, i.e. 9 minutes, model build
-included); each configuration's timed replay gets a share of what is left (weights: ``WEIGHTS``)
-and stops its decode steps when the share is spent (``run_forced(time_limit_s=...)``), so its
-sequences may be cut; configurations reached with no time left are reported as skipped.
-
-    python eval/e2e_compare.py --model deepseek --batch 1 --repeats 2 --out eval/results/e2e_deepseek_b1.json
-    python eval/e2e_compare.py --model deepseek --batch 8 --repeats 2 --out eval/results/e2e_deepseek_b8.json
-    python eval/e2e_compare.py --model mixtral --layers 16 --batch 1 --repeats 2 --out eval/results/e2e_mixtral.json
-    python eval/e2e_compare.py --model deepseek --quick --out /tmp/e2e.json          # CPU smoke run
-
-``--trace`` takes a moecache trace folder (``moecache trace import SRC -o build/NAME``) or the raw
-source folder (default: ``../shared/data/routing/<the shape's trace>``). The JSON and a Markdown
-table next to it (same name, ``.md``) are written atomically after every configuration.
+"""The machinery of ``eval/e2e_compare.py``, the end-to-end decode comparison: configuration specs
+(``Candidate``), the prefetch-ceiling oracle, the run's shared state, sequence plans, the per-step
+lower bound, measuring, one runner per configuration (a)-(e), pooling, bounds per batch and the
+Markdown report. What is compared and how it is measured: ``eval/e2e_compare.py``'s docstring; the
+targets: ``eval/e2e_targets.py``.
 """
-
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import math
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -91,10 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _shapes import (ModelShape, build_model, experts_module_names, get_shape, host_expert_views,  # noqa: E402
-                     machine, materialise_experts, peak, peak_reset, prepare_trace, release_experts, sync)
+from _shapes import (ModelShape, experts_module_names, host_expert_views, materialise_experts, peak,  # noqa: E402
+                     peak_reset, release_experts)
 
-from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from moecache.atomic import write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402
 from moecache.forced_routing import ForcedRunResult, run_forced  # noqa: E402
 from moecache.predictors.oracle import OraclePredictor  # noqa: E402
@@ -418,9 +352,12 @@ def belady_misses(units: list[Unit], num_experts: int, capacity: int, bypass: bo
     return misses, int(timed.sum())
 
 
-def lower_bound(misses: int, steps: int, copy_ms: float, compute_ms: float | None,
+def step_bound(misses: int, steps: int, copy_ms: float, compute_ms: float | None,
                 cpu_service_ms: float | None = None) -> dict[str, Any]:
-    """Per decode step: Belady's copies vs the all-resident compute (module docstring)."""
+    """Per timed decode step: Belady's copies (``belady_misses``, counted in the timed decode steps only)
+    at the measured copy time against the measured all-resident compute (``eval/e2e_compare.py``'s
+    docstring). Not ``moecache.sim.bound.lower_bound``, which bounds a whole simulated schedule with
+    the hardware profile's modelled times; this one is per measured step, with measured costs."""
     if steps < 1:
         return {"steps": 0}
     copy = misses / steps * copy_ms
@@ -713,31 +650,6 @@ def make_best(candidates: list[Candidate]) -> Callable[[Bench, BatchPlan], list[
     return run_best
 
 
-# -- targets ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    """``(e) >= factor x reference`` in tokens/s (reference: a config, or the better of several), or
-    ``(e) within factor of the lower bound`` (``ms/step <= factor x bound``)."""
-
-    model: str
-    batch: int
-    text: str
-    factor: float
-    against: tuple[str, ...]  # config keys; ("bound",) for the lower bound
-
-
-TARGETS = (
-    Target("deepseek", 1, "(e) >= 0.8x (a)", 0.8, ("a",)),
-    Target("deepseek", 1, "(e) >= 1.2x (c)", 1.2, ("c",)),
-    Target("deepseek", 1, "(e) >= 50x (b)", 50.0, ("b",)),
-    Target("deepseek", 8, "(e) >= 1.5x the better of (c), (d)", 1.5, ("c", "d")),
-    Target("deepseek", 8, "(e) within 2x of the lower bound", 2.0, ("bound",)),
-    Target("mixtral", 1, "(e) >= 1.5x the better of (c), (d)", 1.5, ("c", "d")),
-    Target("mixtral", 1, "(e) within 2x of the lower bound", 2.0, ("bound",)),
-)
-
-
 def pooled_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (config, label), in first-seen order. A configuration run several times (``--repeats``)
     gets its speed pooled over its ok runs (decode tokens / decode seconds, seconds / steps), each run's
@@ -776,34 +688,6 @@ def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_targets(model: str, batch: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    best = best_rows(rows)
-    out = []
-    for t in TARGETS:
-        if (t.model, t.batch) != (model, batch):
-            continue
-        e = best.get("e")
-        res: dict[str, Any] = {"target": t.text}
-        if e is None:
-            res.update(value=None, met=None, why="(e) not measured")
-        elif t.against == ("bound",):
-            bound = (e.get("bound") or {}).get("bound_ms_per_step")
-            if bound is None:
-                res.update(value=None, met=None, why="no lower bound")
-            else:
-                res.update(value=e["ms_per_step"] / bound, met=e["ms_per_step"] <= t.factor * bound,
-                           what="(e) ms/step / bound")
-        else:
-            refs = [best[c]["tokens_per_s"] for c in t.against if c in best]
-            if not refs:
-                res.update(value=None, met=None, why=f"{', '.join(t.against)} not measured")
-            else:
-                res.update(value=e["tokens_per_s"] / max(refs), met=e["tokens_per_s"] >= t.factor * max(refs),
-                           what="(e) tokens/s / reference tokens/s")
-        out.append(res)
-    return out
-
-
 # -- bounds per batch -------------------------------------------------------------------------------
 
 def attach_bounds(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -830,7 +714,7 @@ def attach_bounds(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
                 bypass, _ = belady_misses(units, bench.E, bench.slots, bypass=True)
                 service = split_time(copy_ms, [cpu_ms] * len(bypass))
-            cache[sig] = lower_bound(len(misses), steps, copy_ms, compute, service)
+            cache[sig] = step_bound(len(misses), steps, copy_ms, compute, service)
         r["bound"] = cache[sig]
         b = r["bound"].get("bound_ms_per_step")
         if b and r.get("ms_per_step"):
@@ -845,8 +729,9 @@ def attach_bounds(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- report -----------------------------------------------------------------------------------------
 
-def _f(x: Any, fmt: str = ".2f") -> str:
-    return "—" if x is None else format(x, fmt)
+def fmt(x: Any, spec: str = ".2f") -> str:
+    """``x`` formatted with ``spec``, a dash for None."""
+    return "—" if x is None else format(x, spec)
 
 
 def write_markdown(path: str, out: dict[str, Any]) -> None:
@@ -886,13 +771,13 @@ def write_markdown(path: str, out: dict[str, Any]) -> None:
                 mark += " (runs: " + " / ".join(f"{v:.2f}" for v in r["runs_tokens_per_s"]) + " tokens/s)"
             bpp = r.get("bytes_copied_per_step")
             host = "—" if r.get("host_ms_per_layer") is None else (
-                f"{r['host_ms_per_layer']:.2f} ({_f(r.get('prefetch_host_ms_per_layer'))})")
+                f"{r['host_ms_per_layer']:.2f} ({fmt(r.get('prefetch_host_ms_per_layer'))})")
             lines.append(
-                f"| {r['config']} | {r['label']}{mark} | {_f(r.get('tokens_per_s'))} | "
-                f"{_f(r.get('ms_per_step'), '.1f')} | "
-                f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('ready_rate'), '.3f')} | "
-                f"{_f(r.get('stall_ms_per_step'), '.1f')} | {_f(None if bpp is None else bpp / 1e6, '.0f')} | {host} | "
-                f"{r.get('decode_steps', '—')} | {_f(r.get('ms_per_step_over_bound'))} | "
+                f"| {r['config']} | {r['label']}{mark} | {fmt(r.get('tokens_per_s'))} | "
+                f"{fmt(r.get('ms_per_step'), '.1f')} | "
+                f"{fmt(r.get('hit_rate'), '.3f')} | {fmt(r.get('ready_rate'), '.3f')} | "
+                f"{fmt(r.get('stall_ms_per_step'), '.1f')} | {fmt(None if bpp is None else bpp / 1e6, '.0f')} | {host} | "
+                f"{r.get('decode_steps', '—')} | {fmt(r.get('ms_per_step_over_bound'))} | "
                 f"{r['status'].splitlines()[0][:90]} |")
         if any(r["config"] == "e*" for r in res["rows"]):
             lines += ["", "e*: the prefetch ceiling, not a scheme anyone can run: its `oracle` predictor reads the "
@@ -903,10 +788,10 @@ def write_markdown(path: str, out: dict[str, Any]) -> None:
         if fe:
             lines += ["", f"Lower bound on (e)'s steps: Belady {fe['belady_misses_per_step']:.2f} misses/step x "
                       f"{s['copy_ms_per_expert']:.3f} ms = {fe['copy_ms_per_step']:.1f} ms/step of copies; "
-                      f"all-resident compute {_f(fe['compute_ms_per_step'], '.1f')} ms/step; "
+                      f"all-resident compute {fmt(fe['compute_ms_per_step'], '.1f')} ms/step; "
                       f"bound = max = {fe['bound_ms_per_step']:.1f} ms/step "
                       f"({1e3 * int(b) / fe['bound_ms_per_step']:.1f} tokens/s), serial sum "
-                      f"{_f(fe['serial_ms_per_step'], '.1f')} ms/step."]
+                      f"{fmt(fe['serial_ms_per_step'], '.1f')} ms/step."]
             if fe.get("miss_service_with_cpu_ms_per_step") is not None:
                 lines.append(f"With CPU execution of misses ({s['cpu_ms_per_expert']:.3f} ms per expert, measured by "
                              f"(d)): Belady-with-bypass miss service {fe['miss_service_with_cpu_ms_per_step']:.1f} "
@@ -916,190 +801,11 @@ def write_markdown(path: str, out: dict[str, Any]) -> None:
             for t in res["targets"]:
                 met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
                 why = f" ({t['why']})" if t.get("why") else ""
-                lines.append(f"| {t['target']} | {_f(t.get('value'))} | {met}{why} |")
+                lines.append(f"| {t['target']} | {fmt(t.get('value'))} | {met}{why} |")
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
-# -- main -------------------------------------------------------------------------------------------
-
-def parse_configs(text: str) -> list[str]:
-    keys = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in keys if c not in CONFIG_KEYS]
-    if bad or not keys:
-        raise ConfigError(f"--configs {text!r}: unknown {bad}; valid: {', '.join(CONFIG_KEYS)} (comma-separated)")
-    return [c for c in RUN_ORDER if c in keys]
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--batch {text!r}: write batch sizes as integers, e.g. 1,8") from None
-    if not out or min(out) < 1:
-        raise ConfigError(f"--batch {text!r}: batch sizes must be >= 1")
-    return out
-
-
-def runners(candidates: list[Candidate]) -> dict[str, Callable[[Bench, BatchPlan], list[dict[str, Any]]]]:
-    return {"a": run_resident, "b": run_accelerate, "c": run_lru_layer, "d": run_fiddler, "e": make_best(candidates)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, choices=("deepseek", "mixtral"))
-    ap.add_argument("--out", required=True, help="JSON results (a .md is written next to it)")
-    ap.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
-    ap.add_argument("--fraction", type=float, default=0.25, help="share of expert memory on the GPU")
-    ap.add_argument("--configs", default="a,b,c,d,e", help="which of a,b,c,d,e (module docstring)")
-    ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
-                    help="(e)'s candidates, comma-separated, each policy[@layer]+predictor-dN+hybrid-MODE")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="MoE layers (default: all 26 for deepseek, 16 of 32 for mixtral, whose 32 need 84 GiB "
-                    "of host memory)")
-    ap.add_argument("--tokens", type=int, default=None, help="rows replayed per sequence (1 prefill + decode)")
-    ap.add_argument("--sequences", type=int, default=None, help="sequences per batch size (default 2 at batch 1, b)")
-    ap.add_argument("--warm-steps", type=int, default=None)
-    ap.add_argument("--accelerate-steps", type=int, default=None, help="decode steps for (b)")
-    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default 540)")
-    ap.add_argument("--trace", default=None, help="moecache trace folder or raw source folder")
-    ap.add_argument("--trace-files", type=int, default=None, help="raw DeepSeek folder: prompt files to read")
-    ap.add_argument("--fit-sequences", type=int, default=None,
-                    help="fit predictors and static placement on at most this many sequences (default 160)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run of the whole pipeline)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run the configurations this many times, round-robin (machine noise shifts between runs: "
-                    "each configuration's speed is then pooled over its runs)")
-    args = ap.parse_args(argv)
-    try:
-        return run(args, argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    q = args.quick
-    budget = Budget(args.time_budget or (240.0 if q else 540.0), reserve_s=15.0 if q else 30.0)
-    shape = get_shape(args.model)
-    configs = parse_configs(args.configs)
-    batches = parse_batches(args.batch)
-    candidates = [Candidate.parse(c) for c in args.candidates.split(",") if c.strip()]
-    if "e" in configs and not candidates:
-        raise ConfigError("--candidates is empty; (e) needs at least one")
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: run the configurations at least once")
-    if not 0 < args.fraction < 1:
-        raise ConfigError(f"--fraction {args.fraction}: a share of expert memory strictly between 0 and 1")
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tokens = args.tokens or (10 if q else 128)
-    warm_steps = args.warm_steps or (3 if q else 8)
-    command = "python " + " ".join(shlex.quote(a) for a in (["eval/e2e_compare.py"] + list(
-        sys.argv[1:] if argv is None else argv)))
-
-    t0 = time.perf_counter()
-    raw = shape.load_trace(args.trace or shape.trace_dir, args.trace_files or (12 if q else 160))
-    trace = prepare_trace(raw, args.layers or shape.default_layers)
-    L = trace.meta.num_layers
-    per_batch = {b: args.sequences for b in batches} if args.sequences else {}
-    plans, fit_ids, notes, plan_errors = plan_batches(trace, batches, tokens, warm_steps, per_batch)
-    if not fit_ids:
-        raise ConfigError("every sequence of the trace is replayed; none is left to fit predictors and static "
-                          "placement: use fewer --sequences or a larger trace (--trace-files)")
-    fit_ids = fit_ids[:args.fit_sequences or 160]
-    fit_trace = trace.select_sequences(fit_ids)
-    t_trace = time.perf_counter() - t0
-    config = shape.make_config(q, L)
-    t0 = time.perf_counter()
-    model, store = build_model(config, shape.family, dev, dtype, args.seed)
-    sync(dev)
-    t_build = time.perf_counter() - t0
-    E, k = store.num_experts, trace.meta.top_k
-    if (store.num_layers, E) != (L, trace.meta.num_experts):
-        raise ConfigError(f"model has {store.num_layers} MoE layers x {E} experts, the trace {L} x "
-                          f"{trace.meta.num_experts}")
-    slots = int(L * E * args.fraction)
-    from moecache.runtime.offload import non_expert_bytes
-
-    nonexpert = non_expert_bytes(model, {id(p) for p in model.parameters() if p.device.type == "meta"})
-    copy = measure_copy(store, dev)
-    bench = Bench(shape=shape, model=model, store=store, trace=trace, fit_trace=fit_trace, dev=dev, dtype=dtype,
-                  L=L, E=E, k=k, slots=slots, fraction=args.fraction, tokens=tokens, warm_steps=warm_steps,
-                  accelerate_steps=args.accelerate_steps or (2 if q else 4), budget=budget, copy=copy,
-                  min_share_s=0.5 if q else 2.0)
-    t0 = time.perf_counter()
-    if "e" in configs:
-        from moecache.predictors import PREDICTORS
-
-        for name in sorted({c.predictor for c in candidates if c.predictor}):
-            if not getattr(PREDICTORS.get(name), "needs_model", False):
-                bench.predictor(name)
-    t_fit = time.perf_counter() - t0
-    weights = {c: WEIGHTS[c] * (len(candidates) if c == "e" else 1) for c in configs}
-    budget.weights_left = sum(weights.values()) * len(plans) * args.repeats
-
-    out: dict[str, Any] = {
-        "machine": machine(), "command": command, "args": {**vars(args), "time_budget": budget.total_s},
-        "setup": {"title": shape.title, "model": shape.key, "family": shape.family, "moe_layers": L,
-                  "full_moe_layers": shape.full_moe_layers, "dtype": str(dtype).replace("torch.", ""),
-                  "trace": os.path.basename(os.path.normpath(args.trace or shape.trace_dir)),
-                  "trace_rows": len(trace), "trace_sequences": len(trace.sequences()),
-                  "rows_dropped_missing_layer": trace.drops.get("e2e_rows_missing_a_layer", 0),
-                  "fit_sequences": len(fit_ids), "tokens_per_sequence": tokens, "warm_steps": warm_steps,
-                  "experts": E, "top_k": k, "total_experts": L * E, "slots": slots,
-                  "expert_bytes": store.layout.slot_bytes, "host_store_bytes": store.nbytes,
-                  "host_pinned": bool(store.pinned), "nonexpert_bytes": nonexpert,
-                  "setup_s": {"trace": t_trace, "build": t_build, "fit": t_fit}, "hybrid_built": HYBRID_BUILT,
-                  "candidates": [c.label for c in candidates], "notes": notes,
-                  "plans": {b: {"groups": p.groups, "warm": p.warm, "warm_is_timed": p.warm_is_timed}
-                            for b, p in plans.items()}},
-        "copy": copy, "batches": {}}
-    md = os.path.splitext(args.out)[0] + ".md"
-    print(f"{shape.title}: {L} MoE layers, {L * E} experts ({store.nbytes / 2**30:.1f} GiB host), {slots} slots; "
-          f"copy {copy['ms_per_expert']:.3f} ms/expert; build {t_build:.0f} s", flush=True)
-
-    def save() -> None:
-        out["wall_s"] = budget.elapsed()
-        write_json_atomic(args.out, out)
-        write_markdown(md, out)
-
-    run_of = runners(candidates)
-    for b in batches:
-        if b in plan_errors:
-            out["batches"][str(b)] = {"error": plan_errors[b]}
-            continue
-        plan = plans[b]
-        rows: list[dict[str, Any]] = []
-        entry: dict[str, Any] = {"rows": rows}
-        out["batches"][str(b)] = entry
-        for rep, c in [(rep, c) for rep in range(args.repeats) for c in configs]:
-            print(f"batch {b}: ({c}){f' run {rep + 1}' if args.repeats > 1 else ''} ... {budget.left():.0f} s left",
-                  flush=True)
-            got = run_of[c](bench, plan)
-            for r in got:
-                r["run"] = rep + 1
-                print(f"  {r['config']} {r['label']:40s} {_f(r.get('tokens_per_s'), '8.2f')} tokens/s "
-                      f"{_f(r.get('ms_per_step'), '8.1f')} ms/step  {r['status'].splitlines()[0][:100]}", flush=True)
-            rows.extend(got)
-            entry["rows"] = rows
-            out["batches"][str(b)] = {**entry, "rows": _public(rows)}
-            save()
-        entry["bound_summary"] = attach_bounds(bench, rows)
-        entry["targets"] = check_targets(shape.key, b, rows)
-        entry["rows"] = _public(rows)
-        out["batches"][str(b)] = entry
-        save()
-    store.close()
-    save()
-    print(f"wrote {args.out} and {md} in {budget.elapsed():.0f} s", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
