@@ -30,6 +30,8 @@ import numpy as np
 
 from .errors import ConfigError
 from .registry import Registry
+from .trace.schema import RoutingBlock
+from .trace.store import Trace
 
 
 @dataclass
@@ -137,8 +139,6 @@ def split(trace: Any, mode: str = "alternate", fraction: float = 0.5) -> tuple[A
     A sequence cut in two (``stream``) continues on the scored side under a new id (its id plus
     ``max(seq) + 1``), so no per-request state can cross the cut.
     """
-    from .trace.schema import RoutingBlock
-    from .trace.store import Trace
 
     mask = split_mask(trace, mode, fraction)
     fit, rest = trace.select(mask), trace.select(~mask)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..atomic import write_atomic, write_json_atomic
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -150,7 +151,6 @@ class Predictor:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as ``path`` (a folder): ``predictor.json`` + ``state.npz``. Written atomically."""
-        from ..atomic import write_atomic, write_json_atomic
 
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
