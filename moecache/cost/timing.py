@@ -136,7 +136,8 @@ def reuse_credit(hits: int, copies: int, cpu_ms: float) -> float:
     *more* copy earns (it evicts a victim that loses its hits, and returns diminish). Uncapped, the
     credit copies single misses; without any credit, a CPU slightly faster than a copy leaves the
     pool empty. ``eval/hybrid_credit_grid.py`` chose the cap with this simulator over a grid of CPU
-    costs (its figures, and where the cap errs: ``eval/results/``, summarised in docs/results.md).
+    costs (its figures, and where the cap errs: ``eval/results/hybrid_credit_grid.md``, summarised in
+    docs/results.md).
     With copies seldom reused (fewer hits per copy than the cap) the credit shrinks towards 0, the
     ``min`` rule."""
     rate = reuse_rate(hits, copies)
