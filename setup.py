@@ -47,7 +47,7 @@ def _extensions() -> tuple[list, dict]:
         print("moecache: torch not importable at build time; building without moecache._C")
         return [], {}
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/sim/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     nvcc = nvcc or shutil.which("nvcc")

@@ -14,8 +14,8 @@
 // I (each worker streams its own items of gate and up rows), a barrier, phase 2 splits the rows of
 // H (down). At batch 1 this is memory bound, so spreading one expert over every core is what makes
 // it fast. Items are taken from an atomic counter, so a worker slowed by copies running at the same
-// time takes fewer. Thread hand-offs cost a wake-up each (tens of microseconds, more in a VM; a whole
-// expert of DeepSeek-V2-Lite's size takes ~0.2 ms on the CPU), so the caller announces a task with
+// time takes fewer. Thread hand-offs cost a wake-up each (not small next to a whole small expert's
+// run), so the caller announces a task with
 // prewake() before it prepares the inputs (the workers wake meanwhile and spin, yielding, for it),
 // and wait() spins, yielding, on the core kept free before it sleeps.
 //

@@ -1,8 +1,11 @@
 // moecache._C: the project's compiled extension.
 //
-// One translation unit on purpose: each file that includes torch costs ~30 s to compile on the
-// 2-core CI machine. Every function here has a pure-Python twin that is the specification; the
-// differential tests compare both (MOECACHE_DISABLE_EXT=1 forces the Python paths).
+// Several translation units: this one (the module, count_experts, and the simulator core's Python
+// face, sim/bindings.h), the simulator core itself (sim/driver.cpp with its headers: plain C++, no
+// torch, no Python), the CPU expert kernel (cpu_expert.cpp, which registers its pool with pybind11
+// itself) and the copy worker (copy_worker.cpp, registered through torch's class registry). Every
+// function has a pure-Python twin that is the specification; the differential tests compare both
+// (MOECACHE_DISABLE_EXT=1 forces the Python paths).
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -16,8 +19,9 @@
 torch::Tensor count_experts_cuda(const torch::Tensor& ids, int64_t num_experts);
 #endif
 
-// csrc/sim_core.cpp: the simulator core (moecache._C.sim_replay).
-void register_sim_core(pybind11::module& m);
+// csrc/sim/: the simulator core (moecache._C.sim_replay).
+#include "sim/bindings.h"
+
 // csrc/cpu_expert.cpp: the CPU expert kernel's thread pool (moecache._C.CpuExpertPool).
 void register_cpu_expert(pybind11::module& m);
 

@@ -59,7 +59,8 @@ from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.families import find_moe_blocks, get_family  # noqa: E402
 from moecache.forced_routing import run_forced  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
-from moecache.runtime import hybrid as hy  # noqa: E402
+from moecache.runtime import hybrid as hy
+from moecache.runtime import calibration as cal, cpu_kernel as ck  # noqa: E402
 from moecache.runtime.hoststore import HostStore  # noqa: E402
 
 # The published Mixtral routing logs; MOECACHE_MIXTRAL_ROUTING points elsewhere (the GPU machine has no ../shared).
@@ -78,7 +79,7 @@ def machine() -> dict[str, Any]:
     from moecache._ext import extension, extension_status
 
     info: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "host": platform.node(), "cpu": hy._cpu_model(), "cpu_count": os.cpu_count(),
+                            "host": platform.node(), "cpu": cal._cpu_model(), "cpu_count": os.cpu_count(),
                             "torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version(), "extension": extension_status()}
     C = extension()
@@ -183,7 +184,7 @@ def simulate_row(trace: Any, slots: int, profile: Any, rule: str, predictor: str
 
 def kernel_bandwidth(store: HostStore, dev: torch.device, reps: int) -> dict[str, Any]:
     """Host read GB/s (pool threads) vs the kernel's effective GB/s, alone and under H2D copies."""
-    kernel = hy.CppKernel(store, hy.default_threads(), os.environ.get(hy.ENV_KERNEL, "auto") or "auto",
+    kernel = ck.CppKernel(store, ck.default_threads(), os.environ.get(hy.ENV_KERNEL, "auto") or "auto",
                           pin=dev.type == "cuda")
     kinds = {k.name: k for k in store.layout.kinds}
     H, I = kinds["down_proj"].shape

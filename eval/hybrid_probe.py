@@ -36,7 +36,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "eval"))
 
 from moecache.atomic import write_json_atomic  # noqa: E402
-from moecache.runtime import hybrid as hy  # noqa: E402
+from moecache.runtime import hybrid as hy
+from moecache.runtime import cpu_kernel as ck  # noqa: E402
 
 
 def dist(xs: list[float]) -> dict[str, float]:
@@ -97,7 +98,7 @@ def main() -> int:
     print(res["sys"]["lscpu"], {k: v for k, v in res["sys"].items() if k != "lscpu"}, flush=True)
     model, store = build(False, args.layers, dev, torch.bfloat16)
     model.set_experts_implementation("batched_mm")
-    kernel = hy.CppKernel(store, hy.default_threads(), "auto", pin=True)
+    kernel = ck.CppKernel(store, ck.default_threads(), "auto", pin=True)
     H = 4096
     keys = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
     turn = iter(range(1 << 62))

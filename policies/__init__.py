@@ -1,18 +1,19 @@
 """Expert cache policies: each module registers one policy in ``POLICIES`` when imported.
 
-``_MODULES`` lists them in listing order; add a module here to register a new policy.
+Every module of this folder whose name does not start with ``_`` (and is not ``base``) is imported
+here, so a new policy is one new module (and its test): it registers itself with
+``@POLICIES.register(name, help)`` and may define ``cpp_port`` for the simulator's C++ core.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from .base import POLICIES, SCOPES, Policy, new_policy
+from .base import POLICIES, SCOPES, CppPort, Policy, new_policy
 
-#: Modules that register a policy, in listing order.
-_MODULES = ("lru", "fifo", "lfu", "lrfu", "static", "activation", "predicted", "belady", "belady_bypass")
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
-for _name in _MODULES:
-    importlib.import_module(f"{__name__}.{_name}")
-
-__all__ = ["POLICIES", "SCOPES", "Policy", "new_policy"]
+__all__ = ["POLICIES", "SCOPES", "CppPort", "Policy", "new_policy"]

@@ -28,13 +28,13 @@ formulas left to right as written. Cost: ``O(1)`` per access, ``O(pool)`` vector
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import ConfigError
 from ._expected import expected_wait, pick_largest
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("activation", "MoE-Infinity-style: the request's (decayed) activation ratio and layer distance")
@@ -96,3 +96,28 @@ class Activation(Policy):
         p = self.probability(keys)
         wait = expected_wait(keys, p, p, self.layer, self.num_layers, self.num_experts)
         return pick_largest(keys, wait, self._last[keys])
+
+    #: The C++ core's PolicyCode of this class (predicted: 8).
+    _CPP_CODE = 7
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's activation (PolicyCode 7): alpha and g, and the powers of g as tables
+        (``powers_of``)."""
+        g = float(self.g)
+        return CppPort(self._CPP_CODE, options={"alpha": float(self.params["alpha"]), "g": g}, tables=powers_of(g))
+
+
+def powers_of(g: float) -> Callable[[Any], dict[str, Any]]:
+    """The powers ``g ** n`` for n = 0..units of a schedule (a layer's step count never exceeds the
+    units), made by the calls this policy makes: Python's ``float ** int`` in ``on_access`` (libm
+    pow) and numpy's ``power`` in ``probability`` (vectorised; it may differ from libm in the last
+    bit, but it is elementwise, so the value of each n does not depend on the array around it). The
+    C++ core reads them instead of computing its own, so both use the very same doubles."""
+
+    def tables(schedule: Any) -> dict[str, Any]:
+        n = schedule.num_units + 1
+        acc = np.array([g ** i for i in range(n)], np.float64)
+        rank = np.ascontiguousarray(g ** np.arange(n).astype(np.float64), np.float64)
+        return {"pow_acc": acc, "pow_rank": rank}
+
+    return tables

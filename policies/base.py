@@ -33,7 +33,8 @@ per-(layer, expert) counts from a fitting trace through ``fit``. Nothing here kn
 from __future__ import annotations
 
 import heapq
-from typing import Any, ClassVar, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
@@ -43,6 +44,22 @@ from ..registry import Registry
 SCOPES = ("layer", "global")
 
 POLICIES: Registry[type["Policy"]] = Registry("policy")
+
+
+@dataclass(frozen=True)
+class CppPort:
+    """How the simulator's C++ core (csrc/sim/policies.h) runs a policy: its ``PolicyCode``
+    (csrc/sim/codes.h), one int and one float parameter, static placement's pinned mask and fitting
+    counts, further options of ``sim_replay``'s ``extra``, and ``tables(schedule)`` for options that
+    depend on the schedule (``moecache.sim.engine_cpp`` passes them on)."""
+
+    code: int
+    int_param: int = 0
+    float_param: float = 0.0
+    pinned: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    tables: Callable[[Any], dict[str, Any]] | None = None
 
 
 class Policy:
@@ -238,6 +255,13 @@ class Policy:
 
     def on_scores(self, layer: int, probs: np.ndarray) -> None:
         """Predictor probabilities ``(experts,)`` that each expert of ``layer`` is needed at its next use."""
+
+    def cpp_port(self) -> CppPort | None:
+        """This policy as the simulator's C++ core runs it, or None: without a port the simulator
+        replays it in Python (``--sim-engine auto`` picks per configuration). A port is an
+        accelerator, never a duty; where one exists it must give identical result rows (the
+        differential tests of tests/test_sim_cpp.py cover every port)."""
+        return None
 
 
 def new_policy(name: str, capacity: int, num_layers: int, num_experts: int, *, top_k: int = 1,

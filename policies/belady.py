@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from ..errors import ConfigError
 from ._heap import KeyedHeap
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("belady", "offline optimum (MIN): evict the farthest next use; simulator only")
@@ -57,3 +57,7 @@ class Belady(Policy):
 
     def victim(self, pool: int, protected: Iterable[int]) -> int | None:
         return self._heaps[pool].min(protected)
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's offline MIN (PolicyCode 5)."""
+        return CppPort(5)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .base import POLICIES
+from .base import POLICIES, CppPort
 from .belady import Belady
 
 USES = 3
@@ -64,3 +64,7 @@ class BeladyBypass(Belady):
             return False
         rank_v = tuple(-x for x in worst[-1][:-1])
         return rank_v > mine[0]
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's offline MIN with bypass (PolicyCode 6)."""
+        return CppPort(6)

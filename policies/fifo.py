@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Iterable
 
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("fifo", "first in, first out (insertion order, accesses ignored)")
@@ -33,3 +33,7 @@ class FIFO(Policy):
             if key not in protected:
                 return key
         return None
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's fifo (PolicyCode 1)."""
+        return CppPort(1)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from ..errors import ConfigError
 from ._heap import KeyedHeap
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("lfu", "least frequently used, counts halved every half_life tokens")
@@ -63,3 +63,7 @@ class LFU(Policy):
 
     def victim(self, pool: int, protected: Iterable[int]) -> int | None:
         return self._heaps[pool].min(protected)
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's lfu (PolicyCode 2); int parameter: the halving period in accesses."""
+        return CppPort(2, int_param=int(self._period))

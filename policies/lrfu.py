@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from ..errors import ConfigError
 from ._heap import KeyedHeap
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("lrfu", "recency-frequency value (CRF) decayed with half-life half_life tokens")
@@ -63,3 +63,7 @@ class LRFU(Policy):
 
     def victim(self, pool: int, protected: Iterable[int]) -> int | None:
         return self._heaps[pool].min(protected)
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's lrfu (PolicyCode 3); float parameter: ``lam``, the very double used here."""
+        return CppPort(3, float_param=float(self.lam))

@@ -10,7 +10,7 @@ eviction.
 
 from __future__ import annotations
 
-from .base import POLICIES
+from .base import POLICIES, CppPort
 from .fifo import FIFO
 
 
@@ -24,3 +24,7 @@ class LRU(FIFO):
         order = self._order[self.pool(key)]
         if key in order:
             order.move_to_end(key)
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's lru (PolicyCode 0)."""
+        return CppPort(0)

@@ -32,6 +32,8 @@ from .base import POLICIES
 class Predicted(Activation):
     name = "predicted"
     uses_scores = True
+    #: The C++ core's predicted (activation's port with the predictor's scores, streamed or computed in C++).
+    _CPP_CODE = 8
 
     def __init__(self, capacity: int, num_layers: int, num_experts: int, **kw: Any):
         super().__init__(capacity, num_layers, num_experts, **kw)

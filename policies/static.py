@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import ConfigError
-from .base import POLICIES, Policy
+from .base import POLICIES, CppPort, Policy
 
 
 @POLICIES.register("static", "pin the most frequent experts of a fitting trace; LRU scratch slots for the rest")
@@ -85,3 +85,11 @@ class Static(Policy):
             if key not in protected and (best is None or (self._count[key], key) < (self._count[best], best)):
                 best = key
         return best
+
+    def cpp_port(self) -> CppPort:
+        """The C++ core's static placement (PolicyCode 4): the pinned mask and the fitting counts."""
+        pinned = np.zeros(self.num_layers * self.num_experts, np.uint8)
+        if self.pinned:
+            pinned[np.fromiter(self.pinned, np.int64)] = 1
+        counts = np.ascontiguousarray(np.asarray(self._count, np.int64).reshape(-1))
+        return CppPort(4, pinned=pinned, counts=counts)

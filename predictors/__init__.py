@@ -1,15 +1,19 @@
-"""Expert predictors: each module registers one predictor in ``PREDICTORS`` when imported."""
+"""Expert predictors: each module registers one predictor in ``PREDICTORS`` when imported.
+
+Every module of this folder whose name does not start with ``_`` (and is not ``base``) is imported
+here, so a new predictor is one new module (and its test): it registers itself with
+``@PREDICTORS.register(name, help)`` and may define ``cpp_port`` for the simulator's C++ core.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .base import PREDICTORS, Predictor
 
-#: Modules that register a predictor, in listing order.
-_MODULES = ("oracle", "prior", "temporal", "transition", "activation_matrix", "learned", "gate_lookahead")
-
-for _name in _MODULES:
-    importlib.import_module(f"{__name__}.{_name}")
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["PREDICTORS", "Predictor"]

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..atomic import write_atomic, write_json_atomic
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -111,8 +112,8 @@ class Predictor:
 
     def _normalise_row(self, s: np.ndarray) -> np.ndarray:
         """``normalise`` of one row (batch-1 decode, the runtime's hot path): the same operations in the same
-        order on a 1-D array, without the row masks (transition's predict at batch 1: 79 -> 36 us on a 2-core VM,
-        eval/predictor_speed.py; a test checks equal bits)."""
+        order on a 1-D array, without the row masks (faster at batch 1: eval/predictor_speed.py; a test
+        checks equal bits)."""
         n = s.shape[0]
         k = float(self.top_k)
         total = s.sum()
@@ -132,6 +133,14 @@ class Predictor:
                 p = np.where(free, 0.0, 1.0)
         return p
 
+    def cpp_port(self, depths: list[int]) -> dict[str, Any] | None:
+        """``sim_replay`` options that run this predictor inside the simulator's C++ core
+        (``"predictor"``: a PredictorCode of csrc/sim/codes.h, with its fitted arrays) for the
+        prediction ``depths`` the replay asks, or None: the C++ engine then calls the Python object
+        itself and streams its predictions. A port must give the very same predictions (the
+        differential tests of tests/test_sim_cpp.py cover every port)."""
+        return None
+
     # -- persistence ---------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """Fitted arrays to save. Override in learned predictors."""
@@ -142,7 +151,6 @@ class Predictor:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as ``path`` (a folder): ``predictor.json`` + ``state.npz``. Written atomically."""
-        from ..atomic import write_atomic, write_json_atomic
 
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..families import CAPTURES, detect_family, find_moe_blocks, get_family
 from ..registry import Registry
-from .base import PREDICTORS
 from ._common import StreamPredictor, check_trace, layer_prior
+from .base import PREDICTORS
 from .temporal import TemporalState, check_temporal_params
 
 #: Families whose router picks the top-k of ``logits = W h (+ b)``: the lookahead applies exactly
@@ -51,7 +52,6 @@ def moe_routers(model: Any, family: str | None = None) -> list[tuple[int, Any, A
     The blocks come from the family table (``moecache.families``); ``norm`` is the decoder layer's
     pre-MoE norm module, or None where it has none of ``NORM_NAMES``.
     """
-    from ..families import detect_family, find_moe_blocks, get_family
 
     adapter = get_family(family) if family else detect_family(model)
     if adapter.name not in SUPPORTED_FAMILIES:
@@ -82,7 +82,6 @@ def capture(model: Any, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
     """
     import torch
 
-    from ..families import CAPTURES, detect_family, find_moe_blocks
 
     adapter = detect_family(model)
     cap = CAPTURES.get(adapter.capture)

@@ -49,3 +49,7 @@ class PriorPredictor(StreamPredictor):
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.prior = np.asarray(arrays["prior"], np.float64)
+
+    def cpp_port(self, depths: list[int]) -> dict[str, Any]:
+        """The C++ core's prior (PredictorCode 1): the normalised per-layer prior."""
+        return {"predictor": 1, "prior": np.ascontiguousarray(np.asarray(self.prior, np.float64).reshape(-1))}

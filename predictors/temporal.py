@@ -97,3 +97,8 @@ class TemporalPredictor(StreamPredictor):
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.prior = np.asarray(arrays["prior"], np.float64)
+
+    def cpp_port(self, depths: list[int]) -> dict[str, Any]:
+        """The C++ core's temporal (PredictorCode 2): the prior, decay and strength."""
+        return {"predictor": 2, "prior": np.ascontiguousarray(np.asarray(self.prior, np.float64).reshape(-1)),
+                "decay": float(self.decay), "strength": float(self.strength)}

@@ -45,7 +45,7 @@ def _observed(hot: np.ndarray) -> np.ndarray:
 # Both rules fold the observed experts' rows in ascending expert order with elementwise IEEE
 # operations only (no BLAS product, whose summation order depends on the machine's kernel, and no
 # exp/log, whose vectorised versions differ from libm), so the C++ simulator core
-# (csrc/sim_predict.h) reproduces every probability exactly.
+# (csrc/sim/predict.h) reproduces every probability exactly.
 def _mean(hot: np.ndarray, cond: np.ndarray, prior_t: np.ndarray) -> np.ndarray:
     n = hot.sum(axis=1, keepdims=True)
     total = np.zeros((hot.shape[0], cond.shape[1]))
@@ -159,3 +159,19 @@ class TransitionPredictor(StreamPredictor):
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.prior = np.asarray(arrays["prior"], np.float64)
         self.cond = np.asarray(arrays["cond"], np.float64)
+
+    def cpp_port(self, depths: list[int]) -> dict[str, Any] | None:
+        """The C++ core's transition (PredictorCode 3) with the product or mean combine; None for
+        another combine rule. A depth beyond ``max_depth`` raises here what ``predict`` would raise at
+        the first prediction, before any expert is served."""
+        if self._combine not in (_product, _mean):
+            return None
+        too_deep = [d for d in depths if d > self.max_depth]
+        if too_deep:
+            d = too_deep[0]
+            raise ConfigError(f"transition was fitted up to depth {self.max_depth}, asked for {d}: "
+                              f"build it with max_depth={d} and fit again")
+        return {"predictor": 3, "prior": np.ascontiguousarray(np.asarray(self.prior, np.float64).reshape(-1)),
+                "max_depth": int(self.max_depth),
+                "cond": np.ascontiguousarray(np.asarray(self.cond, np.float64).reshape(-1)),
+                "product": int(self._combine is _product)}

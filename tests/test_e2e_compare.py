@@ -1,4 +1,4 @@
-"""``eval/e2e_compare.py`` on the CPU: configuration specs, sequence plans, the model calls a replay
+"""``eval/e2e_compare.py`` (with ``e2e_harness.py`` and ``e2e_targets.py``) on the CPU: configuration specs, sequence plans, the model calls a replay
 made, the Belady lower bound (hand-worked), accelerate's device map, targets, and one tiny run of the
 whole script on the real Mixtral trace (skipped where ../shared is absent)."""
 
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,14 +22,22 @@ from .tiny_models import tiny_model
 EVAL = Path(__file__).resolve().parents[1] / "eval"
 
 
-@pytest.fixture(scope="module")
-def e2e():
+def _load(name: str):
     sys.path.insert(0, str(EVAL))
-    spec = importlib.util.spec_from_file_location("e2e_compare", EVAL / "e2e_compare.py")
+    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_compare"] = mod  # dataclasses look their module up while the class is built
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    """The script with the harness's and the targets' names next to its own (they are its parts)."""
+    harness = _load("e2e_harness")
+    targets = _load("e2e_targets")
+    script = _load("e2e_compare")
+    return SimpleNamespace(**{**vars(harness), **vars(targets), **vars(script)})
 
 
 def _trace(lengths: list[int], layers: int = 3, experts: int = 8, k: int = 2, seed: int = 0) -> Trace:
@@ -95,12 +104,12 @@ def test_belady_bound_hand_worked(e2e):
     units = _units(e2e, [[0, 0], [1, 0], [2, 3]], timed_from=0)
     misses, steps = e2e.belady_misses(units, num_experts=4, capacity=2)
     assert steps == 3 and misses == [2, 1, 1, 1]
-    b = e2e.lower_bound(10, 5, copy_ms=2.0, compute_ms=3.0, cpu_service_ms=5.0)
+    b = e2e.step_bound(10, 5, copy_ms=2.0, compute_ms=3.0, cpu_service_ms=5.0)
     assert (b["copy_ms_per_step"], b["bound_ms_per_step"], b["serial_ms_per_step"]) == (4.0, 4.0, 7.0)
     assert b["miss_service_with_cpu_ms_per_step"] == 1.0
-    b = e2e.lower_bound(10, 5, copy_ms=0.5, compute_ms=3.0)
+    b = e2e.step_bound(10, 5, copy_ms=0.5, compute_ms=3.0)
     assert b["bound_ms_per_step"] == 3.0  # compute-bound
-    assert e2e.lower_bound(3, 2, copy_ms=1.0, compute_ms=None)["bound_ms_per_step"] == 1.5
+    assert e2e.step_bound(3, 2, copy_ms=1.0, compute_ms=None)["bound_ms_per_step"] == 1.5
 
 
 def test_replayed_units_are_the_model_calls_of_a_batched_replay(e2e):

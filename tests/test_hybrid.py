@@ -17,6 +17,7 @@ from moecache._ext import extension
 from moecache.errors import ConfigError
 from moecache.runtime import offload
 from moecache.runtime import hybrid as hy
+from moecache.runtime import calibration as cal, cpu_kernel as ck, hybrid_rules as hr
 from moecache.cost.hardware import HardwareProfile, load_profile
 from moecache.sim import Schedule, simulate
 from moecache.cost.timing import MISS_RULES, REUSE_CREDIT_MAX, Timeline, choose_copy, reuse_credit, reuse_rate
@@ -35,7 +36,7 @@ def _isolated(monkeypatch, tmp_path):
     # kernel variable unset unless a test sets it.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setenv(hy.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.delenv(hy.ENV_KERNEL, raising=False)
     yield
     torch.set_num_threads(n)
@@ -342,12 +343,12 @@ def test_online_cpu_cost_follows_the_kernels_measurements():
     online = hy.OnlineCosts(costs)
     assert online.cpu(1) == 1.0 and online.cpu(4) == 2.0 and online.copy_ms == costs.copy_ms
     online.observe_cpu([1, 4], 6.0)   # modelled 3 ms, measured 6: ratio 2, EWMA step
-    assert online.cpu_scale == pytest.approx(1.0 + hy.CPU_EWMA * (2.0 - 1.0))
+    assert online.cpu_scale == pytest.approx(1.0 + hr.CPU_EWMA * (2.0 - 1.0))
     for _ in range(60):
         online.observe_cpu([1], 2.0)
     assert online.cpu_scale == pytest.approx(2.0) and online.cpu(4) == pytest.approx(4.0)
     online.observe_cpu([1], 1e6)      # a preempted worker moves it by at most the clamp
-    assert online.cpu_scale == pytest.approx(2.0 + hy.CPU_EWMA * (hy.CPU_RATIO_CLAMP[1] - 2.0))
+    assert online.cpu_scale == pytest.approx(2.0 + hr.CPU_EWMA * (hr.CPU_RATIO_CLAMP[1] - 2.0))
     # The decision follows: calibrated, the CPU (1.0) beats copy 1 + GPU 0.5 - credit 0.4; measured
     # twice as slow, it loses (2.0 > 1.5 - 0.8).
     ex = _executor("auto", _profile(cpu={1: 1.0}))
@@ -432,7 +433,7 @@ def test_calibration_is_measured_cached_and_reused(monkeypatch, tmp_path):
     # The cached profile is a hardware profile the simulator reads as it is.
     assert load_profile(path).copy_ms == pytest.approx(desc["costs"]["copy_ms"])
     costs = desc["costs"]
-    assert set(costs["cpu_ms"]) == set(hy.CPU_TOKENS) and set(costs["gpu_ms"]) == set(hy.GPU_TOKENS)
+    assert set(costs["cpu_ms"]) == set(cal.CPU_TOKENS) and set(costs["gpu_ms"]) == set(cal.GPU_TOKENS)
     assert costs["copy_ms"] > 0 and all(v > 0 for v in costs["cpu_ms"].values())
 
     def no_measuring(*a, **k):
@@ -491,12 +492,12 @@ def test_calibration_times_gpu_back_to_back_and_cpu_on_rotating_experts():
     kernel = Recording()
     prof = hy.calibrate(store, pool, shell, kernel, 32, reps=3, back_to_back=5)
     # Per token count: a warm-up and 3 timed measurements of 5 calls each.
-    assert calls["shell"] == len(hy.GPU_TOKENS) * (1 + 3) * 5
-    assert len(kernel.runs) == len(hy.CPU_TOKENS) * (1 + 3)
+    assert calls["shell"] == len(cal.GPU_TOKENS) * (1 + 3) * 5
+    assert len(kernel.runs) == len(cal.CPU_TOKENS) * (1 + 3)
     keys = [(layer, e[0]) for layer, e, _n in kernel.runs]
     assert all(a != b for a, b in zip(keys, keys[1:])) and len(set(keys)) == min(len(keys), 2 * E)  # in turn
-    assert [n for *_x, (n,) in kernel.runs] == [n for n in hy.CPU_TOKENS for _ in range(4)]
-    assert set(prof.cpu_ms) == set(hy.CPU_TOKENS) and all(v >= 0 for v in prof.gpu_ms.values())
+    assert [n for *_x, (n,) in kernel.runs] == [n for n in cal.CPU_TOKENS for _ in range(4)]
+    assert set(prof.cpu_ms) == set(cal.CPU_TOKENS) and all(v >= 0 for v in prof.gpu_ms.values())
 
 
 def test_given_profile_skips_calibration(monkeypatch, tmp_path):
@@ -527,8 +528,8 @@ def test_runtime_adapts_the_cpu_cost_and_reports_the_rule_inputs():
     s = h.stats()
     h.remove()
     assert s["decisions"]["cpu"] == s["misses"] > 0 and s["cpu_layers"] > 8
-    lo = hy.CPU_RATIO_CLAMP[0]
-    assert lo <= s["cpu_cost_scale"] < lo + (1 - lo) * (1 - hy.CPU_EWMA) ** 8
+    lo = hr.CPU_RATIO_CLAMP[0]
+    assert lo <= s["cpu_cost_scale"] < lo + (1 - lo) * (1 - hr.CPU_EWMA) ** 8
     assert s["reuse_rate"] == pytest.approx(reuse_rate(s["hits"], s["copies"]))
     assert s["cpu_launch_ms_per_layer"] > 0 and s["cpu_merge_ms_per_layer"] > 0
 
@@ -655,7 +656,7 @@ def test_swiglu_layout_check():
         m = tiny_model(family)
         b = find_moe_blocks(m, detect_family(m))[0].experts
         kinds = {n: tuple(p.shape[1:]) for n, p in b.named_parameters(recurse=False)}
-        return hy.swiglu_mismatch(b, kinds, torch.float32)
+        return ck.swiglu_mismatch(b, kinds, torch.float32)
 
     for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe"):
         assert check(family) is None, family
@@ -663,8 +664,8 @@ def test_swiglu_layout_check():
     m = tiny_model("mixtral")
     b = find_moe_blocks(m, detect_family(m))[0].experts
     b.act_fn = torch.nn.GELU()
-    assert "GELU" in hy.swiglu_mismatch(b, {"gate_up_proj": (32, 32), "down_proj": (32, 16)}, torch.float32)
-    assert "float16" in hy.swiglu_mismatch(tiny_model("mixtral").model.layers[0].mlp.experts,
+    assert "GELU" in ck.swiglu_mismatch(b, {"gate_up_proj": (32, 32), "down_proj": (32, 16)}, torch.float32)
+    assert "float16" in ck.swiglu_mismatch(tiny_model("mixtral").model.layers[0].mlp.experts,
                                            {"gate_up_proj": (64, 32), "down_proj": (32, 32)}, torch.float16)
 
 
@@ -741,17 +742,17 @@ def test_cuda_hybrid_close_to_unpatched(rule):
 def test_thread_count_leaves_two_cores_and_reads_the_environment(monkeypatch):
     from moecache.runtime import hybrid as hy
 
-    monkeypatch.delenv(hy.ENV_THREADS, raising=False)
+    monkeypatch.delenv(ck.ENV_THREADS, raising=False)
     monkeypatch.setattr(hy.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert hy.default_threads() == 14
+    assert ck.default_threads() == 14
     monkeypatch.setattr(hy.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert hy.default_threads() == 1
-    monkeypatch.setenv(hy.ENV_THREADS, "5")
-    assert hy.default_threads() == 5
+    assert ck.default_threads() == 1
+    monkeypatch.setenv(ck.ENV_THREADS, "5")
+    assert ck.default_threads() == 5
     for bad in ("0", "x"):
-        monkeypatch.setenv(hy.ENV_THREADS, bad)
-        with pytest.raises(ConfigError, match=hy.ENV_THREADS):
-            hy.default_threads()
+        monkeypatch.setenv(ck.ENV_THREADS, bad)
+        with pytest.raises(ConfigError, match=ck.ENV_THREADS):
+            ck.default_threads()
 
 
 @pytest.mark.gpu

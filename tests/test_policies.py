@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 
+import cachetools
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -429,3 +430,42 @@ def test_golden_hits_on_mixtral_prefix(routing_dir):
             p, pred = _ready(name, cap, 32, 8, 2, scope, trace)
             got[(name, scope, cap)] = simulate(sched, p, pred, miss_rule="policy", bound=False).hits
     assert got == GOLDEN_HITS
+
+
+# -- cachetools as an independent oracle -----------------------------------------------------------
+# Our LRU and FIFO evict exactly what cachetools' LRUCache and FIFOCache evict on the same accesses.
+# (Our LFU keeps evicted experts' counts and cachetools' forgets them: no oracle there.)
+
+def _cachetools_evictions(cls, capacity: int, keys: list[int]) -> list[int]:
+    evicted: list[int] = []
+
+    class Recording(cls):
+        def popitem(self):
+            key, value = super().popitem()
+            evicted.append(key)
+            return key, value
+
+    cache = Recording(maxsize=capacity)
+    for key in keys:
+        if key in cache:
+            cache[key]  # a use: LRUCache refreshes the key, FIFOCache does not
+        else:
+            cache[key] = True
+    return evicted
+
+
+def _our_evictions(name: str, capacity: int, keys: list[int]) -> list[int]:
+    p = pol(name, capacity, experts=8)
+    evicted: list[int] = []
+    for key in keys:
+        p.access(key)
+        if key not in p:
+            evicted.extend(p.insert(key))
+    return evicted
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["lru", "fifo"]), st.integers(1, 6), st.lists(st.integers(0, 7), max_size=80))
+def test_lru_and_fifo_evict_as_cachetools_does(name, capacity, keys):
+    cls = {"lru": cachetools.LRUCache, "fifo": cachetools.FIFOCache}[name]
+    assert _our_evictions(name, capacity, keys) == _cachetools_evictions(cls, capacity, keys)

@@ -27,7 +27,7 @@ from moecache.policies import new_policy
 from moecache.cost import HardwareProfile, default_profile
 from moecache.sim import Schedule, simulate
 from moecache.sim import engine_cpp
-from moecache.sim.engine_cpp import CPP_POLICIES, CPP_PREDICTORS, choose_engine, predictor_mode
+from moecache.sim.engine_cpp import choose_engine, ported_policies, ported_predictors, predictor_mode
 from moecache.trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta, count_ids
 from moecache.trace.importers import read_sources
 
@@ -185,11 +185,10 @@ def test_normalise_identical(rows, experts, data):
     np.testing.assert_array_equal(got, ref)
 
 
-def test_every_cpp_policy_is_covered():
-    from moecache.policies import POLICIES
-
-    assert {n for n, _p in CONFIGS + SCORE_CONFIGS} == set(CPP_POLICIES.names()) == set(POLICIES.names())
-    assert {n for n, _p in PRED_CONFIGS} >= set(CPP_PREDICTORS.names())
+def test_every_cpp_port_is_covered():
+    # the differential tests run every policy and predictor that has a C++ port (a port is optional)
+    assert {n for n, _p in CONFIGS + SCORE_CONFIGS} == set(ported_policies())
+    assert {n for n, _p in PRED_CONFIGS} >= set(ported_predictors())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -285,13 +284,13 @@ def test_golden_mixtral_hits(routing_dir):
     trace = mixtral_prefix(routing_dir)
     checked = 0
     for (name, scope, cap), hits in GOLDEN_HITS.items():
-        if name not in CPP_POLICIES:
+        if name not in ported_policies():
             continue
         pol, pred = _ready(name, cap, 32, 8, 2, scope, trace)  # predicted: the oracle (streamed)
         r = simulate(Schedule(trace), pol, pred, miss_rule="policy", bound=False, engine="cpp")
         assert r.hits == hits, (name, scope, cap)
         checked += 1
-    assert checked == 3 * len(CPP_POLICIES)
+    assert checked == 3 * len(ported_policies())
 
 
 # -- engine choice, errors, the GIL --------------------------------------------------------------
@@ -326,6 +325,44 @@ def test_engine_choice_and_fallback():
         assert choose_engine("auto", new_policy("lru", 2, 1, 4)) == "python"
         with pytest.raises(ConfigError, match="not built or is disabled"):
             simulate(Schedule(trace), new_policy("lru", 2, 1, 4), engine="cpp")
+
+
+def test_a_policy_without_a_port_runs_in_python():
+    """A registered policy that defines no ``cpp_port`` (the common case for a new one) runs on the
+    Python engine under ``auto``; ``cpp`` says why it cannot."""
+    from moecache.policies import POLICIES
+    from moecache.policies.base import Policy
+
+    class MostRecent(Policy):  # evicts the most recently inserted expert
+        name = "test_most_recent"
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._stack: list[int] = []
+
+        def on_insert(self, key: int) -> None:
+            self._stack.append(key)
+
+        def on_evict(self, key: int) -> None:
+            self._stack.remove(key)
+
+        def victim(self, pool, protected):
+            return next((k for k in reversed(self._stack) if k not in protected), None)
+
+    POLICIES.register("test_most_recent", "test only")(MostRecent)
+    try:
+        assert "test_most_recent" not in ported_policies()
+        trace = make_trace([[0], [1], [2], [0], [1]], num_experts=4)
+        pol = new_policy("test_most_recent", 2, 1, 4)
+        assert choose_engine("auto", pol) == "python"
+        with pytest.raises(ConfigError, match="no C\\+\\+ port"):
+            simulate(Schedule(trace), pol, engine="cpp")
+        res = simulate(Schedule(trace), pol)  # auto: the Python engine
+        # 0, 1 missed; 2 evicts 1 (the newest); 0 hits; 1 misses again
+        assert (res.hits, res.loads) == (1, 4)
+    finally:
+        POLICIES._items.pop("test_most_recent")
+        POLICIES._help.pop("test_most_recent")
 
 
 def _toy(n=60, L=3, E=8, K=2, seqs=4, seed=5):

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..policies import POLICIES, new_policy
+from ..sim import Schedule, simulate
 from .access import Accesses
 from .stackdist import (hit_curve, hit_curves_by_group, lru_global_distances, lru_layer_distances,
                         opt_global_distances, opt_layer_distances)
@@ -96,8 +98,6 @@ def stack_curves(acc: Accesses, *, opt_tokens: int | None = None,
 
 def online_policies() -> list[str]:
     """Registered policies that are online: no future, no fitting trace, no predictor scores."""
-    from ..policies import POLICIES
-
     out = []
     for name in POLICIES.names():
         cls = POLICIES.get(name)
@@ -106,20 +106,8 @@ def online_policies() -> list[str]:
     return out
 
 
-def simulator_available() -> bool:
-    try:
-        from ..sim import Schedule, simulate  # noqa: F401
-        from ..policies import new_policy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def simulate_hit_rates(trace, policies: Sequence[str], capacities: Sequence[int], scope: str) -> dict[str, list[float]]:
     """Demand hit rate of each policy at each capacity, one simulator run each (decode-stream replay)."""
-    from ..policies import new_policy
-    from ..sim import Schedule, simulate
-
     meta = trace.meta
     sched = Schedule(trace, decode_stream=True)
     out: dict[str, list[float]] = {}
@@ -136,8 +124,6 @@ def simulator_curves(trace, acc: Accesses, *, sim_tokens: int, shares: Sequence[
                      tick: Callable[[], None] | None = None) -> dict[str, Any]:
     """LFU and best-online hit rates at ``shares`` of each scope's pool, on the first ``sim_tokens`` tokens."""
     L, E, k = acc.num_layers, acc.num_experts, acc.top_k
-    if not simulator_available():
-        return {"available": False, "reason": "moecache.sim is not installed"}
     prefix = min(acc.n_tokens, int(sim_tokens))
     sub = trace.select(np.sort(acc.trace_row[:prefix])) if prefix < acc.n_tokens else trace
     # replay order of `sub` equals the prefix of the full replay order: its rows keep their relative

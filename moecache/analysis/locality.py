@@ -62,11 +62,3 @@ def temporal_locality(acc: Accesses, windows: Sequence[int] = DEFAULT_WINDOWS,
         if n.sum():
             mean[i] = hit.sum() / n.sum()
     return {"windows": ws, "prob": prob, "scored": scored, "mean": mean}
-
-
-def gap_histogram(gaps: np.ndarray, edges: Sequence[float] = (1, 2, 3, 5, 9, 17, 33, 65, 129, 257)) -> dict[str, Any]:
-    """Counts of finite gaps in ``[edges[i], edges[i+1])`` (last bin open), and of never-reused accesses."""
-    fin = gaps[np.isfinite(gaps)]
-    e = list(edges) + [np.inf]
-    h, _ = np.histogram(fin, bins=e)
-    return {"edges": list(edges), "counts": h.astype(np.int64), "never": int((~np.isfinite(gaps)).sum())}

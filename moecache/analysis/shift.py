@@ -18,11 +18,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..errors import ConfigError
+from ..predict_eval import measure_recall, split
+from ..predictors import PREDICTORS
 from . import affinity as aff
 from .access import accesses
 from .popularity import counts, shares
@@ -50,8 +50,6 @@ def head(trace, tokens: int):
 
 
 def _split(trace):
-    from ..predict_eval import split
-
     mode = "alternate" if len(trace.sequences()) >= 2 else "stream"
     return split(trace, mode, 0.5)
 
@@ -75,9 +73,6 @@ def popularity_recall(fit_trace, score_trace) -> float:
 
 
 def _predictor_recall(name: str, fit_trace, score_trace, tokens: int) -> float:
-    from ..predict_eval import measure_recall
-    from ..predictors import PREDICTORS
-
     m = fit_trace.meta
     pred = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k)
     pred.fit(fit_trace)
@@ -86,11 +81,6 @@ def _predictor_recall(name: str, fit_trace, score_trace, tokens: int) -> float:
 
 
 def available_predictors() -> list[str]:
-    try:
-        from ..predictors import PREDICTORS
-        import moecache.predict_eval  # noqa: F401
-    except ImportError:
-        return []
     return [n for n in PREDICTOR_NAMES if n in PREDICTORS]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..trace.schema import PHASE_DECODE, PHASE_NAMES, PHASE_PREFILL
 from .access import Accesses
 from .popularity import entropy_bits, shares
 
@@ -40,7 +41,6 @@ def _mean_over_layers(x: np.ndarray) -> np.ndarray:
 
 def phases(acc: Accesses, gaps: np.ndarray) -> dict[str, Any]:
     """Per-phase figures (see module docstring); ``jsd_prefill_decode`` per layer or None."""
-    from ..trace.schema import PHASE_DECODE, PHASE_NAMES, PHASE_PREFILL
 
     L, E = acc.num_layers, acc.num_experts
     ph_tok = acc.phase

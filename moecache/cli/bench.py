@@ -11,7 +11,7 @@ leading ``--fit-share`` of each trace's sequences, which are then not scored (by
 trace, so all rows of a trace score the same tokens). The share used is stated on stderr and in
 every JSON row (``fit``).
 
-Engines: ``--sim-engine cpp`` replays in the compiled core (csrc/sim_core.cpp, results identical to the
+Engines: ``--sim-engine cpp`` replays in the compiled core (csrc/sim/, results identical to the
 Python reference), ``--sim-engine python`` in the reference; the default ``auto`` takes cpp where the
 extension is built and the configuration is supported (every registered policy and prefetch rule;
 predictors prior, temporal and transition run in the core, the others stream their predictions
@@ -273,7 +273,7 @@ def register(sub) -> None:
     p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
     p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
     p.add_argument("--sim-engine", default="auto", choices=SIM_ENGINES,
-                   help="simulator engine: cpp (csrc/sim_core.cpp, identical results), python (the reference) or auto "
+                   help="simulator engine: cpp (csrc/sim/, identical results), python (the reference) or auto "
                         "(default: cpp where built and the configuration is supported, else python); "
                         "each row states the engine that ran it")
     p.add_argument("--engine", dest="sim_engine", action=DeprecatedFlag, new_flag="--sim-engine", choices=SIM_ENGINES)

@@ -43,7 +43,7 @@ def cpu_kernel_status() -> dict:
     import os
 
     from .._ext import extension
-    from ..runtime.hybrid import ENV_KERNEL, default_threads
+    from ..runtime.cpu_kernel import ENV_KERNEL, default_threads
 
     C = extension()
     requested = os.environ.get(ENV_KERNEL) or "auto"

@@ -14,8 +14,7 @@ Defaults (``default_profile``) come from the measurements in ``shared/docs/hardw
 (H100 80GB, PCIe Gen5, pinned host memory, 16 CPU threads), copied here as data:
 
 * copy: a line ``ms = latency + bytes / bandwidth`` fitted to the six measured expert copies (9 to
-  336 MiB) by least squares on relative error: about 52.9 GB/s and 0.012 ms per copy (every
-  measured copy within 10%);
+  336 MiB) by least squares on relative error (``_fit_copy_line``);
 * GPU and CPU per expert: the measured row whose size matches ``bytes_per_expert`` within 2%, else
   linear interpolation in MiB between the two neighbouring rows (the nearest row outside the
   table). The CPU table has the measured 1- and 64-token points. The GPU was measured at 1 token

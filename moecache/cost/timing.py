@@ -133,16 +133,13 @@ def reuse_credit(hits: int, copies: int, cpu_ms: float) -> float:
     that would otherwise cost about a CPU run of the same size; hits per copy so far estimate how many.
 
     Capped at ``REUSE_CREDIT_MAX`` hits: the average reuse of the copies made overstates what one
-    *more* copy earns (it evicts a victim that loses its hits, and returns diminish: on the Mixtral
-    trace at 8 of 32 experts, copying every miss instead of about a third of them buys 871 more
-    copies and only 102 more hits). ``eval/hybrid_credit_grid.py`` chose the cap with this simulator
-    (Mixtral expert shape, copy 6.4 ms, CPU 2.5-5.5 ms per expert): uncapped, the credit copies
-    single misses and runs up to 51% slower than no credit; 0.4 is the fastest of the caps tried
-    wherever the CPU takes 2.8-4.5 ms (the GPU machine measures 3.4-4.0), where no credit at all
-    leaves the pool empty below ~3.2 ms (26.0 against 14.4-21.3 ms/token at 2.8 ms). Outside that
-    range it errs: at 5.5 ms it copies single misses (9-16% slower than no credit), at 2.5 ms two
-    misses still both go to the CPU. With copies seldom reused (fewer hits per copy than the cap)
-    the credit shrinks towards 0, the ``min`` rule."""
+    *more* copy earns (it evicts a victim that loses its hits, and returns diminish). Uncapped, the
+    credit copies single misses; without any credit, a CPU slightly faster than a copy leaves the
+    pool empty. ``eval/hybrid_credit_grid.py`` chose the cap with this simulator over a grid of CPU
+    costs (its figures, and where the cap errs: ``eval/results/hybrid_credit_grid.md``, summarised in
+    docs/results.md).
+    With copies seldom reused (fewer hits per copy than the cap) the credit shrinks towards 0, the
+    ``min`` rule."""
     rate = reuse_rate(hits, copies)
     return (rate if rate < REUSE_CREDIT_MAX else REUSE_CREDIT_MAX) * cpu_ms
 
@@ -156,9 +153,9 @@ def choose_copy(t: float, copy_free: float, cpu_free: float, copy_ms: float, gpu
     to the copy.
 
     Called greedily per miss in key order with the queues advanced by each decision, a layer's misses
-    split between the two so that they finish about together: Mixtral at batch 1 (CPU 3.35 ms, copy
-    6.4 ms + GPU 0.15 ms, credit 0.4 x 3.35) runs the first of two misses on the CPU (3.35 < 5.2)
-    and copies the second (5.2 < 6.7).
+    split between the two so that they finish about together: with a CPU run a little shorter than a
+    copy, the first of two misses runs on the CPU and the second is copied (its copy then ends before
+    a second CPU run would).
 
     The one rule shared by the simulator's ``min`` (no credit) and ``auto`` miss rules and the
     runtime's ``auto`` hybrid rule (``moecache.runtime.hybrid``), so estimates and measurements use

@@ -328,8 +328,8 @@ class Runtime:
                     extra: np.ndarray | None = None) -> torch.Tensor | None:
         """Every (token, k) pair routed to ``experts`` (on the pool, ``capacity`` at a time) as a
         one-expert call; its weighted output goes to ``contrib[pair]``. Each chunk's indices (pairs,
-        their ids, their slots) go to the device in one copy (each upload costs ~0.1 ms of host time on
-        the H100 machine); ``extra`` (int64, the CPU experts' pairs) rides with the first, and comes back
+        their ids, their slots) go to the device in one copy (every upload costs host time, so
+        they are batched); ``extra`` (int64, the CPU experts' pairs) rides with the first, and comes back
         on the device."""
         k = ids.shape[1]
         flat = ids.reshape(-1)

@@ -11,9 +11,8 @@ One interface, three implementations, chosen by name from ``COPY_ENGINES``:
   priority queue ordered by predicted need time, cancellation of copies not yet started, copy
   stream(s), and the same per-slot events. No Python on the copy path. With ``max_inflight``
   copies enqueued on the GPU it waits for the oldest by polling its event every 20 us
-  (``$MOECACHE_COPY_WAIT=poll``, the default); ``sync`` blocks in ``cudaEventSynchronize`` instead.
-  In paired batch-1 runs with prefetch poll was faster in 5 of 7 pairs, within the GPU pool's noise
-  (``eval/results/prefetch_ceiling/README.md``).
+  (``$MOECACHE_COPY_WAIT=poll``, the default); ``sync`` blocks in ``cudaEventSynchronize`` instead
+  (the two compared: ``eval/results/prefetch_ceiling/README.md``).
 
 ``auto`` picks ``worker`` where the extension is built (and not disabled by
 ``MOECACHE_DISABLE_EXT=1``), else ``stream`` on CUDA and ``sync`` on the CPU.

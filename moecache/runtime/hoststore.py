@@ -51,10 +51,6 @@ class HostAllocator:
         """Unpin ``t`` now (the memory itself is freed when the last reference goes)."""
         _unregister(self._registered, t.data_ptr())
 
-    @property
-    def pinned_bytes(self) -> int:
-        return sum(self._registered.values())
-
 
 def _unregister(registered: dict[int, int], ptr: int) -> None:
     if registered.pop(ptr, None) is not None:
@@ -83,10 +79,6 @@ class HostStore:
             # Padding between kinds is never read, but zero it so that saved stores are deterministic.
             self.blocks[layer].zero_()
         return self.blocks[layer]
-
-    def allocate_all(self) -> None:
-        for layer in range(self.num_layers):
-            self.allocate_layer(layer)
 
     @property
     def pinned(self) -> bool:
@@ -140,7 +132,7 @@ class HostStore:
     @torch.no_grad()
     def fill_random(self, seed: int = 0, std: float = 0.02, device: str | torch.device | None = None) -> None:
         """Random normal weights (mean 0, ``std``), generated per layer on ``device`` (the GPU where
-        there is one: ~100x faster than the CPU for multi-GB stores) and copied into the rows."""
+        there is one: much faster than the CPU for multi-GB stores) and copied into the rows."""
         dev = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         gen = torch.Generator(device=dev).manual_seed(seed)

@@ -16,7 +16,7 @@ decides per missed expert which of the two serves it:
   split between the two queues instead of all going to a CPU that is slightly faster than a copy
   and leaving the pool empty (Mixtral at batch 1: two misses, one each). Its costs (copy ms per
   expert, CPU ms and marginal GPU ms per expert by tokens routed to it) are *measured* at start-up
-  on this machine (``calibrate``: a second or two at Mixtral's size) and cached as a hardware
+  on this machine (``calibrate``, a short measurement) and cached as a hardware
   profile JSON per machine and expert shape under ``$MOECACHE_CACHE_DIR`` or ``~/.cache/moecache``
   (``hybrid/<hash>.json``); ``moecache bench --hardware FILE --miss-rule auto`` replays traces with
   the same profile and the same rule. While the model runs, the CPU cost follows what its CPU jobs
@@ -45,127 +45,36 @@ the GPU are untouched (bit-identical as without ``hybrid``). In a layer with CPU
 contributions are summed over k in (token, k) order, as the ``batched_mm``/``grouped_mm`` backends
 sum them (the eager backend sums in expert order instead). Tokens are equal wherever the top-2 logit
 gap exceeds those differences; the tests check that and logits within a stated tolerance.
+
+Modules: ``hybrid_rules`` (the decision rules and the online costs), ``cpu_kernel`` (the CPU
+kernels), ``calibration`` (measuring the costs, and their cache); this one holds the configuration,
+the executor the runtime calls and ``make_hybrid``.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 import os
-import platform
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from .._ext import extension
-from ..atomic import write_json_atomic
+from ..cost.hardware import HardwareProfile, load_profile
+from ..cost.timing import reuse_rate
 from ..errors import ConfigError
-from ..registry import Registry
-from ..cost.hardware import HardwareProfile, default_profile, load_profile
-from ..cost.timing import Timeline, choose_copy, reuse_credit, reuse_rate
-from .experts import make_shell
+from .calibration import (cached_calibration, calibrate, calibration_key, calibration_path, hidden_size,
+                          save_calibration)
+from .cpu_kernel import CPU_KERNELS, ENV_KERNEL, CpuKernel, make_kernel
+from .hybrid_rules import HYBRID_RULES, LayerQueues, OnlineCosts
 from .stats import RuntimeCounters
 
-ENV_KERNEL = "MOECACHE_CPU_KERNEL"
-ENV_CACHE = "MOECACHE_CACHE_DIR"
 ENV_PREWAKE = "MOECACHE_CPU_PREWAKE"
-#: Bump when what calibrate() measures changes: older cache files are then measured again.
-#: 2: marginal GPU time (back-to-back calls), CPU time on experts rotated out of the caches.
-CALIBRATION_VERSION = 2
-#: Tokens per expert at which the CPU and GPU times are measured (read piecewise-linearly between).
-CPU_TOKENS = (1, 4, 16, 64)
-GPU_TOKENS = (1, 64)
-CPU_KERNELS = ("auto", "portable", "avx2", "avx512", "torch")
-#: Weight of the newest measured/modelled CPU time ratio in the online CPU cost (EWMA) ...
-CPU_EWMA = 0.2
-#: ... and the range one measurement may move it by (a preempted worker is not the machine's speed).
-CPU_RATIO_CLAMP = (0.25, 4.0)
 #: Up to this many token rows in a layer, CPU experts' rows are gathered on the host from one copy of
 #: the whole hidden state (decode: a few KiB) rather than on the device (saves two launches).
 HOST_GATHER_ROWS = 16
-
-
-# -- decision rules ---------------------------------------------------------------------------------
-
-class OnlineCosts:
-    """The costs a rule reads while the model runs: the calibrated profile, with the CPU time scaled by
-    what this run's own CPU jobs cost (EWMA of measured / modelled ms). Measured is what a layer's CPU
-    experts put on its critical path: the host's launch (gathering and copying their rows, starting
-    the kernel), the kernel's own time (slowed by copies running at the same time, which a calibration
-    on an idle machine misses) and the merge after the wait; so the scale also spreads the hybrid
-    path's fixed cost per layer over its CPU experts (it matters where an expert takes ~0.2 ms on the
-    CPU). Copy and GPU times stay as calibrated: the copy engine's copies are not timed one by one."""
-
-    def __init__(self, profile: HardwareProfile):
-        self.profile = profile
-        self.copy_ms = profile.copy_ms
-        self.cpu_scale = 1.0
-        self.samples = 0
-
-    def gpu(self, tokens: int) -> float:
-        return self.profile.gpu(tokens)
-
-    def cpu(self, tokens: int) -> float:
-        return self.profile.cpu(tokens) * self.cpu_scale
-
-    def observe_cpu(self, sizes: Sequence[int], measured_ms: float) -> None:
-        """One CPU job of experts with ``sizes`` tokens each took ``measured_ms``."""
-        modelled = sum(self.profile.cpu(n) for n in sizes)
-        if modelled <= 0.0 or measured_ms <= 0.0:
-            return
-        lo, hi = CPU_RATIO_CLAMP
-        ratio = min(hi, max(lo, measured_ms / modelled))
-        self.cpu_scale += CPU_EWMA * (ratio - self.cpu_scale)
-        self.samples += 1
-
-
-class LayerQueues:
-    """What a rule reads when it decides one MoE layer's misses: the costs, the copy engine's and the
-    CPU's queues as a ``Timeline`` in ms from now (the simulator's own type), and the runtime's reuse
-    counts (needs served from the pool and copies issued, as the simulator counts them)."""
-
-    def __init__(self, costs: OnlineCosts | None, copy_backlog_ms: float, seen: int, hits: int = 0, copies: int = 0):
-        self.costs = costs
-        self.tl = Timeline()
-        self.tl.copy = copy_backlog_ms
-        self.tl.hits, self.tl.copies = hits, copies
-        self.seen = seen  # misses decided before this layer (by this runtime)
-
-
-@dataclass(frozen=True)
-class DecisionRule:
-    """How a missed expert is served: ``decide(queues, key, tokens)`` is True to copy it."""
-
-    name: str
-    needs_costs: bool
-    decide: Callable[[LayerQueues, int, int], bool]
-
-
-HYBRID_RULES: Registry[DecisionRule] = Registry("hybrid rule")
-
-
-def _auto(q: LayerQueues, key: int, tokens: int) -> bool:
-    c, tl = q.costs, q.tl
-    cpu = c.cpu(tokens)
-    return choose_copy(0.0, tl.copy, tl.cpu, c.copy_ms, c.gpu(tokens), cpu, reuse_credit(tl.hits, tl.copies, cpu))
-
-
-for _rule, _help in ((DecisionRule("auto", True, _auto),
-                      "copy unless the CPU finishes first, the copy credited for the hits caching earns "
-                      "(measured costs; the simulator's 'auto' miss rule)"),
-                     (DecisionRule("cpu", False, lambda q, key, n: False),
-                      "every miss on the CPU; nothing copied on a miss (only prefetches fill the pool)"),
-                     (DecisionRule("copy", False, lambda q, key, n: True), "every miss copied (hybrid off)"),
-                     (DecisionRule("half", False, lambda q, key, n: q.seen % 2 == 1),
-                      "every second miss on the CPU, starting with the CPU (for tests)")):
-    HYBRID_RULES.register(_rule.name, _help)(_rule)
 
 
 @dataclass
@@ -207,335 +116,6 @@ class HybridConfig:
         if spec.threads is not None and int(spec.threads) < 1:
             raise ConfigError(f"hybrid threads must be >= 1, got {spec.threads}")
         return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate)
-
-
-#: Environment variable that sets the CPU kernel's thread count (default: ``default_threads()``).
-ENV_THREADS = "MOECACHE_CPU_THREADS"
-
-
-def default_threads() -> int:
-    """Usable cores minus two, or ``$MOECACHE_CPU_THREADS``. One core runs the thread that launches GPU
-    work, one the copy worker: both spin while they wait on CUDA (the driver's default for a single
-    context), and a pool thread descheduled for a time slice holds up the whole expert it is part of."""
-    env = os.environ.get(ENV_THREADS)
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ConfigError(f"{ENV_THREADS}={env!r} is not a thread count; set a positive integer or unset it")
-        if n < 1:
-            raise ConfigError(f"{ENV_THREADS}={env!r}: the CPU kernel needs at least one thread")
-        return n
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, cores - 2)
-
-
-# -- CPU kernels ------------------------------------------------------------------------------------
-
-def swiglu_mismatch(original: nn.Module, kinds: dict[str, tuple[int, ...]], dtype: torch.dtype) -> str | None:
-    """None when ``original`` computes ``down(silu(gate x) * up x)`` from concatenated, non-transposed
-    ``gate_up_proj (2I, H)`` and ``down_proj (H, I)`` without biases (what the C++ kernel does), else why not."""
-    if set(kinds) != {"gate_up_proj", "down_proj"}:
-        return f"its expert weights are {sorted(kinds)}, not gate_up_proj and down_proj"
-    (two_i, h), (h2, i) = kinds["gate_up_proj"], kinds["down_proj"]
-    if two_i != 2 * i or h2 != h:
-        return f"gate_up_proj {kinds['gate_up_proj']} and down_proj {kinds['down_proj']} are not (2I, H) and (H, I)"
-    flags = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
-             "has_post_expert_norm": False}
-    for flag, want in flags.items():
-        if bool(getattr(original, flag, want)) != want:
-            return f"its experts class sets {flag}={not want}"
-    gate = getattr(type(original), "_apply_gate", None)
-    if gate is None or getattr(gate, "__name__", "") != "_default_apply_gate":
-        return "its experts class has its own gating function"
-    from transformers.activations import SiLUActivation
-
-    if not isinstance(getattr(original, "act_fn", None), (nn.SiLU, SiLUActivation)):
-        return f"its activation is {type(getattr(original, 'act_fn', None)).__name__}, not SiLU"
-    if dtype not in (torch.float32, torch.bfloat16):
-        return f"its weights are {dtype}; the C++ kernel reads bf16 or fp32"
-    return None
-
-
-class CpuKernel:
-    """Runs experts of one layer on the host: ``submit`` returns at once (where it can), ``wait``
-    returns the outputs ``(rows, H)`` (fp32 or the model dtype) and the kernel's ms."""
-
-    name = "base"
-
-    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
-        raise NotImplementedError
-
-    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
-        raise NotImplementedError
-
-    def experts_run(self) -> int:
-        raise NotImplementedError
-
-    def prewake(self) -> None:
-        """A ``submit`` is coming: get ready (the C++ pool wakes its workers meanwhile)."""
-
-    def close(self) -> None:
-        pass
-
-
-class CppKernel(CpuKernel):
-    """``moecache._C.CpuExpertPool`` over the host store's rows (read in place)."""
-
-    def __init__(self, store: Any, threads: int, kernel: str, pin: bool):
-        C = extension()
-        assert C is not None
-        self._pool = C.CpuExpertPool(int(threads), kernel)
-        self.name = self._pool.kernel()
-        self.threads = int(self._pool.threads())
-        kinds = {k.name: k.shape for k in store.layout.kinds}
-        self.H, self.I = kinds["down_proj"]
-        self.wtype = 1 if store.layout.dtype == torch.bfloat16 else 0
-        self.pin = pin
-        self.store = store  # keeps the rows alive while the pool may read them
-        # Address of every expert's gate_up and down rows, by layer: [layer][expert].
-        self._gu: list[list[int]] = []
-        self._down: list[list[int]] = []
-        for layer in range(store.num_layers):
-            views = store.layer_views(layer)
-            self._gu.append([views["gate_up_proj"][e].data_ptr() for e in range(store.num_experts)])
-            self._down.append([views["down_proj"][e].data_ptr() for e in range(store.num_experts)])
-
-    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
-        x32 = x.to(torch.float32).contiguous()  # the launch passes fp32 rows: no CPU op here
-        out = torch.empty((x32.shape[0], self.H), dtype=torch.float32, pin_memory=self.pin)
-        row = self.H * 4  # bytes of one fp32 row, in and out
-        xs, outs, off = [], [], 0
-        for n in sizes:
-            xs.append(x32.data_ptr() + off * row)
-            outs.append(out.data_ptr() + off * row)
-            off += n
-        ticket = self._pool.submit(self.H, self.I, self.wtype, xs, list(sizes),
-                                   [self._gu[layer][e] for e in experts], [self._down[layer][e] for e in experts], outs)
-        return ticket, x32, out  # the buffers live as long as the handle
-
-    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
-        ticket, _x, out = handle
-        return out, float(self._pool.wait(ticket))
-
-    def experts_run(self) -> int:
-        return int(self._pool.counters()[1])
-
-    def prewake(self) -> None:
-        self._pool.prewake()
-
-    def read_bandwidth(self, buf: torch.Tensor) -> float:
-        """GB/s of a multi-threaded read of ``buf`` (contiguous host tensor) by this pool's threads."""
-        ms, _ = self._pool.read(buf.data_ptr(), buf.numel() * buf.element_size())
-        return buf.numel() * buf.element_size() / (ms * 1e6)
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-class TorchKernel(CpuKernel):
-    """The model's own experts class on host views of the store (any layout; runs on the calling
-    thread, so it does not overlap the GPU's work as the C++ pool does)."""
-
-    name = "torch"
-
-    def __init__(self, originals: Sequence[nn.Module], store: Any, num_experts: int):
-        self.originals = list(originals)
-        self.store = store
-        self.E = int(num_experts)
-        self._shells: dict[int, nn.Module] = {}
-        self._run = 0
-
-    def _shell(self, layer: int) -> nn.Module:
-        if layer not in self._shells:
-            self._shells[layer] = make_shell(self.originals[layer], self.store.layer_views(layer), self.E)
-        return self._shells[layer]
-
-    @torch.no_grad()
-    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
-        t0 = time.perf_counter()
-        x = x.to(self.store.layout.dtype)
-        ids = torch.repeat_interleave(torch.tensor(list(experts), dtype=torch.long), torch.tensor(list(sizes)))
-        # Each row as its own one-expert token with weight 1: the unweighted expert output.
-        out = self._shell(layer)(x, ids.view(-1, 1), torch.ones((x.shape[0], 1), dtype=x.dtype))
-        self._run += len(experts)
-        return out, 1e3 * (time.perf_counter() - t0)
-
-    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
-        return handle
-
-    def experts_run(self) -> int:
-        return self._run
-
-
-def make_kernel(cfg: HybridConfig, originals: Sequence[nn.Module], store: Any, num_experts: int,
-                pin: bool) -> tuple[CpuKernel, str | None]:
-    """The CPU kernel for this model, and why it is the torch one (None when it is the C++ one)."""
-    kinds = {k.name: k.shape for k in store.layout.kinds}
-    if cfg.kernel == "torch":
-        why = "asked for (kernel torch)"
-    elif extension() is None:
-        why = "the extension moecache._C is not built or is disabled (MOECACHE_DISABLE_EXT)"
-    else:
-        why = swiglu_mismatch(originals[0], kinds, store.layout.dtype)
-    if why is None:
-        return CppKernel(store, cfg.threads or default_threads(), cfg.kernel, pin), None
-    return TorchKernel(originals, store, num_experts), why
-
-
-# -- calibration ------------------------------------------------------------------------------------
-
-def _median_ms(fn: Callable[[], float], reps: int) -> float:
-    fn()  # warm-up (allocations, page faults, clocks)
-    return statistics.median(fn() for _ in range(reps))
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """ms of one call: CUDA events on the current stream on the GPU, the wall clock on the CPU."""
-    if device.type == "cuda":
-        def timed(fn: Callable[[], None]) -> float:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b)
-    else:
-        def timed(fn: Callable[[], None]) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-    return timed
-
-
-@torch.no_grad()
-def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden: int, reps: int = 7,
-              back_to_back: int = 20) -> HardwareProfile:
-    """Measure one expert's copy (host row -> pool slot 0), its GPU time on the pool (``shell``, the
-    remap shell of MoE layer 0, slot 0) and its CPU time with ``kernel`` at ``GPU_TOKENS`` and
-    ``CPU_TOKENS`` tokens of ``hidden`` values; medians of ``reps`` after a warm-up. Run before the
-    pool is used (slot 0 is overwritten).
-
-    * GPU: the *marginal* time of one more expert, ``back_to_back`` calls queued one after another
-      and timed together (CUDA events) divided by their number: one isolated call timed alone also
-      measures the host's launch latency on an idle GPU (~1 ms), which a layer pays once, not per expert.
-    * CPU: each run on another expert (rotating over the store's rows), so that its weights come
-      from memory as a miss's do, not from the caches the previous run filled; the warm-up runs once
-      on every worker thread."""
-    dev = pool.device
-    timed = _timer(dev)
-    layout = store.layout
-    H = int(hidden)
-    src, dst = store.row(0), pool.data[0]
-    if dev.type == "cuda":
-        side = torch.cuda.Stream(dev)
-
-        def copy_ms() -> float:
-            with torch.cuda.stream(side):
-                return timed(lambda: dst.copy_(src, non_blocking=True))
-    else:
-        def copy_ms() -> float:
-            return timed(lambda: dst.copy_(src))
-    copy = max(_median_ms(copy_ms, reps), 1e-6)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    gpu: dict[int, float] = {}
-    for n in GPU_TOKENS:
-        x = torch.randn((n, H), generator=gen).to(device=dev, dtype=layout.dtype)
-        idx = torch.zeros((n, 1), dtype=torch.long, device=dev)
-        w = torch.ones((n, 1), dtype=layout.dtype, device=dev)
-
-        def calls() -> None:
-            for _ in range(back_to_back):
-                shell(x, idx, w)
-        gpu[n] = _median_ms(lambda: timed(calls), reps) / back_to_back
-    rows = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
-    turn = iter(range(1 << 62))
-    cpu: dict[int, float] = {}
-    for n in CPU_TOKENS:
-        x = torch.randn((n, H), generator=gen).to(layout.dtype)
-
-        def run_cpu() -> float:
-            layer, e = rows[next(turn) % len(rows)]
-            t0 = time.perf_counter()
-            kernel.wait(kernel.submit(layer, [e], x, [n]))
-            return 1e3 * (time.perf_counter() - t0)
-        cpu[n] = _median_ms(run_cpu, reps)
-    return HardwareProfile(
-        bytes_per_expert=layout.slot_bytes, copy_bandwidth_gbps=layout.slot_bytes / (copy * 1e6),
-        copy_latency_ms=0.0, gpu_ms=gpu, cpu_ms=cpu,
-        non_expert_ms=default_profile(layout.slot_bytes).non_expert_ms,  # not measured; the rule does not read it
-        source=f"calibrated by moecache on {platform.node()} "
-               f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} "
-               f"({kernel.name} CPU kernel)")
-
-
-def hidden_size(original: nn.Module, model_config: Any) -> int:
-    """The width of the rows an experts module receives."""
-    for h in (getattr(original, "hidden_dim", None), getattr(getattr(original, "config", None), "hidden_size", None),
-              getattr(model_config, "hidden_size", None)):
-        if h is not None:
-            return int(h)
-    raise ConfigError(f"cannot tell the hidden size of {type(original).__name__} for the hybrid calibration; "
-                      "pass HybridConfig(profile=...) instead")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def calibration_key(store: Any, device: torch.device, kernel: CpuKernel) -> dict[str, Any]:
-    """What a cached calibration must match: this machine, this expert shape, this kernel setup."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"version": CALIBRATION_VERSION, "host": platform.node(), "arch": platform.machine(),
-            "cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "device": device.type,
-            "torch": torch.__version__, "layout": store.layout.describe(), "kernel": kernel.name,
-            "threads": getattr(kernel, "threads", None), "cpu_tokens": list(CPU_TOKENS),
-            "gpu_tokens": list(GPU_TOKENS)}
-
-
-def cache_dir(cfg_dir: str | None = None) -> str:
-    return cfg_dir or os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "moecache")
-
-
-def calibration_path(key: dict[str, Any], directory: str | None = None) -> str:
-    """``<cache>/hybrid/<hash>.json``: a hardware profile (``moecache bench --hardware`` reads it);
-    the key it was measured for sits next to it in ``<hash>.key.json``."""
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(directory), "hybrid", f"{digest}.json")
-
-
-def _key_path(path: str) -> str:
-    return path[:-len(".json")] + ".key.json"
-
-
-def cached_calibration(key: dict[str, Any], directory: str | None = None) -> HardwareProfile | None:
-    """The cached profile for ``key``, or None (absent, unreadable or for another key: measured again)."""
-    path = calibration_path(key, directory)
-    try:
-        with open(_key_path(path)) as f:
-            if json.load(f) != key:
-                return None
-        return load_profile(path)
-    except (OSError, ValueError, ConfigError):
-        return None
-
-
-def save_calibration(key: dict[str, Any], profile: HardwareProfile, directory: str | None = None) -> str:
-    path = calibration_path(key, directory)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, profile.to_json())
-    write_json_atomic(_key_path(path), key)  # last: a profile without its key is measured again
-    return path
 
 
 # -- the executor the runtime calls -----------------------------------------------------------------
@@ -645,8 +225,8 @@ class HybridExecutor:
         # device: exact from bf16/fp16), the kernel's input as it is. Decode: the whole hidden state (a
         # few KiB), gathered by numpy; prefill: only the rows needed, gathered on the device.
         # No torch CPU op on this path: one wakes torch's intra-op (OpenMP) threads, which then spin on
-        # the cores the pool computes on; on the H100 machine that made this launch take ~4 ms and
-        # each expert ~2x slower (eval/results/hybrid_diag/README.md).
+        # the cores the pool computes on and slow both this launch and the experts
+        # (eval/results/hybrid_diag/README.md).
         h = hidden.detach()
         if h.shape[0] <= HOST_GATHER_ROWS:
             x = torch.from_numpy(h.to(torch.float32).cpu().numpy()[rows])
@@ -738,7 +318,7 @@ def make_hybrid(spec: Any, runtime: Any) -> HybridExecutor | None:
         return None
     store, pool = runtime.store, runtime.pool
     originals = [layer.original for layer in runtime.layers]
-    kernel, why = make_kernel(cfg, originals, store, runtime.E, pin=pool.device.type == "cuda")
+    kernel, why = make_kernel(cfg.kernel, cfg.threads, originals, store, runtime.E, pin=pool.device.type == "cuda")
     costs: HardwareProfile | None = None
     source = None
     if HYBRID_RULES.get(cfg.rule).needs_costs:
@@ -762,7 +342,4 @@ def make_hybrid(spec: Any, runtime: Any) -> HybridExecutor | None:
     return executor
 
 
-__all__ = ["HYBRID_RULES", "HybridConfig", "HybridExecutor", "CpuKernel", "CppKernel", "TorchKernel", "calibrate",
-           "calibration_key", "calibration_path", "cached_calibration", "save_calibration", "make_hybrid",
-           "swiglu_mismatch", "default_threads", "LayerQueues", "OnlineCosts", "DecisionRule", "ENV_KERNEL",
-           "ENV_CACHE"]
+__all__ = ["HybridConfig", "HybridExecutor", "CpuWork", "make_hybrid"]

@@ -29,6 +29,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
+from ..policies import POLICIES, Policy
+from ..predictors import PREDICTORS, Predictor
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import make_engine
 from .experts import EXPERT_KERNELS
@@ -105,8 +107,6 @@ def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, s
 
 
 def _make_policy(policy: Any, slots: int, L: int, E: int, k: int, params: dict[str, Any]) -> Any:
-    from ..policies import POLICIES, Policy
-
     if isinstance(policy, Policy):
         pol = policy
         if (pol.num_layers, pol.num_experts) != (L, E):
@@ -129,7 +129,6 @@ def _make_policy(policy: Any, slots: int, L: int, E: int, k: int, params: dict[s
 def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, params: dict[str, Any]) -> Any:
     if predictor is None or predictor == "none":
         return None
-    from ..predictors import PREDICTORS, Predictor
 
     if isinstance(predictor, Predictor):
         pred = predictor

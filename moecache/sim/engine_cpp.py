@@ -1,7 +1,7 @@
 """The C++ replay engine: packs a schedule, a policy and a predictor into arrays for ``moecache._C.sim_replay``.
 
 ``simulate(..., engine=...)`` (``moecache.sim.simulator``) picks the engine: ``python`` is the readable
-reference (``engine_python``), ``cpp`` runs the same replay in ``csrc/sim_core.cpp``, ``auto`` (the default) takes
+reference (``engine_python``), ``cpp`` runs the same replay in ``csrc/sim/``, ``auto`` (the default) takes
 ``cpp`` where the extension is built (and not disabled by ``MOECACHE_DISABLE_EXT=1``) and the
 configuration is supported, else ``python``. Both give identical result rows: the C++ core does
 every float operation in the reference's order, and whatever the reference computes with a library
@@ -9,12 +9,13 @@ call whose last bit may differ from libm (numpy's vectorised ``power``) or with 
 is computed here by those very calls and handed over as tables (costs per token count, powers
 ``g ** n``), so they are the very same doubles.
 
-Supported by ``cpp``: every policy in ``CPP_POLICIES`` (all registered ones) with its registered
-class (not a subclass), both scopes, every miss rule, step and decode schedules, the per-need
-``record``, prefetch with the rules of ``PREFETCH_CODES`` at any depth and budget, and any
-predictor the simulator accepts:
+Supported by ``cpp``: every policy whose class has a C++ port (``Policy.cpp_port``, defined in the
+policy's own module; ``ported_policies()``), as its registered class (not a subclass), both scopes,
+the miss rules of ``MISS_CODES``, step and decode schedules, the per-need ``record``, prefetch with
+the rules of ``PREFETCH_CODES`` at any depth and budget, and any predictor the simulator accepts. A
+policy without a port runs on the Python engine: a port is an accelerator, not a duty.
 
-* the trace-only predictors of ``CPP_PREDICTORS`` (prior, temporal, transition; the registered
+* predictors with a port (``Predictor.cpp_port``: prior, temporal, transition; the registered
   classes) run inside the C++ core, from their fitted arrays; the predictor object is left
   untouched;
 * every other predictor (activation_matrix, learned, oracle, subclasses, ...) runs in Python,
@@ -32,8 +33,7 @@ it back only while it computes the next chunk), so replays in threads run in par
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -41,23 +41,21 @@ from .._ext import extension
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule
 from ..errors import ConfigError
-from ..policies.base import POLICIES, Policy
-from ..predictors import transition
-from ..predictors.base import PREDICTORS
-from ..registry import Registry
+from ..policies.base import POLICIES, CppPort, Policy
+from ..predictors.base import PREDICTORS, Predictor
 from .results import SimResult, describe_predictor
 from .schedule import Schedule
 
 #: Engine names accepted by ``simulate(engine=...)`` and ``moecache bench --sim-engine``.
 ENGINES = ("auto", "python", "cpp")
 
-#: Miss rule name -> code of csrc/sim_core.cpp (MissCode).
+#: Miss rule name -> code of csrc/sim/codes.h (MissCode).
 MISS_CODES = {"copy": 0, "cpu": 1, "policy": 2, "min": 3}
 
-#: Prefetch rule name -> code of csrc/sim_core.cpp (PrefetchCode).
+#: Prefetch rule name -> code of csrc/sim/codes.h (PrefetchCode).
 PREFETCH_CODES = {"topk": 0, "fill": 1}
 
-OUTCOMES = ("hit", "copy", "cpu")  # csrc/sim_core.cpp Outcome codes 0, 1, 2
+OUTCOMES = ("hit", "copy", "cpu")  # csrc/sim/codes.h Outcome codes 0, 1, 2
 
 #: The sim_replay interface this module speaks (the extension's ``sim_core_version``).
 CORE_VERSION = 2
@@ -71,143 +69,32 @@ STREAM_CHUNK_DOUBLES = 1 << 16
 TUNING = {"scan_max": -1, "park_min": -1}
 
 
-@dataclass(frozen=True)
-class Packed:
-    """A policy as the C++ core takes it: code (PolicyCode), one int and one float parameter, static
-    placement's pinned mask and fitting counts (empty for other policies), and further options of
-    sim_replay's ``extra`` (``tables(schedule)`` adds those that depend on the schedule)."""
-
-    code: int
-    int_param: int = 0
-    float_param: float = 0.0
-    pinned: np.ndarray | None = None
-    counts: np.ndarray | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    tables: Callable[[Schedule], dict[str, Any]] | None = None
+def ported_policies() -> list[str]:
+    """Registered policies with a C++ port (their class defines ``cpp_port``)."""
+    return [n for n in POLICIES.names() if POLICIES.get(n).cpp_port is not Policy.cpp_port]
 
 
-#: Policy name -> packer(policy) -> Packed. A policy not listed here runs on the Python engine.
-CPP_POLICIES: Registry[Callable[[Policy], Packed]] = Registry("C++ policy")
+def ported_predictors() -> list[str]:
+    """Registered predictors that can run inside the C++ core (their class defines ``cpp_port``)."""
+    return [n for n in PREDICTORS.names() if PREDICTORS.get(n).cpp_port is not Predictor.cpp_port]
 
 
-@CPP_POLICIES.register("lru", "least recently used")
-def _lru(p: Policy) -> Packed:
-    return Packed(0)
-
-
-@CPP_POLICIES.register("fifo", "first in, first out")
-def _fifo(p: Policy) -> Packed:
-    return Packed(1)
-
-
-@CPP_POLICIES.register("lfu", "least frequently used with halving; int parameter = halving period in accesses")
-def _lfu(p: Policy) -> Packed:
-    return Packed(2, int_param=int(p._period))  # type: ignore[attr-defined]
-
-
-@CPP_POLICIES.register("lrfu", "CRF score; float parameter = lam, the very double the Python policy uses")
-def _lrfu(p: Policy) -> Packed:
-    return Packed(3, float_param=float(p.lam))  # type: ignore[attr-defined]
-
-
-@CPP_POLICIES.register("static", "pinned by fitting counts, LRU scratch slots")
-def _static(p: Policy) -> Packed:
-    n = p.num_layers * p.num_experts
-    pinned = np.zeros(n, np.uint8)
-    if p.pinned:  # type: ignore[attr-defined]
-        pinned[np.fromiter(p.pinned, np.int64)] = 1  # type: ignore[attr-defined]
-    counts = np.ascontiguousarray(np.asarray(p._count, np.int64).reshape(-1))  # type: ignore[attr-defined]
-    return Packed(4, pinned=pinned, counts=counts)
-
-
-@CPP_POLICIES.register("belady", "offline MIN")
-def _belady(p: Policy) -> Packed:
-    return Packed(5)
-
-
-@CPP_POLICIES.register("belady_bypass", "offline MIN with bypass")
-def _belady_bypass(p: Policy) -> Packed:
-    return Packed(6)
-
-
-def _powers(g: float) -> Callable[[Schedule], dict[str, Any]]:
-    """The powers ``g ** n`` for n = 0..units (a layer's step count never exceeds the units), made by
-    the calls activation.py makes: Python's ``float ** int`` in ``on_access`` (libm pow) and numpy's
-    ``power`` in ``probability`` (vectorised; it may differ from libm in the last bit, but it is
-    elementwise, so the value of each n does not depend on the array around it)."""
-
-    def tables(schedule: Schedule) -> dict[str, Any]:
-        n = schedule.num_units + 1
-        acc = np.array([g ** i for i in range(n)], np.float64)
-        rank = np.ascontiguousarray(g ** np.arange(n).astype(np.float64), np.float64)
-        return {"pow_acc": acc, "pow_rank": rank}
-
-    return tables
-
-
-def _activation_like(code: int) -> Callable[[Policy], Packed]:
-    def pack(p: Policy) -> Packed:
-        g = float(p.g)  # type: ignore[attr-defined]
-        return Packed(code, options={"alpha": float(p.params["alpha"]), "g": g}, tables=_powers(g))
-
-    return pack
-
-
-CPP_POLICIES.register("activation", "request activation ratio and layer distance; powers of g as tables")(
-    _activation_like(7))
-CPP_POLICIES.register("predicted", "activation with the predictor's next-token probabilities (scores streamed or "
-                                   "computed in C++)")(_activation_like(8))
-
-#: Predictor name -> packer(predictor, depths) -> sim_replay options of a predictor computed in C++.
-#: Any other predictor streams its predictions from Python (``_PredictionStream``).
-CPP_PREDICTORS: Registry[Callable[[Any, list[int]], dict[str, Any]]] = Registry("C++ predictor")
-
-
-def _prior_array(pred: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(pred.prior, np.float64).reshape(-1))
-
-
-@CPP_PREDICTORS.register("prior", "normalised per-layer prior")
-def _pred_prior(pred: Any, depths: list[int]) -> dict[str, Any]:
-    return {"predictor": 1, "prior": _prior_array(pred)}
-
-
-@CPP_PREDICTORS.register("temporal", "decayed per-row counts blended with the prior")
-def _pred_temporal(pred: Any, depths: list[int]) -> dict[str, Any]:
-    return {"predictor": 2, "prior": _prior_array(pred), "decay": float(pred.decay), "strength": float(pred.strength)}
-
-
-@CPP_PREDICTORS.register("transition", "fitted conditionals, product or mean combine")
-def _pred_transition(pred: Any, depths: list[int]) -> dict[str, Any]:
-    too_deep = [d for d in depths if d > pred.max_depth]
-    if too_deep:  # the reference raises this at its first predict(), before any expert is served
-        d = too_deep[0]
-        raise ConfigError(f"transition was fitted up to depth {pred.max_depth}, asked for {d}: "
-                          f"build it with max_depth={d} and fit again")
-    return {"predictor": 3, "prior": _prior_array(pred), "max_depth": int(pred.max_depth),
-            "cond": np.ascontiguousarray(np.asarray(pred.cond, np.float64).reshape(-1)),
-            "product": int(pred._combine is transition._product)}
-
-
-def _native_predictor(pred: Any) -> Callable[[Any, list[int]], dict[str, Any]] | None:
-    """The C++ packer for ``pred``, or None when it must stream from Python (a subclass, a
-    replaced method, an unregistered combine rule)."""
+def _native_predictor(pred: Any, depths: list[int]) -> dict[str, Any] | None:
+    """The C++ core's options for ``pred`` (its ``cpp_port``), or None when it must stream from Python
+    (no port, a subclass, a replaced method)."""
     name = getattr(pred, "name", None)
-    if name not in CPP_PREDICTORS or name not in PREDICTORS or type(pred) is not PREDICTORS.get(name):
+    if name not in PREDICTORS or type(pred) is not PREDICTORS.get(name):
         return None
     if any(callable(v) for k, v in vars(pred).items() if k != "_combine"):
         return None
-    if name == "transition":
-        if pred._combine not in (transition._product, transition._mean):
-            return None
-    return CPP_PREDICTORS.get(name)
+    return pred.cpp_port(depths)
 
 
 def predictor_mode(predictor: Any) -> str | None:
     """How the C++ engine runs ``predictor``: ``"cpp"``, ``"stream"`` (Python, chunks) or None."""
     if predictor is None:
         return None
-    return "cpp" if _native_predictor(predictor) is not None else "stream"
+    return "cpp" if _native_predictor(predictor, []) is not None else "stream"
 
 
 def unsupported(policy: Policy, predictor: Any = None, depth: int = 0, prefetch: str = "topk",
@@ -215,10 +102,10 @@ def unsupported(policy: Policy, predictor: Any = None, depth: int = 0, prefetch:
     """Why the C++ engine cannot run this configuration, or None when it can."""
     if miss_rule not in MISS_CODES:
         return f"miss rule {miss_rule!r} has no C++ version (C++ rules: {', '.join(MISS_CODES)})"
-    if policy.name not in CPP_POLICIES:
-        return f"policy {policy.name!r} has no C++ version (C++ policies: {', '.join(CPP_POLICIES.names())})"
-    if type(policy) is not POLICIES.get(policy.name):
-        return f"{type(policy).__name__} is a subclass of the registered {policy.name!r} policy"
+    if policy.name not in POLICIES or type(policy) is not POLICIES.get(policy.name):
+        return f"{type(policy).__name__} is not the registered {policy.name!r} policy (a subclass or an unregistered class)"
+    if type(policy).cpp_port is Policy.cpp_port:
+        return f"policy {policy.name!r} has no C++ port (ported: {', '.join(ported_policies())}); it runs in Python"
     patched = sorted(k for k, v in vars(policy).items() if callable(v))
     if patched:
         return f"the policy object's method(s) {patched} were replaced on the instance (the C++ core would skip them)"
@@ -241,7 +128,7 @@ def choose_engine(engine: str, policy: Policy, predictor: Any = None, depth: int
     ext = extension()
     if ext is None or getattr(ext, "sim_core_version", 1) < CORE_VERSION:
         why = why or ("the C++ extension moecache._C is not built or is disabled by MOECACHE_DISABLE_EXT (or was "
-                      "built before the current csrc/sim_core.cpp); build it with `python setup.py build_ext "
+                      "built before the current csrc/sim/); build it with `python setup.py build_ext "
                       "--inplace`")
     if why is None:
         return "cpp"
@@ -341,10 +228,10 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
         return {}, None
     opts: dict[str, Any] = {"depth": depth, "score_depth": score_depth, "budget": int(budget or 0),
                             "prefetch_rule": PREFETCH_CODES.get(prefetch, 0)}
-    native = _native_predictor(predictor)
+    depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
+    native = _native_predictor(predictor, depths)
     if native is not None:
-        depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
-        opts.update(native(predictor, depths))
+        opts.update(native)
         return opts, None
     stream = _PredictionStream(schedule, predictor, depth, score_depth)
     opts.update({"predictor": 0, "fill": stream.fill, "buf": stream.buf})
@@ -358,7 +245,9 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
     C = extension()
     if C is None:
         raise ConfigError("the C++ extension moecache._C is not built or is disabled by MOECACHE_DISABLE_EXT")
-    packed = CPP_POLICIES.get(policy.name)(policy)
+    packed = policy.cpp_port()
+    if packed is None:
+        raise ConfigError(f"policy {policy.name!r} has no C++ port for these parameters; use --sim-engine python")
     score_depth = int(policy.score_depth() or 0) if policy.uses_scores else 0
     pred_opts, stream = _predictor_options(schedule, predictor, depth, score_depth, prefetch, budget)
     # A streamed predictor is driven once (a retry would feed it the trace twice): wide tables at once.
@@ -379,7 +268,7 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
     raise AssertionError("unreachable: the wide tables cover every count")
 
 
-def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, packed: Packed,
+def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, packed: CppPort,
           pred_opts: dict[str, Any], wide: bool, budget: int | None, capacity_label: str | None,
           record: list | None, predictor: Any, depth: int, prefetch: str) -> SimResult:
     """One call of the core (the arrays are views, nothing is copied) and its result row."""

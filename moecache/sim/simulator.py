@@ -30,7 +30,7 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     receives ``(step, key, tokens, outcome)`` for every need as it is served, outcome ``"hit"``,
     ``"copy"`` (a miss copied in) or ``"cpu"`` (a miss run on the CPU): hits of a step first, then
     its misses, each in ascending key order. ``engine``: ``python`` (the reference loop of
-    ``engine_python``), ``cpp`` (the same replay in csrc/sim_core.cpp, identical rows; see
+    ``engine_python``), ``cpp`` (the same replay in csrc/sim/, identical rows; see
     ``engine_cpp``) or ``auto`` (cpp where built and supported).
     """
     check_config(schedule, policy, predictor, depth)

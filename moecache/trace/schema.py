@@ -13,7 +13,6 @@ nothing downstream knows where they came from. Unknown values are marked, never 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -213,7 +212,3 @@ class RoutingBlock:
             ids=self.ids[index],
             weights=None if self.weights is None else self.weights[index],
         )
-
-
-def dumps_meta(meta: TraceMeta) -> str:
-    return json.dumps(meta.to_json(), sort_keys=True)

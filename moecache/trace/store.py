@@ -230,10 +230,6 @@ class Trace:
         return len(self._block)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self._block)
-
-    @property
     def num_layers(self) -> int:
         return self.meta.num_layers
 

@@ -1,6 +1,6 @@
 """Importers for published routing traces: a format registry, format detection and the import driver.
 
-Formats (one module each, registered in ``FORMATS``):
+Formats (one module each, registered in ``FORMATS``; every module of this folder is imported):
 
 ========================  ==============================================  ==================
 name                      source                                          model
@@ -25,19 +25,25 @@ Every trace records its source files (``meta.files``: files that contributed a s
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
-
 
 from ...atomic import write_text_atomic
 from ...errors import ConfigError, TraceFormatError
 from ..schema import RoutingBlock, TraceMeta
 from ..store import MANIFEST, Trace, write_trace
-from . import hf_gate_csv, orders_in_chaos, speculative_moe, vllm_logger  # noqa: F401  (they register)
 from .base import FORMATS, Defects, SourceFormat, SourceSequence, display_path, natural_key, read_head
+
+# Every module of this folder but ``base`` registers one format when imported: a new format is one
+# new module (and its tests).
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["FORMATS", "SourceFormat", "SourceSequence", "Defects", "ImportedTrace", "ImportReport", "Sources",
            "WrittenTrace", "collect_sources", "detect_format", "import_traces", "read_sources"]

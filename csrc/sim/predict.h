@@ -3,31 +3,27 @@
 // computed in C++, and the stream through which every other predictor's predictions arrive from
 // Python in chunks of bounded size.
 //
-// Included by sim_core.cpp only (one translation unit: each file that includes torch costs ~30 s
-// to compile). Exactness: the Python predictors use elementwise IEEE operations and numpy's
+// Plain C++ (no torch, no Python): the bindings hand a streamed predictor's fill over as a
+// std::function that takes the GIL itself. Exactness: the Python predictors use elementwise IEEE operations and numpy's
 // reductions; this file does the same operations in the same order: numpy's pairwise summation
 // for a sum along a row (np.add.reduce over a contiguous float64 axis), a plain sequential sum
 // over rows (a reduction along axis 0), and no libm call at all (the Python side keeps exp/log and
 // BLAS products out of these predictors, whose vectorised versions differ between machines).
 #pragma once
 
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-namespace moecache_sim {
+#include "codes.h"
 
-// A ConfigError on the Python side: engine_cpp.py re-raises RuntimeErrors starting with this tag.
-const char* const CONFIG_TAG = "ConfigError: ";
-// The Python predictor behind a prediction stream raised; engine_cpp.py re-raises its exception.
-const char* const STREAM_TAG = "PredictionStreamError: ";
+namespace moecache_sim {
 
 // np.add.reduce of a contiguous float64 row: numpy's pairwise summation (blocks of up to 128
 // summed with 8 accumulators, halves above that), started from the reduction's identity.
@@ -347,30 +343,23 @@ struct NativePredictions : Predictions {
 
 // Any other predictor: the Python side runs it over the schedule (the same observe / predict /
 // reset calls as the reference) and writes the slots of up to ``chunk_steps`` steps into ``buf``
-// whenever ``fill()`` is called; fill returns the steps written, -1 after the predictor raised
+// whenever ``fill`` is called; fill returns the steps written, -1 after the predictor raised
 // (the replay then stops with STREAM_TAG and Python re-raises the predictor's exception at the
-// step where the reference raised it). The GIL is taken only for the fill calls.
-// (hidden visibility, as the pybind11 object it holds)
-struct __attribute__((visibility("hidden"))) StreamedPredictions : Predictions {
-  const pybind11::object& fill;
+// step where the reference raised it), and sets ``err`` when the call itself failed. The bindings'
+// fill takes the GIL only for the call.
+struct StreamedPredictions : Predictions {
+  using Fill = std::function<int64_t(std::string& err)>;
+  Fill fill;
   const double* buf;
   int64_t chunk_steps, avail = 0, pos = 0;
-  StreamedPredictions(const pybind11::object& fill_, const double* buf_, int64_t chunk_steps_, int64_t E_,
-                      int64_t depth_, int64_t score_depth_)
-      : Predictions(E_, depth_, score_depth_), fill(fill_), buf(buf_), chunk_steps(chunk_steps_) {}
+  StreamedPredictions(Fill fill_, const double* buf_, int64_t chunk_steps_, int64_t E_, int64_t depth_,
+                      int64_t score_depth_)
+      : Predictions(E_, depth_, score_depth_), fill(std::move(fill_)), buf(buf_), chunk_steps(chunk_steps_) {}
   void reset(int64_t) override {}
   const double* step(int64_t, const int64_t*, int64_t, int64_t) override {
     if (pos == avail) {
-      int64_t n = 0;
       std::string err;
-      {
-        pybind11::gil_scoped_acquire gil;
-        try {
-          n = fill().cast<int64_t>();
-        } catch (pybind11::error_already_set& e) {
-          err = e.what();
-        }
-      }
+      const int64_t n = fill(err);
       if (!err.empty()) throw std::runtime_error(std::string(STREAM_TAG) + err);
       if (n < 0) throw std::runtime_error(STREAM_TAG);
       if (n == 0 || n > chunk_steps) throw std::runtime_error("sim_replay: the prediction stream ended early");

@@ -1,0 +1,198 @@
+"""The CPU side of hybrid execution: the kernels that run a missed expert on the host. ``CppKernel``
+drives the C++ pool ``moecache._C.CpuExpertPool`` (csrc/cpu_expert.cpp) for the concatenated SwiGLU
+layout; ``TorchKernel`` runs the model's own experts class on host views of the store for anything
+else, or where the extension is missing or disabled. ``make_kernel`` picks one and says why."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .._ext import extension
+from ..errors import ConfigError
+from .experts import make_shell
+
+ENV_KERNEL = "MOECACHE_CPU_KERNEL"
+CPU_KERNELS = ("auto", "portable", "avx2", "avx512", "torch")
+
+
+#: Environment variable that sets the CPU kernel's thread count (default: ``default_threads()``).
+ENV_THREADS = "MOECACHE_CPU_THREADS"
+
+
+def default_threads() -> int:
+    """Usable cores minus two, or ``$MOECACHE_CPU_THREADS``. One core runs the thread that launches GPU
+    work, one the copy worker: both spin while they wait on CUDA (the driver's default for a single
+    context), and a pool thread descheduled for a time slice holds up the whole expert it is part of."""
+    env = os.environ.get(ENV_THREADS)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ConfigError(f"{ENV_THREADS}={env!r} is not a thread count; set a positive integer or unset it")
+        if n < 1:
+            raise ConfigError(f"{ENV_THREADS}={env!r}: the CPU kernel needs at least one thread")
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 2)
+
+
+# -- CPU kernels ------------------------------------------------------------------------------------
+
+def swiglu_mismatch(original: nn.Module, kinds: dict[str, tuple[int, ...]], dtype: torch.dtype) -> str | None:
+    """None when ``original`` computes ``down(silu(gate x) * up x)`` from concatenated, non-transposed
+    ``gate_up_proj (2I, H)`` and ``down_proj (H, I)`` without biases (what the C++ kernel does), else why not."""
+    if set(kinds) != {"gate_up_proj", "down_proj"}:
+        return f"its expert weights are {sorted(kinds)}, not gate_up_proj and down_proj"
+    (two_i, h), (h2, i) = kinds["gate_up_proj"], kinds["down_proj"]
+    if two_i != 2 * i or h2 != h:
+        return f"gate_up_proj {kinds['gate_up_proj']} and down_proj {kinds['down_proj']} are not (2I, H) and (H, I)"
+    flags = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+             "has_post_expert_norm": False}
+    for flag, want in flags.items():
+        if bool(getattr(original, flag, want)) != want:
+            return f"its experts class sets {flag}={not want}"
+    gate = getattr(type(original), "_apply_gate", None)
+    if gate is None or getattr(gate, "__name__", "") != "_default_apply_gate":
+        return "its experts class has its own gating function"
+    from transformers.activations import SiLUActivation
+
+    if not isinstance(getattr(original, "act_fn", None), (nn.SiLU, SiLUActivation)):
+        return f"its activation is {type(getattr(original, 'act_fn', None)).__name__}, not SiLU"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"its weights are {dtype}; the C++ kernel reads bf16 or fp32"
+    return None
+
+
+class CpuKernel:
+    """Runs experts of one layer on the host: ``submit`` returns at once (where it can), ``wait``
+    returns the outputs ``(rows, H)`` (fp32 or the model dtype) and the kernel's ms."""
+
+    name = "base"
+
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
+        raise NotImplementedError
+
+    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def experts_run(self) -> int:
+        raise NotImplementedError
+
+    def prewake(self) -> None:
+        """A ``submit`` is coming: get ready (the C++ pool wakes its workers meanwhile)."""
+
+    def close(self) -> None:
+        pass
+
+
+class CppKernel(CpuKernel):
+    """``moecache._C.CpuExpertPool`` over the host store's rows (read in place)."""
+
+    def __init__(self, store: Any, threads: int, kernel: str, pin: bool):
+        C = extension()
+        assert C is not None
+        self._pool = C.CpuExpertPool(int(threads), kernel)
+        self.name = self._pool.kernel()
+        self.threads = int(self._pool.threads())
+        kinds = {k.name: k.shape for k in store.layout.kinds}
+        self.H, self.I = kinds["down_proj"]
+        self.wtype = 1 if store.layout.dtype == torch.bfloat16 else 0
+        self.pin = pin
+        self.store = store  # keeps the rows alive while the pool may read them
+        # Address of every expert's gate_up and down rows, by layer: [layer][expert].
+        self._gu: list[list[int]] = []
+        self._down: list[list[int]] = []
+        for layer in range(store.num_layers):
+            views = store.layer_views(layer)
+            self._gu.append([views["gate_up_proj"][e].data_ptr() for e in range(store.num_experts)])
+            self._down.append([views["down_proj"][e].data_ptr() for e in range(store.num_experts)])
+
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
+        x32 = x.to(torch.float32).contiguous()  # the launch passes fp32 rows: no CPU op here
+        out = torch.empty((x32.shape[0], self.H), dtype=torch.float32, pin_memory=self.pin)
+        row = self.H * 4  # bytes of one fp32 row, in and out
+        xs, outs, off = [], [], 0
+        for n in sizes:
+            xs.append(x32.data_ptr() + off * row)
+            outs.append(out.data_ptr() + off * row)
+            off += n
+        ticket = self._pool.submit(self.H, self.I, self.wtype, xs, list(sizes),
+                                   [self._gu[layer][e] for e in experts], [self._down[layer][e] for e in experts], outs)
+        return ticket, x32, out  # the buffers live as long as the handle
+
+    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
+        ticket, _x, out = handle
+        return out, float(self._pool.wait(ticket))
+
+    def experts_run(self) -> int:
+        return int(self._pool.counters()[1])
+
+    def prewake(self) -> None:
+        self._pool.prewake()
+
+    def read_bandwidth(self, buf: torch.Tensor) -> float:
+        """GB/s of a multi-threaded read of ``buf`` (contiguous host tensor) by this pool's threads."""
+        ms, _ = self._pool.read(buf.data_ptr(), buf.numel() * buf.element_size())
+        return buf.numel() * buf.element_size() / (ms * 1e6)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class TorchKernel(CpuKernel):
+    """The model's own experts class on host views of the store (any layout; runs on the calling
+    thread, so it does not overlap the GPU's work as the C++ pool does)."""
+
+    name = "torch"
+
+    def __init__(self, originals: Sequence[nn.Module], store: Any, num_experts: int):
+        self.originals = list(originals)
+        self.store = store
+        self.E = int(num_experts)
+        self._shells: dict[int, nn.Module] = {}
+        self._run = 0
+
+    def _shell(self, layer: int) -> nn.Module:
+        if layer not in self._shells:
+            self._shells[layer] = make_shell(self.originals[layer], self.store.layer_views(layer), self.E)
+        return self._shells[layer]
+
+    @torch.no_grad()
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, sizes: Sequence[int]) -> Any:
+        t0 = time.perf_counter()
+        x = x.to(self.store.layout.dtype)
+        ids = torch.repeat_interleave(torch.tensor(list(experts), dtype=torch.long), torch.tensor(list(sizes)))
+        # Each row as its own one-expert token with weight 1: the unweighted expert output.
+        out = self._shell(layer)(x, ids.view(-1, 1), torch.ones((x.shape[0], 1), dtype=x.dtype))
+        self._run += len(experts)
+        return out, 1e3 * (time.perf_counter() - t0)
+
+    def wait(self, handle: Any) -> tuple[torch.Tensor, float]:
+        return handle
+
+    def experts_run(self) -> int:
+        return self._run
+
+
+def make_kernel(kernel: str, threads: int | None, originals: Sequence[nn.Module], store: Any, num_experts: int,
+                pin: bool) -> tuple[CpuKernel, str | None]:
+    """The CPU kernel for this model (``kernel``: a ``CPU_KERNELS`` name; ``threads``: the C++ pool's
+    threads, default ``default_threads()``), and why it is the torch one (None when it is the C++ one)."""
+    kinds = {k.name: k.shape for k in store.layout.kinds}
+    if kernel == "torch":
+        why = "asked for (kernel torch)"
+    elif extension() is None:
+        why = "the extension moecache._C is not built or is disabled (MOECACHE_DISABLE_EXT)"
+    else:
+        why = swiglu_mismatch(originals[0], kinds, store.layout.dtype)
+    if why is None:
+        return CppKernel(store, threads or default_threads(), kernel, pin), None
+    return TorchKernel(originals, store, num_experts), why
