@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import warnings
 from collections import defaultdict
 from typing import Any, Iterator
@@ -176,9 +177,19 @@ def _build_meta_model(path: str, dtype: torch.dtype | None, experts_implementati
     return model.eval()
 
 
+def _bar(total: int, enabled: bool | None, desc: str) -> Any:
+    """A tqdm bar on stderr; ``enabled=None`` shows it only where stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not show, file=sys.stderr)
+
+
 def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None, family: str | None,
-                   experts_implementation: str | None, pin: bool | None) -> tuple[nn.Module, HostStore]:
-    """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store."""
+                   experts_implementation: str | None, pin: bool | None,
+                   progress: bool | None = None) -> tuple[nn.Module, HostStore]:
+    """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store.
+    ``progress``: a bar over the tensors read (None: where stderr is a terminal)."""
     model = _build_meta_model(path, dtype, experts_implementation)
     adapter = get_family(family) if family else detect_family(model)
     blocks = find_moe_blocks(model, adapter)
@@ -221,6 +232,7 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
                 plain.append((f, key, target))
 
     filled = {(layer, k): 0 for layer in range(len(blocks)) for k in kinds}
+    bar = _bar(len(per_expert) + len(stacked) * E + len(plain) + len(grouped), progress, f"load {os.path.basename(path)}")
     # Pass 2a: per-expert tensors, converted one expert at a time by transformers' rules.
     for (target, e), sources in sorted(per_expert.items()):
         module_path, _, name = target.rpartition(".")
@@ -234,12 +246,14 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
                                         f"expert at a time (got {None if value is None else tuple(value.shape)})")
         store.fill_expert(layer, e, name, value[0])
         filled[(layer, name)] += 1
+        bar.update(1)
     # Pass 2b: stacked expert tensors, one expert slice at a time.
     for f, key, target in stacked:
         module_path, _, name = target.rpartition(".")
         layer = experts_at[module_path]
         for e in range(E):
             store.fill_expert(layer, e, name, handles[f].get_row(key, e))
+            bar.update(1)
         filled[(layer, name)] += E
     missing = [f"{blocks[layer].name}.{adapter.experts_attr}.{name} ({n}/{E} experts)"
                for (layer, name), n in sorted(filled.items()) if n != E]
@@ -250,12 +264,15 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     for f, key, target in plain:
         if not _set_tensor(model, target, handles[f].get_tensor(key), device):
             unexpected.append(key)
+        bar.update(1)
     for target, sources in grouped.items():
+        bar.update(1)
         conv = rules.converter_for(next(iter(sources)))
         tensors = {p: [handles[f].get_tensor(k) for f, k in sorted(v)] for p, v in sources.items()}
         for k2, v2 in rules.convert(conv, target, tensors, model).items():
             if not _set_tensor(model, k2, v2, device):
                 unexpected.append(k2)
+    bar.close()
     for h in handles.values():
         h.close()
     handles.clear()
@@ -277,11 +294,12 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
 def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
                     device: str | None = None, dtype: torch.dtype | str | None = None, family: str | None = None,
                     experts_implementation: str | None = None, pin: bool | None = None,
-                    **offload_kwargs: Any) -> nn.Module:
+                    progress: bool | None = None, **offload_kwargs: Any) -> nn.Module:
     """Load the checkpoint folder ``path`` offloaded; returns the model (its handle is ``model.moecache``).
 
     ``gpu_memory``/``cache_slots`` and ``offload_kwargs`` (policy, predictor, prefetch_depth, engine,
-    ...) are those of ``moecache.offload``. ``dtype`` defaults to the checkpoint's.
+    ...) are those of ``moecache.offload``. ``dtype`` defaults to the checkpoint's. ``progress``: a bar
+    over the tensors read, on stderr (None: only where stderr is a terminal).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -293,7 +311,7 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
         dtype = getattr(torch, dtype)
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
-                                      experts_implementation=experts_implementation, pin=pin)
+                                      experts_implementation=experts_implementation, pin=pin, progress=progress)
     except _ReadElsewhere as e:
         warnings.warn(f"moecache.from_pretrained: {e}; loading with transformers on the CPU and offloading layer "
                       "by layer instead")

@@ -72,10 +72,10 @@ class _Progress:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     try:
-        import matplotlib  # noqa: F401  (the plots need it; it is the optional "plot" extra)
+        import matplotlib  # noqa: F401  (a default dependency; a broken environment may still lack it)
     except ImportError:
-        raise ConfigError("moecache analyze draws its plots with matplotlib, which is not installed: "
-                          "pip install 'moecache-offload[plot]' (or pip install matplotlib)") from None
+        raise ConfigError("moecache analyze draws its plots with matplotlib, which is missing from this environment: "
+                          "pip install matplotlib (a dependency of moecache-offload)") from None
     from ..analysis.report import write_report
     from ..analysis.run import Options, analyze_trace
     from ..trace import open_trace
