@@ -19,8 +19,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..errors import ConfigError
-from .options import DeprecatedFlag
+from .model_options import add_model_options, budget_of, check_model_path, dtype_of, slots_for, tokenizer_for
 
 DEFAULT_PROMPT = "The mixture of experts"
 
@@ -28,29 +27,9 @@ DEFAULT_PROMPT = "The mixture of experts"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with an offloaded MoE model (default: the embedded one)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local checkpoint folder (safetensors); default: the embedded random model")
+    add_model_options(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--gpu-memory", help="device budget for non-expert weights + expert pool, e.g. 8GiB")
-    budget.add_argument("--cache-slots", type=int, help="experts in the device pool")
-    budget.add_argument("--experts-fraction", type=float, default=None,
-                        help="pool size as a share of all experts (default 0.25 when no budget is given)")
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--predictor", default=None, help="prefetch predictor name (default: none)")
-    p.add_argument("--prefetch-depth", type=int, default=1)
-    p.add_argument("--copy-engine", default="auto",
-                   help="how experts are copied to the GPU: auto (default), worker (the C++ copy thread), stream "
-                        "(a CUDA side stream) or sync")
-    p.add_argument("--engine", dest="copy_engine", action=DeprecatedFlag, new_flag="--copy-engine")
-    p.add_argument("--hybrid", nargs="?", const="auto", default=None, metavar="RULE",
-                   help="run missed experts on the CPU too: auto (a cost model measured at start-up picks copy or "
-                        "CPU per miss; the default when the flag has no value), cpu (every miss on the CPU), copy "
-                        "(never); the kernel follows $MOECACHE_CPU_KERNEL")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: checkpoint's; default model: "
-                                                    "bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's random weights")
     p.add_argument("--check", action="store_true", help="compare the tokens with the unpatched model's")
     p.add_argument("--json", dest="json_out", help="also write the stats as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not the streamed text")
@@ -85,54 +64,14 @@ class _Streamer:
             self.out.flush()
 
 
-def _dtype(name: str | None) -> Any:
-    import torch
-
-    if name is None:
-        return None
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ConfigError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
-    return dt
+_dtype = dtype_of
+_budget = budget_of
+_slots_for = slots_for
 
 
 def _tokenizer(path: str | None, vocab: int) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    from .. import default_model as dm
-
-    if path is not None and any(os.path.isfile(os.path.join(path, f))
-                                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-        return (lambda s: tok(s)["input_ids"]), (lambda ids: tok.decode(ids, skip_special_tokens=True))
-    if vocab <= 256:
-        def encode(text: str) -> list[int]:
-            ids = dm.encode(text)
-            if ids and max(ids) >= vocab:
-                raise ConfigError(f"the prompt has byte values up to {max(ids)} but the model's byte vocabulary has "
-                                  f"{vocab} ids; use characters below {chr(vocab) if vocab < 128 else vocab!r}")
-            return ids
-
-        return encode, dm.decode
-    raise ConfigError(f"{path} has no tokenizer files and a vocabulary of {vocab} ids; add a tokenizer to the folder")
-
-
-def _budget(args: argparse.Namespace) -> dict[str, Any]:
-    if args.gpu_memory is not None:
-        return {"gpu_memory": args.gpu_memory}
-    if args.cache_slots is not None:
-        return {"cache_slots": args.cache_slots}
-    return {"fraction": 0.25 if args.experts_fraction is None else args.experts_fraction}
-
-
-def _slots_for(model: Any, fraction: float) -> int:
-    from ..families import detect_family, find_moe_blocks
-
-    adapter = detect_family(model)
-    total = len(find_moe_blocks(model, adapter)) * adapter.num_experts(model.config)
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"--experts-fraction must be in (0, 1], got {fraction}")
-    return max(adapter.top_k(model.config), int(round(total * fraction)))
+    encode, decode, _tok = tokenizer_for(path, vocab)
+    return encode, decode
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from ..default_model import RANDOM_WEIGHTS_LABEL, default_model
     from ..runtime import offload
 
+    check_model_path(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = _budget(args)
     opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.copy_engine,
