@@ -14,7 +14,7 @@ import sys
 from ..errors import MoecacheError
 
 #: Modules under moecache.cli that contribute subcommands, in help order.
-COMMAND_MODULES = ("doctor", "trace", "analyze", "bench", "generate", "serve")
+COMMAND_MODULES = ("doctor", "trace", "analyze", "bench", "generate", "serve", "record")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,9 +123,12 @@ def load_model(args: argparse.Namespace, command: str, *, offloaded: bool = True
 
     check_model_path(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = budget_of(args)
-    opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.copy_engine,
-                device=device, hybrid=args.hybrid or False)
+    budget: dict[str, Any] = {}
+    opts: dict[str, Any] = {}
+    if offloaded:
+        budget = budget_of(args)
+        opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+                    engine=args.copy_engine, device=device, hybrid=args.hybrid or False)
     if args.model is None:
         dtype = dtype_of(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         print(f"moecache {command}: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}", file=sys.stderr)
