@@ -185,9 +185,29 @@ def _bar(total: int, enabled: bool | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=not show, file=sys.stderr)
 
 
+def _check_host(model: nn.Module, blocks: list, layout: SlotLayout, E: int, device: torch.device, host_memory: Any,
+                cache_slots: int | None) -> None:
+    """Before any weight is read: the host store (and, on a CPU device, the other weights and the pool) must fit
+    the host budget (``moecache.runtime.memplan.check_host_memory``)."""
+    if host_memory is None:
+        return
+    from .runtime.memplan import check_host_memory
+    from .runtime.offload import _expert_params, non_expert_bytes
+
+    other = 0
+    if device.type == "cpu":
+        other = non_expert_bytes(model, _expert_params(blocks, layout, E)) + (cache_slots or 0) * layout.slot_bytes
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    hint = ("load it in bfloat16 (dtype=torch.bfloat16, --dtype bfloat16) to halve it"
+            if floats and floats[0].dtype == torch.float32 else None)
+    check_host_memory(experts=len(blocks) * E * layout.slot_bytes, other=other, host_memory=host_memory,
+                      dtype_hint=hint)
+
+
 def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None, family: str | None,
                    experts_implementation: str | None, pin: bool | None,
-                   progress: bool | None = None) -> tuple[nn.Module, HostStore]:
+                   progress: bool | None = None, host_memory: Any = "auto",
+                   cache_slots: int | None = None) -> tuple[nn.Module, HostStore]:
     """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store.
     ``progress``: a bar over the tensors read (None: where stderr is a terminal)."""
     model = _build_meta_model(path, dtype, experts_implementation)
@@ -199,6 +219,7 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     if layout.storage not in _READ_STORAGES:
         raise _ReadElsewhere(f"{adapter.name} stores its experts {layout.storage!r} (not read one expert at a time "
                              "from the files here)")
+    _check_host(model, blocks, layout, E, device, host_memory, cache_slots)
     store = HostStore(layout, len(blocks), E, HostAllocator(pin))
     experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
     kinds = set(layout.names)
@@ -294,12 +315,15 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
 def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
                     device: str | None = None, dtype: torch.dtype | str | None = None, family: str | None = None,
                     experts_implementation: str | None = None, pin: bool | None = None,
-                    progress: bool | None = None, **offload_kwargs: Any) -> nn.Module:
+                    progress: bool | None = None, host_memory: int | str | None = "auto",
+                    **offload_kwargs: Any) -> nn.Module:
     """Load the checkpoint folder ``path`` offloaded; returns the model (its handle is ``model.moecache``).
 
     ``gpu_memory``/``cache_slots`` and ``offload_kwargs`` (policy, predictor, prefetch_depth, engine,
     ...) are those of ``moecache.offload``. ``dtype`` defaults to the checkpoint's. ``progress``: a bar
-    over the tensors read, on stderr (None: only where stderr is a terminal).
+    over the tensors read, on stderr (None: only where stderr is a terminal). ``host_memory`` (bytes, or
+    "auto": the memory available now; None: no check): the host store must fit in it, checked before any
+    weight is read. ``gpu_memory="auto"`` plans the device budget (``moecache.offload``).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -311,19 +335,20 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
         dtype = getattr(torch, dtype)
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
-                                      experts_implementation=experts_implementation, pin=pin, progress=progress)
+                                      experts_implementation=experts_implementation, pin=pin, progress=progress,
+                                      host_memory=host_memory, cache_slots=cache_slots)
     except _ReadElsewhere as e:
         warnings.warn(f"moecache.from_pretrained: {e}; loading with transformers on the CPU and offloading layer "
                       "by layer instead")
         return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
                                       family=family, experts_implementation=experts_implementation, pin=pin,
-                                      **offload_kwargs)
+                                      host_memory=host_memory, **offload_kwargs)
     except (ImportError, AttributeError, TypeError) as e:
         warnings.warn(f"moecache.from_pretrained: this transformers release's conversion helpers differ ({e!r}); "
                       "loading with transformers on the CPU and offloading layer by layer instead")
         return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
                                       family=family, experts_implementation=experts_implementation, pin=pin,
-                                      **offload_kwargs)
+                                      host_memory=host_memory, **offload_kwargs)
     offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
             **offload_kwargs)
     return model
@@ -331,9 +356,14 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
 
 def _load_via_transformers(path: str, gpu_memory: Any, *, cache_slots: int | None, device: torch.device,
                            dtype: torch.dtype | None, family: str | None, experts_implementation: str | None,
-                           pin: bool | None, **offload_kwargs: Any) -> nn.Module:
+                           pin: bool | None, host_memory: Any = None, **offload_kwargs: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if host_memory is not None:  # transformers loads the whole checkpoint into host memory first
+        from .runtime.memplan import check_host_memory
+
+        files = checkpoint_files(path)
+        check_host_memory(experts=sum(os.path.getsize(f) for f in files), other=0, host_memory=host_memory)
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from .model_options import add_model_options, budget_of, check_model_path, dtype_of, slots_for, tokenizer_for
+from .model_options import (add_model_options, budget_of, check_model_path, dtype_of, offload_options,
+                            slots_for, tokenizer_for)
 
 DEFAULT_PROMPT = "The mixture of experts"
 
@@ -83,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_path(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = _budget(args)
-    opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, engine=args.copy_engine,
-                device=device, hybrid=args.hybrid or False)
+    opts = offload_options(args, device)
     err = sys.stderr
     reference = None
     if args.model is None:

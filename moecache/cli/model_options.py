@@ -22,10 +22,18 @@ def add_model_options(p: argparse.ArgumentParser, *, seed_help: str | None = Non
     """``--model``, the budget, policy, predictor, copy engine, hybrid, device and dtype options."""
     p.add_argument("--model", help="local checkpoint folder (safetensors); default: the embedded model")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--gpu-memory", help="device budget for non-expert weights + expert pool, e.g. 8GiB")
+    budget.add_argument("--gpu-memory", help="device budget for non-expert weights + expert pool, e.g. 8GiB; 'auto': "
+                                             "the free device memory less the KV cache (--max-context) and a margin; "
+                                             "prints the plan")
     budget.add_argument("--cache-slots", type=int, help="experts in the device pool")
     budget.add_argument("--experts-fraction", type=float, default=None,
                         help="pool size as a share of all experts (default 0.25 when no budget is given)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of context the KV cache must hold, planned by --gpu-memory auto (default: the model's "
+                        "limit, at most 4096)")
+    p.add_argument("--host-memory", default=None,
+                   help="host budget, e.g. 64GiB, or 'auto' (the memory available now; the default for --model): a "
+                        "model whose experts do not fit is refused before loading")
     p.add_argument("--policy", default="lru")
     p.add_argument("--predictor", default=None, help="prefetch predictor name (default: none)")
     p.add_argument("--prefetch-depth", type=int, default=1)
@@ -94,10 +102,32 @@ def slots_for(model: Any, fraction: float) -> int:
     return max(adapter.top_k(model.config), int(round(total * fraction)))
 
 
+def offload_options(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The keyword arguments of ``moecache.offload`` the options give (besides the budget)."""
+    opts: dict[str, Any] = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+                                engine=args.copy_engine, device=device, hybrid=args.hybrid or False)
+    if getattr(args, "max_context", None) is not None:
+        opts["max_context"] = args.max_context
+    if getattr(args, "host_memory", None) is not None:
+        opts["host_memory"] = args.host_memory
+    return opts
+
+
 def check_model_path(args: argparse.Namespace) -> None:
-    """Fail before any loading when ``--model`` is not a folder."""
+    """Fail before any loading when ``--model`` is not a folder or a size option cannot be read."""
     if args.model is not None and not os.path.isdir(args.model):
         raise ConfigError(f"--model {args.model}: no such folder; pass a local checkpoint folder (safetensors)")
+    from ..runtime.offload import parse_bytes
+
+    for flag, value in (("--gpu-memory", getattr(args, "gpu_memory", None)),
+                        ("--host-memory", getattr(args, "host_memory", None))):
+        if value is not None and value.strip().lower() != "auto":
+            try:
+                parse_bytes(value)
+            except ConfigError:
+                raise ConfigError(f"{flag} {value!r}: write e.g. 8GiB, 512MiB, 16GB or auto") from None
+    if getattr(args, "max_context", None) is not None and args.max_context < 1:
+        raise ConfigError(f"--max-context must be >= 1, got {args.max_context}")
 
 
 @dataclass
@@ -127,8 +157,7 @@ def load_model(args: argparse.Namespace, command: str, *, offloaded: bool = True
     opts: dict[str, Any] = {}
     if offloaded:
         budget = budget_of(args)
-        opts = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                    engine=args.copy_engine, device=device, hybrid=args.hybrid or False)
+        opts = offload_options(args, device)
     if args.model is None:
         dtype = dtype_of(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         print(f"moecache {command}: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}", file=sys.stderr)

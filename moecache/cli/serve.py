@@ -1,5 +1,8 @@
 """``moecache serve``: an OpenAI-compatible HTTP server for an offloaded MoE model.
 
+--max-context caps prompt + completion tokens per request (default: the model's limit) and is
+the context --gpu-memory auto leaves KV-cache room for.
+
 Endpoints: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health and
 /metrics (Prometheus text: requests, tokens/s, cache hits, misses, ready rate, bytes copied, stall,
 experts run on the CPU). Requests are generated one at a time in arrival order, so each answer
@@ -29,8 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this bearer key (default: $MOECACHE_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait while one is generated")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="prompt + completion tokens per request (default: the model's max_position_embeddings)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the folder's name, or moecache-default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -43,8 +44,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port {args.port} is not a TCP port; use 1-65535 (0: any free port)")
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.max_context is not None and args.max_context < 2:
-        raise ConfigError(f"--max-context must be >= 2 tokens, got {args.max_context}")
     check_model_path(args)
 
 

@@ -13,12 +13,16 @@ in it; ``stats()`` reports them separately (``gpu_other_peak_bytes``). ::
     slots = min(total_experts, (gpu_memory - non_expert_bytes - WORKSPACE_BYTES) // slot_bytes)
 
 and it must be at least ``top_k`` (one token's experts of one layer), else ``ConfigError``.
-``cache_slots=N`` sets the pool directly instead.
+``cache_slots=N`` sets the pool directly instead. ``gpu_memory="auto"`` plans the budget from the
+free device memory, the KV cache for ``max_context`` tokens x ``batch`` and a safety margin, and
+prints the plan (``moecache.runtime.memplan``; ``handle.memory_plan``). ``host_memory`` (bytes or
+"auto") refuses a host store that would not fit, before any expert is copied.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from .engine import make_engine
 from .experts import EXPERT_KERNELS
 from .hoststore import HostAllocator, HostStore
 from .hybrid import HybridConfig, make_hybrid
+from . import memplan
 from .layout import SlotLayout
 from .pool import SlotPool
 from .stats import format_summary, summarise
@@ -57,7 +62,8 @@ def parse_bytes(value: int | float | str) -> int:
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB' or a byte count")
+        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB', a byte count "
+                          "or 'auto'")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -170,6 +176,7 @@ class OffloadHandle:
         self.own_store = True
         self._stall_base = 0.0
         self.removed = False
+        self.memory_plan: Any = None  # the MemoryPlan of gpu_memory="auto", else None
 
     # -- timing of model calls -------------------------------------------------------------------
     def _on_call_start(self, rows: int, tokens: int, new_request: bool) -> Any:
@@ -313,15 +320,40 @@ def _call_shape(args: tuple, kwargs: dict) -> tuple[int, int, bool]:
     return 1, 1, new
 
 
+def _plan(model: nn.Module, config: Any, dev: torch.device, non_expert: int, slot_bytes: int, top_k: int, total: int,
+          max_context: int | None, batch: int, expert_ids: set[int]) -> memplan.MemoryPlan:
+    """``gpu_memory="auto"``: the plan for the device's free memory (``moecache.runtime.memplan``)."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    dtype_bytes = floats[0].element_size() if floats else 2
+    # The model's own tensors on the device count as free: they are what the plan places (non-expert
+    # weights), or experts about to move to the host store. On the CPU the store stays in that memory.
+    seen: set[int] = set(expert_ids) if dev.type == "cpu" else set()
+    already = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.device == dev:
+            seen.add(id(t))
+            already += t.numel() * t.element_size()
+    return memplan.plan_gpu_memory(
+        free=memplan.device_free_bytes(dev) + already, non_expert=non_expert, slot_bytes=slot_bytes, top_k=top_k,
+        total_experts=total, kv_per_token=memplan.kv_bytes_per_token(config, dtype_bytes),
+        max_context=max_context or memplan.default_max_context(config), batch=batch, workspace=WORKSPACE_BYTES,
+        device=str(dev))
+
+
 def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
             policy: Any = "lru", predictor: Any = None, prefetch_depth: int = 1, device: str | None = None,
             engine: str = "auto", family: str | None = None, policy_params: dict | None = None,
             predictor_params: dict | None = None, prefetch_width: int | None = None,
             min_prob: float = DEFAULT_MIN_PROB, pin: bool | None = None,
-            host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False) -> OffloadHandle:
+            host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False,
+            max_context: int | None = None, batch: int = 1, host_memory: int | str | None = None) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
-    * ``gpu_memory`` ("6GiB", bytes) or ``cache_slots``: the budget (module docstring).
+    * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
+      "auto", ``max_context`` (default: the model's limit, at most 4096) and ``batch`` size the KV cache
+      the plan leaves room for.
+    * ``host_memory``: bytes or "auto" (the memory available now): refuse up front when the host store
+      (plus the non-expert weights and pool on a CPU device) would not fit in it. None: no check.
     * ``policy``: a ``moecache.policies`` name or a fitted ``Policy`` instance (global scope); it
       picks every victim. ``policy_params`` go to its constructor.
     * ``predictor``: None, a ``moecache.predictors`` name or a fitted ``Predictor`` instance; it
@@ -356,9 +388,18 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     expert_ids = _expert_params(blocks, layout, E)
     non_expert = non_expert_bytes(model, expert_ids)
     total = L * E
+    plan = None
+    if isinstance(gpu_memory, str) and gpu_memory.strip().lower() == "auto":
+        if cache_slots is not None:
+            raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB' or 'auto') or cache_slots=")
+        plan = _plan(model, config, dev, non_expert, layout.slot_bytes, k, total, max_context, batch, expert_ids)
+        gpu_memory = plan.budget
     slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
                                  slot_bytes=layout.slot_bytes, top_k=k, total=total)
     pol = _make_policy(policy, slots, L, E, k, dict(policy_params or {}))
+    if host_memory is not None and host_store is None:
+        on_host = non_expert + slots * layout.slot_bytes if dev.type == "cpu" else 0
+        memplan.check_host_memory(experts=total * layout.slot_bytes, other=on_host, host_memory=host_memory)
     on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
     if on_meta and host_store is None:
         raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
@@ -402,8 +443,12 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
         "host_store_bytes": store.nbytes, "host_pinned": store.pinned,
         "experts_implementation": getattr(config, "_experts_implementation", None),
         "hybrid": None if runtime.hybrid is None else runtime.hybrid.describe(),
+        "memory_plan": None if plan is None else plan.to_json(),
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
+    handle.memory_plan = plan
+    if plan is not None:
+        print("\n".join(plan.lines()), file=sys.stderr)
     handle.own_store = own_store or host_store is None
 
     def pre(_mod, args, kwargs):
