@@ -267,3 +267,22 @@ def test_cli_serves_over_http(tiny_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_scheduler_close_stops_the_running_request_and_drops_the_line():
+    import asyncio
+
+    from moecache.serve import SamplingParams, TextGenerator
+    from moecache.serve.scheduler import Scheduler
+
+    gen = TextGenerator(small_default_model(), encode, decode)
+    sched = Scheduler(gen, max_waiting=8)
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [sched.submit(encode("go"), SamplingParams(max_tokens=400, temperature=0), loop) for _ in range(3)]
+        _until(lambda: sched.running is not None)
+        sched.close()
+        assert not sched._thread.is_alive()
+        assert [j.state for j in jobs] == ["cancelled"] * 3 and sched.completed == 0
+    finally:
+        loop.close()

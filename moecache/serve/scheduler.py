@@ -57,6 +57,7 @@ class Scheduler:
         self.busy_s = 0.0                # time spent generating
         self.completion_tokens = 0
         self.prompt_tokens = 0
+        self._closing = False
         self._thread = threading.Thread(target=self._work, name="moecache-serve-worker", daemon=True)
         self._thread.start()
 
@@ -79,6 +80,11 @@ class Scheduler:
                 self.cancelled += 1
 
     def close(self) -> None:
+        """Stop the worker: the running request ends before its next token, the waiting ones are dropped."""
+        self._closing = True
+        running = self.running
+        if running is not None:
+            self._cancel(running)
         self._line.put(None)
         self._thread.join(timeout=30)
 
@@ -94,9 +100,11 @@ class Scheduler:
             job = self._line.get()
             if job is None:
                 return
+            if self._closing:
+                self._cancel(job)
             with self._lock:
                 if job.state != "waiting":
-                    continue  # cancelled while it waited
+                    continue  # cancelled while it waited, or the server is stopping
                 job.state = "running"
                 self.waiting -= 1
                 self.running = job
