@@ -105,9 +105,11 @@ def test_offload_auto_refuses_and_changes_nothing(monkeypatch):
 
 
 def test_host_check():
-    with pytest.raises(ConfigError, match=r"needs 3\.00 GiB of host memory .* host_memory is 2\.00 GiB: free 1\.00 GiB"):
+    with pytest.raises(ConfigError, match=r"needs 3\.00 GiB of host memory .* host_memory is 2\.00 GiB: raise host_memory to at least 3\.00 GiB"):
         check_host_memory(experts=2 * GiB, other=GiB, host_memory="2GiB")
     assert check_host_memory(experts=GiB, other=0, host_memory="auto", available=2 * GiB) == 2 * GiB
+    with pytest.raises(ConfigError, match=r"available host memory is 1\.00 GiB: free 1\.00 GiB or use a machine"):
+        check_host_memory(experts=2 * GiB, other=0, host_memory=None, available=GiB)
     model = small_default_model()
     with pytest.raises(ConfigError, match="host memory"):
         moecache.offload(model, cache_slots=4, device="cpu", host_memory="100KiB")

@@ -173,11 +173,12 @@ def check_host_memory(*, experts: int, other: int, host_memory: Any = None, dtyp
         budget, what = resolve_host_budget(host_memory)
     need = experts + other
     if need > budget:
-        hint = f"; {dtype_hint}" if dtype_hint else ""
+        hint = f"; or {dtype_hint}" if dtype_hint else ""
+        fix = (f"raise host_memory to at least {fmt_bytes(need)}" if what == "host_memory" else
+               f"free {fmt_bytes(need - budget)} or use a machine with more memory")
         raise ConfigError(
             f"the model needs {fmt_bytes(need)} of host memory (experts {fmt_bytes(experts)} + other weights and "
-            f"pool {fmt_bytes(other)}) but the {what} is {fmt_bytes(budget)}: free {fmt_bytes(need - budget)} or "
-            f"use a machine with more memory{hint}")
+            f"pool {fmt_bytes(other)}) but the {what} is {fmt_bytes(budget)}: {fix}{hint}")
     return budget
 
 
