@@ -43,3 +43,17 @@ def test_from_pretrained_progress_bar(capsys):
     moecache.from_pretrained(MODEL, cache_slots=8, device="cpu", progress=True).moecache.remove()
     err = capsys.readouterr().err
     assert "load qwen3moe-tiny-code" in err and "tensor" in err
+
+
+def test_import_progress_counts_bytes(tmp_path, capsys):
+    from moecache.trace.importers import import_traces
+
+    from .test_importers import qwen_lines, write_lines
+
+    src = write_lines(tmp_path / "run.jsonl", qwen_lines(layer=3, seed=1))
+    import_traces([src], tmp_path / "out", progress=False)
+    assert capsys.readouterr().err == ""
+    import_traces([src], tmp_path / "out2", progress=True)
+    err = capsys.readouterr().err
+    size = src.stat().st_size
+    assert "import vllm-moe-logger" in err and f"/{size / 1024:.2f}k" in err and "B/s" in err

@@ -31,7 +31,7 @@ import os
 import pkgutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ...atomic import write_text_atomic
 from ...errors import ConfigError, TraceFormatError
@@ -234,12 +234,19 @@ def read_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *, len
     for name, files in form.groups(src.files, top):
         defects = Defects(lenient)
         seqs: list[SourceSequence] = []
-        for path in _progress(files, progress, name or src.format):
+        bar = _progress(files, progress, name or src.format)
+        for path in files:
             for s in form.read(path, defects):
                 if len(s.block):
                     seqs.append(s)
+                    if bar is not None and len(seqs) % 64 == 0:
+                        bar.set_postfix(sequences=len(seqs), refresh=False)
                 else:  # every record was left out: its counts still say why
                     defects.counts.update(s.counts)
+            if bar is not None:
+                bar.update(_size(path))
+        if bar is not None:
+            bar.close()
         if not seqs:  # nothing readable: the counts belong to no trace
             top.merge(defects)
             continue
@@ -252,13 +259,24 @@ def read_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *, len
     return src, out, top
 
 
-def _progress(files: Sequence[str], enabled: bool, desc: str) -> Iterable[str]:
-    """A progress bar over files (on stderr) when ``enabled``; the CLI enables it on a terminal."""
-    if not enabled:
-        return files
-    from tqdm import tqdm  # a transformers dependency; imported only when a bar is shown
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
-    return tqdm(files, desc=f"import {desc}", unit="file", leave=False)
+
+def _progress(files: Sequence[str], enabled: bool, desc: str) -> Any:
+    """A progress bar over the bytes of ``files`` (on stderr, so large files weigh what they hold) when
+    ``enabled``, else None; the CLI enables it on a terminal."""
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=sum(_size(f) for f in files), desc=f"import {desc}", unit="B", unit_scale=True,
+                unit_divisor=1024, leave=False, file=sys.stderr)
 
 
 def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
