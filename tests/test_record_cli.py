@@ -39,6 +39,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
     good.write_text("hello\n")
     assert main(["record", "--prompts", str(good), "-o", str(out), "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+    assert main(["record", "--prompts", str(good), "-o", str(out), "--cache-slots", "8"]) == 2
+    assert "--cache-slots applies to an offloaded model; add --offload" in capsys.readouterr().err
     out.mkdir()
     (out / "keep").write_text("mine")
     assert main(["record", "--prompts", str(good), "-o", str(out)]) == 2
@@ -65,6 +67,13 @@ def test_records_every_prompt(tiny_model_dir, tmp_path, capsys):
         assert len(sub) == len(ids) + n - 1  # the prompt, then every generated token but the last
         np.testing.assert_array_equal(sub.token[:len(ids)], ids)  # left padding is not recorded
         np.testing.assert_array_equal(sub.phase, [PHASE_PREFILL] * len(ids) + [PHASE_DECODE] * (n - 1))
+    # offloaded (a quarter of the experts resident): the same routing
+    assert main(["record", "--model", str(tiny_model_dir), "--device", "cpu", "--prompts", str(prompts), "-o",
+                 str(tmp_path / "off.trace"), "--max-new-tokens", str(n), "--batch", "2", "--offload",
+                 "--experts-fraction", "0.25"]) == 0
+    off = open_trace(tmp_path / "off.trace")
+    np.testing.assert_array_equal(off.ids, t.ids)
+    np.testing.assert_array_equal(off.token, t.token)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")

@@ -3,7 +3,8 @@
 Prompts: a text file with one prompt per line (blank lines skipped), or a JSONL file (``.jsonl``, or
 a first line that is a JSON object) whose lines carry a ``prompt`` string. Each batch of --batch
 prompts is left-padded and generated greedily for --max-new-tokens tokens; every forward pass is
-recorded (``moecache.record``: prompt rows as prefill, generated ones as decode).
+recorded (``moecache.record``: prompt rows as prefill, generated ones as decode). With --offload
+the model runs offloaded (the same routing; for a model that does not fit on the device).
 
 A killed run (even ``kill -9``) leaves OUT.partial with every flushed chunk readable; ``moecache
 trace finalise OUT`` completes it. Chunks are flushed every --flush-rows rows or --flush-seconds
@@ -19,21 +20,20 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .model_options import check_model_path, dtype_of, load_model
+from .model_options import add_model_options, check_model_path, dtype_of, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="generate from a prompts file and record the routing trace",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local checkpoint folder (safetensors); default: the embedded model")
     p.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line, or JSONL with 'prompt'")
     p.add_argument("-o", "--out", required=True, metavar="OUT.trace", help="the trace folder to write")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=1, help="prompts generated together (left-padded)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: checkpoint's; default model: "
-                                                    "bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's random weights")
+    p.add_argument("--offload", action="store_true",
+                   help="run the model offloaded (the budget, policy and engine options apply): for a model that "
+                        "does not fit on the device; the routing is the same")
+    add_model_options(p)
     p.add_argument("--force", action="store_true", help="replace an existing trace (or OUT.partial) at OUT")
     p.add_argument("--flush-rows", type=int, default=16384, help="rows per chunk written to disk")
     p.add_argument("--flush-seconds", type=float, default=10.0, help="also flush buffered rows this often")
@@ -86,6 +86,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise ConfigError(f"-o {args.out}: the folder {parent} does not exist")
+    if not args.offload:
+        given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cache-slots", args.cache_slots),
+                                          ("--experts-fraction", args.experts_fraction),
+                                          ("--predictor", args.predictor), ("--hybrid", args.hybrid))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} applies to an offloaded model; add --offload (or leave {given[0]} out)")
     check_model_path(args)
     dtype_of(args.dtype)
     return read_prompts(args.prompts)
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import moecache
 
     prompts = check_args(args)
-    loaded = load_model(args, "record", offloaded=False)
+    loaded = load_model(args, "record", offloaded=args.offload)
     model, encode = loaded.model, loaded.encode
     encoded = [encode(p) for p in prompts]  # bad characters fail here, before the trace is opened
     if any(not ids for ids in encoded):
@@ -127,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
               f"`moecache trace finalise {args.out}` completes it", file=sys.stderr)
         return 130
     bar.close()
+    if loaded.handle is not None:
+        loaded.handle.remove()
     wall = time.perf_counter() - t0
     print(f"recorded {rec.rows:,} tokens of {len(prompts)} prompts in {wall:.1f} s -> {rec.path}", file=sys.stderr)
     return 0
