@@ -286,3 +286,24 @@ def test_scheduler_close_stops_the_running_request_and_drops_the_line():
         assert [j.state for j in jobs] == ["cancelled"] * 3 and sched.completed == 0
     finally:
         loop.close()
+
+
+def test_chat_uses_the_model_template_where_it_has_one():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moecache.serve import TextGenerator
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab["<unk>"] = 0
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<a>{% endif %}")
+    gen = TextGenerator(small_default_model(), lambda s: tok(s)["input_ids"], tok.decode, tok)
+    assert gen.has_chat_template
+    assert gen.chat_prompt_ids([{"role": "user", "content": "hi"}]) == tok("<user>hi<a>")["input_ids"]
+    plain = TextGenerator(small_default_model(), encode, decode)
+    assert not plain.has_chat_template
+    assert plain.chat_prompt_ids([{"role": "user", "content": "hi"}]) == encode("user: hi\nassistant:")
