@@ -57,3 +57,14 @@ def test_import_progress_counts_bytes(tmp_path, capsys):
     err = capsys.readouterr().err
     size = src.stat().st_size
     assert "import vllm-moe-logger" in err and f"/{size / 1024:.2f}k" in err and "B/s" in err
+
+
+def test_doctor_lists_the_feature_packages(capsys):
+    from moecache.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("packages:"))
+    for name in ("matplotlib", "tqdm", "fastapi", "uvicorn", "prometheus-client", "psutil"):
+        assert f"{name} " in line and "MISSING" not in line
+    assert "{" not in out  # every entry printed as text, none as a raw dict

@@ -32,9 +32,28 @@ def collect() -> dict:
     import numpy
 
     info["numpy"] = numpy.__version__
+    info["features"] = feature_status()
     info["extension"] = extension_status()
     info["cpu_kernel"] = cpu_kernel_status()
     return info
+
+
+#: Distributions the commands need (default dependencies): what each one serves.
+FEATURE_PACKAGES = {"matplotlib": "analyze/bench plots", "tqdm": "progress bars", "psutil": "host memory check",
+                    "fastapi": "serve", "uvicorn": "serve", "prometheus-client": "serve /metrics"}
+
+
+def feature_status() -> dict:
+    """The installed version of each package in ``FEATURE_PACKAGES``, or how to install a missing one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name, use in FEATURE_PACKAGES.items():
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = f"MISSING ({use}): pip install {name}"
+    return out
 
 
 def cpu_kernel_status() -> dict:
@@ -67,13 +86,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     ext = info.pop("extension")
+    feats = info.pop("features", None)
+    cpu = info.pop("cpu_kernel", None)
     for k, v in info.items():
         print(f"{k:>16}: {v}")
     print(f"{'extension':>16}: {ext['status']}" + (" (disabled by MOECACHE_DISABLE_EXT)" if ext["disabled_by_env"] else ""))
     if ext["available"]:
         print(f"{'build flags':>16}: {ext['build_flags']}")
         print(f"{'extension cuda':>16}: {ext['with_cuda']}")
-    cpu = info.pop("cpu_kernel", None)
+    if feats:
+        print(f"{'packages':>16}: " + ", ".join(f"{k} {v}" for k, v in feats.items()))
     if cpu:
         feats = ", ".join(k for k, v in cpu.get("features", {}).items() if v) or "none"
         print(f"{'cpu kernel':>16}: {cpu['kernel']} (requested {cpu['requested']}; CPU features: {feats}; "
