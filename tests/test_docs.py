@@ -14,7 +14,7 @@ from moecache.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "eval" / "results" / "README.md"]
+DOC_FILES = [README, *sorted((ROOT / "docs").glob("**/*.md")), ROOT / "eval" / "results" / "README.md"]
 #: The README is a user guide of about 12 KB; detail goes to docs/.
 README_MAX_BYTES = 13_000
 #: Pages that a parallel change adds; a link to one of them may dangle until it lands.
