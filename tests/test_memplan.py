@@ -140,3 +140,15 @@ def test_cli_size_options_are_checked_up_front(capsys):
                                        "or auto\n")
     assert main(["serve", "--host-memory", "x"]) == 2
     assert "--host-memory 'x'" in capsys.readouterr().err
+
+
+def test_record_batch_and_context_reach_the_plan():
+    from moecache.cli import build_parser
+    from moecache.cli.model_options import offload_options
+
+    args = build_parser().parse_args(["record", "--prompts", "p.txt", "-o", "o", "--offload", "--gpu-memory", "auto",
+                                      "--batch", "4", "--max-context", "512", "--host-memory", "8GiB"])
+    opts = offload_options(args, "cpu")
+    assert (opts["batch"], opts["max_context"], opts["host_memory"]) == (4, 512, "8GiB")
+    args = build_parser().parse_args(["serve", "--cache-slots", "8"])
+    assert "batch" not in offload_options(args, "cpu") and "max_context" not in offload_options(args, "cpu")

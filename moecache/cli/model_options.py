@@ -110,6 +110,9 @@ def offload_options(args: argparse.Namespace, device: str) -> dict[str, Any]:
         opts["max_context"] = args.max_context
     if getattr(args, "host_memory", None) is not None:
         opts["host_memory"] = args.host_memory
+    if getattr(args, "batch", None) is not None and getattr(args, "gpu_memory", None) is not None \
+            and str(args.gpu_memory).strip().lower() == "auto":
+        opts["batch"] = args.batch  # record --batch: the KV cache the plan leaves room for
     return opts
 
 
