@@ -21,6 +21,7 @@ model too big for the machine is refused up front instead of being killed by the
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,23 @@ from ..errors import ConfigError
 DEFAULT_MAX_CONTEXT = 4096
 MIN_MARGIN = 512 * 2**20
 MARGIN_SHARE = 0.05
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"6GiB"``, ``"512MB"``, ``"1.5 GiB"``, ``10**9`` -> bytes (GiB = 2**30, GB = 10**9)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"a memory size must be >= 0, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB', a byte count "
+                          "or 'auto'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def fmt_bytes(n: float) -> str:
@@ -158,8 +176,6 @@ def resolve_host_budget(host_memory: Any) -> tuple[int, str]:
     """``(bytes, what it is)`` of a ``host_memory`` value: "auto"/None is the memory available now."""
     if host_memory is None or (isinstance(host_memory, str) and host_memory.strip().lower() == "auto"):
         return host_available_bytes(), "available host memory"
-    from .offload import parse_bytes
-
     return parse_bytes(host_memory), "host_memory"
 
 
@@ -182,5 +198,5 @@ def check_host_memory(*, experts: int, other: int, host_memory: Any = None, dtyp
     return budget
 
 
-__all__ = ["MemoryPlan", "plan_gpu_memory", "kv_bytes_per_token", "default_max_context", "safety_margin",
+__all__ = ["parse_bytes", "MemoryPlan", "plan_gpu_memory", "kv_bytes_per_token", "default_max_context", "safety_margin",
            "device_free_bytes", "check_host_memory", "host_available_bytes", "DEFAULT_MAX_CONTEXT"]

@@ -21,7 +21,6 @@ prints the plan (``moecache.runtime.memplan``; ``handle.memory_plan``). ``host_m
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ from .experts import EXPERT_KERNELS
 from .hoststore import HostAllocator, HostStore
 from .hybrid import HybridConfig, make_hybrid
 from . import memplan
+from .memplan import parse_bytes
 from .layout import SlotLayout
 from .pool import SlotPool
 from .stats import format_summary, summarise
@@ -49,23 +49,6 @@ from .stats import format_summary, summarise
 WORKSPACE_BYTES = 0
 #: Attribute under which the handle is attached to the patched model.
 HANDLE_ATTR = "moecache"
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | float | str) -> int:
-    """``"6GiB"``, ``"512MB"``, ``"1.5 GiB"``, ``10**9`` -> bytes (GiB = 2**30, GB = 10**9)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(f"a memory size must be >= 0, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB', a byte count "
-                          "or 'auto'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def _fmt(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
