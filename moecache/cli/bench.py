@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -103,6 +104,37 @@ def _split_fit(trace: Any, share: float) -> tuple[Any, Any, str]:
     return fit, score, f"leading {share:.0%} of sequences ({n_fit} of {len(seqs)}), not scored"
 
 
+def fit_depth_params(pred_cls: Any, params: dict[str, Any], depth: int, policies: list[tuple[str, dict]],
+                     num_layers: int) -> dict[str, Any]:
+    """``params`` with ``max_depth`` raised to the deepest prediction the runs will ask for.
+
+    A fitted predictor (``learned``, ``transition``) only answers depths up to its ``max_depth``; the
+    runs ask for ``1..depth`` (prefetch) and, for a policy with scores (``predicted``), its
+    ``score_depth`` (a whole token ahead: ``num_layers``). Without an explicit ``max_depth`` it is
+    raised to cover them; an explicit one that is too shallow is refused here, before any fitting.
+    """
+    from ..policies import POLICIES
+
+    if "max_depth" not in inspect.signature(pred_cls.__init__).parameters:
+        return params
+    need = depth
+    for name, pparams in policies:
+        cls = POLICIES.get(name)
+        if cls.uses_scores:
+            # a throwaway instance of the run's shape answers score_depth (one slot, one expert)
+            need = max(need, int(cls(1, num_layers, 1, **pparams).score_depth() or 0))
+    if need <= 0:
+        return params
+    if "max_depth" in params:
+        if int(params["max_depth"]) < need:
+            raise ConfigError(f"--predictor-param max_depth={params['max_depth']} is below the depth {need} the runs "
+                              f"ask for (prefetch depth {depth}; 'predicted' wants a whole token, {num_layers} layers); "
+                              f"pass max_depth={need} or leave it out")
+        return params
+    default = inspect.signature(pred_cls.__init__).parameters["max_depth"].default
+    return {**params, "max_depth": max(int(default), need)}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -163,7 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         predictor = None
         if pred_cls is not None:
             L, E, K = _dims(trace)
-            predictor = pred_cls(L, E, K, **pred_params)
+            predictor = pred_cls(L, E, K, **fit_depth_params(pred_cls, pred_params, depth, policies, L))
             if predictor.needs_fit:
                 predictor.fit(fitting)
         counts = count_ids(fitting) if fitting is not None else None
