@@ -27,9 +27,20 @@ def expected_wait(keys: np.ndarray, p_next: np.ndarray, p_later: np.ndarray, cur
     """``T`` for each key (``keys`` int64; per-token probabilities for the next token and later ones)."""
     layer = keys // num_experts
     d = ((layer - current_layer - 1) % num_layers + 1).astype(np.float64)
+    return d + wait_beyond(p_next, p_later, num_layers)
+
+
+def wait_beyond(p_next: np.ndarray, p_later: np.ndarray, num_layers: int) -> np.ndarray:
+    """``X = L * (1 - p1) / p`` of ``T = d + X`` (clamped as above): the part of the wait that depends
+    on the key's own layer state only, not on which layer is being served."""
     p1 = np.clip(p_next, 0.0, 1.0)
     q = np.clip(p_later, P_MIN, 1.0)
-    return d + num_layers * (1.0 - p1) / q
+    return num_layers * (1.0 - p1) / q
+
+
+def layer_distance(current_layer: int, num_layers: int) -> np.ndarray:
+    """``d`` of every layer (float64, indexed by layer) while ``current_layer`` is being served."""
+    return ((np.arange(num_layers) - current_layer - 1) % num_layers + 1).astype(np.float64)
 
 
 def pick_largest(keys: np.ndarray, wait: np.ndarray, last: np.ndarray) -> int:

@@ -23,7 +23,11 @@ keys of a pool, so the rank is ``p``; in global scope layers that run soon keep 
 (default 16 steps of the layer, about 16 decode tokens; 0 = no decay) lets the request's ratio
 follow its recent tokens. The defaults were chosen on the Llama-4 and Mixtral traces (see
 ``eval/results/policy_table.md``). Floating point: ``a * g ** (s - s_key)`` with ``pow``, then the
-formulas left to right as written. Cost: ``O(1)`` per access, ``O(pool)`` vectorised per eviction.
+formulas left to right as written. Order structure: ``_wait_order.WaitOrder`` keeps each layer's
+residents sorted by their layer-local part of ``T`` and re-sorts a layer only after its state changed,
+so a victim compares one candidate per layer of the pool instead of scanning it (same answer as
+the scan, ``victim_scan``, kept as the reference). Cost: ``O(1)`` per access, ``O(log m)`` per
+insertion, per eviction ``O(layers of the pool)`` plus a re-sort of the layers that changed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..errors import ConfigError
-from ._expected import expected_wait, pick_largest
+from ._expected import expected_wait, layer_distance, pick_largest, wait_beyond
+from ._wait_order import WaitOrder
 from .base import POLICIES, CppPort, Policy
 
 
@@ -56,15 +61,20 @@ class Activation(Policy):
         self._h = np.zeros(n, np.int64)
         self._H = np.zeros(self.num_layers, np.int64)
         self._last = np.zeros(n, np.int64)
+        self._order = WaitOrder(self.num_layers, self.num_experts)
+        self._dist_layer = -1
+        self._dist = layer_distance(0, self.num_layers)
 
     def on_request(self) -> None:
         self._a[:] = 0.0
         self._N[:] = 0.0
+        self._order.invalidate_all()
 
     def begin_layer(self, layer: int) -> None:
         super().begin_layer(layer)
         self._step[layer] += 1
         self._N[layer] = self._N[layer] * self.g
+        self._order.invalidate(layer)
 
     def on_access(self, key: int, count: int) -> None:
         layer = key // self.num_experts
@@ -75,10 +85,15 @@ class Activation(Policy):
         self._h[key] += count
         self._H[layer] += count
         self._last[key] = self.clock
+        self._order.invalidate(layer)
 
     def on_insert(self, key: int) -> None:
         if self._last[key] < self.clock:  # arrival counts as recency (for ties), not as use
             self._last[key] = self.clock
+        self._order.add(key, int(self._last[key]), self.beyond)
+
+    def on_evict(self, key: int) -> None:
+        self._order.remove(key)
 
     def probability(self, keys: np.ndarray) -> np.ndarray:
         """``p`` of the formula above for each key, now."""
@@ -89,7 +104,19 @@ class Activation(Policy):
         alpha = self.params["alpha"]
         return (a + alpha * q) / (self._N[layer] + alpha)
 
+    def beyond(self, keys: np.ndarray) -> np.ndarray:
+        """``X`` of ``T = d + X`` for each key: the part of the expected wait set by its layer's state."""
+        p = self.probability(keys)
+        return wait_beyond(p, p, self.num_layers)
+
     def victim(self, pool: int, protected: Iterable[int]) -> int | None:
+        if self._dist_layer != self.layer:
+            self._dist, self._dist_layer = layer_distance(self.layer, self.num_layers), self.layer
+        layers = (pool,) if self.num_pools > 1 else range(self.num_layers)
+        return self._order.victim(layers, protected, self._dist, self.beyond, self._last)
+
+    def victim_scan(self, pool: int, protected: Iterable[int]) -> int | None:
+        """The reference: score every unprotected resident of the pool (what ``victim`` must equal)."""
         keys = np.fromiter((k for k in self._members[pool] if k not in protected), np.int64)
         if keys.size == 0:
             return None

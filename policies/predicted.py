@@ -13,7 +13,7 @@ so an expert the predictor expects at the next token is kept first, and among th
 the request uses least (and whose layer runs last, in global scope) goes first. Victim: largest
 ``T``; ties go to the least recently used, then the lowest ``(layer, expert)``. With an
 uninformative predictor (``p1 = p``) this is ``activation``. Needs a predictor (``--predictor``).
-Cost: ``O(1)`` per access, ``O(experts)`` per prediction, ``O(pool)`` vectorised per eviction.
+Cost: ``O(1)`` per access, ``O(experts)`` per prediction; evictions as ``activation`` (its order structure).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import ConfigError
-from ._expected import expected_wait, pick_largest
+from ._expected import expected_wait, pick_largest, wait_beyond
 from .activation import Activation
 from .base import POLICIES
 
@@ -47,8 +47,12 @@ class Predicted(Activation):
         if p.shape != (self.num_experts,):
             raise ConfigError(f"predicted.on_scores wants ({self.num_experts},) probabilities, got {p.shape}")
         self._p1[layer * self.num_experts:(layer + 1) * self.num_experts] = p
+        self._order.invalidate(layer)
 
-    def victim(self, pool: int, protected: Iterable[int]) -> int | None:
+    def beyond(self, keys: np.ndarray) -> np.ndarray:
+        return wait_beyond(self._p1[keys], self.probability(keys), self.num_layers)
+
+    def victim_scan(self, pool: int, protected: Iterable[int]) -> int | None:
         keys = np.fromiter((k for k in self._members[pool] if k not in protected), np.int64)
         if keys.size == 0:
             return None
