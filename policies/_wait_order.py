@@ -9,7 +9,9 @@ candidate per layer instead of scanning every resident:
 
 * per layer, a list of entries ``(-X, last, key)`` sorted ascending (largest ``X`` first, then least
   recent, then lowest key), rebuilt (vectorised ``X``) only when the layer's state changed since it
-  was built (``invalidate``); an insertion into a layer whose list is current is placed by bisection,
+  was built (``invalidate``); a key inserted into a layer whose list is current waits in a pending
+  set and is placed by bisection at the first victim search that could pick it (not while it is
+  protected: a step's own misses are, so most never need placing before their layer changes again);
   a removal only drops the key from the live map (its entry is skipped when met, and the list is
   compacted once dead entries outnumber live ones);
 * per layer, the ``X`` and key of its first live entry (``top``), so a victim costs one vectorised
@@ -37,7 +39,7 @@ _NONE = -np.inf
 class WaitOrder:
     """Residents of every layer ordered by ``X`` (largest first), ties by ``(last, key)``."""
 
-    __slots__ = ("L", "E", "_valid", "_entries", "_live", "_members", "_top", "_top_key", "_dirty")
+    __slots__ = ("L", "E", "_valid", "_entries", "_live", "_members", "_top", "_top_key", "_dirty", "_pending")
 
     def __init__(self, num_layers: int, num_experts: int):
         self.L, self.E = int(num_layers), int(num_experts)
@@ -48,6 +50,9 @@ class WaitOrder:
         self._top = np.full(self.L, _NONE)
         self._top_key = np.full(self.L, -1, np.int64)
         self._dirty: set[int] = set()
+        # keys inserted into a current list whose X is not computed yet: placed when a victim search
+        # may pick them (not while they are protected, as a step's own misses are)
+        self._pending: list[set[int]] = [set() for _ in range(self.L)]
 
     # -- changes -------------------------------------------------------------------------------
     def invalidate(self, layer: int) -> None:
@@ -64,16 +69,39 @@ class WaitOrder:
         """``key`` became resident (``last`` its tie-break recency; ``beyond(keys)`` gives ``X``)."""
         layer = key // self.E
         self._members[layer].add(key)
-        if not self._valid[layer]:
-            return  # the rebuild will include it
-        entry = (-float(beyond(np.array([key], np.int64))[0]), int(last), int(key))
-        bisect.insort(self._entries[layer], entry)
-        self._live[layer][key] = entry
+        if self._valid[layer]:  # else the rebuild will include it
+            self._pending[layer].add(key)
+
+    def _place(self, layer: int, keys: list[int], beyond: Callable[[np.ndarray], np.ndarray],
+               last: np.ndarray) -> None:
+        """Put pending ``keys`` of a current list in their sorted places (one vectorised ``X``)."""
+        k = np.asarray(keys, np.int64)
+        x = beyond(k)
+        entries, live = self._entries[layer], self._live[layer]
+        for xi, li, ki in zip((-x).tolist(), last[k].tolist(), keys):
+            entry = (xi, li, ki)
+            bisect.insort(entries, entry)
+            live[ki] = entry
+        self._pending[layer].difference_update(keys)
         self._dirty.add(layer)
+
+    def _resolve(self, layer: int, protected: Container[int], beyond: Callable[[np.ndarray], np.ndarray],
+                 last: np.ndarray) -> None:
+        """Make the list of ``layer`` current and place its pending keys that are not protected."""
+        if not self._valid[layer]:
+            self._rebuild(layer, beyond, last)
+            self._dirty.add(layer)
+            return
+        pend = self._pending[layer]
+        if pend:
+            free = [k for k in pend if k not in protected]
+            if free:
+                self._place(layer, sorted(free), beyond, last)
 
     def remove(self, key: int) -> None:
         layer = key // self.E
         self._members[layer].discard(key)
+        self._pending[layer].discard(key)
         if self._live[layer].pop(key, None) is not None and self._top_key[layer] == key:
             self._dirty.add(layer)
 
@@ -81,9 +109,12 @@ class WaitOrder:
     def _rebuild(self, layer: int, beyond: Callable[[np.ndarray], np.ndarray], last: np.ndarray) -> None:
         keys = np.fromiter(self._members[layer], np.int64, len(self._members[layer]))
         x = beyond(keys) if keys.size else np.zeros(0)
-        entries = sorted(zip((-x).tolist(), last[keys].tolist(), keys.tolist()))
+        lk = last[keys]
+        o = np.lexsort((keys, lk, -x))  # the tuples' ascending order, sorted by numpy
+        entries = list(zip((-x[o]).tolist(), lk[o].tolist(), keys[o].tolist()))
         self._entries[layer] = entries
         self._live[layer] = {e[2]: e for e in entries}
+        self._pending[layer].clear()
         self._valid[layer] = True
 
     def _refresh_top(self, layer: int) -> None:
@@ -109,10 +140,11 @@ class WaitOrder:
         """The unprotected resident of ``layers`` with the largest ``dist[layer] + X``; ties to the
         smallest ``last``, then the smallest key. None when every resident is protected."""
         layers = list(layers)
+        if len(layers) == 1:  # layer scope: one list, walked directly
+            return self._victim_one(layers[0], protected, float(dist[layers[0]]), beyond, last)
         for layer in layers:
-            if not self._valid[layer]:
-                self._rebuild(layer, beyond, last)
-                self._dirty.add(layer)
+            if self._members[layer]:
+                self._resolve(layer, protected, beyond, last)
         for layer in self._dirty:
             if self._valid[layer]:
                 self._refresh_top(layer)
@@ -142,4 +174,24 @@ class WaitOrder:
                 cand = (e[1], key)
                 if best is None or cand < best:
                     best = cand
+        return None if best is None else best[1]
+
+    def _victim_one(self, layer: int, protected: Container[int], d: float,
+                    beyond: Callable[[np.ndarray], np.ndarray], last: np.ndarray) -> int | None:
+        self._resolve(layer, protected, beyond, last)
+        live = self._live[layer]
+        t_max = None
+        best: tuple[int, int] | None = None
+        for e in self._entries[layer]:
+            key = e[2]
+            if live.get(key) is not e or key in protected:
+                continue
+            w = d + (-e[0])
+            if t_max is None:
+                t_max = w
+            elif w < t_max:
+                break
+            cand = (e[1], key)
+            if best is None or cand < best:
+                best = cand
         return None if best is None else best[1]
