@@ -412,8 +412,10 @@ VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic
 CONFIGS = [(n, {}) for n in STREAM_PREDICTORS] + [(n, v) for n in STREAM_PREDICTORS for v in VARIANTS.get(n, [])]
 
 
-def _build(name, params, model, trace):
+def _build(name, params, model, trace, hidden=None):
     cls = PREDICTORS.get(name)
+    if name == "hidden_state":  # fitted on the routing and the hidden states recorded with it
+        return cls(3, 8, 2, **{"epochs": 2, "hidden_units": 16, **params}).fit(trace.with_hidden(hidden))
     if cls.needs_model:
         return GateLookaheadPredictor.from_model(model, **params).fit(trace)
     return cls(3, 8, 2, **params).fit(trace)
@@ -439,13 +441,14 @@ def test_contract(name, params, tiny_moe, tiny_routing, tmp_path):
     fit_mask = split_mask(trace, "alternate")
     fit = trace.select(fit_mask)
     seq_rows = [np.nonzero(trace.seq == s)[0] for s in np.unique(trace.seq[~fit_mask])]
-    pred = _build(name, params, tiny_moe, fit)
+    pred = _build(name, params, tiny_moe, fit, hidden[fit_mask])
     got = _run(pred, trace, hidden, seq_rows)
     assert got.shape == (24 * 3 * 2, len(seq_rows), 8) and got.dtype == np.float64
     assert (got >= 0).all() and (got <= 1 + 1e-12).all()
     np.testing.assert_allclose(got.sum(axis=2), 2.0, atol=1e-9)
     # deterministic: a second predictor built and fitted the same way says exactly the same
-    np.testing.assert_array_equal(_run(_build(name, params, tiny_moe, fit), trace, hidden, seq_rows), got)
+    np.testing.assert_array_equal(_run(_build(name, params, tiny_moe, fit, hidden[fit_mask]), trace, hidden, seq_rows),
+                                  got)
     # rows are independent requests: each row alone gives its column of the batched run
     alone = _run(pred, trace, hidden, seq_rows[1:2])
     np.testing.assert_allclose(alone[:, 0], got[:, 1], rtol=1e-9, atol=1e-12)
@@ -613,3 +616,29 @@ def test_transition_product_single_row_fast_path_is_the_masked_fold():
     hot = np.ones((1, E))
     prior = np.full(E, 0.25)
     assert np.array_equal(_product(hot, cond, prior), masked(hot, cond, prior))
+
+
+# -- hidden_state: a learned network on the residual stream ----------------------------------------
+
+def test_hidden_state_learns_the_next_router_and_refuses_traces_without_hidden(tiny_moe, tiny_routing):
+    from moecache.predict_eval import replay
+
+    trace, hidden = tiny_routing
+    fit_mask = split_mask(trace, "alternate")
+    fit, score = trace.select(fit_mask), trace.select(~fit_mask)
+    with pytest.raises(ConfigError, match="hidden_states=True"):
+        PREDICTORS.get("hidden_state")(3, 8, 2).fit(fit)
+    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=30, hidden_units=64).fit(fit.with_hidden(hidden[fit_mask]))
+    prior = PREDICTORS.get("prior")(3, 8, 2).fit(fit)
+    got = {r.depth: r for r in replay(pred, score, (1, 2), hidden=hidden[~fit_mask])}
+    base = {r.depth: r for r in replay(prior, score, (1, 2))}
+    # the next layer's routing is a function of this hidden state (plus attention): far above the prior
+    assert got[1].recall_at_offset(0) > base[1].recall_at_offset(0) + 0.15
+    with pytest.raises(ConfigError, match="fitted up to depth 2"):
+        pred.predict(0, 3)
+    pred.reset()
+    pred.observe(0, trace.ids[:1, 0], None)  # no hidden state: the target layer's prior
+    np.testing.assert_allclose(pred.predict(0, 1)[0], pred.normalise(pred.prior[1][None])[0])
+    with pytest.raises(ConfigError, match="expected \\(1, 32\\)"):
+        pred.reset()
+        pred.observe(0, trace.ids[:1, 0], np.zeros((1, 5)))

@@ -396,3 +396,65 @@ def test_cuda_recording_matches_rows_and_routing(tmp_path):
                 want_ids, want_w = reference_routing("qwen3_moe", b.block, hidden, 2)
             np.testing.assert_array_equal(t.ids[t.step == call, li], want_ids.cpu().numpy()[real])
             np.testing.assert_allclose(t.weights[t.step == call, li], want_w.float().cpu().numpy()[real], rtol=1e-6)
+
+
+# -- hidden states (format version 2) -----------------------------------------------------------------
+
+def test_hidden_states_recorded_on_request(tmp_path):
+    """With hidden_states=True every (token, layer) carries its MoE block's input; padding and the
+    packing of decode steps change nothing; without it the trace is version 1 as before."""
+    import json
+
+    from moecache.predictors.gate_lookahead import capture
+
+    model = model_for("qwen3_moe")
+    ids, mask = left_padded([[11, 12, 13], [21, 22, 23, 24, 25]])
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    traces = []
+    for name, hs in (("plain", False), ("hidden", True), ("hidden1", True)):
+        with moecache.record(model, tmp_path / name, hidden_states=hs, flush_rows=1 if name == "hidden1" else 16384):
+            model.generate(ids, **kw)
+        traces.append(open_trace(tmp_path / name))
+    plain, hid, hid1 = traces
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["version"] == 1
+    assert "hidden_size" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())["meta"]
+    assert json.loads((tmp_path / "hidden" / "manifest.json").read_text())["version"] == 2
+    assert plain.hidden is None and plain.meta.hidden_size is None
+    H = model.config.hidden_size
+    assert hid.meta.hidden_size == H and hid.hidden.shape == (len(hid), hid.meta.num_layers, H) and hid.hidden.dtype == np.float16
+    np.testing.assert_array_equal(hid.ids, plain.ids)
+    np.testing.assert_array_equal(hid.hidden, hid1.hidden)
+    assert np.isfinite(hid.hidden).all()
+    # the prompt rows equal the block inputs of a plain forward pass over the same tokens
+    want_ids, want_h = capture(model, [21, 22, 23, 24, 25])
+    first = hid.select((hid.seq == 1) & (hid.phase == PHASE_PREFILL))
+    np.testing.assert_array_equal(first.ids, want_ids)
+    np.testing.assert_allclose(first.hidden.astype(np.float32), want_h, rtol=2e-3, atol=2e-3)
+    # select / save keep the column
+    sub = hid.select(hid.seq == 0)
+    sub.save(tmp_path / "sub")
+    again = open_trace(tmp_path / "sub")
+    np.testing.assert_array_equal(again.hidden, hid.hidden[hid.seq == 0])
+
+
+def test_hidden_states_schema_errors(tmp_path):
+    from moecache.errors import TraceFormatError
+    from moecache.trace import RoutingBlock, TraceMeta, write_trace
+
+    meta = TraceMeta(num_experts=4, top_k=1, moe_layers=[0, 1], hidden_size=3)
+    ids = np.zeros((2, 2, 1), np.int16)
+    with pytest.raises(TraceFormatError, match="declares hidden_size=3 but a block has no hidden"):
+        write_trace(tmp_path / "a", meta, [RoutingBlock.build(ids)])
+    with pytest.raises(TraceFormatError, match=r"hidden shape \(2, 2, 5\)"):
+        write_trace(tmp_path / "b", meta, [RoutingBlock.build(ids, hidden=np.zeros((2, 2, 5)))])
+    with pytest.raises(TraceFormatError, match="hidden_size is null"):
+        write_trace(tmp_path / "c", TraceMeta(num_experts=4, top_k=1, moe_layers=[0, 1]),
+                    [RoutingBlock.build(ids, hidden=np.zeros((2, 2, 3)))])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    path = write_trace(tmp_path / "ok", meta, [RoutingBlock.build(ids, hidden=np.ones((2, 2, 3)))])
+    import os
+    os.remove(os.path.join(path, "chunk-000000", "hidden.npy"))
+    t = open_trace(path)  # ids still read; the missing column is named when asked for
+    assert len(t) == 2
+    with pytest.raises(TraceFormatError, match="hidden.npy is missing"):
+        t.hidden

@@ -466,3 +466,33 @@ def test_preload_places_experts_before_the_run():
     assert all(h.runtime.slot_of[key] >= 0 for key in pol.pinned)
     assert torch.equal(_gen(m).sequences, ref)
     h.remove()
+
+
+def test_hidden_state_predictor_in_the_runtime(tmp_path):
+    """Record with hidden states, fit ``hidden_state`` on them, and run it in the runtime: it is handed
+    each MoE block's input (the predictor sees every layer's hidden state) and the tokens stay exact."""
+    import moecache
+    from moecache.predictors import PREDICTORS
+    from moecache.trace import open_trace
+
+    m = tiny_model("qwen3_moe", num_hidden_layers=3)
+    ref = _gen(m, 8).sequences
+    with moecache.record(m, tmp_path / "t", hidden_states=True):
+        _gen(m, 8)
+    trace = open_trace(tmp_path / "t")
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    pred = PREDICTORS.get("hidden_state")(L, E, K, epochs=2, hidden_units=8).fit(trace)
+    seen = []
+    observe = pred._observe
+
+    def spy(layer, experts, hidden):
+        seen.append((layer, None if hidden is None else tuple(hidden.shape)))
+        observe(layer, experts, hidden)
+    pred._observe = spy
+    h = offload(m, cache_slots=3, device="cpu", predictor=pred, prefetch_depth=2)
+    out = _gen(m, 8).sequences
+    s = h.stats()
+    h.remove()
+    assert torch.equal(out, ref)
+    assert seen and all(shape is not None and shape[-1] == trace.meta.hidden_size for _, shape in seen)
+    assert {layer for layer, _ in seen} == set(range(L)) and s["prefetch_issued"] > 0

@@ -100,6 +100,7 @@ class _Call:
     cache: Any = None                    # the KV cache passed in, until the call closes
     ids: dict[int, Any] = field(default_factory=dict)      # trace layer -> (tokens, top_k), device
     weights: dict[int, Any] = field(default_factory=dict)
+    hidden: dict[int, Any] = field(default_factory=dict)   # trace layer -> (tokens, hidden) float16, device
     layers: list[int] = field(default_factory=list)        # trace layers present (set at close)
     inputs: Any = None                   # (channels, tokens) device copy of token ids and/or mask
     has_tokens: bool = False
@@ -118,6 +119,7 @@ class _Batch:
     ids: Any                             # host (sum over calls and their layers of rows, top_k)
     weights: Any                         # host, same shape
     inputs: Any                          # host (channels, sum of rows), or None
+    hidden: Any = None                   # host (sum over calls and their layers of rows, hidden), or None
     event: Any = None                    # CUDA event after the copies; None on the CPU
 
 
@@ -134,6 +136,10 @@ class RoutingRecorder:
         model_name: the metadata's model name (``config._name_or_path`` or the class name by default).
         max_pending: packed batches (of up to 32 calls) whose host copies may be in flight before
             the recorder waits for the oldest.
+        hidden_states: also record, per token and MoE layer, the input of the MoE block (what its
+            router reads) as float16: the training data of the ``hidden_state`` predictor. Off by
+            default: it costs a cast and a copy of ``hidden_size`` values per token and layer, and the
+            trace grows by ``2 * hidden_size`` bytes per token and layer (format version 2).
 
     After ``close()``: ``rows`` (tokens recorded), ``path`` (the finalised trace), ``trace()``.
     ``calls`` counts the forward calls recorded and ``host_seconds`` the host time spent in the
@@ -144,7 +150,7 @@ class RoutingRecorder:
 
     def __init__(self, model: Any, path: str | os.PathLike, *, family: str | None = None,
                  flush_rows: int = 16384, flush_seconds: float = 30.0, overwrite: bool = False,
-                 model_name: str | None = None, max_pending: int = 4):
+                 model_name: str | None = None, max_pending: int = 4, hidden_states: bool = False):
         if flush_rows < 1:
             raise ConfigError(f"flush_rows must be >= 1, got {flush_rows}")
         if max_pending < 1:
@@ -157,6 +163,7 @@ class RoutingRecorder:
         self.flush_seconds = float(flush_seconds)
         self.overwrite = overwrite
         self.max_pending = int(max_pending)
+        self.hidden_states = bool(hidden_states)
         self.meta = self._build_meta(model_name)
         self.stacks = list(dict.fromkeys(b.stack for b in self.blocks))
         self._capture = CAPTURES.get(self.adapter.capture)
@@ -198,7 +205,14 @@ class RoutingRecorder:
                     f"({self.adapter.num_experts_key}); moecache cannot record this layout")
         name = model_name or getattr(config, "_name_or_path", "") or type(self.model).__name__
         param = next(iter(self.model.parameters()), None)
-        return TraceMeta(
+        hidden_size = None
+        if self.hidden_states:
+            hidden_size = getattr(config, "hidden_size", None) or getattr(getattr(config, "text_config", None),
+                                                                          "hidden_size", None)
+            if not hidden_size:
+                raise UnsupportedModelError(f"{type(self.model).__name__}: the config names no hidden_size, so hidden "
+                                            "states cannot be recorded; record without hidden_states=True")
+        return TraceMeta(hidden_size=hidden_size,
             num_experts=num_experts, top_k=top_k, moe_layers=[b.layer for b in self.blocks], model=str(name),
             family=self.adapter.name, bytes_per_expert=bytes_per_expert(self.blocks, num_experts),
             source="moecache.record", id_order="router", weights=self.adapter.weights_kind(config),
@@ -222,6 +236,9 @@ class RoutingRecorder:
             self._handles.append(module.register_forward_pre_hook(self._stack_pre(stack), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._stack_post(stack), with_kwargs=True))
         for i, b in enumerate(self.blocks):
+            if self.hidden_states:
+                self._handles.append(b.block.register_forward_pre_hook(self._hidden_hook(i, b.stack),
+                                                                       with_kwargs=True))
             if self._capture.when == "pre":
                 self._handles.append(b.hook.register_forward_pre_hook(self._layer_hook(i, b.stack), with_kwargs=True))
             else:
@@ -328,6 +345,16 @@ class RoutingRecorder:
             self.host_seconds += time.perf_counter() - t0
         return hook
 
+    def _hidden_hook(self, layer: int, stack: str):
+        def hook(module, args, kwargs):
+            call = self._open.get(stack)
+            if call is None:
+                return  # counted by the routing hook
+            x = args[0] if args else kwargs["hidden_states"]
+            # a float16 copy on the device (the block may reuse its input buffer); no host sync
+            call.hidden[layer] = x.detach().reshape(-1, x.shape[-1]).to(torch_float16())
+        return hook
+
     # -- one call --------------------------------------------------------------------------------
     def _remember_cache(self, cache: Any, seqs: np.ndarray) -> None:
         """Map ``cache`` to the sequences of its rows (by identity, without keeping the cache alive)."""
@@ -429,7 +456,7 @@ class RoutingRecorder:
         if batch.event is None:
             return
         self._events.append(batch.event)
-        for t in (batch.ids, batch.weights, batch.inputs):
+        for t in (batch.ids, batch.weights, batch.inputs, batch.hidden):
             if t is not None and self._pooled < _POOL_MAX:  # bounded: prompts of many sizes
                 self._pool.setdefault((tuple(t.shape), t.dtype), []).append(t)
                 self._pooled += 1
@@ -469,8 +496,9 @@ class RoutingRecorder:
                 groups[-1].append(c)
             else:
                 groups.append([c])
+        H = self.meta.hidden_size
         for group in groups:
-            ids, weights = [], []
+            ids, weights, hidden = [], [], []
             for c in group:
                 for l in c.layers:
                     t, w = c.ids[l], c.weights[l]
@@ -481,14 +509,25 @@ class RoutingRecorder:
                             f"top-{k}: the {self.adapter.name!r} adapter does not match this model")
                     ids.append(t)
                     weights.append(w)
+                    if H:
+                        h = c.hidden.get(l)
+                        if h is None or h.shape != (c.rows, H):
+                            raise UnsupportedModelError(
+                                f"MoE layer {self.meta.moe_layers[l]}: its block input is "
+                                f"{None if h is None else tuple(h.shape)}, expected ({c.rows}, {H}); record this "
+                                "model without hidden_states=True")
+                        hidden.append(h)
                 c.ids = c.weights = None  # drop the device references
+                c.hidden = {}
             ids_dev, w_dev = torch.cat(ids), torch.cat(weights)
+            h_dev = torch.cat(hidden) if H else None
             in_dev = torch.cat([c.inputs for c in group], dim=1) if group[0].inputs is not None else None
             for c in group:
                 c.inputs = None
             pinned = ids_dev.device.type == "cuda"
             batch = _Batch(group, self._host(ids_dev, pinned), self._host(w_dev, pinned),
-                           self._host(in_dev, pinned) if in_dev is not None else None)
+                           self._host(in_dev, pinned) if in_dev is not None else None,
+                           self._host(h_dev, pinned) if h_dev is not None else None)
             if pinned:
                 batch.event = self._events.pop() if self._events else torch.cuda.Event()
                 batch.event.record()
@@ -529,26 +568,39 @@ class RoutingRecorder:
         ids_all = batch.ids.numpy().copy()
         w_all = batch.weights.float().numpy().copy()
         inputs = batch.inputs.numpy().copy() if batch.inputs is not None else None
+        H = self.meta.hidden_size
+        h_all = batch.hidden.numpy().copy() if batch.hidden is not None else None
         self._release(batch)
+        hid = None
         first = calls[0]
         total = sum(c.rows for c in calls)
         if all(c.rows == first.rows and c.layers == first.layers for c in calls):
             m, n, nl = len(calls), first.rows, len(first.layers)  # the usual case: decode steps alike
             ids = ids_all.reshape(m, nl, n, k).transpose(0, 2, 1, 3).reshape(m * n, nl, k)
             w = w_all.reshape(m, nl, n, k).transpose(0, 2, 1, 3).reshape(m * n, nl, k)
+            if H:
+                hid = h_all.reshape(m, nl, n, H).transpose(0, 2, 1, 3).reshape(m * n, nl, H)
             if nl != num_layers:
                 ids_full = np.full((total, num_layers, k), -1, ids.dtype)
                 w_full = np.full((total, num_layers, k), np.nan, np.float32)
                 ids_full[:, first.layers], w_full[:, first.layers] = ids, w
                 ids, w = ids_full, w_full
+                if H:
+                    h_full = np.full((total, num_layers, H), np.nan, np.float16)
+                    h_full[:, first.layers] = hid
+                    hid = h_full
         else:  # calls of different sizes or layers (prompts, the two stacks of an encoder-decoder)
             ids = np.full((total, num_layers, k), -1, ids_all.dtype)
             w = np.full((total, num_layers, k), np.nan, np.float32)
+            if H:
+                hid = np.full((total, num_layers, H), np.nan, np.float16)
             src = dst = 0
             for c in calls:
                 n, nl = c.rows, len(c.layers)
                 ids[dst:dst + n, c.layers] = ids_all[src:src + n * nl].reshape(nl, n, k).transpose(1, 0, 2)
                 w[dst:dst + n, c.layers] = w_all[src:src + n * nl].reshape(nl, n, k).transpose(1, 0, 2)
+                if H:
+                    hid[dst:dst + n, c.layers] = h_all[src:src + n * nl].reshape(nl, n, H).transpose(1, 0, 2)
                 src, dst = src + n * nl, dst + n
         tokens = inputs[0] if first.has_tokens else np.full(total, -1, np.int64)
         real = inputs[int(first.has_tokens)] != 0 if first.has_mask else np.ones(total, bool)
@@ -564,6 +616,8 @@ class RoutingRecorder:
         if not real.all():
             sel = np.flatnonzero(real)
             seq, phase, step, tokens, ids, w = seq[sel], phase[sel], step[sel], tokens[sel], ids[sel], w[sel]
+            if hid is not None:
+                hid = hid[sel]
         if len(seq) == 0:
             return
         # Position = the sequence's next position + its running count of real tokens in this batch.
@@ -577,7 +631,7 @@ class RoutingRecorder:
         pos[order] = np.repeat(base, sizes) + np.arange(len(seq)) - np.repeat(starts, sizes)
         for s, end in zip(uniq, (base + sizes).tolist()):
             self._next_pos[s] = end
-        self.writer.append(RoutingBlock(seq, pos, tokens, step, phase, ids=ids, weights=w))
+        self.writer.append(RoutingBlock(seq, pos, tokens, step, phase, ids=ids, weights=w, hidden=hid))
         self.rows += len(seq)
 
     def _discard_open(self, reason: str, stack: str | None = None) -> None:
@@ -585,6 +639,12 @@ class RoutingRecorder:
             call = self._open.pop(s, None)
             if call is not None and self.writer is not None:
                 self.writer.add_drops(reason, call.rows)
+
+
+def torch_float16() -> Any:
+    import torch
+
+    return torch.float16
 
 
 def _output_cache(output: Any) -> Any:

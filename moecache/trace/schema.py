@@ -7,7 +7,13 @@ nothing downstream knows where they came from. Unknown values are marked, never 
 * per (token, layer, k): ``ids`` uses ``ID_MISSING`` (-1) where the source has no record for
   that layer, ``ID_DROPPED`` (-2) where the router dropped the token (capacity limits);
 * ``weights`` is ``None`` when the source has no gate weights at all, and NaN where a record is
-  missing.
+  missing;
+* ``hidden`` (format version 2, optional) is ``None`` unless the trace was recorded with hidden
+  states (``moecache.record(..., hidden_states=True)``): per (token, layer) the input of the MoE
+  block (after the layer's pre-MoE norm: what the router reads), float16 ``(tokens, layers,
+  hidden_size)``, NaN where a record is missing. ``TraceMeta.hidden_size`` declares it (None: absent).
+  Traces without hidden states are written as version 1, byte for byte as before, so older readers
+  keep reading them; a version-1 trace reads as one without hidden states.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ import numpy as np
 from ..errors import TraceFormatError
 
 FORMAT_NAME = "moecache-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The version a trace is written with: 1 unless it carries hidden states (the version-2 addition).
+def format_version_of(meta: "TraceMeta") -> int:
+    return 2 if meta.hidden_size else 1
+
+
+HIDDEN_DTYPE = np.float16
 
 PHASE_UNKNOWN = -1
 PHASE_PREFILL = 0
@@ -70,6 +82,7 @@ class TraceMeta:
     weights: str = "absent"
     files: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    hidden_size: int | None = None  # per-(token, layer) hidden states of this width are stored (version 2)
 
     def __post_init__(self) -> None:
         self.moe_layers = [int(x) for x in self.moe_layers]
@@ -85,6 +98,10 @@ class TraceMeta:
             raise TraceFormatError(f"id_order {self.id_order!r} is not one of {sorted(ID_ORDERS)}")
         if self.weights not in WEIGHT_KINDS:
             raise TraceFormatError(f"weights {self.weights!r} is not one of {sorted(WEIGHT_KINDS)}")
+        if self.hidden_size is not None:
+            self.hidden_size = int(self.hidden_size)
+            if self.hidden_size < 1:
+                raise TraceFormatError(f"hidden_size must be >= 1 (or null: no hidden states), got {self.hidden_size}")
 
     @property
     def num_layers(self) -> int:
@@ -95,7 +112,13 @@ class TraceMeta:
         return self.weights != "absent"
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["hidden_size"] is None:  # a version-1 trace's metadata, unchanged
+            del out["hidden_size"]
+        return out
+
+    def without_hidden(self) -> "TraceMeta":
+        return dataclasses.replace(self, hidden_size=None)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], path: str | None = None) -> "TraceMeta":
@@ -123,6 +146,7 @@ class RoutingBlock:
     phase: np.ndarray
     ids: np.ndarray
     weights: np.ndarray | None = None
+    hidden: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -138,6 +162,7 @@ class RoutingBlock:
         step: np.ndarray | Sequence | int | None = None,
         phase: np.ndarray | Sequence | int | None = None,
         weights: np.ndarray | Sequence | None = None,
+        hidden: np.ndarray | None = None,
     ) -> "RoutingBlock":
         """Make a block, broadcasting scalars and marking columns left out as unknown."""
         ids = np.asarray(ids)
@@ -155,8 +180,9 @@ class RoutingBlock:
             return a.astype(dtype, copy=False)
 
         w = None if weights is None else np.asarray(weights, dtype=np.float32)
+        h = None if hidden is None else np.asarray(hidden, dtype=HIDDEN_DTYPE)
         return cls(col(seq, "seq"), col(pos, "pos"), col(token, "token"), col(step, "step"),
-                   col(phase, "phase"), ids, w)
+                   col(phase, "phase"), ids, w, h)
 
     def validate(self, meta: TraceMeta, where: str | None = None) -> "RoutingBlock":
         """Check shapes, dtypes and ranges against ``meta``; return the block with canonical dtypes."""
@@ -187,10 +213,22 @@ class RoutingBlock:
                 raise TraceFormatError(f"weights shape {self.weights.shape} does not match {want}", where)
         elif self.weights is not None:
             raise TraceFormatError("the trace declares weights='absent' but a block carries weights", where)
+        if meta.hidden_size:
+            hwant = (n, meta.num_layers, meta.hidden_size)
+            if self.hidden is None:
+                raise TraceFormatError(f"the trace declares hidden_size={meta.hidden_size} but a block has no hidden "
+                                       "states", where)
+            if self.hidden.shape != hwant:
+                raise TraceFormatError(f"hidden shape {self.hidden.shape} does not match (tokens, layers, hidden_size) "
+                                       f"= {hwant}", where)
+        elif self.hidden is not None:
+            raise TraceFormatError("a block carries hidden states but the trace declares none (hidden_size is null)",
+                                   where)
         return RoutingBlock(
             *(getattr(self, c).astype(TOKEN_COLUMNS[c], copy=False) for c in TOKEN_COLUMNS),
             ids=self.ids.astype(ids_dtype(meta.num_experts), copy=False),
             weights=None if self.weights is None else self.weights.astype(np.float32, copy=False),
+            hidden=None if self.hidden is None else self.hidden.astype(HIDDEN_DTYPE, copy=False),
         )
 
     @staticmethod
@@ -200,10 +238,12 @@ class RoutingBlock:
         if len(blocks) == 1:
             return blocks[0]
         has_w = blocks[0].weights is not None
+        has_h = blocks[0].hidden is not None
         return RoutingBlock(
             *(np.concatenate([getattr(b, c) for b in blocks]) for c in TOKEN_COLUMNS),
             ids=np.concatenate([b.ids for b in blocks]),
             weights=np.concatenate([b.weights for b in blocks]) if has_w else None,
+            hidden=np.concatenate([b.hidden for b in blocks]) if has_h else None,
         )
 
     def take(self, index: np.ndarray | slice) -> "RoutingBlock":
@@ -211,4 +251,5 @@ class RoutingBlock:
             *(getattr(self, c)[index] for c in TOKEN_COLUMNS),
             ids=self.ids[index],
             weights=None if self.weights is None else self.weights[index],
+            hidden=None if self.hidden is None else self.hidden[index],
         )

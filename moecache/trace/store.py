@@ -4,7 +4,7 @@ Layout of a finalised trace ``PATH/``::
 
     manifest.json            format name and version, metadata, chunk list, drop counts
     chunk-000000/            one folder per flushed chunk, each renamed into place when complete
-        seq.npy pos.npy token.npy step.npy phase.npy ids.npy [weights.npy]
+        seq.npy pos.npy token.npy step.npy phase.npy ids.npy [weights.npy] [hidden.npy]
         drops.json           {reason: count} observed while this chunk was written
     chunk-000001/ ...
 
@@ -29,14 +29,15 @@ import numpy as np
 from .._ext import extension
 from ..atomic import fsync_dir, write_json_atomic
 from ..errors import TraceFormatError
-from .schema import (FORMAT_NAME, FORMAT_VERSION, ID_DROPPED, ID_MISSING, PHASE_NAMES, TOKEN_COLUMNS,
-                     RoutingBlock, TraceMeta)
+from .schema import (FORMAT_NAME, FORMAT_VERSION, HIDDEN_DTYPE, ID_DROPPED, ID_MISSING, PHASE_NAMES, TOKEN_COLUMNS,
+                     RoutingBlock, TraceMeta, format_version_of)
 
 MANIFEST = "manifest.json"
 PARTIAL_META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
 _CHUNK_RE = re.compile(r"^chunk-(\d{6,})$")
-_COLUMNS = tuple(TOKEN_COLUMNS) + ("ids", "weights")
+_COLUMNS = tuple(TOKEN_COLUMNS) + ("ids", "weights", "hidden")
+_OPTIONAL = ("weights", "hidden")
 
 
 def _chunk_name(i: int) -> str:
@@ -68,7 +69,7 @@ class TraceWriter:
             shutil.rmtree(self.partial)
         os.makedirs(self.partial)
         write_json_atomic(os.path.join(self.partial, PARTIAL_META),
-                          {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta.to_json()})
+                          {"format": FORMAT_NAME, "version": format_version_of(meta), "meta": meta.to_json()})
         self._buffer: list[RoutingBlock] = []
         self._buffered = 0
         self._chunks: list[dict[str, Any]] = []
@@ -133,7 +134,7 @@ class TraceWriter:
         self.flush()
         manifest = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": format_version_of(self.meta),
             "meta": self.meta.to_json(),
             "chunks": self._chunks,
             "rows": self.rows,
@@ -186,8 +187,15 @@ class Trace:
 
     def __init__(self, meta: TraceMeta, block: RoutingBlock, *, drops: dict[str, int] | None = None,
                  path: str | None = None, finalised: bool = True,
-                 weights_loader: Callable[[], np.ndarray] | None = None):
+                 weights_loader: Callable[[], np.ndarray] | None = None,
+                 hidden_loader: Callable[[], np.ndarray] | None = None):
         self.meta = meta
+        # Hidden states (format version 2) are the largest column by far: read on first use only.
+        self._hidden_loader = hidden_loader
+        if hidden_loader is not None:
+            if block.hidden is not None:
+                raise ValueError("pass hidden states in the block or a hidden_loader, not both")
+            meta = meta.without_hidden()
         # Gate weights are read on first use: most analyses need ids only, and weights are the
         # larger column (float32 against int16), so reading them lazily halves a cold open.
         self._weights_loader = weights_loader
@@ -217,13 +225,28 @@ class Trace:
             if w.shape != self.ids.shape:
                 raise TraceFormatError(f"weights shape {w.shape} does not match ids {self.ids.shape}", self.path)
             self._block = RoutingBlock(self.seq, self.pos, self.token, self.step, self.phase, self.ids,
-                                       w.astype(np.float32, copy=False))
+                                       w.astype(np.float32, copy=False), self._block.hidden)
             self._weights_loader = None
         return self._block.weights
 
     @property
+    def hidden(self) -> np.ndarray | None:
+        """Per (token, layer) MoE-block inputs, float16 ``(tokens, layers, hidden_size)``; None when the
+        trace was recorded without them (``meta.hidden_size`` is None)."""
+        if self._hidden_loader is not None:
+            h = self._hidden_loader()
+            want = (len(self), self.meta.num_layers, self.meta.hidden_size)
+            if h.shape != want:
+                raise TraceFormatError(f"hidden shape {h.shape} does not match {want}", self.path)
+            self._block = RoutingBlock(self.seq, self.pos, self.token, self.step, self.phase, self.ids,
+                                       self._block.weights, h.astype(HIDDEN_DTYPE, copy=False))
+            self._hidden_loader = None
+        return self._block.hidden
+
+    @property
     def block(self) -> RoutingBlock:
         self.weights  # materialise lazily loaded weights
+        self.hidden  # ... and hidden states
         return self._block
 
     def __len__(self) -> int:
@@ -246,6 +269,18 @@ class Trace:
     def select(self, mask_or_index: np.ndarray | slice) -> "Trace":
         return Trace(self.meta, self.block.take(mask_or_index), drops=self.drops, path=self.path,
                      finalised=self.finalised)
+
+    def with_hidden(self, hidden: np.ndarray) -> "Trace":
+        """This trace with hidden states ``(tokens, layers, hidden_size)`` attached (e.g. captured
+        apart from a recording), as a version-2 trace in memory."""
+        h = np.asarray(hidden)
+        if h.ndim != 3 or h.shape[:2] != (len(self), self.meta.num_layers):
+            raise TraceFormatError(f"hidden has shape {h.shape}, expected ({len(self)}, {self.meta.num_layers}, "
+                                   "hidden_size)", self.path)
+        b = self.block
+        meta = TraceMeta(**{**self.meta.to_json(), "hidden_size": int(h.shape[2])})
+        return Trace(meta, RoutingBlock(b.seq, b.pos, b.token, b.step, b.phase, b.ids, b.weights, h),
+                     drops=self.drops, path=self.path, finalised=self.finalised)
 
     def select_sequences(self, seq_ids: Iterable[int]) -> "Trace":
         return self.select(np.isin(self.seq, np.asarray(list(seq_ids))))
@@ -288,10 +323,11 @@ class Trace:
         }
 
 
-def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True) -> tuple[RoutingBlock, dict[str, int]]:
+def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True,
+                with_hidden: bool = True) -> tuple[RoutingBlock, dict[str, int]]:
     cols: dict[str, Any] = {}
     for col in _COLUMNS:
-        if col == "weights" and not with_weights:
+        if (col == "weights" and not with_weights) or (col == "hidden" and not with_hidden):
             continue
         f = os.path.join(folder, col + ".npy")
         if os.path.exists(f):
@@ -299,7 +335,7 @@ def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True) -> tupl
                 cols[col] = np.load(f, allow_pickle=False)
             except Exception as e:  # a damaged file: say which one
                 raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
-        elif col != "weights":
+        elif col not in _OPTIONAL:
             raise TraceFormatError(f"chunk is missing {col}.npy", folder)
     drops: dict[str, int] = {}
     dfile = os.path.join(folder, "drops.json")
@@ -363,12 +399,13 @@ def open_trace(path: str | os.PathLike) -> Trace:
         names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
     blocks, drops, kept = [], Counter(), []
     for n in names:
-        b, d = _load_chunk(os.path.join(folder, n), meta, with_weights=False)
+        b, d = _load_chunk(os.path.join(folder, n), meta, with_weights=False, with_hidden=False)
         drops.update(d)
         if len(b):
             blocks.append(b)
             kept.append(n)
-    block = RoutingBlock.concat(blocks or [_empty_block(TraceMeta(**{**meta.to_json(), "weights": "absent"}))])
+    block = RoutingBlock.concat(blocks or [_empty_block(TraceMeta(**{**meta.without_hidden().to_json(),
+                                                                        "weights": "absent"}))])
     if finalised and header.get("rows") is not None and len(block) != header["rows"]:
         raise TraceFormatError(f"manifest says {header['rows']} rows, chunks hold {len(block)}", folder)
 
@@ -383,8 +420,20 @@ def open_trace(path: str | os.PathLike) -> Trace:
             return np.zeros((0, meta.num_layers, meta.top_k), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def load_hidden() -> np.ndarray:
+        parts = []
+        for n in kept:
+            f = os.path.join(folder, n, "hidden.npy")
+            if not os.path.exists(f):
+                raise TraceFormatError(f"trace declares hidden_size={meta.hidden_size} but hidden.npy is missing", f)
+            parts.append(np.load(f, allow_pickle=False))
+        if not parts:
+            return np.zeros((0, meta.num_layers, meta.hidden_size), HIDDEN_DTYPE)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     return Trace(meta, block, drops=dict(drops), path=folder, finalised=finalised,
-                 weights_loader=load_weights if meta.has_weights else None)
+                 weights_loader=load_weights if meta.has_weights else None,
+                 hidden_loader=load_hidden if meta.hidden_size else None)
 
 
 def finalise_partial(path: str | os.PathLike) -> str:
@@ -397,7 +446,7 @@ def finalise_partial(path: str | os.PathLike) -> str:
     target = folder[: -len(PARTIAL_SUFFIX)] if folder.endswith(PARTIAL_SUFFIX) else folder + ".trace"
     names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
     chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": trace.meta.to_json(),
+    manifest = {"format": FORMAT_NAME, "version": format_version_of(trace.meta), "meta": trace.meta.to_json(),
                 "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
     write_json_atomic(os.path.join(folder, MANIFEST), manifest)
     if os.path.exists(target):
