@@ -60,6 +60,8 @@ class WaitOrder:
         if self._valid[layer]:
             self._valid[layer] = False
             self._dirty.add(layer)
+            # no candidate until rebuilt (a layer left without residents is never rebuilt)
+            self._top[layer], self._top_key[layer] = _NONE, -1
 
     def invalidate_all(self) -> None:
         for layer in range(self.L):
