@@ -17,7 +17,7 @@ prefill forward pass of ``--chunk-bytes`` bytes per request, cached under ``--wo
 Predictors: ``hidden_state`` (fitted on the fit trace's hidden states and routing), and for
 reference ``learned`` and ``transition`` fitted on the same fit trace, and ``gate_lookahead`` (the
 model's own routers). Recall@top_k at depth 1 and 2, split into same-token and next-token targets
-(``moecache.predict_eval.replay``, one request per row, batch of rows packed).
+(``moecache.predict_eval.measure_recall``, one request per row, batch of rows packed).
 
 Speed: one ``observe`` + ``predict`` at batch 1 (one row), the call the runtime makes per layer and
 depth, timed over every layer of ``--timing-tokens`` tokens; ``--repeats`` interleaved repeats,
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from moecache.predict_eval import replay
+    from moecache.predict_eval import measure_recall
     from moecache.predictors import PREDICTORS
     from moecache.predictors.gate_lookahead import GateLookaheadPredictor
     from moecache.trace import open_trace
@@ -163,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     preds.append(("gate_lookahead", gl, 0.0))
     hidden = np.asarray(score.hidden, np.float32)
     for name, p, fit_s in preds:
-        for r in replay(p, score, depths, hidden=hidden, label="qwen3moe-tiny-code heldout 48-95", rows=48):
+        for r in measure_recall(p, score, depths, hidden=hidden, label="qwen3moe-tiny-code heldout 48-95", rows=48):
             rows.append({"predictor": name, "depth": r.depth, "recall": r.recall(), "recall_2k": r.recall(2 * r.top_k),
                          "recall_same_token": r.recall_at_offset(0), "recall_next_token": r.recall_at_offset(1),
                          "targets": r.targets, "fit_seconds": round(fit_s, 1)})
             print(rows[-1], file=sys.stderr)
 
     # speed at batch 1, interleaved repeats
+    load_before = os.getloadavg()
     timing: dict[str, list[float]] = {name: [] for name, _p, _s in preds}
     for _ in range(args.repeats):
         for name, p, _s in preds:
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
            "fit_text": f"{args.train_chunks} x {cb} bytes: {corpus_note}", "fit_tokens": len(fit),
            "score_text": f"heldout_sample.txt chunks 48-95 x {cb} bytes", "score_tokens": len(score),
            "hidden_state_params": hs.params, "rows": rows, "speed_us_per_call_batch1": speed,
-           "repeats": args.repeats, "seconds": round(time.time() - started, 1)}
+           "repeats": args.repeats, "load_average_before_timing": [round(x, 1) for x in load_before],
+           "seconds": round(time.time() - started, 1)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "hidden_predictor.json").write_text(json.dumps(out, indent=1))
     md = ["# Hidden-state predictor on qwen3moe-tiny-code (real weights, held-out text)", "",
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
           "- recall@4 = share of the truly selected experts (top-4 of 32) among the predictor's 4 most likely; "
           "'next token' = targets past the last MoE layer (depth d from layer l with l + d >= 6).",
           "- us/call: one observe + one predict at batch 1 (one row), per layer and depth; median of "
-          f"{args.repeats} interleaved repeats over {args.timing_tokens} tokens x 6 layers, range in brackets.", "",
+          f"{args.repeats} interleaved repeats over {args.timing_tokens} tokens x 6 layers, range in brackets; "
+          f"load average {out['load_average_before_timing']} before timing (the machine is shared: other jobs "
+          "inflate these figures).", "",
           "| predictor | depth | recall@4 | recall@8 | recall@4 same token | recall@4 next token | us/call (batch 1) |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -13,9 +13,9 @@ token, so these targets are learned too, not left to a fallback)::
 
 trained with binary cross-entropy on the 0/1 "selected" targets (Adam, ``epochs`` passes over at
 most ``max_samples`` samples per ``(d, l)``, seeded, so a fit is repeatable on one machine). The
-standardisation is folded into ``W1`` after training, so a prediction is two float64 matrix-vector
-products in numpy: no torch op on the hot path (float64, as ``gate_lookahead``, so a row's answer does
-not depend on how many rows share the product).
+standardisation is folded into ``W1`` after training, so a prediction is two float32 matrix-vector
+products per row in numpy: no torch op on the hot path. Rows are multiplied one at a time, so a row's
+answer does not depend on how many rows share the call (a matrix product's summation order would).
 
 Fitting needs a trace with hidden states (format version 2: ``moecache.record(model, path,
 hidden_states=True)``) and torch (the runtime's own dependency). A row observed without a hidden
@@ -65,7 +65,7 @@ class HiddenStatePredictor(StreamPredictor):
         self.lr, self.weight_decay, self.batch = float(lr), float(weight_decay), int(batch)
         self.max_samples, self.seed = int(max_samples), int(seed)
         self.prior = np.full((num_layers, num_experts), top_k / num_experts)
-        self.w1: np.ndarray | None = None  # (D, L, F, U) float64, standardisation folded in
+        self.w1: np.ndarray | None = None  # (D, L, F, U) float32, standardisation folded in
         self.b1: np.ndarray | None = None  # (D, L, U)
         self.w2: np.ndarray | None = None  # (D, L, U, E)
         self.b2: np.ndarray | None = None  # (D, L, E)
@@ -157,7 +157,7 @@ class HiddenStatePredictor(StreamPredictor):
             b1[d - 1] = B1.detach().numpy()[:, 0] - np.einsum("lf,lfu->lu", shift, W1n)
             w2[d - 1] = W2.detach().numpy()
             b2[d - 1] = B2.detach().numpy()[:, 0]
-        self.w1, self.b1, self.w2, self.b2 = (a.astype(np.float64) for a in (w1, b1, w2, b2))
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
         self.fitted = True
         return self
 
@@ -178,7 +178,7 @@ class HiddenStatePredictor(StreamPredictor):
         if H is not None and h.shape != (self._rows, H):
             raise ConfigError(f"hidden_state: hidden has shape {h.shape}, expected ({self._rows}, {H}) "
                               "(rows, hidden_size of the fitting trace)")
-        x = np.empty((h.shape[0], h.shape[1] + self.num_experts), np.float64)
+        x = np.empty((h.shape[0], h.shape[1] + self.num_experts), np.float32)
         x[:, :h.shape[1]] = h
         x[:, h.shape[1]:] = multi_hot(experts, self.num_experts)
         self._x[layer] = x
@@ -192,11 +192,16 @@ class HiddenStatePredictor(StreamPredictor):
             return np.broadcast_to(self.prior[target], (self._rows, self.num_experts))
         if not np.isfinite(x).all():
             raise ConfigError("hidden_state: the hidden state holds NaN or inf values")
-        z = x @ self.w1[depth - 1, layer]
-        z += self.b1[depth - 1, layer]
-        np.maximum(z, 0.0, out=z)
-        logits = z @ self.w2[depth - 1, layer]
-        logits += self.b2[depth - 1, layer]
+        w1, b1 = self.w1[depth - 1, layer], self.b1[depth - 1, layer]
+        w2, b2 = self.w2[depth - 1, layer], self.b2[depth - 1, layer]
+        logits = np.empty((x.shape[0], self.num_experts), np.float64)
+        for r in range(x.shape[0]):  # one row at a time: the same bits whatever the batch
+            z = x[r] @ w1
+            z += b1
+            np.maximum(z, 0.0, out=z)
+            y = z @ w2
+            y += b2
+            logits[r] = y
         return 1.0 / (1.0 + np.exp(-logits))
 
     def state(self) -> dict[str, np.ndarray]:
@@ -208,5 +213,5 @@ class HiddenStatePredictor(StreamPredictor):
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.prior = np.asarray(arrays["prior"], np.float64)
         if "w1" in arrays:
-            self.w1, self.b1 = np.asarray(arrays["w1"], np.float64), np.asarray(arrays["b1"], np.float64)
-            self.w2, self.b2 = np.asarray(arrays["w2"], np.float64), np.asarray(arrays["b2"], np.float64)
+            self.w1, self.b1 = np.asarray(arrays["w1"], np.float32), np.asarray(arrays["b1"], np.float32)
+            self.w2, self.b2 = np.asarray(arrays["w2"], np.float32), np.asarray(arrays["b2"], np.float32)

@@ -621,7 +621,7 @@ def test_transition_product_single_row_fast_path_is_the_masked_fold():
 # -- hidden_state: a learned network on the residual stream ----------------------------------------
 
 def test_hidden_state_learns_the_next_router_and_refuses_traces_without_hidden(tiny_moe, tiny_routing):
-    from moecache.predict_eval import replay
+    from moecache.predict_eval import measure_recall
 
     trace, hidden = tiny_routing
     fit_mask = split_mask(trace, "alternate")
@@ -630,8 +630,8 @@ def test_hidden_state_learns_the_next_router_and_refuses_traces_without_hidden(t
         PREDICTORS.get("hidden_state")(3, 8, 2).fit(fit)
     pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=30, hidden_units=64).fit(fit.with_hidden(hidden[fit_mask]))
     prior = PREDICTORS.get("prior")(3, 8, 2).fit(fit)
-    got = {r.depth: r for r in replay(pred, score, (1, 2), hidden=hidden[~fit_mask])}
-    base = {r.depth: r for r in replay(prior, score, (1, 2))}
+    got = {r.depth: r for r in measure_recall(pred, score, (1, 2), hidden=hidden[~fit_mask])}
+    base = {r.depth: r for r in measure_recall(prior, score, (1, 2))}
     # the next layer's routing is a function of this hidden state (plus attention): far above the prior
     assert got[1].recall_at_offset(0) > base[1].recall_at_offset(0) + 0.15
     with pytest.raises(ConfigError, match="fitted up to depth 2"):
