@@ -1,6 +1,6 @@
 """The hidden-state predictor (``hidden_state``) against the trace-only ones on qwen3moe-tiny-code.
 
-    python eval/hidden_predictor.py [--model DIR] [--train-chunks 192] [--chunk-bytes 512] [--epochs 8]
+    python eval/hidden_predictor.py [--model DIR] [--train-chunks 192] [--chunk-bytes 512] [--epochs 12] [--hidden-units 512]
                                     [--repeats 5] [--out-dir eval/results] [--work build/hidden_traces]
 
 Data (both recorded with ``moecache.record(model, path, hidden_states=True)``, fp32 on the CPU, one
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--train-chunks", type=int, default=192)
     ap.add_argument("--chunk-bytes", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--hidden-units", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--hidden-units", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing-tokens", type=int, default=200)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "hidden_traces")

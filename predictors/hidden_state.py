@@ -43,15 +43,15 @@ from ._common import StreamPredictor, check_trace, layer_prior, multi_hot, token
 @PREDICTORS.register("hidden_state", "a small network on the residual stream at layer l predicts layer l+d "
                                      "(fitted on a trace recorded with hidden states)")
 class HiddenStatePredictor(StreamPredictor):
-    """Params: ``max_depth`` (2), ``hidden_units`` (256), ``epochs`` (8), ``lr`` (2e-3), ``weight_decay``
+    """Params: ``max_depth`` (2), ``hidden_units`` (512), ``epochs`` (12), ``lr`` (2e-3), ``weight_decay``
     (1e-4), ``batch`` (512), ``max_samples`` (200000), ``seed`` (0)."""
 
     name = "hidden_state"
     needs_fit = True
     needs_model = True  # reads hidden states: runtime (and predict_eval with hidden=...), never a routing trace
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 2, hidden_units: int = 256,
-                 epochs: int = 8, lr: float = 2e-3, weight_decay: float = 1e-4, batch: int = 512,
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 2, hidden_units: int = 512,
+                 epochs: int = 12, lr: float = 2e-3, weight_decay: float = 1e-4, batch: int = 512,
                  max_samples: int = 200000, seed: int = 0):
         super().__init__(num_layers, num_experts, top_k, max_depth=int(max_depth), hidden_units=int(hidden_units),
                          epochs=int(epochs), lr=float(lr), weight_decay=float(weight_decay), batch=int(batch),
