@@ -41,8 +41,7 @@
 // MOECACHE_CPU_KERNEL=portable (read in Python, passed as `kernel`) forces the portable path.
 //
 // The GIL is released in submit/wait/read; workers never touch Python.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include "cpu_expert.h"
 
 #include <algorithm>
 #include <atomic>
@@ -86,8 +85,8 @@ constexpr int MAX_RB = 4, MAX_TB = 4;
 // Every dot product is summed chunk by chunk in this order (see "Summation order" above).
 constexpr int64_t CHUNK = 1024;
 // Software prefetch distance along a weight row, in bytes. The hardware streamer restarts at every
-// 4 KiB page and one core keeps few misses in flight; prefetching 2 KiB ahead raised the kernel's
-// single-thread bandwidth from ~0.7 to ~0.95 of a plain streaming read (Mixtral expert, bf16).
+// 4 KiB page and one core keeps few misses in flight; prefetching ahead brings the kernel's
+// single-thread bandwidth close to a plain streaming read.
 constexpr int64_t PREFETCH_BYTES = 2048;
 // Waiting for a task, the caller spins (yielding) this long before it sleeps; prewake()'s workers
 // spin this long for the task announced.
@@ -424,9 +423,9 @@ inline int64_t item_rows(int64_t total_rows, int64_t row_bytes, int64_t x_bytes,
   return std::max<int64_t>(1, std::min<int64_t>(rows, total_rows));
 }
 
-class CpuExpertPool {
+class CpuExpertPool::Impl {
  public:
-  CpuExpertPool(int64_t threads, const std::string& kernel)
+  Impl(int64_t threads, const std::string& kernel)
       : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)) {
     if (threads < 1) {
       const int64_t hw = static_cast<int64_t>(std::thread::hardware_concurrency());
@@ -436,7 +435,7 @@ class CpuExpertPool {
     for (int i = 0; i < nthreads_; ++i) workers_.emplace_back([this] { work(); });
   }
 
-  ~CpuExpertPool() { close(); }
+  ~Impl() { close(); }
 
   // Queue one task of experts sharing (hidden, inter, weight dtype); returns its ticket. The buffers
   // are addresses (see the header): x[j] (tokens[j], H) fp32, gate_up[j] (2I, H), down[j] (H, I),
@@ -477,7 +476,7 @@ class CpuExpertPool {
 
   // Block (GIL released) until task `ticket` finished; returns its wall time in ms. The caller spins
   // (yielding) for up to WAIT_SPIN first: its core is the one kept free, and a sleeping waiter pays
-  // a thread wake-up (tens of microseconds, more in a VM) when the task ends.
+  // a thread wake-up when the task ends.
   double wait(int64_t ticket) {
     std::shared_ptr<Task> t;
     {
@@ -724,40 +723,35 @@ class CpuExpertPool {
   double busy_ms_ = 0.0;
 };
 
-}  // namespace moecache_cpu
-
-void register_cpu_expert(pybind11::module& m) {
-  namespace py = pybind11;
-  using moecache_cpu::CpuExpertPool;
-  py::class_<CpuExpertPool>(m, "CpuExpertPool",
-                            "thread pool computing SwiGLU experts on the host (see csrc/cpu_expert.cpp)")
-      .def(py::init<int64_t, const std::string&>(), py::arg("threads"), py::arg("kernel") = "auto")
-      .def("submit", &CpuExpertPool::submit, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
-           py::arg("inter"), py::arg("wtype"), py::arg("x"), py::arg("tokens"), py::arg("gate_up"), py::arg("down"),
-           py::arg("out"))
-      .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
-      .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
-      .def("prewake", &CpuExpertPool::prewake, py::call_guard<py::gil_scoped_release>())
-      .def("read", &CpuExpertPool::read, py::call_guard<py::gil_scoped_release>(), py::arg("addr"),
-           py::arg("nbytes"))
-      .def("counters", &CpuExpertPool::counters)
-      .def("kernel", &CpuExpertPool::kernel)
-      .def("threads", &CpuExpertPool::threads)
-      .def("close", &CpuExpertPool::close, py::call_guard<py::gil_scoped_release>());
-  m.def("cpu_features", [] {
-    const auto f = moecache_cpu::cpu_features();
-    py::dict d;
-    d["avx2"] = f.avx2;
-    d["fma"] = f.fma;
-    d["avx512f"] = f.avx512f;
-    return d;
-  }, "the vector instructions this CPU (and OS) supports, as the CPU expert kernel sees them");
-  m.def("choose_cpu_kernel", [](const std::string& requested, bool avx2, bool fma, bool avx512f) {
-    moecache_cpu::Features f;
-    f.avx2 = avx2;
-    f.fma = fma;
-    f.avx512f = avx512f;
-    return std::string(moecache_cpu::ISA_NAMES[moecache_cpu::choose_isa(requested, f)]);
-  }, "the kernel CpuExpertPool(kernel=requested) runs on a CPU with these features (its selection rule)",
-        py::arg("requested"), py::arg("avx2"), py::arg("fma"), py::arg("avx512f"));
+// The public face (cpu_expert.h): every call goes to the implementation above.
+CpuExpertPool::CpuExpertPool(int64_t threads, const std::string& kernel)
+    : impl_(std::make_unique<Impl>(threads, kernel)) {}
+CpuExpertPool::~CpuExpertPool() = default;
+int64_t CpuExpertPool::submit(int64_t hidden, int64_t inter, int64_t wtype, const std::vector<int64_t>& x,
+                              const std::vector<int64_t>& tokens, const std::vector<int64_t>& gate_up,
+                              const std::vector<int64_t>& down, const std::vector<int64_t>& out) {
+  return impl_->submit(hidden, inter, wtype, x, tokens, gate_up, down, out);
 }
+double CpuExpertPool::wait(int64_t ticket) { return impl_->wait(ticket); }
+void CpuExpertPool::prewake() { impl_->prewake(); }
+bool CpuExpertPool::ready(int64_t ticket) { return impl_->ready(ticket); }
+std::tuple<double, double> CpuExpertPool::read(int64_t addr, int64_t nbytes) { return impl_->read(addr, nbytes); }
+std::tuple<int64_t, int64_t, int64_t, double> CpuExpertPool::counters() { return impl_->counters(); }
+std::string CpuExpertPool::kernel() const { return impl_->kernel(); }
+int64_t CpuExpertPool::threads() const { return impl_->threads(); }
+void CpuExpertPool::close() { impl_->close(); }
+
+CpuFeatures detect_cpu_features() {
+  const Features f = cpu_features();
+  return CpuFeatures{f.avx2, f.fma, f.avx512f};
+}
+
+std::string choose_cpu_kernel(const std::string& requested, bool avx2, bool fma, bool avx512f) {
+  Features f;
+  f.avx2 = avx2;
+  f.fma = fma;
+  f.avx512f = avx512f;
+  return ISA_NAMES[choose_isa(requested, f)];
+}
+
+}  // namespace moecache_cpu

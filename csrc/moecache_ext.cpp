@@ -1,12 +1,13 @@
-// moecache._C: the project's compiled extension.
+// moecache._C: the project's compiled extension, and its one translation unit that includes pybind11.
 //
-// Several translation units: this one (the module, count_experts, and the simulator core's Python
-// face, sim/bindings.h), the simulator core itself (sim/driver.cpp with its headers: plain C++, no
-// torch, no Python), the CPU expert kernel (cpu_expert.cpp, which registers its pool with pybind11
-// itself) and the copy worker (copy_worker.cpp, registered through torch's class registry). Every
-// function has a pure-Python twin that is the specification; the differential tests compare both
-// (MOECACHE_DISABLE_EXT=1 forces the Python paths).
+// The other translation units have no Python in them: the simulator core (sim/driver.cpp with its
+// headers, plain C++), the CPU expert kernel (cpu_expert.cpp, plain C++ behind cpu_expert.h) and the
+// copy worker (copy_worker.cpp, registered through torch's class registry). Their Python faces are
+// bound here (sim/bindings.h, register_cpu_expert). Every function has a pure-Python twin that is
+// the specification; the differential tests compare both (MOECACHE_DISABLE_EXT=1 forces the Python
+// paths).
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
@@ -23,7 +24,7 @@ torch::Tensor count_experts_cuda(const torch::Tensor& ids, int64_t num_experts);
 #include "sim/bindings.h"
 
 // csrc/cpu_expert.cpp: the CPU expert kernel's thread pool (moecache._C.CpuExpertPool).
-void register_cpu_expert(pybind11::module& m);
+#include "cpu_expert.h"
 
 namespace {
 
@@ -83,6 +84,38 @@ bool with_cuda() {
 }
 
 }  // namespace
+
+// The CPU expert pool's bindings (csrc/cpu_expert.h); the GIL is released while it computes or waits.
+void register_cpu_expert(pybind11::module& m) {
+  namespace py = pybind11;
+  using moecache_cpu::CpuExpertPool;
+  py::class_<CpuExpertPool>(m, "CpuExpertPool",
+                            "thread pool computing SwiGLU experts on the host (see csrc/cpu_expert.cpp)")
+      .def(py::init<int64_t, const std::string&>(), py::arg("threads"), py::arg("kernel") = "auto")
+      .def("submit", &CpuExpertPool::submit, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
+           py::arg("inter"), py::arg("wtype"), py::arg("x"), py::arg("tokens"), py::arg("gate_up"), py::arg("down"),
+           py::arg("out"))
+      .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
+      .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
+      .def("prewake", &CpuExpertPool::prewake, py::call_guard<py::gil_scoped_release>())
+      .def("read", &CpuExpertPool::read, py::call_guard<py::gil_scoped_release>(), py::arg("addr"),
+           py::arg("nbytes"))
+      .def("counters", &CpuExpertPool::counters)
+      .def("kernel", &CpuExpertPool::kernel)
+      .def("threads", &CpuExpertPool::threads)
+      .def("close", &CpuExpertPool::close, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_features", [] {
+    const auto f = moecache_cpu::detect_cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    return d;
+  }, "the vector instructions this CPU (and OS) supports, as the CPU expert kernel sees them");
+  m.def("choose_cpu_kernel", &moecache_cpu::choose_cpu_kernel,
+        "the kernel CpuExpertPool(kernel=requested) runs on a CPU with these features (its selection rule)",
+        py::arg("requested"), py::arg("avx2"), py::arg("fma"), py::arg("avx512f"));
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moecache compiled extension";

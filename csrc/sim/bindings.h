@@ -1,6 +1,6 @@
 // moecache._C.sim_replay and sim_normalise: the Python face of the simulator core (driver.h).
 //
-// Included once, by moecache_ext.cpp: the simulator's only translation unit that includes pybind11
+// Included once, by moecache_ext.cpp: the extension's one translation unit that includes pybind11
 // (and torch's Python bindings); the core itself (driver.cpp, policies.h, predict.h, timeline.h) is
 // plain C++. Here the arrays from moecache/sim/engine_cpp.py are checked and unpacked, the GIL is
 // released for the replay, and a streamed predictor's fill gets the GIL back for each call.
