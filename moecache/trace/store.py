@@ -21,14 +21,16 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .._ext import extension
-from ..atomic import fsync_dir, write_json_atomic
-from ..errors import TraceFormatError
+from .. import validate as V
+from ..atomic import FolderLock, fsync_dir, write_json_atomic
+from ..errors import ConfigError, TraceFormatError
 from .schema import (FORMAT_NAME, FORMAT_VERSION, HIDDEN_DTYPE, ID_DROPPED, ID_MISSING, PHASE_NAMES, TOKEN_COLUMNS,
                      RoutingBlock, TraceMeta, format_version_of)
 
@@ -42,6 +44,92 @@ _OPTIONAL = ("weights", "hidden")
 
 def _chunk_name(i: int) -> str:
     return f"chunk-{i:06d}"
+
+
+def is_finished_trace(path: str) -> bool:
+    """Whether ``path`` is a folder holding a finished moecache trace (its manifest names our format)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            header = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def _is_partial_trace(path: str) -> bool:
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, PARTIAL_META)) as f:
+            header = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def check_trace_output(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise (``FileExistsError``/``ConfigError``, one line) unless a trace may be written at ``path``.
+
+    Allowed: nothing at ``path``, or with ``overwrite`` a finished moecache trace (never another folder
+    or a file); its ``PATH.partial`` absent, or with ``overwrite`` one no live writer holds. The parent
+    folder must exist and be writable: nothing outside the output path is created.
+    """
+    path = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+    partial = path + PARTIAL_SUFFIX
+    parent = os.path.dirname(path) or "."
+    if os.path.lexists(path):
+        if not is_finished_trace(path):
+            what = "a symlink" if os.path.islink(path) else "a folder" if os.path.isdir(path) else "a file"
+            raise FileExistsError(f"{path} exists and is {what}, not a moecache trace; refusing to replace it: "
+                                  "choose another output path")
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it, or choose "
+                                  "another path")
+    if os.path.lexists(partial):
+        if _is_partial_trace(partial) and FolderLock.is_held(partial):
+            raise FileExistsError(f"{partial} is being written by a running recording ({FolderLock(partial).holder()}); "
+                                  "wait for it to finish or choose another path")
+        if not _is_partial_trace(partial):
+            raise FileExistsError(f"{partial} exists and is not an unfinished moecache trace; refusing to replace it: "
+                                  "move it away or choose another path")
+        if not overwrite:
+            raise FileExistsError(
+                f"{partial} holds an unfinished trace (a recording that did not close). Read it with "
+                f"`moecache trace info {partial}`, finish it with `moecache trace finalise {partial}`, "
+                "or pass overwrite=True (CLI: --force) to replace it")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"the folder {parent} of the output {os.path.basename(path)} does not exist; create it "
+                          "first or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in {parent} (permission denied); choose an output path in a writable folder")
+
+
+def _remove_stale_partial(partial: str) -> None:
+    """Delete an unfinished trace no live writer holds (``overwrite``), under its own lock."""
+    lock = FolderLock(partial)
+    if os.path.isfile(lock.path) and not lock.acquire():
+        raise FileExistsError(f"{partial} is being written by a running recording; wait for it to finish")
+    try:
+        shutil.rmtree(partial)
+    finally:
+        lock.release()
+
+
+def _rename_into_place(src: str, dst: str, overwrite: bool) -> None:
+    """Rename the finished folder ``src`` to ``dst``; with ``overwrite`` a finished trace at ``dst`` is
+    moved to a unique hidden name beside it first, and deleted once ``src`` is in place."""
+    if os.path.lexists(dst):
+        if not (overwrite and is_finished_trace(dst)):
+            raise FileExistsError(f"{dst} appeared while the trace was written and is not replaced; the trace is "
+                                  f"complete in {src}: move {dst} away and rename {src} to it")
+        old = tempfile.mkdtemp(prefix="." + os.path.basename(dst) + ".old-", dir=os.path.dirname(dst))
+        os.rename(dst, old)  # onto the empty folder mkdtemp made: atomic, and never over anything else
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
 
 
 class TraceWriter:
@@ -58,16 +146,14 @@ class TraceWriter:
         self.meta = meta
         self.chunk_rows = int(chunk_rows)
         self.partial = self.path + PARTIAL_SUFFIX
-        if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(f"{self.path} already exists; pass overwrite=True (CLI: --force) or choose another path")
-        if os.path.exists(self.partial):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.partial} holds an unfinished trace (a recording that did not close). Read it with "
-                    f"`moecache trace info {self.partial}`, finish it with `moecache trace finalise {self.partial}`, "
-                    "or delete it")
-            shutil.rmtree(self.partial)
-        os.makedirs(self.partial)
+        self.overwrite = bool(overwrite)
+        check_trace_output(self.path, overwrite=self.overwrite)
+        if os.path.lexists(self.partial):  # a stale, unlocked moecache partial (checked above): replace it
+            _remove_stale_partial(self.partial)
+        os.mkdir(self.partial)  # fails if another writer made it meanwhile
+        self._lock = FolderLock(self.partial)
+        if not self._lock.acquire():
+            raise FileExistsError(f"{self.partial} is being written by another recording; choose another path")
         write_json_atomic(os.path.join(self.partial, PARTIAL_META),
                           {"format": FORMAT_NAME, "version": format_version_of(meta), "meta": meta.to_json()})
         self._buffer: list[RoutingBlock] = []
@@ -140,15 +226,15 @@ class TraceWriter:
             "rows": self.rows,
             "drops": dict(sorted(self._drops.items())),
         }
-        write_json_atomic(os.path.join(self.partial, MANIFEST), manifest)
-        if os.path.exists(self.path):  # overwrite=True: move the old one aside first
-            old = self.path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.path, old)
-            os.rename(self.partial, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.partial, self.path)
+        try:
+            write_json_atomic(os.path.join(self.partial, MANIFEST), manifest)
+            _rename_into_place(self.partial, self.path, self.overwrite)
+        except BaseException:  # PATH.partial keeps every chunk (and maybe the manifest): finalise completes it
+            self.closed = True
+            self._lock.release()
+            raise
+        self._lock.moved(self.path)
+        self._lock.release(unlink=True)
         fsync_dir(os.path.dirname(self.path))
         self.closed = True
         return self.path
@@ -164,6 +250,12 @@ class TraceWriter:
                 self.flush()
             finally:
                 self.closed = True
+                self._lock.release()
+
+    def abandon(self) -> None:
+        """Stop writing (without finalising); flushed chunks stay in ``PATH.partial``, now unlocked."""
+        self.closed = True
+        self._lock.release()
 
 
 def write_trace(path: str | os.PathLike, meta: TraceMeta, blocks: Iterable[RoutingBlock], *,
@@ -437,21 +529,36 @@ def open_trace(path: str | os.PathLike) -> Trace:
 
 
 def finalise_partial(path: str | os.PathLike) -> str:
-    """Turn the ``PATH.partial`` folder a killed recording left into a finalised trace ``PATH``."""
-    trace = open_trace(path)
-    if trace.finalised:
-        return trace.path  # type: ignore[return-value]
-    folder = trace.path
-    assert folder is not None
+    """Turn the ``PATH.partial`` folder a killed recording left into a finalised trace ``PATH``.
+
+    Idempotent (a finished trace, or ``PATH`` of one already finalised, is returned as it is) and atomic
+    (the manifest is written inside the partial folder, then one rename makes it ``PATH``; a crash between
+    the two is completed by the next call). Refused while a recording still holds the folder's lock.
+    """
+    given = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+    folder, finalised = _resolve(given)
+    if finalised and not folder.endswith(PARTIAL_SUFFIX):
+        return folder
     target = folder[: -len(PARTIAL_SUFFIX)] if folder.endswith(PARTIAL_SUFFIX) else folder + ".trace"
-    names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
-    chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
-    manifest = {"format": FORMAT_NAME, "version": format_version_of(trace.meta), "meta": trace.meta.to_json(),
-                "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
-    write_json_atomic(os.path.join(folder, MANIFEST), manifest)
-    if os.path.exists(target):
+    if os.path.lexists(target):
         raise FileExistsError(f"{target} exists; move it away before finalising {folder}")
-    os.rename(folder, target)
+    lock = FolderLock(folder)
+    if not lock.acquire():
+        raise FileExistsError(f"{folder} is being written by a running recording ({lock.holder()}); finalise it "
+                              "once that recording has stopped")
+    try:
+        if not finalised:  # else: a previous finalise wrote the manifest and stopped before the rename
+            trace = open_trace(folder)
+            names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
+            chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
+            manifest = {"format": FORMAT_NAME, "version": format_version_of(trace.meta), "meta": trace.meta.to_json(),
+                        "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
+            write_json_atomic(os.path.join(folder, MANIFEST), manifest)
+        os.rename(folder, target)
+        lock.moved(target)
+        fsync_dir(os.path.dirname(target))
+    finally:
+        lock.release(unlink=True)
     return target
 
 

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 from ...atomic import write_text_atomic
 from ...errors import ConfigError, TraceFormatError
 from ..schema import RoutingBlock, TraceMeta
-from ..store import MANIFEST, Trace, write_trace
+from ..store import MANIFEST, Trace, check_trace_output, is_finished_trace, write_trace
 from .base import FORMATS, Defects, SourceFormat, SourceSequence, display_path, natural_key, read_head
 
 # Every module of this folder but ``base`` registers one format when imported: a new format is one
@@ -297,14 +297,24 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
     out = os.fspath(out)
     if len(traces) == 1 and traces[0].name is None:
         paths = [out]
+        check_trace_output(out, overwrite=overwrite)
     else:
+        if os.path.lexists(out) and not os.path.isdir(out) or os.path.islink(out):
+            raise FileExistsError(f"{out} exists and is not a folder; the {len(traces)} traces of this import need a "
+                                  f"folder (written as {out}/<name>): choose another -o")
         if os.path.exists(os.path.join(out, MANIFEST)):
             raise FileExistsError(f"{out} is a trace; the {len(traces)} traces of this import need a folder "
                                   f"(they are written as {out}/<name>)")
         paths = [os.path.join(out, t.name or f"trace{i}") for i, t in enumerate(traces)]
-    for path in paths:  # --force replaces traces, never a folder of something else
-        if overwrite and os.path.exists(path) and not os.path.exists(os.path.join(path, MANIFEST)):
-            raise FileExistsError(f"{path} exists and is not a moecache trace; refusing to replace it")
+        if os.path.isdir(out):
+            for path in paths:
+                check_trace_output(path, overwrite=overwrite)
+        else:
+            check_trace_output(out, overwrite=False)  # its parent exists and is writable
+    if token_text is not None:
+        _check_token_text_output(os.fspath(token_text), src.files, paths, overwrite)
+    if paths != [out] and not os.path.isdir(out):
+        os.mkdir(out)  # the output folder itself, nothing above it
     written = []
     for t, path in zip(traces, paths):
         write_trace(path, t.meta, [t.block], drops=t.drops, overwrite=overwrite)
@@ -324,3 +334,36 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
                         skipped_files=[x for t in traces for x in t.skipped_files] + top.skipped_files,
                         unassigned_drops=dict(sorted(top.counts.items())),
                         token_text=os.fspath(token_text) if token_text is not None else None)
+
+
+def _check_token_text_output(path: str, sources: list[str], outputs: list[str], overwrite: bool) -> None:
+    """``--token-text FILE`` may be written: not a source, not inside an output trace, and if it exists, a
+    token-text file of ours (its first line a JSON object with ``trace`` and ``seq``) replaced only with
+    ``overwrite``."""
+    real = os.path.realpath(path)
+    for src in sources:
+        if os.path.realpath(src) == real:
+            raise FileExistsError(f"--token-text {path} is one of the sources being imported; write it elsewhere")
+    for out in outputs:
+        o = os.path.realpath(out)
+        if real == o or real.startswith(o + os.sep) or real == o + ".partial" or real.startswith(o + ".partial" + os.sep):
+            raise FileExistsError(f"--token-text {path} is inside the output trace {out}; write it beside the trace")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise FileExistsError(f"--token-text {path} exists and is not a regular file; choose another path")
+        try:
+            with open(path, "rb") as f:
+                first = json.loads(f.readline().decode("utf-8") or "null")
+        except (OSError, ValueError):
+            first = None
+        ours = isinstance(first, dict) and {"trace", "seq", "tokens"} <= set(first)
+        if not ours:
+            raise FileExistsError(f"--token-text {path} exists and is not a token-text file of moecache; refusing to "
+                                  "replace it: choose another path")
+        if not overwrite:
+            raise FileExistsError(f"--token-text {path} already exists; pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--token-text: the folder {parent} does not exist; create it first")
+    if is_finished_trace(parent) or os.path.isfile(os.path.join(parent, "meta.json")) and parent.endswith(".partial"):
+        raise FileExistsError(f"--token-text {path} is inside the trace {parent}; write it beside the trace")
