@@ -37,7 +37,7 @@ from .schema import (FORMAT_NAME, FORMAT_VERSION, HIDDEN_DTYPE, ID_DROPPED, ID_M
 MANIFEST = "manifest.json"
 PARTIAL_META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
-_CHUNK_RE = re.compile(r"^chunk-(\d{6,})$")
+_CHUNK_RE = re.compile(r"^chunk-([0-9]{6,})\Z")
 _COLUMNS = tuple(TOKEN_COLUMNS) + ("ids", "weights", "hidden")
 _OPTIONAL = ("weights", "hidden")
 
@@ -422,6 +422,8 @@ def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True,
         if (col == "weights" and not with_weights) or (col == "hidden" and not with_hidden):
             continue
         f = os.path.join(folder, col + ".npy")
+        if os.path.lexists(f) and (os.path.islink(f) or not os.path.isfile(f)):
+            raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
         if os.path.exists(f):
             try:
                 cols[col] = np.load(f, allow_pickle=False)
@@ -432,8 +434,13 @@ def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True,
     drops: dict[str, int] = {}
     dfile = os.path.join(folder, "drops.json")
     if os.path.exists(dfile):
-        with open(dfile) as f:
-            drops = json.load(f)
+        try:
+            with open(dfile, encoding="utf-8") as f:
+                drops = json.load(f)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise TraceFormatError(f"not valid JSON ({e})", dfile) from None
+        if not isinstance(drops, dict) or not all(isinstance(k, str) and type(v) is int for k, v in drops.items()):
+            raise TraceFormatError("drop counts are not an object of whole numbers", dfile)
     if "ids" not in cols:
         return RoutingBlock.build(np.zeros((0, meta.num_layers, meta.top_k), np.int16)), drops
     return RoutingBlock(**cols), drops
@@ -459,6 +466,8 @@ def _resolve(path: str) -> tuple[str, bool]:
             "from another tool, convert them with `moecache trace import` first", p)
     if not os.path.exists(p) and os.path.isdir(p + PARTIAL_SUFFIX):
         return _resolve(p + PARTIAL_SUFFIX)
+    if os.path.exists(p) and not os.path.isfile(p):
+        raise TraceFormatError("is not a folder or a regular file (a pipe, socket or device); give a trace folder", p)
     if os.path.isfile(p):
         raise TraceFormatError(
             "is a file, not a moecache trace folder. Published routing logs (JSONL, CSV, JSON) are "
@@ -466,27 +475,71 @@ def _resolve(path: str) -> tuple[str, bool]:
     raise FileNotFoundError(f"no trace at {p} (nor an unfinished one at {p}{PARTIAL_SUFFIX})")
 
 
+def _read_header(header_file: str, finalised: bool) -> dict[str, Any]:
+    """The manifest (or a partial's meta.json), type-checked: every field the reader uses, with its type;
+    chunk names are plain ``chunk-NNNNNN`` names, so no chunk path leaves the trace folder."""
+    if not os.path.isfile(header_file):
+        raise TraceFormatError("is not a regular file", header_file)
+    try:
+        with open(header_file, encoding="utf-8") as f:
+            header = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TraceFormatError(f"not valid JSON ({e})", header_file) from None
+    except RecursionError:
+        raise TraceFormatError("not valid JSON (nested too deeply)", header_file) from None
+    if not isinstance(header, dict):
+        raise TraceFormatError(f"holds a JSON {type(header).__name__}, not an object", header_file)
+    if header.get("format") != FORMAT_NAME:
+        raise TraceFormatError(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}", header_file)
+    if "version" not in header:
+        raise TraceFormatError("has no version; it was not written by moecache", header_file)
+    version = header["version"]
+    if type(version) is not int:
+        raise TraceFormatError(f"version is {version!r}, not a whole number", header_file)
+    if version < 1:
+        raise TraceFormatError(f"version {version} is not a format version (they start at 1)", header_file)
+    if version > FORMAT_VERSION:
+        raise TraceFormatError(
+            f"trace format version {version} is newer than this moecache reads ({FORMAT_VERSION}); upgrade moecache",
+            header_file)
+    if "meta" not in header:
+        raise TraceFormatError("has no meta", header_file)
+    if finalised:
+        chunks = header.get("chunks")
+        if not isinstance(chunks, list):
+            raise TraceFormatError("has no chunk list (chunks)", header_file)
+        seen = set()
+        for i, c in enumerate(chunks):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+                raise TraceFormatError(f"chunk entry {i} is not an object with a name", header_file)
+            if not _CHUNK_RE.match(c["name"]):
+                raise TraceFormatError(f"chunk name {c['name'][:40]!r} is not chunk-NNNNNN (a chunk path never leaves "
+                                       "the trace folder)", header_file)
+            if c["name"] in seen:
+                raise TraceFormatError(f"chunk {c['name']} is listed twice", header_file)
+            seen.add(c["name"])
+            if "rows" in c and (type(c["rows"]) is not int or c["rows"] < 0):
+                raise TraceFormatError(f"chunk {c['name']} rows is {c['rows']!r}, not a count", header_file)
+        rows = header.get("rows")
+        if rows is not None and (type(rows) is not int or rows < 0):
+            raise TraceFormatError(f"rows is {rows!r}, not a count", header_file)
+        drops = header.get("drops", {})
+        if not isinstance(drops, dict) or not all(type(v) is int for v in drops.values()):
+            raise TraceFormatError("drops is not an object of counts", header_file)
+    return header
+
+
 def open_trace(path: str | os.PathLike) -> Trace:
     """Read a trace: a finalised folder, or the ``.partial`` folder a killed recording left."""
     folder, finalised = _resolve(os.fspath(path))
     header_file = os.path.join(folder, MANIFEST if finalised else PARTIAL_META)
-    try:
-        with open(header_file) as f:
-            header = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TraceFormatError(f"not valid JSON ({e})", header_file) from None
-    if header.get("format") != FORMAT_NAME:
-        raise TraceFormatError(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}", header_file)
-    if header.get("version", 0) > FORMAT_VERSION:
-        raise TraceFormatError(
-            f"trace format version {header.get('version')} is newer than this moecache reads "
-            f"({FORMAT_VERSION}); upgrade moecache", header_file)
+    header = _read_header(header_file, finalised)
     meta = TraceMeta.from_json(header["meta"], header_file)
     if finalised:
         names = [c["name"] for c in header["chunks"]]
         for n in names:
-            if not os.path.isdir(os.path.join(folder, n)):
-                raise TraceFormatError(f"manifest lists chunk {n} but it is missing", folder)
+            if not os.path.isdir(os.path.join(folder, n)) or os.path.islink(os.path.join(folder, n)):
+                raise TraceFormatError(f"manifest lists chunk {n} but it is missing (or not a folder)", folder)
     else:  # every complete chunk folder, in order; temporary ones (".chunk-*.tmp") are ignored
         names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
     blocks, drops, kept = [], Counter(), []
@@ -507,7 +560,12 @@ def open_trace(path: str | os.PathLike) -> Trace:
             f = os.path.join(folder, n, "weights.npy")
             if not os.path.exists(f):
                 raise TraceFormatError(f"trace declares weights={meta.weights!r} but weights.npy is missing", f)
-            parts.append(np.load(f, allow_pickle=False))
+            if os.path.islink(f) or not os.path.isfile(f):
+                raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
+            try:
+                parts.append(np.load(f, allow_pickle=False))
+            except Exception as e:  # a damaged file: say which one
+                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
         if not parts:
             return np.zeros((0, meta.num_layers, meta.top_k), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -518,7 +576,12 @@ def open_trace(path: str | os.PathLike) -> Trace:
             f = os.path.join(folder, n, "hidden.npy")
             if not os.path.exists(f):
                 raise TraceFormatError(f"trace declares hidden_size={meta.hidden_size} but hidden.npy is missing", f)
-            parts.append(np.load(f, allow_pickle=False))
+            if os.path.islink(f) or not os.path.isfile(f):
+                raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
+            try:
+                parts.append(np.load(f, allow_pickle=False))
+            except Exception as e:  # a damaged file: say which one
+                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
         if not parts:
             return np.zeros((0, meta.num_layers, meta.hidden_size), HIDDEN_DTYPE)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

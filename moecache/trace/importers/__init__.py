@@ -111,16 +111,56 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return found[0] if found else None
 
 
-def _walk(folder: str) -> list[str]:
-    """Every regular file under ``folder``, folders and files in natural order, hidden ones left out."""
-    out = []
-    for root, dirs, files in os.walk(folder):
+def _walk(folder: str, follow_symlinks: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every regular file under ``folder``, folders and files in natural order, hidden ones left out; and
+    the entries left out with why: non-regular files (pipes, sockets, devices), unreadable files, broken
+    or looping symlinks, and (unless ``follow_symlinks``) symlinks that leave ``folder``. Symlinked
+    folders are never descended into (no loops)."""
+    out: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    root_real = os.path.realpath(folder)
+    for root, dirs, files in os.walk(folder, onerror=lambda e: skipped.append(
+            (display_path(e.filename or folder), f"unreadable folder ({e.strerror})"))):
         dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=natural_key)
-        out.extend(os.path.join(root, f) for f in sorted(files, key=natural_key) if not f.startswith("."))
-    return out
+        for d in list(dirs):
+            if os.path.islink(os.path.join(root, d)):
+                dirs.remove(d)
+                skipped.append((display_path(os.path.join(root, d)), "symlinked folder (not followed)"))
+        for f in sorted(files, key=natural_key):
+            if f.startswith("."):
+                continue
+            path = os.path.join(root, f)
+            why = _unreadable(path)
+            if why is None and os.path.islink(path) and not follow_symlinks:
+                real = os.path.realpath(path)
+                if real != root_real and not real.startswith(root_real + os.sep):
+                    why = "symlink leaving the folder (not followed)"
+            if why is None:
+                out.append(path)
+            else:
+                skipped.append((display_path(path), why))
+    return out, skipped
 
 
-def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> Sources:
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read as a log file (None if it can): never opens a pipe or a device."""
+    try:
+        st = os.stat(path)  # follows symlinks: loops and dangling links fail here
+    except OSError as e:
+        return "broken or looping symlink" if os.path.islink(path) else f"cannot stat ({e.strerror})"
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("pipe" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+        return f"not a regular file ({kind})"
+    if not os.access(path, os.R_OK):
+        return "unreadable (permission denied)"
+    return None
+
+
+def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *,
+                    follow_symlinks: bool = False) -> Sources:
     """Resolve files and folders into the ordered list of files to import and their format.
 
     Files given explicitly are read in the order given (with ``auto`` their content must match a
@@ -135,8 +175,13 @@ def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> 
     for src in sources:
         src = os.fspath(src)
         if os.path.isdir(src):
-            candidates, explicit = _walk(src), False
-        elif os.path.isfile(src):
+            candidates, walk_skipped = _walk(src, follow_symlinks)
+            explicit = False
+            skipped.extend(walk_skipped)
+        elif os.path.lexists(src):
+            why = _unreadable(src)
+            if why is not None:
+                raise ConfigError(f"{src}: {why}; give a readable log file or a folder of them")
             candidates, explicit = [src], True
         else:
             raise FileNotFoundError(f"no such file or folder: {src}")
@@ -144,7 +189,13 @@ def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> 
             real = os.path.realpath(path)
             if real in seen:
                 raise ConfigError(f"{path} is given twice (also as {seen[real]}); give each file once")
-            found = detect_format(path)
+            try:
+                found = detect_format(path)
+            except OSError as e:  # vanished or became unreadable since the walk
+                if explicit:
+                    raise
+                skipped.append((display_path(path), f"unreadable ({e.strerror})"))
+                continue
             if explicit and fmt == "auto" and found is None:
                 raise TraceFormatError(f"cannot tell the format from the content; pass --format (one of "
                                        f"{', '.join(FORMATS.names())})", path)
@@ -224,10 +275,10 @@ def _build(form: SourceFormat, name: str | None, seqs: list[SourceSequence], dup
 
 
 def read_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *, lenient: bool = False,
-                 progress: bool = False) -> tuple[Sources, list[ImportedTrace], Defects]:
+                 progress: bool = False, follow_symlinks: bool = False) -> tuple[Sources, list[ImportedTrace], Defects]:
     """Read sources into traces in memory. Returns the resolved sources, the traces, and the defects
     of files that belong to no trace (skipped before or while grouping)."""
-    src = collect_sources(sources, fmt)
+    src = collect_sources(sources, fmt, follow_symlinks=follow_symlinks)
     form = FORMATS.get(src.format)
     top = Defects(lenient)
     out: list[ImportedTrace] = []
@@ -281,7 +332,7 @@ def _progress(files: Sequence[str], enabled: bool, desc: str) -> Any:
 
 def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
                   lenient: bool = False, overwrite: bool = False, progress: bool = False,
-                  token_text: str | os.PathLike | None = None) -> ImportReport:
+                  token_text: str | os.PathLike | None = None, follow_symlinks: bool = False) -> ImportReport:
     """Import published routing logs and write them as moecache traces.
 
     One trace is written at ``out``; when the format splits the files into several traces (vLLM
@@ -290,7 +341,8 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
     ``{"trace", "seq", "file", "label", "tokens"}`` object per sequence.
     """
     sources = list(sources)
-    src, traces, top = read_sources(sources, fmt, lenient=lenient, progress=progress)
+    src, traces, top = read_sources(sources, fmt, lenient=lenient, progress=progress,
+                                    follow_symlinks=follow_symlinks)
     form = FORMATS.get(src.format)
     if token_text is not None and not form.has_token_text:
         raise ConfigError(f"--token-text: {src.format} logs carry no token strings")
