@@ -404,8 +404,9 @@ class Trace:
             "weights": self.meta.weights,
             "phases": phases,
             "steps": int(len(np.unique(self.step[self.step >= 0]))),
-            "known": {c: float((getattr(self, c) >= 0).mean()) if n else 0.0 for c in ("pos", "token", "step")},
-            "coverage": float(row_present.mean()) if n else 0.0,
+            # an empty trace has no share to report (None), not 0/0
+            "known": {c: float((getattr(self, c) >= 0).mean()) if n else None for c in ("pos", "token", "step")},
+            "coverage": float(row_present.mean()) if n else None,
             "coverage_per_layer": [float(x) for x in row_present.mean(axis=0)] if n else [],
             "missing_records": int((~row_present).sum()),
             "dropped_slots": int((ids == ID_DROPPED).sum()),
