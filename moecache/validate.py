@@ -171,6 +171,24 @@ def folder(name: str, value: Any) -> str:
     return path
 
 
+def input_file(name: str, value: Any) -> str:
+    """An existing, readable regular file; checked without opening it (a pipe or a device would block)."""
+    import stat
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={_show(value)} is not a path; pass a file path")
+    path = os.fspath(value)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{name} {path}: {e.strerror}; pass an existing file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{name} {path} is not a regular file (a folder, pipe or device); pass a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name} {path}: permission denied; pass a readable file")
+    return path
+
+
 class Undo:
     """A stack of undo steps for a change made of several steps (see the module docstring).
 
@@ -210,5 +228,5 @@ class Undo:
             exc.add_note(f"moecache: undoing the change failed too: {failures[0]!r}")
 
 
-__all__ = ["count", "real", "flag", "text", "choice", "mapping", "memory_size", "device", "folder", "Undo",
+__all__ = ["count", "real", "flag", "text", "choice", "mapping", "memory_size", "device", "folder", "input_file", "Undo",
            "MAX_BYTES"]

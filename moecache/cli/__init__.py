@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     name = "moecache"
     try:
+        nul = next((a for a in argv if "\0" in a), None)
+        if nul is not None:  # no path or name can hold one (a shell cannot even pass it)
+            print(f"moecache: error: argument {one_line(repr(nul))} contains a NUL byte; remove it", file=err)
+            return 2
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -107,12 +108,16 @@ def check_args(args: argparse.Namespace) -> None:
     V.count("--seed", args.seed, minimum=0)
     if args.cache_slots is not None:
         V.count("--cache-slots", args.cache_slots, minimum=1)
-    if args.gpu_memory is not None:
+    if args.gpu_memory is not None and args.gpu_memory.strip().lower() != "auto":
         V.memory_size("--gpu-memory", args.gpu_memory)
+    if getattr(args, "host_memory", None) is not None and args.host_memory.strip().lower() != "auto":
+        V.memory_size("--host-memory", args.host_memory)
+    if getattr(args, "max_context", None) is not None:
+        V.count("--max-context", args.max_context, minimum=1)
     if args.experts_fraction is not None:
         V.real("--experts-fraction", args.experts_fraction, minimum=0.0, maximum=1.0, above=True)
     V.device("--device", args.device)
-    _dtype(args.dtype)
+    dtype_of(args.dtype)
     if args.model is not None:
         V.folder("--model", args.model)
         if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -128,7 +133,7 @@ def check_args(args: argparse.Namespace) -> None:
     POLICIES.get(args.policy)
     if args.predictor not in (None, "none"):
         PREDICTORS.get(args.predictor)
-    V.choice("--engine", args.engine, ["auto", *COPY_ENGINES.names()])
+    V.choice("--copy-engine", args.copy_engine, ["auto", *COPY_ENGINES.names()])
     HybridConfig.resolve(args.hybrid or False)
 
 
