@@ -166,6 +166,7 @@ def main() -> int:
 
     warm = rss[0]
     growth = (rss[-1] - warm) / warm if len(rss) > 1 else None
+    peak_growth = (max(rss[1:]) - warm) / warm if len(rss) > 1 else None  # the worst point, not only the end
     decode_steps = args.requests * (args.new - 1)  # per request: one prompt call, then new - 1 decode calls
     result = {
         "benchmark": "soak", "date": started.isoformat(timespec="seconds"),
@@ -180,6 +181,7 @@ def main() -> int:
                    "new_tokens": args.new, "engine": stats.get("engine") or handle.config.get("engine")},
         "decode_steps": decode_steps, "decode_wall_s": decode_s,
         "rss_after_each_request_bytes": rss, "rss_growth_after_warmup": growth,
+        "rss_peak_growth_after_warmup": peak_growth,
         "threads_before_offload": len(threads_before), "threads_while_offloaded": len(threads_running),
         "threads_after_remove": len(threads_after), "threads_left": left, "python_threads_left": py_left,
         "requests_tokens_equal": sum(r["tokens_equal"] for r in per_request), "per_request": per_request,
@@ -202,6 +204,7 @@ def markdown(r: dict) -> str:
     c = r["config"]
     rss = r["rss_after_each_request_bytes"]
     growth = r["rss_growth_after_warmup"]
+    peak = r["rss_peak_growth_after_warmup"]
     lines = [
         "# Soak: a long offloaded run on the CPU",
         "",
@@ -217,7 +220,8 @@ def markdown(r: dict) -> str:
         "|---|---|",
         f"| RSS after the warm-up request | {rss[0] / 2**20:.1f} MiB |",
         f"| RSS at the end | {rss[-1] / 2**20:.1f} MiB |",
-        f"| growth after warm-up (goal < 1%) | {'-' if growth is None else f'{growth:+.3%}'} |",
+        f"| growth after warm-up, at the end (goal < 1%) | {'-' if growth is None else f'{growth:+.3%}'} |",
+        f"| growth after warm-up, at its peak | {'-' if peak is None else f'{peak:+.3%}'} |",
         f"| threads before offload / offloaded / after remove() | {r['threads_before_offload']} / "
         f"{r['threads_while_offloaded']} / {r['threads_after_remove']} |",
         f"| threads left after remove() | {', '.join(r['threads_left'] + r['python_threads_left']) or 'none'} |",
