@@ -172,7 +172,7 @@ def test_bench(capsys, kind, name, damage, option, value):
 
 @FUZZ
 @given(option=st.sampled_from(["--max-new-tokens", "--cache-slots", "--experts-fraction", "--gpu-memory",
-                               "--prefetch-depth", "--dtype", "--device", "--engine", "--policy", "--predictor",
+                               "--prefetch-depth", "--dtype", "--device", "--copy-engine", "--policy", "--predictor",
                                "--hybrid", "--seed", "--model", "--json"]),
        value=numbers | hostile_names, kind=st.sampled_from(SPECIAL))
 def test_generate_bad_arguments(capsys, option, value, kind):
