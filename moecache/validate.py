@@ -189,6 +189,20 @@ def input_file(name: str, value: Any) -> str:
     return path
 
 
+def output_parent(name: str, path: str) -> str:
+    """The folder ``path`` goes in may be made: its nearest existing ancestor is a writable folder (missing
+    folders named in the path are created by the writer; nothing that exists is replaced). Returns the parent."""
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{name} {path}: {probe} is a file, not a folder; choose another output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {path}: cannot write in {probe} (permission denied); choose a writable folder")
+    return parent
+
+
 class Undo:
     """A stack of undo steps for a change made of several steps (see the module docstring).
 
@@ -228,5 +242,5 @@ class Undo:
             exc.add_note(f"moecache: undoing the change failed too: {failures[0]!r}")
 
 
-__all__ = ["count", "real", "flag", "text", "choice", "mapping", "memory_size", "device", "folder", "input_file", "Undo",
+__all__ = ["count", "real", "flag", "text", "choice", "mapping", "memory_size", "device", "folder", "input_file", "output_parent", "Undo",
            "MAX_BYTES"]

@@ -438,9 +438,9 @@ def _(tmp):
     return ["trace", "import", csv_file(tmp), "-o", _p(tmp, "have")]
 
 
-@case("import-out-no-parent")
+@case("import-out-new-folders", 0)
 def _(tmp):
-    return ["trace", "import", csv_file(tmp), "-o", _p(tmp, "no", "such", "out")]
+    return ["trace", "import", csv_file(tmp), "-o", _p(tmp, OUT, "such", "out"), "-q"]
 
 
 @case("import-out-under-file")

@@ -130,9 +130,13 @@ def test_finalise_is_idempotent_and_completes_an_interrupted_finalise(tmp_path):
 
 
 def test_missing_or_read_only_output_folders_are_clean_errors(tmp_path):
-    with pytest.raises(Exception, match="does not exist"):
-        write_trace(tmp_path / "no" / "such" / "t", META, [_block()])
-    assert not (tmp_path / "no").exists()
+    # folders named in the output path are made; a file in the way is an error before anything is written
+    write_trace(tmp_path / "new" / "sub" / "t", META, [_block()])
+    assert len(open_trace(tmp_path / "new" / "sub" / "t")) == 3
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(Exception, match="is a file"):
+        write_trace(tmp_path / "f" / "sub" / "t", META, [_block()])
+    assert (tmp_path / "f").read_text() == "x"
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)

@@ -374,19 +374,15 @@ def is_report(path: str) -> bool:
 def check_report_output(out: str) -> None:
     """Raise unless a report may be written at ``out``: nothing there, an empty folder, or a report of ours
     (replaced as a whole). The parent folder must exist and be writable."""
-    from ..errors import ConfigError
-
     path = os.path.abspath(out)
     if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)) \
             and not is_report(path):
         what = "a file" if not os.path.isdir(path) else "a symlink" if os.path.islink(path) else "a folder of other files"
         raise FileExistsError(f"-o {out} exists and is {what}, not a moecache report; refusing to replace it: choose "
                               "a new or empty folder")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"-o {out}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"-o {out}: cannot write in {parent} (permission denied); choose a writable folder")
+    from ..validate import output_parent
+
+    output_parent("-o", path)
 
 
 def write_report(out: str, results: list[tuple[dict[str, Any], dict[str, Any]]], options: dict[str, Any],
@@ -397,6 +393,7 @@ def write_report(out: str, results: list[tuple[dict[str, Any], dict[str, Any]]],
     failure leaves ``out`` as it was; an existing report there is replaced as a whole."""
     check_report_output(out)
     final = os.path.abspath(out)
+    os.makedirs(os.path.dirname(final), exist_ok=True)  # the folders named in the path
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
     try:
         summary = _write_report_files(tmp, results, options, against)

@@ -99,11 +99,7 @@ def check_trace_output(path: str | os.PathLike, *, overwrite: bool = False) -> N
                 f"{partial} holds an unfinished trace (a recording that did not close). Read it with "
                 f"`moecache trace info {partial}`, finish it with `moecache trace finalise {partial}`, "
                 "or pass overwrite=True (CLI: --force) to replace it")
-    if not os.path.isdir(parent):
-        raise ConfigError(f"the folder {parent} of the output {os.path.basename(path)} does not exist; create it "
-                          "first or choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write in {parent} (permission denied); choose an output path in a writable folder")
+    V.output_parent("output", path)
 
 
 def _remove_stale_partial(partial: str) -> None:
@@ -150,6 +146,7 @@ class TraceWriter:
         check_trace_output(self.path, overwrite=self.overwrite)
         if os.path.lexists(self.partial):  # a stale, unlocked moecache partial (checked above): replace it
             _remove_stale_partial(self.partial)
+        os.makedirs(os.path.dirname(self.partial), exist_ok=True)  # the folders named in the path
         os.mkdir(self.partial)  # fails if another writer made it meanwhile
         self._lock = FolderLock(self.partial)
         if not self._lock.acquire():

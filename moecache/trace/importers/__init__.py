@@ -366,7 +366,7 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
     if token_text is not None:
         _check_token_text_output(os.fspath(token_text), src.files, paths, overwrite)
     if paths != [out] and not os.path.isdir(out):
-        os.mkdir(out)  # the output folder itself, nothing above it
+        os.makedirs(out)  # the output folder (and the missing folders named in its path)
     written = []
     for t, path in zip(traces, paths):
         write_trace(path, t.meta, [t.block], drops=t.drops, overwrite=overwrite)
