@@ -575,6 +575,32 @@ def _(tmp):
     return ["bench", T(tmp), "--quiet", "--hardware", fifo(tmp, "hw.json")]
 
 
+# record and serve --------------------------------------------------------------------------------------
+for i, argv in enumerate([["record"], ["record", "--prompts", "/nonexistent", "-o", "OUT"], ["record", "--prompts", "/dev/null", "-o", "OUT"],
+                          ["serve", "--port", "abc"], ["serve", "--max-queue", "x"]]):
+    CASES.append((f"cmd{i}:{' '.join(argv)[:30]}", lambda tmp, a=argv: [x if x != "OUT" else _p(tmp, OUT) for x in a],
+                  {2}))
+
+
+@case("record-out-foreign-folder")
+def _(tmp):
+    (tmp / "p.txt").write_text("hello\n")
+    (tmp / "keep").mkdir()
+    (tmp / "keep" / "a.txt").write_text("x")
+    return ["record", "--prompts", _p(tmp, "p.txt"), "-o", _p(tmp, "keep"), "--force", "--max-new-tokens", "2"]
+
+
+@case("record-prompts-fifo")
+def _(tmp):
+    return ["record", "--prompts", fifo(tmp, "p.txt"), "-o", _p(tmp, OUT)]
+
+
+@case("record-bad-flush")
+def _(tmp):
+    (tmp / "p.txt").write_text("hello\n")
+    return ["record", "--prompts", _p(tmp, "p.txt"), "-o", _p(tmp, OUT), "--flush-seconds", "nan"]
+
+
 _LIVE: list[TraceWriter] = []
 
 

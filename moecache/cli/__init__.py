@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except ImportError as e:  # an optional package the command needs is not installed: fixable input
+        if debug:
+            traceback.print_exc(file=err)
+        what = getattr(e, "name", None) or str(e)
+        print(f"{name}: error: {one_line(str(what))} is not installed, and this command needs it; pip install "
+              f"{one_line(str(what).split('.')[0])} (or reinstall moecache with its default dependencies)", file=err)
+        return 2
     except _INPUT_ERRORS as e:
         if debug:
             traceback.print_exc(file=err)

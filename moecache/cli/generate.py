@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..errors import ConfigError
 from .model_options import (add_model_options, budget_of, check_model_path, dtype_of, offload_options,
                             slots_for, tokenizer_for)
 
