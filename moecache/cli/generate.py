@@ -104,17 +104,13 @@ def check_args(args: argparse.Namespace) -> None:
     """Every argument checked before a model is built or loaded (``moecache.validate``)."""
     from .. import validate as V
 
+    check_model_path(args)  # --model, the size options (shared with the other model commands)
+
     V.count("--max-new-tokens", args.max_new_tokens, minimum=1)
     V.count("--prefetch-depth", args.prefetch_depth, minimum=0)
     V.count("--seed", args.seed, minimum=0)
     if args.cache_slots is not None:
         V.count("--cache-slots", args.cache_slots, minimum=1)
-    if args.gpu_memory is not None and args.gpu_memory.strip().lower() != "auto":
-        V.memory_size("--gpu-memory", args.gpu_memory)
-    if getattr(args, "host_memory", None) is not None and args.host_memory.strip().lower() != "auto":
-        V.memory_size("--host-memory", args.host_memory)
-    if getattr(args, "max_context", None) is not None:
-        V.count("--max-context", args.max_context, minimum=1)
     if args.experts_fraction is not None:
         V.real("--experts-fraction", args.experts_fraction, minimum=0.0, maximum=1.0, above=True)
     V.device("--device", args.device)
