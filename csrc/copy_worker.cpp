@@ -197,8 +197,10 @@ class CopyWorker : public torch::CustomClassHolder {
         urgent_[s] = 1;
         const int64_t key = key_[s];
         auto fence = fence_for_locked(s);
+        const bool fault = fault_in_ > 0 && --fault_in_ == 0;
         lock.unlock();
         try {
+          if (fault) throw std::runtime_error("injected fault (test hook)");
           do_copy(s, key, true, fence);
         } catch (const std::exception& e) {
           lock.lock();
@@ -278,7 +280,7 @@ class CopyWorker : public torch::CustomClassHolder {
     return {copies_, cancelled_, stolen_, static_cast<int64_t>(queue_.size())};
   }
 
-  // Test hook: the worker thread's `nth` next copy (1 = the next one) throws.
+  // Test hook: the `nth` next copy (1 = the next one), by the worker thread or a waiter, throws.
   void inject_fault(int64_t nth) {
     std::lock_guard<std::mutex> lock(mu_);
     fault_in_ = nth;

@@ -407,6 +407,7 @@ struct Task {
   std::chrono::steady_clock::time_point t0;
   double ms = 0.0;
   bool done = false;
+  std::string error;                   // non-empty: the task failed; wait() raises it
   std::atomic<bool> done_flag{false};  // `done` for a waiter spinning without the lock
 };
 
@@ -493,7 +494,15 @@ class CpuExpertPool::Impl {
     cv_done_.wait(lock, [&] { return t->done; });
     if (tickets_.erase(ticket) == 0)  // another thread waited for it meanwhile
       throw std::invalid_argument("unknown or already waited ticket " + std::to_string(ticket));
+    if (!t->error.empty()) throw std::runtime_error("moecache CPU expert pool: task failed: " + t->error);
     return t->ms;
+  }
+
+  // Test hook: the `nth` next task to start (1 = the next one) fails without running; its wait()
+  // raises. The pool stays usable for the tasks after it.
+  void inject_fault(int64_t nth) {
+    std::lock_guard<std::mutex> lock(mu_);
+    fault_in_ = nth;
   }
 
   // A task is about to come (the caller is preparing its inputs): sleeping workers wake now and spin
@@ -567,12 +576,23 @@ class CpuExpertPool::Impl {
   }
 
   void start_next_locked() {
-    active_ = queue_.front();
-    queue_.pop_front();
-    active_->t0 = std::chrono::steady_clock::now();
-    ++generation_;
-    started_.store(generation_, std::memory_order_release);
-    cv_work_.notify_all();
+    while (!queue_.empty()) {
+      std::shared_ptr<Task> t = queue_.front();
+      queue_.pop_front();
+      if (fault_in_ > 0 && --fault_in_ == 0) {  // inject_fault: fail this task, run the next
+        t->error = "injected fault (test hook)";
+        t->done = true;
+        t->done_flag.store(true, std::memory_order_release);
+        cv_done_.notify_all();
+        continue;
+      }
+      active_ = t;
+      active_->t0 = std::chrono::steady_clock::now();
+      ++generation_;
+      started_.store(generation_, std::memory_order_release);
+      cv_work_.notify_all();
+      return;
+    }
   }
 
   void work() {
@@ -720,6 +740,7 @@ class CpuExpertPool::Impl {
   int64_t next_ticket_ = 1;
   bool stop_ = false, closed_ = false;
   int64_t tasks_run_ = 0, experts_run_ = 0, tokens_run_ = 0;
+  int64_t fault_in_ = 0;  // inject_fault countdown (0: off)
   double busy_ms_ = 0.0;
 };
 
@@ -740,6 +761,7 @@ std::tuple<int64_t, int64_t, int64_t, double> CpuExpertPool::counters() { return
 std::string CpuExpertPool::kernel() const { return impl_->kernel(); }
 int64_t CpuExpertPool::threads() const { return impl_->threads(); }
 void CpuExpertPool::close() { impl_->close(); }
+void CpuExpertPool::inject_fault(int64_t nth) { impl_->inject_fault(nth); }
 
 CpuFeatures detect_cpu_features() {
   const Features f = cpu_features();

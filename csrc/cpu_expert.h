@@ -37,6 +37,8 @@ class CpuExpertPool {
   int64_t threads() const;
   // Finish queued tasks, stop the workers. Idempotent.
   void close();
+  // Test hook: the nth task submitted from now on fails (its wait raises); later tasks run.
+  void inject_fault(int64_t nth);
 
  private:
   class Impl;

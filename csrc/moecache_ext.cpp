@@ -103,6 +103,7 @@ void register_cpu_expert(pybind11::module& m) {
       .def("counters", &CpuExpertPool::counters)
       .def("kernel", &CpuExpertPool::kernel)
       .def("threads", &CpuExpertPool::threads)
+      .def("inject_fault", &CpuExpertPool::inject_fault, py::arg("nth") = 1)
       .def("close", &CpuExpertPool::close, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_features", [] {
     const auto f = moecache_cpu::detect_cpu_features();

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import validate as V
 from .errors import ConfigError
 from .families import detect_family, find_moe_blocks, get_family
 from .trace.schema import PHASE_PREFILL
@@ -152,7 +153,10 @@ def _sequences(trace: Any, sequences: int | Iterable[int] | None) -> list[int]:
         return seqs
     if isinstance(sequences, int):
         return seqs[:sequences]
-    wanted = [int(s) for s in sequences]
+    try:
+        wanted = [V.count("sequence id", s, minimum=0) for s in sequences]
+    except TypeError:
+        raise ConfigError(f"sequences={sequences!r}: pass a count or a list of sequence ids") from None
     unknown = sorted(set(wanted) - set(seqs))
     if unknown:
         raise ConfigError(f"sequence ids {unknown[:5]} are not in the trace")
@@ -204,20 +208,31 @@ def run_forced(model: nn.Module, trace: Any, *, sequences: int | Iterable[int] |
     side, one batch row each (common-length rule in the module docstring); ``time_limit_s``: stop
     decoding after this much wall time; ``lookahead``: told the routing ahead before each call.
     """
-    if int(batch) < 1:
-        raise ConfigError(f"batch must be >= 1 sequences side by side, got {batch}")
-    if time_limit_s is not None and not time_limit_s > 0:
-        raise ConfigError(f"time_limit_s must be > 0 seconds, got {time_limit_s}")
-    batch = int(batch)
+    # Every argument is checked before the model is hooked (moecache.validate).
+    batch = V.count("batch", batch, minimum=1, fix="sequences side by side")
+    time_limit_s = V.real("time_limit_s", time_limit_s, minimum=0.0, above=True, none=True, fix="seconds")
+    prefill = V.count("prefill", prefill, minimum=1, none=True, fix="rows fed in the first call")
+    max_tokens = V.count("max_tokens", max_tokens, minimum=1, none=True, fix="rows per sequence")
+    progress = V.flag("progress", progress)
+    family = V.text("family", family, none=True)
+    if not hasattr(trace, "meta") or not hasattr(trace, "ids"):
+        raise ConfigError(f"trace is a {type(trace).__name__}, not a moecache trace; pass "
+                          "moecache.open_trace(path)")
+    if isinstance(sequences, bool) or not (sequences is None or isinstance(sequences, (int, Iterable))):
+        raise ConfigError(f"sequences={sequences!r}: pass a count, a list of sequence ids, or None")
+    if isinstance(sequences, int):
+        sequences = V.count("sequences", sequences, minimum=1, fix="how many sequences")
+    if lookahead is not None and not callable(getattr(lookahead, "seek", None)):
+        raise ConfigError(f"lookahead is a {type(lookahead).__name__} without a seek(ids, pos) method")
     L, E, k = check_trace_matches(trace, model, family)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     vocab = int(getattr(model.config, "vocab_size", 0) or getattr(model.config.get_text_config(), "vocab_size"))
-    forcer = RoutingForcer(model, L, family)
+    seq_ids = _sequences(trace, sequences)
     cache_arg = _cache_argument(model)
     result = ForcedRunResult(batch=batch)
     trace_weights = trace.weights if trace.meta.has_weights else None
-    seq_ids = _sequences(trace, sequences)
+    forcer = RoutingForcer(model, L, family)  # the first change: everything is checked by now
     groups = [seq_ids[i:i + batch] for i in range(0, len(seq_ids), batch)]
     bar = None
     if progress:

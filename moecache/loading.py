@@ -325,14 +325,10 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
     "auto": the memory available now; None: no check): the host store must fit in it, checked before any
     weight is read. ``gpu_memory="auto"`` plans the device budget (``moecache.offload``).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path} is not a folder; from_pretrained loads a local checkpoint folder")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    path, dev, dtype = check_from_pretrained_args(path, gpu_memory, cache_slots=cache_slots, device=device, dtype=dtype,
+                                                  family=family, experts_implementation=experts_implementation,
+                                                  pin=pin, offload_kwargs=offload_kwargs, host_memory=host_memory,
+                                                  progress=progress)
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
                                       experts_implementation=experts_implementation, pin=pin, progress=progress,
@@ -349,9 +345,72 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
         return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
                                       family=family, experts_implementation=experts_implementation, pin=pin,
                                       host_memory=host_memory, **offload_kwargs)
-    offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
-            **offload_kwargs)
+    try:
+        offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
+                **offload_kwargs)
+    except BaseException:
+        store.close()  # the model is ours and dropped with it; its pinned host memory goes back now
+        raise
     return model
+
+
+def check_from_pretrained_args(path: Any, gpu_memory: Any, *, cache_slots: Any, device: Any, dtype: Any, family: Any,
+                               experts_implementation: Any, pin: Any, offload_kwargs: dict[str, Any],
+                               host_memory: Any = None, progress: Any = None
+                               ) -> tuple[str, torch.device, torch.dtype | None]:
+    """The checks of ``from_pretrained`` that need no model (``moecache.validate``), run before anything is read:
+    ``(path, device, dtype)``. ``offload`` checks the rest against the built model."""
+    import inspect
+
+    from . import validate as V
+    from .runtime.hybrid import HybridConfig
+
+    path = V.folder("path", path)
+    checkpoint_files(path)  # a folder without safetensors fails here
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} has no config.json; save the checkpoint with model.save_pretrained(path)")
+    dev = V.device("device", device)
+    if isinstance(dtype, str):
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise ConfigError(f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. 'bfloat16' or 'float32'")
+        dtype = dt
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. torch.bfloat16")
+    V.text("family", family, none=True)
+    V.text("experts_implementation", experts_implementation, none=True)
+    V.flag("pin", pin, none=True)
+    known = set(inspect.signature(offload).parameters) - {"model", "gpu_memory", "cache_slots", "device", "family",
+                                                             "pin", "host_store", "host_memory"}
+    unknown = sorted(set(offload_kwargs) - known)
+    if unknown:
+        raise ConfigError(f"from_pretrained got unknown argument(s) {unknown}; valid: {', '.join(sorted(known))}")
+    if (gpu_memory is None) == (cache_slots is None):
+        raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB' or 'auto') or cache_slots= (a number of "
+                          "experts)")
+    if cache_slots is not None:
+        V.count("cache_slots", cache_slots, minimum=1, fix="a number of experts")
+    elif not (isinstance(gpu_memory, str) and gpu_memory.strip().lower() == "auto"):
+        V.memory_size("gpu_memory", gpu_memory)
+    if host_memory is not None and not (isinstance(host_memory, str) and host_memory.strip().lower() == "auto"):
+        V.memory_size("host_memory", host_memory)
+    V.flag("progress", progress, none=True)
+    for name in ("max_context", "batch"):
+        if offload_kwargs.get(name) is not None:
+            V.count(name, offload_kwargs[name], minimum=1)
+    HybridConfig.resolve(offload_kwargs.get("hybrid", False))
+    for name in ("prefetch_depth", "prefetch_width"):
+        if offload_kwargs.get(name) is not None:
+            V.count(name, offload_kwargs[name], minimum=0 if name == "prefetch_depth" else 1)
+    if "min_prob" in offload_kwargs:
+        V.real("min_prob", offload_kwargs["min_prob"], minimum=0.0, maximum=1.0)
+    if "engine" in offload_kwargs:
+        from .runtime.engine import COPY_ENGINES
+
+        V.choice("engine", offload_kwargs["engine"], ["auto", *COPY_ENGINES.names()])
+    for name in ("policy_params", "predictor_params"):
+        V.mapping(name, offload_kwargs.get(name))
+    return path, dev, dtype
 
 
 def _load_via_transformers(path: str, gpu_memory: Any, *, cache_slots: int | None, device: torch.device,

@@ -73,6 +73,10 @@ def test_finalise_cli(tmp_path, capsys):
     w.flush()
     assert main(["trace", "info", str(tmp_path / "r")]) == 0
     assert "UNFINISHED" in capsys.readouterr().out
+    # the writer still holds the folder: finalise refuses and changes nothing
+    assert main(["trace", "finalise", str(tmp_path / "r.partial")]) == 2
+    assert "being written" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    w.abandon()  # as if the recording process had died
     assert main(["trace", "finalise", str(tmp_path / "r.partial")]) == 0
     assert (tmp_path / "r" / "manifest.json").exists()
 

@@ -168,7 +168,7 @@ def test_batch_one_is_the_sequence_by_sequence_replay_and_limits_are_checked():
     assert [g["rows"] for g in res.per_sequence] == [2, 1] and res.decode_tokens == 2 * 4 + 4
     cut = run_forced(m, tr, prefill=1, time_limit_s=1e-9)
     assert cut.truncated and cut.decode_tokens == 0 and cut.sequences == 1
-    with pytest.raises(ConfigError, match="batch must be >= 1"):
+    with pytest.raises(ConfigError, match="batch=0 is out of range"):
         run_forced(m, tr, batch=0)
     with pytest.raises(ConfigError, match="time_limit_s"):
         run_forced(m, tr, time_limit_s=0)

@@ -68,7 +68,7 @@ def test_stacked_expert_keys_are_read_one_expert_at_a_time(tmp_path):
 
 
 def test_missing_checkpoint_and_missing_experts_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not a folder"):
+    with pytest.raises(ConfigError, match="does not exist"):
         from_pretrained(tmp_path / "nope", cache_slots=4)
     src = tiny_model("qwen3_moe")
     src.config.save_pretrained(tmp_path)

@@ -72,6 +72,16 @@ def reuse_distance(d: dict[str, Any]) -> Figure:
     return _png(fig), "Reuse-distance histogram", "An access hits an LRU cache of c experts per layer iff its distance is below c."
 
 
+def _log_x(ax: Any, *ys: Any, base: float = 10) -> None:
+    """A log x axis where something finite was drawn; else a note that there is nothing to show (a trace too
+    short for the measure: a one-token trace has no segments, no reuse windows)."""
+    if any(np.isfinite(np.asarray(y, dtype=float)).any() for y in ys if np.size(y)):
+        ax.set_xscale("log", base=base)
+    else:
+        ax.text(0.5, 0.5, "no data: the trace is too short for this measure", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+
+
 def temporal_locality(d: dict[str, Any]) -> Figure:
     t = d["locality"]
     w = np.array(t["windows"])
@@ -79,7 +89,7 @@ def temporal_locality(d: dict[str, Any]) -> Figure:
     for l in range(t["prob"].shape[1]):
         ax.plot(w, t["prob"][:, l], color="0.75", lw=0.7)
     ax.plot(w, t["mean"], "o-", color="C0", lw=2, label="all layers")
-    ax.set_xscale("log", base=2)
+    _log_x(ax, t["mean"], base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("window w (tokens)")
     ax.set_ylabel("P(reused within w)")
@@ -95,7 +105,7 @@ def consistency(d: dict[str, Any]) -> Figure:
     for j, m in enumerate(c["sizes"]):
         line, = ax.plot(s, c["mean"][:-1, j], "o-", label=f"m = {m}")
         ax.axhline(c["mean"][-1, j], color=line.get_color(), ls=":", lw=1)
-    ax.set_xscale("log", base=2)
+    _log_x(ax, c["mean"][:-1], base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("segment length s (tokens)")
     ax.set_ylabel("coverage of the best m experts")
@@ -190,7 +200,7 @@ def sequences(d: dict[str, Any]) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ok = np.isfinite(s["jsd"])
     ax.scatter(s["tokens"][ok], s["jsd"][ok], s=8, alpha=0.6)
-    ax.set_xscale("log")
+    _log_x(ax, np.asarray(s["jsd"])[ok])
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("JSD to whole trace (bits)")
     ax.set_title("Per-sequence popularity against the whole trace")

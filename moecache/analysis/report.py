@@ -23,6 +23,8 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Iterable
 
 import numpy as np
@@ -353,9 +355,70 @@ def _section_against(pg: Page, figs: dict[str, tuple[str, str, str, str]]) -> No
     pg.add("</details>")
 
 
+#: What a report folder holds; a folder with anything else is not replaced.
+REPORT_ENTRIES = ("report.html", "summary.json", "figures", "data")
+
+
+def is_report(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``write_report`` (summary.json says so; nothing else in it)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            fmt = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return fmt == "moecache-analysis" and set(os.listdir(path)) <= set(REPORT_ENTRIES)
+
+
+def check_report_output(out: str) -> None:
+    """Raise unless a report may be written at ``out``: nothing there, an empty folder, or a report of ours
+    (replaced as a whole). The parent folder must exist and be writable."""
+    path = os.path.abspath(out)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)) \
+            and not is_report(path):
+        what = "a file" if not os.path.isdir(path) else "a symlink" if os.path.islink(path) else "a folder of other files"
+        raise FileExistsError(f"-o {out} exists and is {what}, not a moecache report; refusing to replace it: choose "
+                              "a new or empty folder")
+    from ..validate import output_parent
+
+    output_parent("-o", path)
+
+
 def write_report(out: str, results: list[tuple[dict[str, Any], dict[str, Any]]], options: dict[str, Any],
                  against: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write the report folder ``out``; returns the summary written to summary.json."""
+    """Write the report folder ``out``; returns the summary written to summary.json.
+
+    The report is built in a hidden folder beside ``out`` and renamed into place once complete, so a
+    failure leaves ``out`` as it was; an existing report there is replaced as a whole."""
+    check_report_output(out)
+    final = os.path.abspath(out)
+    os.makedirs(os.path.dirname(final), exist_ok=True)  # the folders named in the path
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
+    try:
+        summary = _write_report_files(tmp, results, options, against)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.lexists(final):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".old-", dir=os.path.dirname(final))
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_report_files(out: str, results: list[tuple[dict[str, Any], dict[str, Any]]], options: dict[str, Any],
+                        against: tuple[dict[str, Any], dict[str, Any]] | None) -> dict[str, Any]:
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     summary: dict[str, Any] = {"format": "moecache-analysis", "version": 1, "options": options, "traces": []}

@@ -80,8 +80,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis.run import Options, analyze_trace
     from ..trace import open_trace
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ConfigError(f"-o {args.out} exists and is not a folder; give a folder for the report")
+    from ..analysis.report import check_report_output
+
+    check_report_output(args.out)  # before any work: only a new/empty folder or a report of ours is replaced
     opts = Options(opt_tokens=args.belady_tokens, sim_tokens=args.sim_tokens, simulate=not args.no_simulate)
     if args.windows:
         opts.windows = args.windows
@@ -128,7 +129,7 @@ def register(sub) -> None:
                     "capacity (LRU, Belady, LFU, best online policy). Writes DIR/report.html (self-contained), "
                     "DIR/summary.json, DIR/figures/*.png and DIR/data/*.csv.")
     p.add_argument("traces", nargs="+", metavar="TRACE", help="moecache trace folder(s); each gets its own section")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="report folder (created; files replaced)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="report folder: new, empty, or an earlier report (replaced as a whole)")
     p.add_argument("--against", metavar="OTHER", help="a trace of the same model: how far routing shifts from "
                                                       "the first TRACE to it")
     p.add_argument("--belady-tokens", type=_positive, default=1000, metavar="N",

@@ -145,6 +145,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
 
+    from .. import validate as V
+
+    for flag, value in (("--hardware", args.hardware), ("--suite", args.suite)):
+        if value:
+            V.input_file(flag, value)  # before anything opens it: a pipe would block
+    V.count("--jobs", args.jobs, minimum=1)
     if args.list:
         return cmd_list(args)
     if args.suite or args.out:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
 
+from ..errors import ConfigError
 from .model_options import (add_model_options, budget_of, check_model_path, dtype_of, offload_options,
                             slots_for, tokenizer_for)
 
@@ -74,8 +76,68 @@ def _tokenizer(path: str | None, vocab: int) -> tuple[Callable[[str], list[int]]
     return encode, decode
 
 
+#: Marker in the ``--json`` file: an existing file is replaced only if it carries it.
+JSON_MARKER = ("written_by", "moecache generate")
+
+
+def check_json_output(path: str) -> None:
+    """``--json PATH`` may be written: a new file in an existing folder, or a stats file of an earlier run."""
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise FileExistsError(f"--json {path} exists and is not a regular file; choose another path")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            old = None
+        if not (isinstance(old, dict) and old.get(JSON_MARKER[0]) == JSON_MARKER[1]):
+            raise FileExistsError(f"--json {path} exists and is not a stats file of moecache generate; refusing to "
+                                  "replace it: choose another path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--json {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--json {path}: cannot write in {parent} (permission denied); choose a writable folder")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before a model is built or loaded (``moecache.validate``)."""
+    from .. import validate as V
+
+    check_model_path(args)  # --model, the size options (shared with the other model commands)
+
+    V.count("--max-new-tokens", args.max_new_tokens, minimum=1)
+    V.count("--prefetch-depth", args.prefetch_depth, minimum=0)
+    V.count("--seed", args.seed, minimum=0)
+    if args.cache_slots is not None:
+        V.count("--cache-slots", args.cache_slots, minimum=1)
+    if args.experts_fraction is not None:
+        V.real("--experts-fraction", args.experts_fraction, minimum=0.0, maximum=1.0, above=True)
+    V.device("--device", args.device)
+    dtype_of(args.dtype)
+    if args.model is not None:
+        V.folder("--model", args.model)
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise ConfigError(f"--model {args.model} has no config.json; pass a checkpoint folder "
+                              "(model.save_pretrained(path))")
+    if args.json_out:
+        check_json_output(args.json_out)
+    from ..policies import POLICIES
+    from ..predictors import PREDICTORS
+    from ..runtime.engine import COPY_ENGINES
+    from ..runtime.hybrid import HybridConfig
+
+    POLICIES.get(args.policy)
+    if args.predictor not in (None, "none"):
+        PREDICTORS.get(args.predictor)
+    V.choice("--copy-engine", args.copy_engine, ["auto", *COPY_ENGINES.names()])
+    HybridConfig.resolve(args.hybrid or False)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    check_args(args)
 
     from ..default_model import RANDOM_WEIGHTS_LABEL, default_model
     from ..runtime import offload
@@ -150,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         from ..atomic import write_json_atomic
 
-        write_json_atomic(args.json_out, json.loads(json.dumps(stats, default=str)))
+        write_json_atomic(args.json_out, {JSON_MARKER[0]: JSON_MARKER[1], **json.loads(json.dumps(stats, default=str))})
     handle.remove()
     return status
 

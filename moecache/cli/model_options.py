@@ -57,8 +57,8 @@ def dtype_of(name: str | None) -> Any:
     if name is None:
         return None
     dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ConfigError(f"unknown dtype {name!r}; use e.g. float32, bfloat16, float16")
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ConfigError(f"--dtype {name!r} is not a floating-point dtype; use e.g. float32, bfloat16, float16")
     return dt
 
 

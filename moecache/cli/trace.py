@@ -23,10 +23,10 @@ def _fmt_info(s: dict) -> str:
     lines.append(f"experts    {s['experts']} per layer, top-{s['top_k']}, ids ordered {s['id_order']}")
     bpe = s["bytes_per_expert"]
     lines.append(f"weights    {s['weights']}" + (f"; {bpe / 2**20:.2f} MiB per expert" if bpe else ""))
-    known = ", ".join(f"{k} {v:.0%}" for k, v in s["known"].items())
+    known = ", ".join(f"{k} {'-' if v is None else format(v, '.0%')}" for k, v in s["known"].items())
     lines.append(f"known      {known}")
-    lines.append(f"coverage   {s['coverage']:.4%} of (token, layer) records present; {s['missing_records']:,} missing; "
-                 f"{s['dropped_slots']:,} dropped slots")
+    cov = "- (no tokens)" if s["coverage"] is None else f"{s['coverage']:.4%} of (token, layer) records present"
+    lines.append(f"coverage   {cov}; {s['missing_records']:,} missing; {s['dropped_slots']:,} dropped slots")
     lines.append(f"accesses   {s['accesses']:,}")
     if s["drops"]:
         lines.append("drops      " + ", ".join(f"{k}: {v:,}" for k, v in s["drops"].items()))

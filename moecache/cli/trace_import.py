@@ -34,8 +34,8 @@ def format_report(rep: ImportReport) -> str:
     if rep.skipped_folder_files:
         shown = ", ".join(f"{p} ({why})" for p, why in rep.skipped_folder_files[:_SHOW])
         more = len(rep.skipped_folder_files) - _SHOW
-        lines.append(f"left out of the folders: {len(rep.skipped_folder_files)} file(s) that are not "
-                     f"{rep.format} logs: {shown}" + (f" and {more} more" if more > 0 else ""))
+        lines.append(f"left out of the folders: {len(rep.skipped_folder_files)} file(s): {shown}"
+                     + (f" and {more} more" if more > 0 else ""))
     if rep.token_text:
         lines.append(f"token strings: {rep.token_text}")
     return "\n".join(lines)
@@ -44,7 +44,8 @@ def format_report(rep: ImportReport) -> str:
 def cmd_import(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     rep = import_traces(args.sources, args.out, fmt=args.format, lenient=args.lenient, overwrite=args.force,
-                        progress=progress, token_text=args.token_text)
+                        progress=progress, token_text=args.token_text,
+                        follow_symlinks=args.follow_symlinks)
     print(format_report(rep))
     return 0
 
@@ -69,5 +70,8 @@ def register(tsub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing traces")
     p.add_argument("--token-text", metavar="FILE",
                    help="also write the source's token strings as JSON lines (hf-gate-csv only)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="in folders, also read files through symlinks that point outside the folder (default: "
+                        "skipped and listed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)

@@ -143,6 +143,10 @@ class CppKernel(CpuKernel):
         ms, _ = self._pool.read(buf.data_ptr(), buf.numel() * buf.element_size())
         return buf.numel() * buf.element_size() / (ms * 1e6)
 
+    def inject_fault(self, nth: int = 1) -> None:
+        """Test hook: the pool's ``nth`` next task fails; its wait raises ``RuntimeError`` on the calling thread."""
+        self._pool.inject_fault(int(nth))
+
     def close(self) -> None:
         self._pool.close()
 

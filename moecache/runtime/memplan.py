@@ -21,10 +21,10 @@ model too big for the machine is refused up front instead of being killed by the
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import validate as V
 from ..errors import ConfigError
 
 #: Context the KV cache is planned for when ``max_context`` is not given (capped at the model's own limit).
@@ -33,21 +33,11 @@ MIN_MARGIN = 512 * 2**20
 MARGIN_SHARE = 0.05
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 def parse_bytes(value: int | float | str) -> int:
-    """``"6GiB"``, ``"512MB"``, ``"1.5 GiB"``, ``10**9`` -> bytes (GiB = 2**30, GB = 10**9)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(f"a memory size must be >= 0, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read memory size {value!r}; write e.g. '6GiB', '512MiB', '8GB', a byte count "
-                          "or 'auto'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """``"6GiB"``, ``"512MB"``, ``"1.5 GiB"``, ``10**9`` -> bytes (GiB = 2**30, GB = 10**9); NaN, infinities,
+    negative and absurd sizes are refused (``moecache.validate.memory_size``)."""
+    return V.memory_size("memory size", value)
 
 
 def fmt_bytes(n: float) -> str:

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validate as V
 from ..errors import ConfigError
 from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
 from ..policies import POLICIES, Policy
 from ..predictors import PREDICTORS, Predictor
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
-from .engine import make_engine
+from .engine import COPY_ENGINES, make_engine
 from .experts import EXPERT_KERNELS
 from .hoststore import HostAllocator, HostStore
 from .hybrid import HybridConfig, make_hybrid
@@ -105,8 +106,14 @@ def _make_policy(policy: Any, slots: int, L: int, E: int, k: int, params: dict[s
             raise ConfigError(f"policy instance holds {pol.num_pools * pol.capacity} slots but the budget gives "
                               f"{slots}; build it with capacity={slots}, scope='global' or pass the name")
     else:
-        cls = POLICIES.get(str(policy))
-        pol = cls(slots, L, E, top_k=k, scope="global", **params)
+        if not isinstance(policy, str):
+            raise ConfigError(f"policy={policy!r} is neither a policy name nor a Policy instance; pass e.g. 'lru'")
+        cls = POLICIES.get(policy)
+        try:
+            pol = cls(slots, L, E, top_k=k, scope="global", **params)
+        except TypeError as e:
+            raise ConfigError(f"policy_params {sorted(params)} do not fit policy {policy!r} ({e}); see its "
+                              "docstring for the parameters it takes") from None
     if pol.offline or pol.may_bypass:
         raise ConfigError(f"policy {pol.name!r} reads the future or bypasses the cache: simulator only; "
                           "pick an online policy such as 'lru' or 'lfu'")
@@ -122,11 +129,18 @@ def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, pa
     if isinstance(predictor, Predictor):
         pred = predictor
     else:
-        cls = PREDICTORS.get(str(predictor))
-        if getattr(cls, "needs_model", False) and hasattr(cls, "from_model"):
-            pred = cls.from_model(model, **params)
-        else:
-            pred = cls(L, E, k, **params)
+        if not isinstance(predictor, str):
+            raise ConfigError(f"predictor={predictor!r} is neither a predictor name nor a Predictor instance; "
+                              "pass e.g. 'transition' or None")
+        cls = PREDICTORS.get(predictor)
+        try:
+            if getattr(cls, "needs_model", False) and hasattr(cls, "from_model"):
+                pred = cls.from_model(model, **params)
+            else:
+                pred = cls(L, E, k, **params)
+        except TypeError as e:
+            raise ConfigError(f"predictor_params {sorted(params)} do not fit predictor {predictor!r} ({e}); see "
+                              "its docstring for the parameters it takes") from None
     if (pred.num_layers, pred.num_experts, pred.top_k) != (L, E, k):
         raise ConfigError(f"predictor {pred.name!r} was built for {pred.num_layers} layers x {pred.num_experts} "
                           f"experts, top-{pred.top_k}; this model has {L} x {E}, top-{k}")
@@ -323,6 +337,140 @@ def _plan(model: nn.Module, config: Any, dev: torch.device, non_expert: int, slo
         device=str(dev))
 
 
+@dataclass
+class OffloadPlan:
+    """Every argument of ``offload`` checked and resolved, before anything is changed (``check_offload_args``)."""
+
+    adapter: FamilyAdapter
+    blocks: list[MoeBlock]
+    layout: SlotLayout
+    num_layers: int
+    num_experts: int
+    top_k: int
+    device: torch.device
+    slots: int
+    budget: int | None
+    non_expert: int
+    policy: Any
+    predictor: Any
+    prefetch_depth: int
+    prefetch_width: int | None
+    min_prob: float
+    engine: str
+    allocator: HostAllocator
+    host_store: HostStore | None
+    own_store: bool
+    hybrid: HybridConfig | None
+    memory_plan: Any = None  # gpu_memory="auto": the memplan.MemoryPlan
+
+
+def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
+                       predictor: Any = None, prefetch_depth: Any = 1, device: Any = None, engine: Any = "auto",
+                       family: Any = None, policy_params: Any = None, predictor_params: Any = None,
+                       prefetch_width: Any = None, min_prob: Any = DEFAULT_MIN_PROB, pin: Any = None,
+                       host_store: Any = None, own_store: Any = True, hybrid: Any = False,
+                       max_context: Any = None, batch: Any = 1, host_memory: Any = None) -> OffloadPlan:
+    """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
+    model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
+
+    To add an argument to ``offload``: check it here (one ``moecache.validate`` call), carry the cleaned
+    value in ``OffloadPlan``, and in ``offload`` push an undo for whatever applying it changes."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model is a {type(model).__name__}, not a torch module; pass a loaded transformers model")
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
+    hybrid_cfg = HybridConfig.resolve(hybrid)
+    family = V.text("family", family, none=True)
+    adapter = get_family(family) if family else detect_family(model)
+    blocks = find_moe_blocks(model, adapter)
+    check_supported(adapter, blocks)
+    if hybrid_cfg is not None and adapter.layout.kernel != "transformers":
+        raise ConfigError(f"hybrid execution runs transformers' experts layout on the CPU; {adapter.name} experts run "
+                          f"through the {adapter.layout.kernel!r} kernel: offload it with hybrid=False")
+    config = model.config
+    E, k, L = adapter.num_experts(config), adapter.top_k(config), len(blocks)
+    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr, adapter.layout)
+    for b in blocks[1:]:
+        layout.check_same(SlotLayout.from_module(b.experts, E, b.name, adapter.layout), b.name)
+    dev = V.device("device", device)
+    engine = V.choice("engine", engine, ["auto", *COPY_ENGINES.names()])
+    if (gpu_memory is None) == (cache_slots is None):
+        raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB') or cache_slots= (a number of experts)")
+    auto = isinstance(gpu_memory, str) and gpu_memory.strip().lower() == "auto"
+    if cache_slots is not None:
+        cache_slots = V.count("cache_slots", cache_slots, minimum=1, fix="a number of experts")
+    elif not auto:
+        gpu_memory = V.memory_size("gpu_memory", gpu_memory)
+    max_context = V.count("max_context", max_context, minimum=1, none=True, fix="tokens")
+    batch = V.count("batch", batch, minimum=1, fix="sequences side by side")
+    if host_memory is not None and not (isinstance(host_memory, str) and host_memory.strip().lower() == "auto"):
+        host_memory = V.memory_size("host_memory", host_memory)
+    prefetch_depth = V.count("prefetch_depth", prefetch_depth, minimum=0, maximum=L,
+                             fix=f"MoE layers ahead; this model has {L}")
+    prefetch_width = V.count("prefetch_width", prefetch_width, minimum=1, maximum=E, none=True,
+                             fix=f"experts per target layer; this model has {E}")
+    min_prob = V.real("min_prob", min_prob, minimum=0.0, maximum=1.0)
+    pin = V.flag("pin", pin, none=True)
+    own_store = V.flag("own_store", own_store)
+    policy_params = V.mapping("policy_params", policy_params)
+    predictor_params = V.mapping("predictor_params", predictor_params)
+    if host_store is not None:
+        if not isinstance(host_store, HostStore):
+            raise ConfigError(f"host_store is a {type(host_store).__name__}; pass a moecache HostStore or None")
+        if host_store.layout != layout or (host_store.num_layers, host_store.num_experts) != (L, E):
+            raise ConfigError("host_store was built for another layout or model size")
+        if any(b is None for b in host_store.blocks):
+            raise ConfigError("host_store is not filled (or was closed); fill every layer before offloading")
+    allocator = HostAllocator(pin)
+    expert_ids = _expert_params(blocks, layout, E)
+    non_expert = non_expert_bytes(model, expert_ids)
+    mplan = None
+    if auto:
+        mplan = _plan(model, config, dev, non_expert, layout.slot_bytes, k, L * E, max_context, batch, expert_ids)
+        gpu_memory = mplan.budget
+    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
+                                 slot_bytes=layout.slot_bytes, top_k=k, total=L * E)
+    pol = _make_policy(policy, slots, L, E, k, policy_params)
+    if host_memory is not None and host_store is None:
+        on_host = non_expert + slots * layout.slot_bytes if dev.type == "cpu" else 0
+        memplan.check_host_memory(experts=L * E * layout.slot_bytes, other=on_host, host_memory=host_memory)
+    on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
+    if on_meta and host_store is None:
+        raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
+                          "with moecache.from_pretrained(path, ...) instead")
+    pred = _make_predictor(predictor, model, L, E, k, predictor_params)
+    return OffloadPlan(adapter, blocks, layout, L, E, k, dev, slots, budget, non_expert, pol, pred, prefetch_depth,
+                       prefetch_width, min_prob, engine, allocator, host_store, own_store, hybrid_cfg, mplan)
+
+
+def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
+    """Where every parameter and buffer of ``model`` is now: what the undo of ``model.to`` restores."""
+    out = []
+    for m in model.modules():
+        out.extend((m, n, True, p.device) for n, p in m._parameters.items() if p is not None)
+        out.extend((m, n, False, b.device) for n, b in m._buffers.items() if b is not None)
+    return out
+
+
+@torch.no_grad()
+def _move_back(where: list[tuple[nn.Module, str, bool, torch.device]]) -> None:
+    for m, n, is_param, dev in where:
+        t = (m._parameters if is_param else m._buffers).get(n)
+        if t is None or t.device == dev or t.device.type == "meta" or dev.type == "meta":
+            continue
+        if is_param:
+            t.data = t.data.to(dev)
+        else:
+            m._buffers[n] = t.to(dev)
+
+
+def _restore_layer(layout: SlotLayout, store: HostStore, layer: int, experts: nn.Module, saved: _Saved) -> None:
+    """Undo of one layer's ``release``: its expert weights back from the host store (meta ones stay meta)."""
+    if all(dev.type == "meta" for _shape, _dtype, dev, _grad in saved.params):
+        return
+    layout.restore(experts, store.num_experts, store.layer_views(layer), saved.params)
+
+
 def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
             policy: Any = "lru", predictor: Any = None, prefetch_depth: int = 1, device: str | None = None,
             engine: str = "auto", family: str | None = None, policy_params: dict | None = None,
@@ -350,89 +498,75 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     * ``hybrid``: False (every miss copied), True or "auto" (each miss copied or run on the CPU,
       whichever a cost model measured at start-up says finishes first), "cpu" (every miss on the
       CPU), "copy", or a ``HybridConfig`` (``moecache.runtime.hybrid``).
-    """
-    hybrid_cfg = HybridConfig.resolve(hybrid)  # bad values fail before the model is touched
-    if getattr(model, HANDLE_ATTR, None) is not None:
-        raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
-    adapter = get_family(family) if family else detect_family(model)
-    blocks = find_moe_blocks(model, adapter)
-    check_supported(adapter, blocks)
-    if hybrid_cfg is not None and adapter.layout.kernel != "transformers":
-        raise ConfigError(f"hybrid execution runs transformers' experts layout on the CPU; {adapter.name} experts run "
-                          f"through the {adapter.layout.kernel!r} kernel: offload it with hybrid=False")
-    config = model.config
-    E, k, L = adapter.num_experts(config), adapter.top_k(config), len(blocks)
-    layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr, adapter.layout)
-    for b in blocks[1:]:
-        layout.check_same(SlotLayout.from_module(b.experts, E, b.name, adapter.layout), b.name)
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    expert_ids = _expert_params(blocks, layout, E)
-    non_expert = non_expert_bytes(model, expert_ids)
-    total = L * E
-    plan = None
-    if isinstance(gpu_memory, str) and gpu_memory.strip().lower() == "auto":
-        if cache_slots is not None:
-            raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB' or 'auto') or cache_slots=")
-        plan = _plan(model, config, dev, non_expert, layout.slot_bytes, k, total, max_context, batch, expert_ids)
-        gpu_memory = plan.budget
-    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
-                                 slot_bytes=layout.slot_bytes, top_k=k, total=total)
-    pol = _make_policy(policy, slots, L, E, k, dict(policy_params or {}))
-    if host_memory is not None and host_store is None:
-        on_host = non_expert + slots * layout.slot_bytes if dev.type == "cpu" else 0
-        memplan.check_host_memory(experts=total * layout.slot_bytes, other=on_host, host_memory=host_memory)
-    on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
-    if on_meta and host_store is None:
-        raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
-                          "with moecache.from_pretrained(path, ...) instead")
 
+    Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
+    put back as it was (expert weights restored from the host store) before the error propagates.
+    """
+    plan = check_offload_args(model, gpu_memory, cache_slots=cache_slots, policy=policy, predictor=predictor,
+                              prefetch_depth=prefetch_depth, device=device, engine=engine, family=family,
+                              policy_params=policy_params, predictor_params=predictor_params,
+                              prefetch_width=prefetch_width, min_prob=min_prob, pin=pin, host_store=host_store,
+                              own_store=own_store, hybrid=hybrid, max_context=max_context, batch=batch,
+                              host_memory=host_memory)
+    with V.Undo() as undo:
+        handle = _apply(model, plan, undo)
+    return handle
+
+
+def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
+    """The changes of ``offload``, each with its undo pushed on ``undo``."""
+    adapter, blocks, layout = plan.adapter, plan.blocks, plan.layout
+    L, E, k, dev = plan.num_layers, plan.num_experts, plan.top_k, plan.device
+    config = model.config
     # Experts into host memory, layer by layer, releasing each layer's originals right away.
-    if host_store is not None and (host_store.layout != layout or (host_store.num_layers, host_store.num_experts)
-                                   != (L, E)):
-        raise ConfigError("host_store was built for another layout or model size")
-    store = host_store or HostStore(layout, L, E, HostAllocator(pin))
+    store = plan.host_store or HostStore(layout, L, E, plan.allocator)
+    if plan.host_store is None:
+        undo.push(store.close)
     saved: list[_Saved] = []
     for i, b in enumerate(blocks):
-        if host_store is None:
+        if plan.host_store is None:
             store.fill_layer(i, b.experts)
         saved.append(_Saved(layout.release(b.experts, E)))  # meta stand-ins: the storage is freed
-    pool = SlotPool(layout, slots, dev)
-    copy_engine = make_engine(engine, store, pool)
-    pred = _make_predictor(predictor, model, L, E, k, dict(predictor_params or {}))
+        undo.push(lambda i=i, b=b, s=saved[-1]: _restore_layer(layout, store, i, b.experts, s))
+    pool = SlotPool(layout, plan.slots, dev)
+    undo.push(pool.close)
+    copy_engine = make_engine(plan.engine, store, pool)
+    undo.push(copy_engine.close)
     rt_layers: list[LayerInfo] = []
-    runtime = Runtime(layers=rt_layers, num_layers=L, store=store, pool=pool, engine=copy_engine, policy=pol,
-                      predictor=pred,
-                      config=config, num_experts=E, top_k=k, prefetch_depth=prefetch_depth,
-                      prefetch_width=prefetch_width, min_prob=min_prob)
+    runtime = Runtime(layers=rt_layers, num_layers=L, store=store, pool=pool, engine=copy_engine, policy=plan.policy,
+                      predictor=plan.predictor, config=config, num_experts=E, top_k=k,
+                      prefetch_depth=plan.prefetch_depth, prefetch_width=plan.prefetch_width, min_prob=plan.min_prob)
     kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
     kernel_hooks: list[Any] = []
+    undo.push(lambda: [h.remove() for h in kernel_hooks])
     for i, b in enumerate(blocks):
         lut = runtime.slot_of[i * E:(i + 1) * E]  # a live view of this layer's rows
         att = kernel.attach(runtime, i, b, adapter, lut)
+        kernel_hooks.extend(att.hooks)
         rt_layers.append(LayerInfo(i, b.layer, b.name, b.block, b.experts, att.remap_shell, att.indexer_shell))
         setattr(b.block, adapter.experts_attr, att.module)
-        kernel_hooks.extend(att.hooks)
+        undo.push(lambda b=b: setattr(b.block, adapter.experts_attr, b.experts))
+    undo.push(lambda where=_tensor_devices(model): _move_back(where))
     model.to(dev)  # the non-expert weights (the wrappers own no parameters)
-    runtime.hybrid = make_hybrid(hybrid_cfg, runtime)
+    runtime.hybrid = make_hybrid(plan.hybrid, runtime)
+    if runtime.hybrid is not None:
+        undo.push(runtime.hybrid.close)
 
+    pol, pred = plan.policy, plan.predictor
     cfg = {
         "family": adapter.name, "device": str(dev), "engine": copy_engine.name, "policy": pol.describe(),
         "predictor": None if pred is None else pred.name, "prefetch_depth": runtime.prefetch_depth,
-        "slots": slots, "total_experts": total, "moe_layers": L, "num_experts": E, "top_k": k,
-        "slot_bytes": layout.slot_bytes, "pool_bytes": pool.nbytes, "gpu_budget_bytes": budget,
-        "gpu_nonexpert_bytes": non_expert, "workspace_bytes": WORKSPACE_BYTES,
+        "slots": plan.slots, "total_experts": L * E, "moe_layers": L, "num_experts": E, "top_k": k,
+        "slot_bytes": layout.slot_bytes, "pool_bytes": pool.nbytes, "gpu_budget_bytes": plan.budget,
+        "gpu_nonexpert_bytes": plan.non_expert, "workspace_bytes": WORKSPACE_BYTES,
         "host_store_bytes": store.nbytes, "host_pinned": store.pinned,
         "experts_implementation": getattr(config, "_experts_implementation", None),
         "hybrid": None if runtime.hybrid is None else runtime.hybrid.describe(),
-        "memory_plan": None if plan is None else plan.to_json(),
+        "memory_plan": None if plan.memory_plan is None else plan.memory_plan.to_json(),
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
-    handle.memory_plan = plan
-    if plan is not None:
-        print("\n".join(plan.lines()), file=sys.stderr)
-    handle.own_store = own_store or host_store is None
+    handle.own_store = plan.own_store or plan.host_store is None
+    handle.memory_plan = plan.memory_plan
 
     def pre(_mod, args, kwargs):
         rows, tokens, new_request = _call_shape(args, kwargs)
@@ -445,10 +579,15 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             handle._pending_call = None
         return output
 
-    handle._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                     model.register_forward_hook(post, with_kwargs=True)] + kernel_hooks
+    call_hooks: list[Any] = []
+    undo.push(lambda: [h.remove() for h in call_hooks])
+    call_hooks.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+    call_hooks.append(model.register_forward_hook(post, with_kwargs=True))
+    handle._hooks = call_hooks + kernel_hooks
     setattr(model, HANDLE_ATTR, handle)
+    if plan.memory_plan is not None:
+        print("\n".join(plan.memory_plan.lines()), file=sys.stderr)
     return handle
 
 
-__all__ = ["offload", "OffloadHandle", "parse_bytes", "WORKSPACE_BYTES", "choose_slots", "non_expert_bytes"]
+__all__ = ["offload", "OffloadHandle", "OffloadPlan", "check_offload_args", "parse_bytes", "WORKSPACE_BYTES", "choose_slots", "non_expert_bytes"]

@@ -71,10 +71,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import validate as V
 from ..errors import ConfigError, UnsupportedModelError
 from ..families import CAPTURES, FamilyAdapter, MoeBlock, bytes_per_expert, detect_family, find_moe_blocks, get_family
 from .schema import PHASE_DECODE, PHASE_PREFILL, RoutingBlock, TraceMeta
-from .store import Trace, TraceWriter, open_trace
+from .store import Trace, TraceWriter, check_trace_output, open_trace
 
 _CACHE_ARGS = ("cache", "past_key_values")  # the KV cache's keyword: 5.24 says "cache", 5.17 "past_key_values"
 _RECORDING_FLAG = "_moecache_recorder"
@@ -151,10 +152,17 @@ class RoutingRecorder:
     def __init__(self, model: Any, path: str | os.PathLike, *, family: str | None = None,
                  flush_rows: int = 16384, flush_seconds: float = 30.0, overwrite: bool = False,
                  model_name: str | None = None, max_pending: int = 4, hidden_states: bool = False):
-        if flush_rows < 1:
-            raise ConfigError(f"flush_rows must be >= 1, got {flush_rows}")
-        if max_pending < 1:
-            raise ConfigError(f"max_pending must be >= 1, got {max_pending}")
+        # Every argument is checked before anything is hooked or written (moecache.validate).
+        flush_rows = V.count("flush_rows", flush_rows, minimum=1)
+        max_pending = V.count("max_pending", max_pending, minimum=1)
+        flush_seconds = V.real("flush_seconds", flush_seconds, minimum=0.0, above=True)
+        overwrite = V.flag("overwrite", overwrite)
+        hidden_states = V.flag("hidden_states", hidden_states)
+        model_name = V.text("model_name", model_name, none=True)
+        family = V.text("family", family, none=True)
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ConfigError(f"path={path!r} is not a path; pass the trace folder to write, e.g. 'runs/trace1'")
+        check_trace_output(path, overwrite=overwrite)
         self.model = model
         self.path = os.fspath(path)
         self.adapter: FamilyAdapter = get_family(family) if family else detect_family(model)

@@ -59,6 +59,9 @@ WEIGHT_KINDS = {
     "absent": "the source has no gate weights",
 }
 
+#: Largest expert count and MoE layer count a trace may declare (larger ones are damage, not models).
+MAX_EXPERTS = 1 << 16
+MAX_LAYERS = 4096
 #: Per-token columns and their on-disk dtypes.
 TOKEN_COLUMNS = {"seq": np.int64, "pos": np.int32, "token": np.int32, "step": np.int64, "phase": np.int8}
 
@@ -122,10 +125,38 @@ class TraceMeta:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], path: str | None = None) -> "TraceMeta":
+        if not isinstance(obj, dict):
+            raise TraceFormatError(f"metadata is a {type(obj).__name__}, not an object", path)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - names)
         if unknown:
             raise TraceFormatError(f"unknown metadata keys {unknown}", path)
+        missing = [n for n in ("num_experts", "top_k", "moe_layers") if n not in obj]
+        if missing:
+            raise TraceFormatError(f"metadata lacks {', '.join(missing)}", path)
+
+        def whole(x: Any) -> bool:
+            return type(x) is int
+
+        checks = {
+            "num_experts": (lambda x: whole(x) and 1 <= x <= MAX_EXPERTS, f"a whole number in 1..{MAX_EXPERTS}"),
+            "top_k": (whole, "a whole number"),
+            "moe_layers": (lambda x: isinstance(x, list) and 0 < len(x) <= MAX_LAYERS and all(whole(v) and v >= 0
+                                                                                            for v in x),
+                           f"a list of 1..{MAX_LAYERS} layer numbers >= 0"),
+            "model": (lambda x: isinstance(x, str), "a string"), "family": (lambda x: isinstance(x, str), "a string"),
+            "source": (lambda x: isinstance(x, str), "a string"),
+            "id_order": (lambda x: isinstance(x, str), "a string"), "weights": (lambda x: isinstance(x, str), "a string"),
+            "bytes_per_expert": (lambda x: x is None or (whole(x) and x >= 0), "a whole number or null"),
+            "hidden_size": (lambda x: x is None or (whole(x) and 1 <= x <= 1 << 20), "a whole number >= 1 or null"),
+            "files": (lambda x: isinstance(x, list) and all(isinstance(v, str) for v in x), "a list of strings"),
+            "extra": (lambda x: isinstance(x, dict), "an object"),
+        }
+        for key, (ok, want) in checks.items():
+            if key in obj and not ok(obj[key]):
+                shown = repr(obj[key])
+                raise TraceFormatError(f"metadata {key} is {shown[:40]}{'...' if len(shown) > 40 else ''}, not {want}",
+                                       path)
         try:
             return cls(**obj)
         except TypeError as e:

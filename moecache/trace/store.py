@@ -21,27 +21,111 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .._ext import extension
-from ..atomic import fsync_dir, write_json_atomic
-from ..errors import TraceFormatError
+from .. import validate as V
+from ..atomic import FolderLock, fsync_dir, write_json_atomic
+from ..errors import ConfigError, TraceFormatError
 from .schema import (FORMAT_NAME, FORMAT_VERSION, HIDDEN_DTYPE, ID_DROPPED, ID_MISSING, PHASE_NAMES, TOKEN_COLUMNS,
                      RoutingBlock, TraceMeta, format_version_of)
 
 MANIFEST = "manifest.json"
 PARTIAL_META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
-_CHUNK_RE = re.compile(r"^chunk-(\d{6,})$")
+_CHUNK_RE = re.compile(r"^chunk-([0-9]{6,})\Z")
 _COLUMNS = tuple(TOKEN_COLUMNS) + ("ids", "weights", "hidden")
 _OPTIONAL = ("weights", "hidden")
 
 
 def _chunk_name(i: int) -> str:
     return f"chunk-{i:06d}"
+
+
+def is_finished_trace(path: str) -> bool:
+    """Whether ``path`` is a folder holding a finished moecache trace (its manifest names our format)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            header = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def _is_partial_trace(path: str) -> bool:
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, PARTIAL_META)) as f:
+            header = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def check_trace_output(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise (``FileExistsError``/``ConfigError``, one line) unless a trace may be written at ``path``.
+
+    Allowed: nothing at ``path``, or with ``overwrite`` a finished moecache trace (never another folder
+    or a file); its ``PATH.partial`` absent, or with ``overwrite`` one no live writer holds. The parent
+    folder must exist and be writable: nothing outside the output path is created.
+    """
+    path = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+    partial = path + PARTIAL_SUFFIX
+    parent = os.path.dirname(path) or "."
+    if os.path.lexists(path):
+        if not is_finished_trace(path):
+            what = "a symlink" if os.path.islink(path) else "a folder" if os.path.isdir(path) else "a file"
+            raise FileExistsError(f"{path} exists and is {what}, not a moecache trace; refusing to replace it: "
+                                  "choose another output path")
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it, or choose "
+                                  "another path")
+    if os.path.lexists(partial):
+        if _is_partial_trace(partial) and FolderLock.is_held(partial):
+            raise FileExistsError(f"{partial} is being written by a running recording ({FolderLock(partial).holder()}); "
+                                  "wait for it to finish or choose another path")
+        if not _is_partial_trace(partial):
+            raise FileExistsError(f"{partial} exists and is not an unfinished moecache trace; refusing to replace it: "
+                                  "move it away or choose another path")
+        if not overwrite:
+            raise FileExistsError(
+                f"{partial} holds an unfinished trace (a recording that did not close). Read it with "
+                f"`moecache trace info {partial}`, finish it with `moecache trace finalise {partial}`, "
+                "or pass overwrite=True (CLI: --force) to replace it")
+    V.output_parent("output", path)
+
+
+def _remove_stale_partial(partial: str) -> None:
+    """Delete an unfinished trace no live writer holds (``overwrite``), under its own lock."""
+    lock = FolderLock(partial)
+    if os.path.isfile(lock.path) and not lock.acquire():
+        raise FileExistsError(f"{partial} is being written by a running recording; wait for it to finish")
+    try:
+        shutil.rmtree(partial)
+    finally:
+        lock.release()
+
+
+def _rename_into_place(src: str, dst: str, overwrite: bool) -> None:
+    """Rename the finished folder ``src`` to ``dst``; with ``overwrite`` a finished trace at ``dst`` is
+    moved to a unique hidden name beside it first, and deleted once ``src`` is in place."""
+    if os.path.lexists(dst):
+        if not (overwrite and is_finished_trace(dst)):
+            raise FileExistsError(f"{dst} appeared while the trace was written and is not replaced; the trace is "
+                                  f"complete in {src}: move {dst} away and rename {src} to it")
+        old = tempfile.mkdtemp(prefix="." + os.path.basename(dst) + ".old-", dir=os.path.dirname(dst))
+        os.rename(dst, old)  # onto the empty folder mkdtemp made: atomic, and never over anything else
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
 
 
 class TraceWriter:
@@ -58,16 +142,15 @@ class TraceWriter:
         self.meta = meta
         self.chunk_rows = int(chunk_rows)
         self.partial = self.path + PARTIAL_SUFFIX
-        if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(f"{self.path} already exists; pass overwrite=True (CLI: --force) or choose another path")
-        if os.path.exists(self.partial):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.partial} holds an unfinished trace (a recording that did not close). Read it with "
-                    f"`moecache trace info {self.partial}`, finish it with `moecache trace finalise {self.partial}`, "
-                    "or delete it")
-            shutil.rmtree(self.partial)
-        os.makedirs(self.partial)
+        self.overwrite = bool(overwrite)
+        check_trace_output(self.path, overwrite=self.overwrite)
+        if os.path.lexists(self.partial):  # a stale, unlocked moecache partial (checked above): replace it
+            _remove_stale_partial(self.partial)
+        os.makedirs(os.path.dirname(self.partial), exist_ok=True)  # the folders named in the path
+        os.mkdir(self.partial)  # fails if another writer made it meanwhile
+        self._lock = FolderLock(self.partial)
+        if not self._lock.acquire():
+            raise FileExistsError(f"{self.partial} is being written by another recording; choose another path")
         write_json_atomic(os.path.join(self.partial, PARTIAL_META),
                           {"format": FORMAT_NAME, "version": format_version_of(meta), "meta": meta.to_json()})
         self._buffer: list[RoutingBlock] = []
@@ -140,15 +223,15 @@ class TraceWriter:
             "rows": self.rows,
             "drops": dict(sorted(self._drops.items())),
         }
-        write_json_atomic(os.path.join(self.partial, MANIFEST), manifest)
-        if os.path.exists(self.path):  # overwrite=True: move the old one aside first
-            old = self.path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.path, old)
-            os.rename(self.partial, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.partial, self.path)
+        try:
+            write_json_atomic(os.path.join(self.partial, MANIFEST), manifest)
+            _rename_into_place(self.partial, self.path, self.overwrite)
+        except BaseException:  # PATH.partial keeps every chunk (and maybe the manifest): finalise completes it
+            self.closed = True
+            self._lock.release()
+            raise
+        self._lock.moved(self.path)
+        self._lock.release(unlink=True)
         fsync_dir(os.path.dirname(self.path))
         self.closed = True
         return self.path
@@ -164,6 +247,12 @@ class TraceWriter:
                 self.flush()
             finally:
                 self.closed = True
+                self._lock.release()
+
+    def abandon(self) -> None:
+        """Stop writing (without finalising); flushed chunks stay in ``PATH.partial``, now unlocked."""
+        self.closed = True
+        self._lock.release()
 
 
 def write_trace(path: str | os.PathLike, meta: TraceMeta, blocks: Iterable[RoutingBlock], *,
@@ -312,8 +401,9 @@ class Trace:
             "weights": self.meta.weights,
             "phases": phases,
             "steps": int(len(np.unique(self.step[self.step >= 0]))),
-            "known": {c: float((getattr(self, c) >= 0).mean()) if n else 0.0 for c in ("pos", "token", "step")},
-            "coverage": float(row_present.mean()) if n else 0.0,
+            # an empty trace has no share to report (None), not 0/0
+            "known": {c: float((getattr(self, c) >= 0).mean()) if n else None for c in ("pos", "token", "step")},
+            "coverage": float(row_present.mean()) if n else None,
             "coverage_per_layer": [float(x) for x in row_present.mean(axis=0)] if n else [],
             "missing_records": int((~row_present).sum()),
             "dropped_slots": int((ids == ID_DROPPED).sum()),
@@ -330,6 +420,8 @@ def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True,
         if (col == "weights" and not with_weights) or (col == "hidden" and not with_hidden):
             continue
         f = os.path.join(folder, col + ".npy")
+        if os.path.lexists(f) and (os.path.islink(f) or not os.path.isfile(f)):
+            raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
         if os.path.exists(f):
             try:
                 cols[col] = np.load(f, allow_pickle=False)
@@ -340,8 +432,13 @@ def _load_chunk(folder: str, meta: TraceMeta, with_weights: bool = True,
     drops: dict[str, int] = {}
     dfile = os.path.join(folder, "drops.json")
     if os.path.exists(dfile):
-        with open(dfile) as f:
-            drops = json.load(f)
+        try:
+            with open(dfile, encoding="utf-8") as f:
+                drops = json.load(f)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise TraceFormatError(f"not valid JSON ({e})", dfile) from None
+        if not isinstance(drops, dict) or not all(isinstance(k, str) and type(v) is int for k, v in drops.items()):
+            raise TraceFormatError("drop counts are not an object of whole numbers", dfile)
     if "ids" not in cols:
         return RoutingBlock.build(np.zeros((0, meta.num_layers, meta.top_k), np.int16)), drops
     return RoutingBlock(**cols), drops
@@ -367,6 +464,8 @@ def _resolve(path: str) -> tuple[str, bool]:
             "from another tool, convert them with `moecache trace import` first", p)
     if not os.path.exists(p) and os.path.isdir(p + PARTIAL_SUFFIX):
         return _resolve(p + PARTIAL_SUFFIX)
+    if os.path.exists(p) and not os.path.isfile(p):
+        raise TraceFormatError("is not a folder or a regular file (a pipe, socket or device); give a trace folder", p)
     if os.path.isfile(p):
         raise TraceFormatError(
             "is a file, not a moecache trace folder. Published routing logs (JSONL, CSV, JSON) are "
@@ -374,27 +473,71 @@ def _resolve(path: str) -> tuple[str, bool]:
     raise FileNotFoundError(f"no trace at {p} (nor an unfinished one at {p}{PARTIAL_SUFFIX})")
 
 
+def _read_header(header_file: str, finalised: bool) -> dict[str, Any]:
+    """The manifest (or a partial's meta.json), type-checked: every field the reader uses, with its type;
+    chunk names are plain ``chunk-NNNNNN`` names, so no chunk path leaves the trace folder."""
+    if not os.path.isfile(header_file):
+        raise TraceFormatError("is not a regular file", header_file)
+    try:
+        with open(header_file, encoding="utf-8") as f:
+            header = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TraceFormatError(f"not valid JSON ({e})", header_file) from None
+    except RecursionError:
+        raise TraceFormatError("not valid JSON (nested too deeply)", header_file) from None
+    if not isinstance(header, dict):
+        raise TraceFormatError(f"holds a JSON {type(header).__name__}, not an object", header_file)
+    if header.get("format") != FORMAT_NAME:
+        raise TraceFormatError(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}", header_file)
+    if "version" not in header:
+        raise TraceFormatError("has no version; it was not written by moecache", header_file)
+    version = header["version"]
+    if type(version) is not int:
+        raise TraceFormatError(f"version is {version!r}, not a whole number", header_file)
+    if version < 1:
+        raise TraceFormatError(f"version {version} is not a format version (they start at 1)", header_file)
+    if version > FORMAT_VERSION:
+        raise TraceFormatError(
+            f"trace format version {version} is newer than this moecache reads ({FORMAT_VERSION}); upgrade moecache",
+            header_file)
+    if "meta" not in header:
+        raise TraceFormatError("has no meta", header_file)
+    if finalised:
+        chunks = header.get("chunks")
+        if not isinstance(chunks, list):
+            raise TraceFormatError("has no chunk list (chunks)", header_file)
+        seen = set()
+        for i, c in enumerate(chunks):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+                raise TraceFormatError(f"chunk entry {i} is not an object with a name", header_file)
+            if not _CHUNK_RE.match(c["name"]):
+                raise TraceFormatError(f"chunk name {c['name'][:40]!r} is not chunk-NNNNNN (a chunk path never leaves "
+                                       "the trace folder)", header_file)
+            if c["name"] in seen:
+                raise TraceFormatError(f"chunk {c['name']} is listed twice", header_file)
+            seen.add(c["name"])
+            if "rows" in c and (type(c["rows"]) is not int or c["rows"] < 0):
+                raise TraceFormatError(f"chunk {c['name']} rows is {c['rows']!r}, not a count", header_file)
+        rows = header.get("rows")
+        if rows is not None and (type(rows) is not int or rows < 0):
+            raise TraceFormatError(f"rows is {rows!r}, not a count", header_file)
+        drops = header.get("drops", {})
+        if not isinstance(drops, dict) or not all(type(v) is int for v in drops.values()):
+            raise TraceFormatError("drops is not an object of counts", header_file)
+    return header
+
+
 def open_trace(path: str | os.PathLike) -> Trace:
     """Read a trace: a finalised folder, or the ``.partial`` folder a killed recording left."""
     folder, finalised = _resolve(os.fspath(path))
     header_file = os.path.join(folder, MANIFEST if finalised else PARTIAL_META)
-    try:
-        with open(header_file) as f:
-            header = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TraceFormatError(f"not valid JSON ({e})", header_file) from None
-    if header.get("format") != FORMAT_NAME:
-        raise TraceFormatError(f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}", header_file)
-    if header.get("version", 0) > FORMAT_VERSION:
-        raise TraceFormatError(
-            f"trace format version {header.get('version')} is newer than this moecache reads "
-            f"({FORMAT_VERSION}); upgrade moecache", header_file)
+    header = _read_header(header_file, finalised)
     meta = TraceMeta.from_json(header["meta"], header_file)
     if finalised:
         names = [c["name"] for c in header["chunks"]]
         for n in names:
-            if not os.path.isdir(os.path.join(folder, n)):
-                raise TraceFormatError(f"manifest lists chunk {n} but it is missing", folder)
+            if not os.path.isdir(os.path.join(folder, n)) or os.path.islink(os.path.join(folder, n)):
+                raise TraceFormatError(f"manifest lists chunk {n} but it is missing (or not a folder)", folder)
     else:  # every complete chunk folder, in order; temporary ones (".chunk-*.tmp") are ignored
         names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
     blocks, drops, kept = [], Counter(), []
@@ -415,7 +558,12 @@ def open_trace(path: str | os.PathLike) -> Trace:
             f = os.path.join(folder, n, "weights.npy")
             if not os.path.exists(f):
                 raise TraceFormatError(f"trace declares weights={meta.weights!r} but weights.npy is missing", f)
-            parts.append(np.load(f, allow_pickle=False))
+            if os.path.islink(f) or not os.path.isfile(f):
+                raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
+            try:
+                parts.append(np.load(f, allow_pickle=False))
+            except Exception as e:  # a damaged file: say which one
+                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
         if not parts:
             return np.zeros((0, meta.num_layers, meta.top_k), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -426,7 +574,12 @@ def open_trace(path: str | os.PathLike) -> Trace:
             f = os.path.join(folder, n, "hidden.npy")
             if not os.path.exists(f):
                 raise TraceFormatError(f"trace declares hidden_size={meta.hidden_size} but hidden.npy is missing", f)
-            parts.append(np.load(f, allow_pickle=False))
+            if os.path.islink(f) or not os.path.isfile(f):
+                raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
+            try:
+                parts.append(np.load(f, allow_pickle=False))
+            except Exception as e:  # a damaged file: say which one
+                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
         if not parts:
             return np.zeros((0, meta.num_layers, meta.hidden_size), HIDDEN_DTYPE)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -437,21 +590,36 @@ def open_trace(path: str | os.PathLike) -> Trace:
 
 
 def finalise_partial(path: str | os.PathLike) -> str:
-    """Turn the ``PATH.partial`` folder a killed recording left into a finalised trace ``PATH``."""
-    trace = open_trace(path)
-    if trace.finalised:
-        return trace.path  # type: ignore[return-value]
-    folder = trace.path
-    assert folder is not None
+    """Turn the ``PATH.partial`` folder a killed recording left into a finalised trace ``PATH``.
+
+    Idempotent (a finished trace, or ``PATH`` of one already finalised, is returned as it is) and atomic
+    (the manifest is written inside the partial folder, then one rename makes it ``PATH``; a crash between
+    the two is completed by the next call). Refused while a recording still holds the folder's lock.
+    """
+    given = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+    folder, finalised = _resolve(given)
+    if finalised and not folder.endswith(PARTIAL_SUFFIX):
+        return folder
     target = folder[: -len(PARTIAL_SUFFIX)] if folder.endswith(PARTIAL_SUFFIX) else folder + ".trace"
-    names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
-    chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
-    manifest = {"format": FORMAT_NAME, "version": format_version_of(trace.meta), "meta": trace.meta.to_json(),
-                "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
-    write_json_atomic(os.path.join(folder, MANIFEST), manifest)
-    if os.path.exists(target):
+    if os.path.lexists(target):
         raise FileExistsError(f"{target} exists; move it away before finalising {folder}")
-    os.rename(folder, target)
+    lock = FolderLock(folder)
+    if not lock.acquire():
+        raise FileExistsError(f"{folder} is being written by a running recording ({lock.holder()}); finalise it "
+                              "once that recording has stopped")
+    try:
+        if not finalised:  # else: a previous finalise wrote the manifest and stopped before the rename
+            trace = open_trace(folder)
+            names = sorted(n for n in os.listdir(folder) if _CHUNK_RE.match(n))
+            chunks = [{"name": n, "rows": len(_load_chunk(os.path.join(folder, n), trace.meta)[0])} for n in names]
+            manifest = {"format": FORMAT_NAME, "version": format_version_of(trace.meta), "meta": trace.meta.to_json(),
+                        "chunks": chunks, "rows": len(trace), "drops": dict(sorted(trace.drops.items()))}
+            write_json_atomic(os.path.join(folder, MANIFEST), manifest)
+        os.rename(folder, target)
+        lock.moved(target)
+        fsync_dir(os.path.dirname(target))
+    finally:
+        lock.release(unlink=True)
     return target
 
 

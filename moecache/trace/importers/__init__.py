@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 from ...atomic import write_text_atomic
 from ...errors import ConfigError, TraceFormatError
 from ..schema import RoutingBlock, TraceMeta
-from ..store import MANIFEST, Trace, write_trace
+from ..store import MANIFEST, Trace, check_trace_output, is_finished_trace, write_trace
 from .base import FORMATS, Defects, SourceFormat, SourceSequence, display_path, natural_key, read_head
 
 # Every module of this folder but ``base`` registers one format when imported: a new format is one
@@ -111,16 +111,56 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return found[0] if found else None
 
 
-def _walk(folder: str) -> list[str]:
-    """Every regular file under ``folder``, folders and files in natural order, hidden ones left out."""
-    out = []
-    for root, dirs, files in os.walk(folder):
+def _walk(folder: str, follow_symlinks: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every regular file under ``folder``, folders and files in natural order, hidden ones left out; and
+    the entries left out with why: non-regular files (pipes, sockets, devices), unreadable files, broken
+    or looping symlinks, and (unless ``follow_symlinks``) symlinks that leave ``folder``. Symlinked
+    folders are never descended into (no loops)."""
+    out: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    root_real = os.path.realpath(folder)
+    for root, dirs, files in os.walk(folder, onerror=lambda e: skipped.append(
+            (display_path(e.filename or folder), f"unreadable folder ({e.strerror})"))):
         dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=natural_key)
-        out.extend(os.path.join(root, f) for f in sorted(files, key=natural_key) if not f.startswith("."))
-    return out
+        for d in list(dirs):
+            if os.path.islink(os.path.join(root, d)):
+                dirs.remove(d)
+                skipped.append((display_path(os.path.join(root, d)), "symlinked folder (not followed)"))
+        for f in sorted(files, key=natural_key):
+            if f.startswith("."):
+                continue
+            path = os.path.join(root, f)
+            why = _unreadable(path)
+            if why is None and os.path.islink(path) and not follow_symlinks:
+                real = os.path.realpath(path)
+                if real != root_real and not real.startswith(root_real + os.sep):
+                    why = "symlink leaving the folder (not followed)"
+            if why is None:
+                out.append(path)
+            else:
+                skipped.append((display_path(path), why))
+    return out, skipped
 
 
-def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> Sources:
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read as a log file (None if it can): never opens a pipe or a device."""
+    try:
+        st = os.stat(path)  # follows symlinks: loops and dangling links fail here
+    except OSError as e:
+        return "broken or looping symlink" if os.path.islink(path) else f"cannot stat ({e.strerror})"
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("pipe" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+        return f"not a regular file ({kind})"
+    if not os.access(path, os.R_OK):
+        return "unreadable (permission denied)"
+    return None
+
+
+def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *,
+                    follow_symlinks: bool = False) -> Sources:
     """Resolve files and folders into the ordered list of files to import and their format.
 
     Files given explicitly are read in the order given (with ``auto`` their content must match a
@@ -135,8 +175,13 @@ def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> 
     for src in sources:
         src = os.fspath(src)
         if os.path.isdir(src):
-            candidates, explicit = _walk(src), False
-        elif os.path.isfile(src):
+            candidates, walk_skipped = _walk(src, follow_symlinks)
+            explicit = False
+            skipped.extend(walk_skipped)
+        elif os.path.lexists(src):
+            why = _unreadable(src)
+            if why is not None:
+                raise ConfigError(f"{src}: {why}; give a readable log file or a folder of them")
             candidates, explicit = [src], True
         else:
             raise FileNotFoundError(f"no such file or folder: {src}")
@@ -144,7 +189,13 @@ def collect_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto") -> 
             real = os.path.realpath(path)
             if real in seen:
                 raise ConfigError(f"{path} is given twice (also as {seen[real]}); give each file once")
-            found = detect_format(path)
+            try:
+                found = detect_format(path)
+            except OSError as e:  # vanished or became unreadable since the walk
+                if explicit:
+                    raise
+                skipped.append((display_path(path), f"unreadable ({e.strerror})"))
+                continue
             if explicit and fmt == "auto" and found is None:
                 raise TraceFormatError(f"cannot tell the format from the content; pass --format (one of "
                                        f"{', '.join(FORMATS.names())})", path)
@@ -224,10 +275,10 @@ def _build(form: SourceFormat, name: str | None, seqs: list[SourceSequence], dup
 
 
 def read_sources(sources: Iterable[str | os.PathLike], fmt: str = "auto", *, lenient: bool = False,
-                 progress: bool = False) -> tuple[Sources, list[ImportedTrace], Defects]:
+                 progress: bool = False, follow_symlinks: bool = False) -> tuple[Sources, list[ImportedTrace], Defects]:
     """Read sources into traces in memory. Returns the resolved sources, the traces, and the defects
     of files that belong to no trace (skipped before or while grouping)."""
-    src = collect_sources(sources, fmt)
+    src = collect_sources(sources, fmt, follow_symlinks=follow_symlinks)
     form = FORMATS.get(src.format)
     top = Defects(lenient)
     out: list[ImportedTrace] = []
@@ -281,7 +332,7 @@ def _progress(files: Sequence[str], enabled: bool, desc: str) -> Any:
 
 def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
                   lenient: bool = False, overwrite: bool = False, progress: bool = False,
-                  token_text: str | os.PathLike | None = None) -> ImportReport:
+                  token_text: str | os.PathLike | None = None, follow_symlinks: bool = False) -> ImportReport:
     """Import published routing logs and write them as moecache traces.
 
     One trace is written at ``out``; when the format splits the files into several traces (vLLM
@@ -290,21 +341,32 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
     ``{"trace", "seq", "file", "label", "tokens"}`` object per sequence.
     """
     sources = list(sources)
-    src, traces, top = read_sources(sources, fmt, lenient=lenient, progress=progress)
+    src, traces, top = read_sources(sources, fmt, lenient=lenient, progress=progress,
+                                    follow_symlinks=follow_symlinks)
     form = FORMATS.get(src.format)
     if token_text is not None and not form.has_token_text:
         raise ConfigError(f"--token-text: {src.format} logs carry no token strings")
     out = os.fspath(out)
     if len(traces) == 1 and traces[0].name is None:
         paths = [out]
+        check_trace_output(out, overwrite=overwrite)
     else:
+        if os.path.lexists(out) and not os.path.isdir(out) or os.path.islink(out):
+            raise FileExistsError(f"{out} exists and is not a folder; the {len(traces)} traces of this import need a "
+                                  f"folder (written as {out}/<name>): choose another -o")
         if os.path.exists(os.path.join(out, MANIFEST)):
             raise FileExistsError(f"{out} is a trace; the {len(traces)} traces of this import need a folder "
                                   f"(they are written as {out}/<name>)")
         paths = [os.path.join(out, t.name or f"trace{i}") for i, t in enumerate(traces)]
-    for path in paths:  # --force replaces traces, never a folder of something else
-        if overwrite and os.path.exists(path) and not os.path.exists(os.path.join(path, MANIFEST)):
-            raise FileExistsError(f"{path} exists and is not a moecache trace; refusing to replace it")
+        if os.path.isdir(out):
+            for path in paths:
+                check_trace_output(path, overwrite=overwrite)
+        else:
+            check_trace_output(out, overwrite=False)  # its parent exists and is writable
+    if token_text is not None:
+        _check_token_text_output(os.fspath(token_text), src.files, paths, overwrite)
+    if paths != [out] and not os.path.isdir(out):
+        os.makedirs(out)  # the output folder (and the missing folders named in its path)
     written = []
     for t, path in zip(traces, paths):
         write_trace(path, t.meta, [t.block], drops=t.drops, overwrite=overwrite)
@@ -324,3 +386,36 @@ def import_traces(sources: Iterable[str | os.PathLike], out: str | os.PathLike, 
                         skipped_files=[x for t in traces for x in t.skipped_files] + top.skipped_files,
                         unassigned_drops=dict(sorted(top.counts.items())),
                         token_text=os.fspath(token_text) if token_text is not None else None)
+
+
+def _check_token_text_output(path: str, sources: list[str], outputs: list[str], overwrite: bool) -> None:
+    """``--token-text FILE`` may be written: not a source, not inside an output trace, and if it exists, a
+    token-text file of ours (its first line a JSON object with ``trace`` and ``seq``) replaced only with
+    ``overwrite``."""
+    real = os.path.realpath(path)
+    for src in sources:
+        if os.path.realpath(src) == real:
+            raise FileExistsError(f"--token-text {path} is one of the sources being imported; write it elsewhere")
+    for out in outputs:
+        o = os.path.realpath(out)
+        if real == o or real.startswith(o + os.sep) or real == o + ".partial" or real.startswith(o + ".partial" + os.sep):
+            raise FileExistsError(f"--token-text {path} is inside the output trace {out}; write it beside the trace")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise FileExistsError(f"--token-text {path} exists and is not a regular file; choose another path")
+        try:
+            with open(path, "rb") as f:
+                first = json.loads(f.readline().decode("utf-8") or "null")
+        except (OSError, ValueError):
+            first = None
+        ours = isinstance(first, dict) and {"trace", "seq", "tokens"} <= set(first)
+        if not ours:
+            raise FileExistsError(f"--token-text {path} exists and is not a token-text file of moecache; refusing to "
+                                  "replace it: choose another path")
+        if not overwrite:
+            raise FileExistsError(f"--token-text {path} already exists; pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--token-text: the folder {parent} does not exist; create it first")
+    if is_finished_trace(parent) or os.path.isfile(os.path.join(parent, "meta.json")) and parent.endswith(".partial"):
+        raise FileExistsError(f"--token-text {path} is inside the trace {parent}; write it beside the trace")
