@@ -168,7 +168,9 @@ def test_bad_arguments_fail_before_the_model_changes():
 
 def test_cache_limits_are_clear_errors_and_remove_restores():
     m = tiny_model("qwen3_moe")
+    flag = m.generation_config.disable_compile
     h = offload(m, cache_slots=4, device="cpu", compile="eager", max_cache_len=9, max_batch_size=1)
+    assert m.generation_config.disable_compile is True  # transformers' own compile would wrap ours
     stack = m.model
     assert "forward" in stack.__dict__
     with pytest.raises(ConfigError, match="max_cache_len>=12"):
@@ -182,6 +184,6 @@ def test_cache_limits_are_clear_errors_and_remove_restores():
     h.remove()
     assert "forward" not in stack.__dict__ and not any(k[0] == key for k in _EXPERTS)
     assert all(e.compiled_key is None for e in experts)
-    assert m.generation_config.disable_compile is False
+    assert m.generation_config.disable_compile is flag
     assert EXPERTS_OP == "moecache::offloaded_experts"
     assert allocated_kv_bytes(object()) == 0
