@@ -50,6 +50,8 @@ from .stats import format_summary, summarise
 
 #: Persistent device bytes the runtime owns besides the pool (see the module docstring).
 WORKSPACE_BYTES = 0
+#: ``stream_prefill=True``: calls of at least this many tokens stream each next layer's experts.
+DEFAULT_STREAM_PREFILL_TOKENS = 64
 #: Attribute under which the handle is attached to the patched model.
 HANDLE_ATTR = "moecache"
 
@@ -351,8 +353,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             min_prob: float = DEFAULT_MIN_PROB, pin: bool | None = None,
             host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False,
             max_context: int | None = None, batch: int = 1, host_memory: int | str | None = None,
-            compile: bool | str = False, max_cache_len: int | None = None, max_batch_size: int | None = None
-            ) -> OffloadHandle:
+            compile: bool | str = False, max_cache_len: int | None = None, max_batch_size: int | None = None,
+            stream_prefill: bool | int = False) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -378,6 +380,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       4096, or ``max_context``) for up to ``max_batch_size`` rows (default ``batch``), whose bytes count against
       ``gpu_memory`` (with "auto", the plan reserves that cache)
       (``moecache.runtime.compiled``).
+    * ``stream_prefill``: True (calls of at least 64 tokens) or a token count: a long prompt copies each next
+      MoE layer's experts while the current layer computes (``moecache.runtime.core``); False: off.
     """
     hybrid_cfg = HybridConfig.resolve(hybrid)  # bad values fail before the model is touched
     backend = resolve_compile(compile)
@@ -390,6 +394,15 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     # The static cache's size follows the memory plan's max_context and batch where only those are given.
     max_cache_len = int(max_cache_len or max_context or DEFAULT_MAX_CACHE_LEN)
     max_batch_size = int(max_batch_size or batch or 1)
+    if stream_prefill is True:
+        stream_tokens = DEFAULT_STREAM_PREFILL_TOKENS
+    elif stream_prefill is False or stream_prefill is None:
+        stream_tokens = 0
+    elif isinstance(stream_prefill, int) and stream_prefill >= 2:
+        stream_tokens = int(stream_prefill)
+    else:
+        raise ConfigError(f"stream_prefill={stream_prefill!r} is not understood: pass True (calls of at least "
+                          f"{DEFAULT_STREAM_PREFILL_TOKENS} tokens), a token count >= 2, or False")
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
     adapter = get_family(family) if family else detect_family(model)
@@ -459,7 +472,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     runtime = Runtime(layers=rt_layers, num_layers=L, store=store, pool=pool, engine=copy_engine, policy=pol,
                       predictor=pred,
                       config=config, num_experts=E, top_k=k, prefetch_depth=prefetch_depth,
-                      prefetch_width=prefetch_width, min_prob=min_prob)
+                      prefetch_width=prefetch_width, min_prob=min_prob, stream_prefill=stream_tokens)
     kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
     kernel_hooks: list[Any] = []
     for i, b in enumerate(blocks):
@@ -481,7 +494,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
         "experts_implementation": getattr(config, "_experts_implementation", None),
         "hybrid": None if runtime.hybrid is None else runtime.hybrid.describe(),
         "memory_plan": None if plan is None else plan.to_json(),
-        "compile": backend, "kv_cache_bytes": kv_bytes,
+        "compile": backend, "kv_cache_bytes": kv_bytes, "stream_prefill": stream_tokens,
         "max_cache_len": max_cache_len if backend else None, "max_batch_size": max_batch_size if backend else None,
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
