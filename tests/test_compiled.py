@@ -57,6 +57,11 @@ def test_no_recompile_over_512_decode_steps_and_same_tokens():
     h.remove()
     assert torch.equal(out, ref)
     assert _unique_graphs() == before  # no recompilation in 511 more decode steps (and a new request)
+    h = offload(m, cache_slots=5, device="cpu", compile="eager", max_cache_len=600)
+    again = _gen(m, 4).sequences
+    h.remove()
+    assert torch.equal(again, ref[:, :again.shape[1]])
+    assert _unique_graphs() == before  # offloading the same model again reuses the compiled graph
     assert s["graphs"] == 1 and s["experts_ops"] == 2 and s["pieces"] == 3  # L MoE layers -> L + 1 pieces
     assert s["compiled_calls"] == 1 + 511 and s["eager_calls"] == 2  # the prefills run eagerly
     assert s["captures"] == 0 and s["replays"] == 0  # no CUDA graphs on the CPU

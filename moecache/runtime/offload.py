@@ -517,8 +517,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     handle._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
                      model.register_forward_hook(post, with_kwargs=True)] + kernel_hooks
     if backend is not None:
-        handle._compiled_key = register_experts([getattr(b.block, adapter.experts_attr) for b in blocks])
         stack = model.get_submodule(blocks[0].stack) if blocks[0].stack else model
+        handle._compiled_key = register_experts([getattr(b.block, adapter.experts_attr) for b in blocks], stack)
         handle.compiled = CompiledStack(model, stack, backend, dev, max_cache_len, max_batch_size)
         gen = getattr(model, "generation_config", None)
         if gen is not None:  # transformers' own compile of the whole call would wrap ours
