@@ -132,6 +132,15 @@ def format_summary(s: dict[str, Any]) -> str:
         d = s.get("decisions", {})
         lines.append(f"hybrid {s.get('hybrid_rule')}: misses copied {d.get('copy', 0)}, on the CPU {d.get('cpu', 0)} "
                      f"({s['cpu_kernel']} kernel, {s['cpu_ms']:.1f} ms, waited {s['cpu_wait_ms']:.1f} ms)")
+    comp = s.get("compile")
+    if comp:
+        lines.append(f"compiled ({cfg.get('compile')}): {comp['pieces']} pieces around {comp['experts_ops']} experts "
+                     f"calls, {comp['captures'] + comp['recaptures']} CUDA graphs captured, {comp['replays']} replays, "
+                     f"{comp['compiled_calls']} compiled decode calls, static KV cache "
+                     f"{cfg.get('kv_cache_bytes', 0) / 2**20:.1f} MiB")
+    if s.get("prefill_streamed"):
+        lines.append(f"streaming prefill: {s['prefill_streamed']} experts queued ahead, "
+                     f"{s['prefill_stream_useful']} used")
     lines += [
         f"time to first token {num(s['ttft_s'] * 1e3 if s['ttft_s'] is not None else None)} ms, "
         f"prefill {num(s['prefill_tokens_per_s'])} tokens/s, decode {num(s['decode_tokens_per_s'])} tokens/s",
