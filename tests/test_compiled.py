@@ -192,3 +192,32 @@ def test_cache_limits_are_clear_errors_and_remove_restores():
     assert m.generation_config.disable_compile is flag
     assert EXPERTS_OP == "moecache::offloaded_experts"
     assert allocated_kv_bytes(object()) == 0
+
+
+def test_a_caller_passing_its_own_cache_every_step_continues_the_static_one():
+    """A replay loop passes its own (empty) cache on every call: the static cache that stood in for it on the
+    first call continues, the request is not restarted, and the logits equal the eager offloaded model's."""
+    from moecache.replay import _cache_argument, _new_cache
+
+    m = tiny_model("qwen3_moe")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    arg = _cache_argument(m)
+    outs = []
+    for compile_ in (False, "eager"):
+        kw = dict(max_cache_len=16) if compile_ else {}
+        h = offload(m, cache_slots=5, device="cpu", predictor="temporal", compile=compile_, **kw)
+        calls = []
+        begin = h.runtime.policy.begin_request
+        h.runtime.policy.begin_request = lambda: (calls.append(1), begin())[1]
+        cache = _new_cache(m)
+        with torch.no_grad():
+            logits = [m(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: cache}).logits for t in range(ids.shape[1])]
+        outs.append((torch.cat(logits, 1), len(calls), h.stats()))
+        h.remove()
+    (ref, n_ref, a), (out, n, b) = outs
+    # The static cache attends over its padded length (masked): equal up to rounding, same choices.
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    assert n == n_ref == 1  # one request
+    assert b["compile"]["compiled_calls"] == ids.shape[1] - 1 and b["compile"]["eager_calls"] == 1
+    assert b["prefetch_issued"] == a["prefetch_issued"] > 0

@@ -16,13 +16,14 @@ What runs how (one decode step of the model's decoder stack):
 Shapes ("buckets"). Decode calls (one token per row) go through the compiled path, one compile and
 one set of graphs per batch size (``dynamic=False``: the shapes are constants, the KV cache is
 static, positions are tensors, so later steps never recompile). Prefill calls (more than one token
-per row) run the model eagerly: any prompt length, no compile, and the prefill's time is kernels and
-expert copies, not launches. So the buckets are: {prefill, any length: eager} and {decode, batch B:
+per row, and a request's first call whatever its length) run the model eagerly: any prompt length,
+no compile, and the prefill's time is kernels and expert copies, not launches. So the buckets are: {prefill, any length: eager} and {decode, batch B:
 compiled} for each batch size B used (at most ``max_batch_size`` rows).
 
 The static KV cache. The handle owns a transformers ``StaticCache`` per batch size, ``max_cache_len``
 positions long; a call that brings no cache or an empty one (``generate``'s first call) is given
-it, and its output returns it, so ``generate`` passes it back on every step. Its bytes, estimated
+it, and its output returns it, so ``generate`` passes it back on every step; a caller that passes its
+own empty cache again on later steps (a replay loop) continues the static one that stood in for it. Its bytes, estimated
 from the config for ``max_batch_size`` rows before the pool is sized, count against ``gpu_memory``.
 
 CUDA-graph inputs. A piece's inputs are either at a fixed address (parameters, the KV cache, tensors
@@ -51,6 +52,8 @@ from ..errors import ConfigError
 EXPERTS_OP = "moecache::offloaded_experts"
 #: Backends a piece may be compiled with (``compile=`` of ``offload``; True means "inductor").
 PIECE_BACKENDS = ("inductor", "aot_eager", "eager")
+#: Dynamo's per-code-object recompile limit is raised to at least this (one entry per model and batch size).
+RECOMPILE_LIMIT = 64
 #: Default static KV cache length (positions) where ``max_cache_len`` is not given.
 DEFAULT_MAX_CACHE_LEN = 4096
 
@@ -326,6 +329,18 @@ class PiecewiseBackend:
 
 # -- the decoder stack's forward ----------------------------------------------------------------------
 
+#: Tensor arguments of a decode call given dense strides before the compiled call.
+_STRIDED = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "attention_mask")
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, n = [], 1
+    for d in reversed(shape):
+        out.append(n)
+        n *= max(1, int(d))
+    return tuple(reversed(out))
+
+
 def _cache_arg(forward: Callable[..., Any]) -> str:
     names = inspect.signature(forward).parameters
     return "cache" if "cache" in names else "past_key_values"  # transformers >= 5.2x says "cache"
@@ -347,6 +362,10 @@ class CompiledStack:
         self.takes_position = "cache_position" in inspect.signature(self.original).parameters
         # One compiled function per stack and backend, kept across offloads of the same model (a benchmark
         # offloads it again per configuration): dynamo's guards then find the graphs it already has.
+        # Dynamo's entries are per code object: every model of one class (and batch size) compiled in a process
+        # counts against one limit (8 by default), which a benchmark or a test session reaches.
+        dcfg = torch._dynamo.config
+        dcfg.recompile_limit = max(dcfg.recompile_limit, RECOMPILE_LIMIT)
         reuse = _COMPILED.get(stack)
         if reuse is not None and reuse[0] == (backend, self.graphs):
             self.compiled, self.stats = reuse[1], reuse[2]
@@ -358,7 +377,18 @@ class CompiledStack:
             _COMPILED[stack] = ((backend, self.graphs), self.compiled, self.stats)
         self.caches: dict[int, Any] = {}
         self.lengths: dict[int, int] = {}  # id(cache) -> positions filled
+        # The caller's cache of the current request and the static cache standing in for it: generate passes
+        # back the cache the output returned (ours), a replay loop may pass its own on every step.
+        self._adopted: tuple[Any, Any] | None = None
         stack.forward = self.forward  # an instance attribute: Module.__call__ (and its hooks) stay eager
+
+    def continues(self, cache: Any) -> bool:
+        """Whether a call with ``cache`` continues the current request (our cache, or the caller's one we adopted)."""
+        if cache is None:
+            return False
+        if self._adopted is not None and cache is self._adopted[0]():
+            return True
+        return any(cache is c for c in self.caches.values())
 
     def remove(self) -> None:
         if self.stack.__dict__.get("forward") == self.forward:
@@ -395,6 +425,10 @@ class CompiledStack:
             return self.original(*args, **kwargs)
         rows, tokens = int(x.shape[0]), int(x.shape[1])
         cache = kwargs.get(self.cache_arg)
+        first = False
+        if cache is not None and self._adopted is not None and cache is self._adopted[0]():
+            cache = self._adopted[1]  # the caller passes its own (empty) cache on every step: continue ours
+            kwargs[self.cache_arg] = cache
         if cache is not None and any(cache is c for c in self.caches.values()):
             # Positions counted on the host: asking the cache its length would sync with the device.
             length = self.lengths.get(id(cache), 0) + tokens
@@ -409,13 +443,21 @@ class CompiledStack:
             if tokens > self.max_cache_len:
                 raise ConfigError(f"a prompt of {tokens} tokens does not fit the static KV cache of "
                                   f"{self.max_cache_len} positions; offload with compile=True, max_cache_len>={tokens}")
+            foreign = cache
             cache = self.cache_for(rows)
             cache.reset()
             self.lengths[id(cache)] = tokens
             kwargs[self.cache_arg] = cache
-        if tokens > 1:
+            self._adopted = None if foreign is None else (weakref.ref(foreign), cache)
+            first = True
+        if tokens > 1 or first:  # a request's first call is its prefill, even of one token: eager (it also
+            # allocates the cache's tensors on first use, which must not happen inside a graph)
             self.stats.eager_calls += 1
             return self.original(*args, **kwargs)
+        for name in _STRIDED:  # dynamo guards strides: a slice of a longer tensor would recompile
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.stride() != _dense_strides(t.shape):
+                kwargs[name] = t.new_empty(t.shape).copy_(t)
         if self.takes_position and kwargs.get("cache_position") is None:
             # transformers <= 5.1x would derive it from the cache's length, a data-dependent value in a graph
             n = self.lengths[id(cache)]

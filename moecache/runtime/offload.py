@@ -505,6 +505,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
 
     def pre(_mod, args, kwargs):
         rows, tokens, new_request = _call_shape(args, kwargs)
+        if new_request and handle.compiled is not None:  # its static cache stands in for the caller's
+            new_request = not handle.compiled.continues(kwargs.get("cache", kwargs.get("past_key_values")))
         handle._pending_call = (handle._on_call_start(rows, tokens, new_request), rows, tokens)
 
     def post(_mod, _args, _kwargs, output):
