@@ -1,7 +1,7 @@
 """Compiled decode against eager, side by side in one run (issue 20): is the decode step still bound by the host?
 
 One shape per invocation (``eval/_shapes.py``: real sizes, random weights, every expert generated into one
-pinned host store), routing replayed from the shape's real trace (``moecache.replay``, teacher-forced), as
+pinned host store), routing replayed from the shape's real trace (``moecache.forced_routing``, teacher-forced), as
 ``eval/e2e_compare.py`` does; its bench helpers (batch plans, warm-up + timed replay, copy timing, fitted
 predictors, the oracle that reads the replay ahead) are reused as they are.
 
@@ -49,7 +49,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _shapes import build_model, get_shape, machine, materialise_experts, prepare_trace, release_experts, sync  # noqa: E402
+from _shapes import (build_model, get_shape, machine, materialise_experts, prepare_trace,  # noqa: E402
+                     release_experts, sync)
 from e2e_compare import (Bench, Budget, Candidate, _error_row, _timed, measure_copy, offload_kwargs,  # noqa: E402
                          plan_batches)
 

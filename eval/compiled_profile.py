@@ -23,7 +23,8 @@ The table per configuration, per decode step (means over the profiled steps):
 
 Results: JSON and Markdown next to it (card, date, command), plus the Chrome traces under ``--trace-dir``.
 
-    PYTHONUNBUFFERED=1 python eval/compiled_profile.py --model deepseek --steps 16 --out eval/results/compiled_profile.json
+    PYTHONUNBUFFERED=1 python eval/compiled_profile.py --model deepseek --steps 16 \\
+        --out eval/results/compiled_profile.json
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from e2e_compare import Bench, Budget, Candidate, measure_copy, offload_kwargs, 
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402
-from moecache.replay import replay  # noqa: E402
+from moecache.forced_routing import run_forced  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 from moecache.runtime import compiled as compiled_mod  # noqa: E402
 
@@ -168,7 +169,7 @@ def profile_config(name: str, bench: Bench, plan: Any, steps: int, backend: str,
     handle = offload(bench.model, **kw)
     ranges = None
     try:
-        replay(bench.model, bench.trace, sequences=plan.warm, max_tokens=1 + bench.warm_steps, prefill=1,
+        run_forced(bench.model, bench.trace, sequences=plan.warm, max_tokens=1 + bench.warm_steps, prefill=1,
                batch=plan.batch, lookahead=lookahead)
         handle.reset_stats()
         ranges = Ranges(bench.model, bench.dev, handle)
@@ -177,7 +178,7 @@ def profile_config(name: str, bench: Bench, plan: Any, steps: int, backend: str,
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         t0 = time.perf_counter()
         with torch.profiler.profile(activities=acts) as prof:
-            res = replay(bench.model, bench.trace, sequences=plan.groups[0], max_tokens=1 + steps, prefill=1,
+            res = run_forced(bench.model, bench.trace, sequences=plan.groups[0], max_tokens=1 + steps, prefill=1,
                          batch=plan.batch, lookahead=lookahead)
         wall = time.perf_counter() - t0
         row = attribute(list(prof.events()))

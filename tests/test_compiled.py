@@ -87,12 +87,13 @@ def test_tokens_equal_and_kv_estimate_exact(family):
 
 def test_prefetch_and_hybrid_work_under_compile():
     """A predictor's prefetches and hybrid CPU experts run inside the experts op: same tokens and counts as
-    the eager offloaded model with the same configuration."""
+    the eager offloaded model with the same configuration (the sync copy engine: with the worker thread,
+    whether a prefetch can still be cancelled depends on timing)."""
     m = tiny_model("qwen3_moe")
     results = []
     for compile_ in (False, "aot_eager"):
         kw = dict(max_cache_len=40) if compile_ else {}
-        h = offload(m, cache_slots=5, device="cpu", predictor="temporal", prefetch_depth=2, hybrid="cpu",
+        h = offload(m, cache_slots=5, device="cpu", predictor="temporal", prefetch_depth=2, hybrid="cpu", engine="sync",
                     compile=compile_, **kw)
         out = _gen(m, 8).sequences
         s = h.stats()
@@ -197,7 +198,7 @@ def test_cache_limits_are_clear_errors_and_remove_restores():
 def test_a_caller_passing_its_own_cache_every_step_continues_the_static_one():
     """A replay loop passes its own (empty) cache on every call: the static cache that stood in for it on the
     first call continues, the request is not restarted, and the logits equal the eager offloaded model's."""
-    from moecache.replay import _cache_argument, _new_cache
+    from moecache.forced_routing import _cache_argument, _new_cache
 
     m = tiny_model("qwen3_moe")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])

@@ -17,8 +17,9 @@ Shapes ("buckets"). Decode calls (one token per row) go through the compiled pat
 one set of graphs per batch size (``dynamic=False``: the shapes are constants, the KV cache is
 static, positions are tensors, so later steps never recompile). Prefill calls (more than one token
 per row, and a request's first call whatever its length) run the model eagerly: any prompt length,
-no compile, and the prefill's time is kernels and expert copies, not launches. So the buckets are: {prefill, any length: eager} and {decode, batch B:
-compiled} for each batch size B used (at most ``max_batch_size`` rows).
+no compile, and the prefill's time is kernels and expert copies, not launches. So the buckets are:
+{prefill, any length: eager} and {decode, batch B: compiled} for each batch size B used (at most
+``max_batch_size`` rows).
 
 The static KV cache. The handle owns a transformers ``StaticCache`` per batch size, ``max_cache_len``
 positions long; a call that brings no cache or an empty one (``generate``'s first call) is given
