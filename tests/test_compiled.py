@@ -78,11 +78,15 @@ def test_tokens_equal_and_kv_estimate_exact(family):
     h = offload(m, cache_slots=4, device="cpu", compile="aot_eager", max_cache_len=48)
     out = _gen(m, 10).sequences
     s = h.stats()
+    pieces = h.compiled.backend.pieces
     h.remove()
     assert torch.equal(out, ref)
     assert s["kv_cache_allocated_bytes"] == h.config["kv_cache_bytes"] > 0
     moe_layers = h.config["moe_layers"]
     assert s["compile"]["experts_ops"] == moe_layers and s["compile"]["pieces"] == moe_layers + 1
+    # Every piece but the last updates the KV cache in place: those inputs keep their address under a graph.
+    mutated = [len(p.mutated) for p in pieces]
+    assert len(mutated) == moe_layers + 1 and all(n >= 2 for n in mutated[:-1]) and mutated[-1] == 0
 
 
 def test_prefetch_and_hybrid_work_under_compile():

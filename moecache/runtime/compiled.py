@@ -62,7 +62,7 @@ DEFAULT_MAX_CACHE_LEN = 4096
 _EXPERTS: dict[tuple[int, int], nn.Module] = {}
 _KEYS = itertools.count(1)
 # decoder stack -> key of its experts in _EXPERTS (the same for every offload of that model: the key is a
-# constant of the compiled graph), and its compiled function ((backend, graphs), function, stats).
+# constant of the compiled graph), and its compiled function ((backend, graphs), function, PiecewiseBackend).
 _STACK_KEYS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -198,6 +198,37 @@ def _is_op(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and (node.target is packet or node.target is packet.default)
 
 
+_VIEWS = {"view", "reshape", "__getitem__", "select", "narrow", "transpose", "permute", "unsqueeze", "squeeze",
+          "expand", "as_strided", "flatten", "unflatten", "split", "chunk"}
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Indices of the placeholders an in-place op (``x.op_(...)``, ``x[i] = y``) writes, directly or through a
+    view."""
+    import operator
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    base: dict[torch.fx.Node, int] = dict(index)
+    out: set[int] = set()
+    for n in gm.graph.nodes:
+        if n.op not in ("call_method", "call_function") or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        src = base.get(n.args[0])
+        if src is None:
+            continue
+        name = _name(n.target)
+        if name in _VIEWS:
+            base[n] = src
+        elif n.target is operator.setitem or (name.endswith("_") and not name.startswith("_")):
+            out.add(src)
+    return out
+
+
 def _is_fixed(t: torch.Tensor, stats: CompileStats) -> bool:
     return (isinstance(t, nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
             or t.data_ptr() in stats.static_ptrs)
@@ -216,6 +247,9 @@ class Piece(nn.Module):
             out.args = ((out.args[0],),)
             gm.recompile()
         self.gm = gm
+        #: Positions of inputs the piece writes in place (the KV cache): they must keep their address under a
+        #: graph (a copy into a graph buffer would lose the write), whatever marks they carry.
+        self.mutated = _mutated_inputs(gm)
         self.backend = backend
         self.graphs = graphs
         self.pool = pool
@@ -262,7 +296,8 @@ class Piece(nn.Module):
             self.graphs = False  # a host tensor or a non-tensor input: this piece runs ungraphed
             return False
         again = self.graph is not None
-        self.fixed = [(i, a.data_ptr()) for i, a in enumerate(args) if _is_fixed(a, self.stats)]
+        self.fixed = [(i, a.data_ptr()) for i, a in enumerate(args)
+                      if i in self.mutated or _is_fixed(a, self.stats)]
         fixed = {i for i, _ in self.fixed}
         self.copied = [i for i in range(len(args)) if i not in fixed]
         self.buffers_in = [args[i].clone() for i in self.copied]
@@ -294,6 +329,7 @@ class PiecewiseBackend:
         self.graphs = graphs
         self.stats = stats
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pieces: list[Piece] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         from torch.fx.passes.split_module import split_module
@@ -317,7 +353,9 @@ class PiecewiseBackend:
             if index in op_parts:
                 continue  # the experts op: runs eagerly between two pieces
             delattr(split, name)
-            setattr(split, name, Piece(sub, self.backend, self.graphs, self.pool, self.stats))
+            piece = Piece(sub, self.backend, self.graphs, self.pool, self.stats)
+            self.pieces.append(piece)
+            setattr(split, name, piece)
         if not self.graphs:
             return split
 
@@ -369,13 +407,14 @@ class CompiledStack:
         dcfg.recompile_limit = max(dcfg.recompile_limit, RECOMPILE_LIMIT)
         reuse = _COMPILED.get(stack)
         if reuse is not None and reuse[0] == (backend, self.graphs):
-            self.compiled, self.stats = reuse[1], reuse[2]
+            self.compiled, self.backend = reuse[1], reuse[2]
+            self.stats = self.backend.stats
             self.stats.reset()
         else:
             self.stats = CompileStats()
-            self.compiled = torch.compile(self.original, backend=PiecewiseBackend(backend, self.graphs, self.stats),
-                                          dynamic=False, fullgraph=True)
-            _COMPILED[stack] = ((backend, self.graphs), self.compiled, self.stats)
+            self.backend = PiecewiseBackend(backend, self.graphs, self.stats)
+            self.compiled = torch.compile(self.original, backend=self.backend, dynamic=False, fullgraph=True)
+            _COMPILED[stack] = ((backend, self.graphs), self.compiled, self.backend)
         self.caches: dict[int, Any] = {}
         self.lengths: dict[int, int] = {}  # id(cache) -> positions filled
         # The caller's cache of the current request and the static cache standing in for it: generate passes
