@@ -68,7 +68,7 @@ def test_prefetch_hybrid_and_streaming_prefill_under_graphs():
     results = []
     for compile_ in (False, True):
         kw = dict(compile=True, max_cache_len=64) if compile_ else {}
-        h = offload(m, cache_slots=6, device="cuda", predictor="temporal", prefetch_depth=2, hybrid="auto",
+        h = offload(m, cache_slots=6, device="cuda", predictor="temporal", prefetch_depth=2, hybrid="cpu",
                     stream_prefill=16, **kw)
         out = _gen(m, 12, prompt=prompt).sequences
         results.append((out, h.stats()))
