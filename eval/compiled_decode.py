@@ -1,9 +1,9 @@
 """Compiled decode against eager, side by side in one run (issue 20): is the decode step still bound by the host?
 
 One shape per invocation (``eval/_shapes.py``: real sizes, random weights, every expert generated into one
-pinned host store), routing replayed from the shape's real trace (``moecache.forced_routing``, teacher-forced), as
-``eval/e2e_compare.py`` does; its bench helpers (batch plans, warm-up + timed replay, copy timing, fitted
-predictors, the oracle that reads the replay ahead) are reused as they are.
+pinned host store), routing replayed from the shape's real trace (``moecache.forced_routing``, teacher-forced),
+as ``eval/e2e_compare.py`` does; its bench helpers (``eval/e2e_harness.py``: batch plans, warm-up + timed
+replay, copy timing, fitted predictors, the oracle that reads the replay ahead) are reused as they are.
 
 Configurations (``--configs``, names below; ``eager`` / ``compiled`` = the same offload without / with
 ``compile=True``, whose decode steps run as CUDA-graph pieces around the eager experts call):
@@ -51,7 +51,7 @@ sys.path.insert(0, HERE)
 
 from _shapes import (build_model, get_shape, machine, materialise_experts, prepare_trace,  # noqa: E402
                      release_experts, sync)
-from e2e_compare import (Bench, Budget, Candidate, _error_row, _timed, measure_copy, offload_kwargs,  # noqa: E402
+from e2e_harness import (Bench, Budget, Candidate, _error_row, _timed, measure_copy, offload_kwargs,  # noqa: E402
                          plan_batches)
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402

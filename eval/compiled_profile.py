@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 
 from _shapes import build_model, get_shape, machine, prepare_trace, sync  # noqa: E402
 from compiled_decode import CANDIDATES  # noqa: E402
-from e2e_compare import Bench, Budget, Candidate, measure_copy, offload_kwargs, plan_batches  # noqa: E402
+from e2e_harness import Bench, Budget, Candidate, measure_copy, offload_kwargs, plan_batches  # noqa: E402
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402

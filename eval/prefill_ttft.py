@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _shapes import build_model, get_shape, machine, materialise_experts, release_experts, sync  # noqa: E402
-from e2e_compare import measure_copy  # noqa: E402
+from e2e_harness import measure_copy  # noqa: E402
 
 from moecache.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from moecache.errors import ConfigError  # noqa: E402
