@@ -226,3 +226,14 @@ def test_a_caller_passing_its_own_cache_every_step_continues_the_static_one():
     assert n == n_ref == 1  # one request
     assert b["compile"]["compiled_calls"] == ids.shape[1] - 1 and b["compile"]["eager_calls"] == 1
     assert b["prefetch_issued"] == a["prefetch_issued"] > 0
+
+
+def test_self_fitting_budget_reserves_the_static_cache():
+    """gpu_memory="auto" plans for the static cache's size (max_cache_len x max_batch_size); only what the
+    plan's estimate left out is taken from the pool as well."""
+    m = tiny_model("qwen3_moe")
+    h = offload(m, gpu_memory="auto", device="cpu", compile="eager", max_cache_len=64, max_batch_size=2)
+    plan, cfg = h.memory_plan, h.config
+    h.remove()
+    assert (plan.max_context, plan.batch) == (64, 2)
+    assert cfg["kv_cache_bytes"] == max(0, kv_cache_bytes(m.config, 2, 64, torch.float32) - plan.kv_cache)
