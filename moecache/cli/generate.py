@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="compiled decode around the experts call (CUDA graphs on CUDA) with a static KV cache; "
+                        "BACKEND of the compiled pieces: inductor (default), aot_eager or eager")
+    p.add_argument("--stream-prefill", action="store_true",
+                   help="a long prompt copies each next layer's experts while the current one computes")
     p.add_argument("--check", action="store_true", help="compare the tokens with the unpatched model's")
     p.add_argument("--json", dest="json_out", help="also write the stats as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not the streamed text")
@@ -146,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = _budget(args)
     opts = offload_options(args, device)
+    opts["stream_prefill"] = args.stream_prefill
+    if args.compile:
+        opts.update(compile=args.compile, max_cache_len=len(args.prompt) + args.max_new_tokens + 8)
     err = sys.stderr
     reference = None
     if args.model is None:

@@ -18,6 +18,15 @@ in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed a
 call into a contribution buffer, and the top-k contributions are summed once at the end, in
 (token, k) order as the kernels themselves sum them, so the result does not depend on the rounds.
 
+Streaming prefill (``stream_prefill``: a call of at least that many tokens): a long prompt needs nearly
+every expert of every layer, and no predictor is needed to know it. When such a call starts, every
+expert of MoE layer 0 that is not resident is queued for copy; at each MoE layer ``i``, once its own
+experts are placed (their demand copies go first, priority 0), every expert of layer ``i + 1`` is queued
+(priority ``1 + e / E``, in expert order) before layer ``i``'s kernel is launched, so the copies of the
+next layer run while this one computes. They are prefetches aimed at layer ``i + 1``: protected from
+eviction until it runs, counted in ``prefill_streamed``, and the ones its routing does not pick are
+cancelled there if their copy has not started. Streaming stops where the policy has no room left.
+
 Hybrid execution (``hybrid``, ``moecache.runtime.hybrid``): after step 2 the hybrid rule decides
 each missed expert (copy, or run on the CPU). When none goes to the CPU the layer takes the path
 above unchanged. Otherwise (``_hybrid``) the CPU experts are launched first on the host thread pool
@@ -81,7 +90,8 @@ class Runtime:
 
     def __init__(self, *, layers: list[LayerInfo], num_layers: int, store: HostStore, pool: SlotPool,
                  engine: CopyEngine, policy: Any, predictor: Any, config: Any, num_experts: int, top_k: int,
-                 prefetch_depth: int, prefetch_width: int | None, min_prob: float = DEFAULT_MIN_PROB):
+                 prefetch_depth: int, prefetch_width: int | None, min_prob: float = DEFAULT_MIN_PROB,
+                 stream_prefill: int = 0):
         self.layers = layers
         self.store = store
         self.pool = pool
@@ -114,6 +124,11 @@ class Runtime:
         self.tokens_per_row = 1
         #: ``HybridExecutor`` when misses may run on the CPU (set by ``offload``), else None.
         self.hybrid: Any = None
+        #: Calls of at least this many tokens stream each next layer's experts (0: never; module docstring).
+        self.stream_prefill = int(stream_prefill)
+        self._streaming = False
+        #: Keys streamed for a prefill and not used yet (``prefill_stream_useful`` when they are).
+        self.streamed: set[int] = set()
 
     # -- shells -------------------------------------------------------------------------------
     @staticmethod
@@ -132,6 +147,10 @@ class Runtime:
             if self.predictor is not None:
                 self.predictor.reset()
         self.rows, self.tokens_per_row = int(rows), int(tokens_per_row)
+        self._streaming = bool(self.stream_prefill) and tokens_per_row > 1 and \
+            rows * tokens_per_row >= self.stream_prefill
+        if self._streaming:
+            self._stream_layer(0, set())
 
     # -- the per-layer path -------------------------------------------------------------------------
     def run_layer(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
@@ -167,6 +186,8 @@ class Runtime:
             t3 = time.perf_counter()
         elif len(keys) <= self.policy.capacity:
             slots = self._acquire(keys, counts)
+            if self._streaming and li + 1 < self.L:
+                self._stream_layer(li + 1, set(keys))
             t2 = time.perf_counter()
             out = self._kernel(li, hidden, idx, weights, ids)
             self.engine.mark_used(slots)
@@ -208,6 +229,10 @@ class Runtime:
                     self.unused_prefetch.discard(key)
                     self.pending.pop(key, None)
                     c.prefetch_useful += 1
+                elif key in self.streamed:
+                    self.streamed.discard(key)
+                    self.pending.pop(key, None)
+                    c.prefill_stream_useful += 1
             else:
                 c.misses += 1
                 s = self._place(key, protected)
@@ -279,6 +304,7 @@ class Runtime:
         self.slot_of[key] = -1
         self.counters.evictions += 1
         self.unused_prefetch.discard(key)
+        self.streamed.discard(key)
         if self.pending.pop(key, None) is not None:
             self.engine.cancel(s)  # its copy may still be queued: the slot is about to be refilled
 
@@ -294,8 +320,34 @@ class Runtime:
                 self.policy.evict(key)
                 self.slot_of[key] = -1
                 self.unused_prefetch.discard(key)
+                self.streamed.discard(key)
                 self.counters.prefetch_cancelled += 1
             # else: already copied or copying; it stays resident and may still be used later
+
+    def _stream_layer(self, target: int, protected: set[int]) -> None:
+        """Queue every non-resident expert of MoE layer ``target`` (streaming prefill), while the policy has room;
+        ``protected``: the keys the running layer holds."""
+        base = target * self.E
+        protected = protected | set(self.pending)
+        slots: list[int] = []
+        keys: list[int] = []
+        prios: list[float] = []
+        for e in range(self.E):
+            key = base + e
+            if self.slot_of[key] >= 0:
+                continue
+            if not self.policy.can_insert(key, protected):
+                break
+            slots.append(self._place(key, protected))
+            keys.append(key)
+            prios.append(1.0 + e / self.E)
+            self.pending[key] = target
+            self.streamed.add(key)
+            protected.add(key)
+        if slots:
+            self.engine.submit_many(slots, keys, prios)
+            self._copied(slots)
+            self.counters.prefill_streamed += len(slots)
 
     # -- kernels ----------------------------------------------------------------------------------
     def _kernel(self, li: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,

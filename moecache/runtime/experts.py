@@ -149,6 +149,12 @@ def call_mode(implementation: str | None) -> str:
     return EXPERT_CALLS.get(impl) if impl in EXPERT_CALLS else "remap"
 
 
+def _experts_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args):]]
+    return values[0], values[1], values[2]
+
+
 class OffloadedExperts(nn.Module):
     """Replaces a MoE block's ``experts``: hands each call to the runtime for its layer.
 
@@ -162,6 +168,16 @@ class OffloadedExperts(nn.Module):
         self.layer = layer
         self.original_class = original_class
         self.num_experts = num_experts
+        #: Set by ``moecache.runtime.compiled.register_experts`` under ``offload(..., compile=True)``.
+        self.compiled_key: int | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Inside a torch.compile trace the call is one opaque op (``moecache::offloaded_experts``): the graph
+        # is split there, and at run time the op makes this very module call eagerly (hooks included).
+        if self.compiled_key is not None and torch.compiler.is_compiling():
+            hidden, idx, weights = _experts_args(args, kwargs)
+            return torch.ops.moecache.offloaded_experts(hidden, idx, weights, self.compiled_key, self.layer)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ moves to ``device``; a ``SlotPool`` of ``slots`` experts is allocated there once
 
 Budget. ``gpu_memory`` covers what the runtime keeps on the device: the non-expert weights, the
 slot pool and the runtime's workspace (``WORKSPACE_BYTES``, persistent device tensors other than
-the pool; none today: per-call temporaries are activations). The KV cache and activations are not
-in it; ``stats()`` reports them separately (``gpu_other_peak_bytes``). ::
+the pool; none today: per-call temporaries are activations) and, under ``compile=True``, the static
+KV cache (``kv_cache_bytes``: ``max_batch_size`` rows of ``max_cache_len`` positions). Otherwise the
+KV cache and activations are not in it; ``stats()`` reports them separately (``gpu_other_peak_bytes``). ::
 
-    slots = min(total_experts, (gpu_memory - non_expert_bytes - WORKSPACE_BYTES) // slot_bytes)
+    slots = min(total_experts, (gpu_memory - non_expert_bytes - WORKSPACE_BYTES - kv_cache_bytes) // slot_bytes)
 
 and it must be at least ``top_k`` (one token's experts of one layer), else ``ConfigError``.
 ``cache_slots=N`` sets the pool directly instead. ``gpu_memory="auto"`` plans the budget from the
@@ -35,6 +36,8 @@ from ..errors import ConfigError
 from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
 from ..policies import POLICIES, Policy
 from ..predictors import PREDICTORS, Predictor
+from .compiled import (DEFAULT_MAX_CACHE_LEN, CompiledStack, allocated_kv_bytes, kv_cache_bytes, register_experts,
+                       resolve_compile, unregister_experts)
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import COPY_ENGINES, make_engine
 from .experts import EXPERT_KERNELS
@@ -48,6 +51,8 @@ from .stats import format_summary, summarise
 
 #: Persistent device bytes the runtime owns besides the pool (see the module docstring).
 WORKSPACE_BYTES = 0
+#: ``stream_prefill=True``: calls of at least this many tokens stream each next layer's experts.
+DEFAULT_STREAM_PREFILL_TOKENS = 64
 #: Attribute under which the handle is attached to the patched model.
 HANDLE_ATTR = "moecache"
 
@@ -77,8 +82,9 @@ def non_expert_bytes(model: nn.Module, expert_param_ids: set[int]) -> int:
 
 
 def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, slot_bytes: int,
-                 top_k: int, total: int) -> tuple[int, int | None]:
-    """``(slots, budget_bytes)`` per the module docstring's formula."""
+                 top_k: int, total: int, kv_bytes: int = 0) -> tuple[int, int | None]:
+    """``(slots, budget_bytes)`` per the module docstring's formula; ``kv_bytes`` (a compiled offload's static
+    KV cache) is taken from the budget like the non-expert weights."""
     if (gpu_memory is None) == (cache_slots is None):
         raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB') or cache_slots= (a number of experts)")
     if cache_slots is not None:
@@ -87,13 +93,15 @@ def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, s
             raise ConfigError(f"cache_slots={n} cannot hold one layer's top-{top_k} experts; use at least {top_k}")
         return min(n, total), None
     budget = parse_bytes(gpu_memory)
-    need = non_expert + WORKSPACE_BYTES + top_k * slot_bytes
+    fixed = non_expert + WORKSPACE_BYTES + kv_bytes
+    need = fixed + top_k * slot_bytes
     if budget < need:
+        kv = f", the static KV cache ({_fmt(kv_bytes)})" if kv_bytes else ""
         raise ConfigError(
-            f"gpu_memory {_fmt(budget)} cannot hold the non-expert weights ({_fmt(non_expert)}) plus one layer's "
+            f"gpu_memory {_fmt(budget)} cannot hold the non-expert weights ({_fmt(non_expert)}){kv} plus one layer's "
             f"top-{top_k} experts ({_fmt(top_k * slot_bytes)}); use at least {_fmt(need)} "
-            f"(all {total} experts resident need {_fmt(non_expert + WORKSPACE_BYTES + total * slot_bytes)})")
-    return min(total, (budget - non_expert - WORKSPACE_BYTES) // slot_bytes), budget
+            f"(all {total} experts resident need {_fmt(fixed + total * slot_bytes)})")
+    return min(total, (budget - fixed) // slot_bytes), budget
 
 
 def _make_policy(policy: Any, slots: int, L: int, E: int, k: int, params: dict[str, Any]) -> Any:
@@ -174,6 +182,10 @@ class OffloadHandle:
         self._stall_base = 0.0
         self.removed = False
         self.memory_plan: Any = None  # the MemoryPlan of gpu_memory="auto", else None
+        #: ``moecache.runtime.compiled.CompiledStack`` under ``compile=True``, else None.
+        self.compiled: CompiledStack | None = None
+        self._compiled_key: int | None = None
+        self._disable_compile: Any = None
 
     # -- timing of model calls -------------------------------------------------------------------
     def _on_call_start(self, rows: int, tokens: int, new_request: bool) -> Any:
@@ -228,11 +240,15 @@ class OffloadHandle:
         out["resident"] = int((rt.slot_of >= 0).sum())
         if rt.hybrid is not None:
             out.update(rt.hybrid.stats())
+        if self.compiled is not None:
+            out["compile"] = self.compiled.stats.as_dict()
+            out["kv_cache_allocated_bytes"] = sum(allocated_kv_bytes(c) for c in self.compiled.caches.values())
         if rt.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(rt.device)
             out["gpu_peak_allocated_bytes"] = int(peak)
             out["gpu_other_peak_bytes"] = int(max(0, peak - self.config["gpu_nonexpert_bytes"]
-                                                  - self.config["pool_bytes"] - WORKSPACE_BYTES))
+                                                  - self.config["pool_bytes"] - WORKSPACE_BYTES
+                                                  - self.config["kv_cache_bytes"]))
         return out
 
     def preload(self, experts: Iterable[tuple[int, int]] | None = None) -> int:
@@ -281,6 +297,13 @@ class OffloadHandle:
         rt = self.runtime
         for h in self._hooks:
             h.remove()
+        if self.compiled is not None:
+            self.compiled.remove()
+            unregister_experts(self._compiled_key)
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                gen.disable_compile = self._disable_compile
+            self.compiled = None
         rt.close()
         for layer, saved in zip(rt.layers, self._saved):
             if restore:
@@ -362,6 +385,11 @@ class OffloadPlan:
     own_store: bool
     hybrid: HybridConfig | None
     memory_plan: Any = None  # gpu_memory="auto": the memplan.MemoryPlan
+    backend: str | None = None  # compile=...: the piece backend, else None
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN  # the static KV cache (compile only)
+    max_batch_size: int = 1
+    kv_bytes: int = 0  # the static KV cache's bytes taken from gpu_memory
+    stream_tokens: int = 0  # stream_prefill: calls of at least this many tokens stream (0: off)
 
 
 def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
@@ -369,7 +397,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        family: Any = None, policy_params: Any = None, predictor_params: Any = None,
                        prefetch_width: Any = None, min_prob: Any = DEFAULT_MIN_PROB, pin: Any = None,
                        host_store: Any = None, own_store: Any = True, hybrid: Any = False,
-                       max_context: Any = None, batch: Any = 1, host_memory: Any = None) -> OffloadPlan:
+                       max_context: Any = None, batch: Any = 1, host_memory: Any = None, compile: Any = False,
+                       max_cache_len: Any = None, max_batch_size: Any = None,
+                       stream_prefill: Any = False) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
 
@@ -380,6 +410,21 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ConfigError("this model is offloaded already; call model.moecache.remove() first")
     hybrid_cfg = HybridConfig.resolve(hybrid)
+    backend = resolve_compile(compile)
+    if backend is None and (max_cache_len is not None or max_batch_size is not None):
+        raise ConfigError("max_cache_len and max_batch_size size the static KV cache of a compiled offload; "
+                          "pass compile=True with them, or leave them out")
+    max_cache_len = V.count("max_cache_len", max_cache_len, minimum=1, none=True, fix="positions")
+    max_batch_size = V.count("max_batch_size", max_batch_size, minimum=1, none=True, fix="sequences")
+    if stream_prefill is True:
+        stream_tokens = DEFAULT_STREAM_PREFILL_TOKENS
+    elif stream_prefill is False or stream_prefill is None:
+        stream_tokens = 0
+    elif isinstance(stream_prefill, int) and stream_prefill >= 2:
+        stream_tokens = int(stream_prefill)
+    else:
+        raise ConfigError(f"stream_prefill={stream_prefill!r} is not understood: pass True (calls of at least "
+                          f"{DEFAULT_STREAM_PREFILL_TOKENS} tokens), a token count >= 2, or False")
     family = V.text("family", family, none=True)
     adapter = get_family(family) if family else detect_family(model)
     blocks = find_moe_blocks(model, adapter)
@@ -387,6 +432,13 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     if hybrid_cfg is not None and adapter.layout.kernel != "transformers":
         raise ConfigError(f"hybrid execution runs transformers' experts layout on the CPU; {adapter.name} experts run "
                           f"through the {adapter.layout.kernel!r} kernel: offload it with hybrid=False")
+    if backend is not None:
+        if adapter.layout.kernel != "transformers":
+            raise ConfigError(f"compile=True runs transformers' experts calls as one op; {adapter.name} experts run "
+                              f"through the {adapter.layout.kernel!r} kernel: offload it with compile=False")
+        if len({b.stack for b in blocks}) != 1:
+            raise ConfigError("compile=True compiles one decoder stack; this model's MoE blocks sit in several "
+                              "(encoder-decoder): offload it with compile=False")
     config = model.config
     E, k, L = adapter.num_experts(config), adapter.top_k(config), len(blocks)
     layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr, adapter.layout)
@@ -424,12 +476,24 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     allocator = HostAllocator(pin)
     expert_ids = _expert_params(blocks, layout, E)
     non_expert = non_expert_bytes(model, expert_ids)
+    # The static cache's size follows the memory plan's max_context and batch where only those are given.
+    max_cache_len = int(max_cache_len or max_context or DEFAULT_MAX_CACHE_LEN)
+    max_batch_size = int(max_batch_size or batch or 1)
+    kv_bytes = 0
+    if backend is not None:
+        dtype = next((p.dtype for p in model.parameters() if id(p) not in expert_ids and p.is_floating_point()),
+                     torch.float32)
+        attention = next((m for name, m in model.named_modules() if name.endswith("self_attn")), None)
+        kv_bytes = kv_cache_bytes(config, max_batch_size, max_cache_len, dtype, attention)
     mplan = None
     if auto:
-        mplan = _plan(model, config, dev, non_expert, layout.slot_bytes, k, L * E, max_context, batch, expert_ids)
+        mplan = _plan(model, config, dev, non_expert, layout.slot_bytes, k, L * E,
+                      max_cache_len if backend is not None else max_context,
+                      max_batch_size if backend is not None else batch, expert_ids)
         gpu_memory = mplan.budget
+        kv_bytes = max(0, kv_bytes - mplan.kv_cache)  # the plan reserved its own estimate of the same cache
     slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
-                                 slot_bytes=layout.slot_bytes, top_k=k, total=L * E)
+                                 slot_bytes=layout.slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes)
     pol = _make_policy(policy, slots, L, E, k, policy_params)
     if host_memory is not None and host_store is None:
         on_host = non_expert + slots * layout.slot_bytes if dev.type == "cpu" else 0
@@ -440,7 +504,8 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                           "with moecache.from_pretrained(path, ...) instead")
     pred = _make_predictor(predictor, model, L, E, k, predictor_params)
     return OffloadPlan(adapter, blocks, layout, L, E, k, dev, slots, budget, non_expert, pol, pred, prefetch_depth,
-                       prefetch_width, min_prob, engine, allocator, host_store, own_store, hybrid_cfg, mplan)
+                       prefetch_width, min_prob, engine, allocator, host_store, own_store, hybrid_cfg, mplan,
+                       backend, max_cache_len, max_batch_size, kv_bytes, stream_tokens)
 
 
 def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
@@ -477,7 +542,9 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             predictor_params: dict | None = None, prefetch_width: int | None = None,
             min_prob: float = DEFAULT_MIN_PROB, pin: bool | None = None,
             host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False,
-            max_context: int | None = None, batch: int = 1, host_memory: int | str | None = None) -> OffloadHandle:
+            max_context: int | None = None, batch: int = 1, host_memory: int | str | None = None,
+            compile: bool | str = False, max_cache_len: int | None = None, max_batch_size: int | None = None,
+            stream_prefill: bool | int = False) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -498,6 +565,13 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
     * ``hybrid``: False (every miss copied), True or "auto" (each miss copied or run on the CPU,
       whichever a cost model measured at start-up says finishes first), "cpu" (every miss on the
       CPU), "copy", or a ``HybridConfig`` (``moecache.runtime.hybrid``).
+    * ``compile``: True (or a piece backend: "inductor", "aot_eager", "eager") runs decode steps compiled around
+      the experts call, as CUDA graphs on CUDA, with a static KV cache of ``max_cache_len`` positions (default
+      4096, or ``max_context``) for up to ``max_batch_size`` rows (default ``batch``), whose bytes count against
+      ``gpu_memory`` (with "auto", the plan reserves that cache)
+      (``moecache.runtime.compiled``).
+    * ``stream_prefill``: True (calls of at least 64 tokens) or a token count: a long prompt copies each next
+      MoE layer's experts while the current layer computes (``moecache.runtime.core``); False: off.
 
     Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
     put back as it was (expert weights restored from the host store) before the error propagates.
@@ -507,7 +581,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                               policy_params=policy_params, predictor_params=predictor_params,
                               prefetch_width=prefetch_width, min_prob=min_prob, pin=pin, host_store=host_store,
                               own_store=own_store, hybrid=hybrid, max_context=max_context, batch=batch,
-                              host_memory=host_memory)
+                              host_memory=host_memory, compile=compile, max_cache_len=max_cache_len,
+                              max_batch_size=max_batch_size, stream_prefill=stream_prefill)
     with V.Undo() as undo:
         handle = _apply(model, plan, undo)
     return handle
@@ -535,7 +610,8 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     rt_layers: list[LayerInfo] = []
     runtime = Runtime(layers=rt_layers, num_layers=L, store=store, pool=pool, engine=copy_engine, policy=plan.policy,
                       predictor=plan.predictor, config=config, num_experts=E, top_k=k,
-                      prefetch_depth=plan.prefetch_depth, prefetch_width=plan.prefetch_width, min_prob=plan.min_prob)
+                      prefetch_depth=plan.prefetch_depth, prefetch_width=plan.prefetch_width, min_prob=plan.min_prob,
+                      stream_prefill=plan.stream_tokens)
     kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
     kernel_hooks: list[Any] = []
     undo.push(lambda: [h.remove() for h in kernel_hooks])
@@ -563,6 +639,9 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         "experts_implementation": getattr(config, "_experts_implementation", None),
         "hybrid": None if runtime.hybrid is None else runtime.hybrid.describe(),
         "memory_plan": None if plan.memory_plan is None else plan.memory_plan.to_json(),
+        "compile": plan.backend, "kv_cache_bytes": plan.kv_bytes, "stream_prefill": plan.stream_tokens,
+        "max_cache_len": plan.max_cache_len if plan.backend else None,
+        "max_batch_size": plan.max_batch_size if plan.backend else None,
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
     handle.own_store = plan.own_store or plan.host_store is None
@@ -570,6 +649,8 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
 
     def pre(_mod, args, kwargs):
         rows, tokens, new_request = _call_shape(args, kwargs)
+        if new_request and handle.compiled is not None:  # its static cache stands in for the caller's
+            new_request = not handle.compiled.continues(kwargs.get("cache", kwargs.get("past_key_values")))
         handle._pending_call = (handle._on_call_start(rows, tokens, new_request), rows, tokens)
 
     def post(_mod, _args, _kwargs, output):
@@ -584,6 +665,17 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     call_hooks.append(model.register_forward_pre_hook(pre, with_kwargs=True))
     call_hooks.append(model.register_forward_hook(post, with_kwargs=True))
     handle._hooks = call_hooks + kernel_hooks
+    if plan.backend is not None:
+        stack = model.get_submodule(blocks[0].stack) if blocks[0].stack else model
+        handle._compiled_key = register_experts([getattr(b.block, adapter.experts_attr) for b in blocks], stack)
+        undo.push(lambda: unregister_experts(handle._compiled_key))
+        handle.compiled = CompiledStack(model, stack, plan.backend, dev, plan.max_cache_len, plan.max_batch_size)
+        undo.push(handle.compiled.remove)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:  # transformers' own compile of the whole call would wrap ours
+            handle._disable_compile = getattr(gen, "disable_compile", False)
+            gen.disable_compile = True
+            undo.push(lambda gen=gen, was=handle._disable_compile: setattr(gen, "disable_compile", was))
     setattr(model, HANDLE_ATTR, handle)
     if plan.memory_plan is not None:
         print("\n".join(plan.memory_plan.lines()), file=sys.stderr)

@@ -11,6 +11,9 @@ Definitions (one *access* = one expert needed by one MoE layer forward, however 
 * ``prefetch_issued``: prefetch copies queued; ``prefetch_useful``: prefetched experts used by a
   demand access before they left the pool; ``prefetch_precision = useful / issued``;
   ``prefetch_cancelled``: queued prefetches cancelled before they started (the prediction was wrong).
+* ``prefill_streamed``: experts queued by streaming prefill (``offload(..., stream_prefill=...)``: each
+  next layer's experts during a long prompt, ``moecache.runtime.core``); ``prefill_stream_useful``:
+  those its layer used; queued ones its layer did not pick are counted in ``prefetch_cancelled``.
 * ``bytes_copied``: host-to-pool bytes of every copy issued (one expert each).
 * ``stall_s``: time the computation waited for copies (CUDA events around the waits on the GPU;
   host time blocked on the CPU).
@@ -45,6 +48,8 @@ class RuntimeCounters:
     prefetch_issued: int = 0
     prefetch_useful: int = 0
     prefetch_cancelled: int = 0
+    prefill_streamed: int = 0  # experts queued by streaming prefill (next layer's, during a long prompt)
+    prefill_stream_useful: int = 0  # ... and used by their layer
     copies: int = 0
     bytes_copied: int = 0
     layer_calls: int = 0
@@ -82,7 +87,8 @@ def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dic
         "hits": c.hits, "misses": c.misses, "evictions": c.evictions, "accesses": c.accesses,
         "hit_rate": _ratio(c.hits, c.accesses), "ready": c.ready, "ready_rate": _ratio(c.ready, c.accesses),
         "prefetch_issued": c.prefetch_issued, "prefetch_useful": c.prefetch_useful,
-        "prefetch_cancelled": c.prefetch_cancelled,
+        "prefetch_cancelled": c.prefetch_cancelled, "prefill_streamed": c.prefill_streamed,
+        "prefill_stream_useful": c.prefill_stream_useful,
         "prefetch_precision": _ratio(c.prefetch_useful, c.prefetch_issued),
         "copies": c.copies, "bytes_copied": c.bytes_copied, "stall_s": stall_s,
         "layer_calls": c.layer_calls, "round_calls": c.round_calls,
@@ -126,6 +132,15 @@ def format_summary(s: dict[str, Any]) -> str:
         d = s.get("decisions", {})
         lines.append(f"hybrid {s.get('hybrid_rule')}: misses copied {d.get('copy', 0)}, on the CPU {d.get('cpu', 0)} "
                      f"({s['cpu_kernel']} kernel, {s['cpu_ms']:.1f} ms, waited {s['cpu_wait_ms']:.1f} ms)")
+    comp = s.get("compile")
+    if comp:
+        lines.append(f"compiled ({cfg.get('compile')}): {comp['pieces']} pieces around {comp['experts_ops']} experts "
+                     f"calls, {comp['captures'] + comp['recaptures']} CUDA graphs captured, {comp['replays']} replays, "
+                     f"{comp['compiled_calls']} compiled decode calls, static KV cache "
+                     f"{cfg.get('kv_cache_bytes', 0) / 2**20:.1f} MiB")
+    if s.get("prefill_streamed"):
+        lines.append(f"streaming prefill: {s['prefill_streamed']} experts queued ahead, "
+                     f"{s['prefill_stream_useful']} used")
     lines += [
         f"time to first token {num(s['ttft_s'] * 1e3 if s['ttft_s'] is not None else None)} ms, "
         f"prefill {num(s['prefill_tokens_per_s'])} tokens/s, decode {num(s['decode_tokens_per_s'])} tokens/s",
