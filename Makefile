@@ -37,10 +37,12 @@ test: install browser
 	$(VPY) -m moecache doctor
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job on the embedded default (a small random-weight Qwen3-MoE): offloaded generation on CUDA
-# if present, else the CPU; --check compares the tokens with the unpatched model's.
+# The embedded default model (a small Qwen3-MoE trained on the Python standard library, shipped in the
+# package) writes code offloaded, on CUDA if present, else the CPU; --check compares the tokens with the
+# unpatched model's. Then it records its routing and prints a short analysis (moecache/demo.py).
+DEMO_ARGS ?=
 demo: install
-	$(VPY) -m moecache generate --check --max-new-tokens 32
+	$(VPY) -m moecache.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info moecache/_C*.so $(VENV)/.installed

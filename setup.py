@@ -77,6 +77,8 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=sorted(package_dir),
     package_dir=package_dir,
+    # The embedded default model ships with the package (moecache/assets/README.md).
+    package_data={"moecache": ["assets/README.md", "assets/*/*.json", "assets/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

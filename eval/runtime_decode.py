@@ -2,7 +2,7 @@
 
 Two models, bf16 on the GPU (fp32 on the CPU):
 
-1. the embedded default model (``moecache.default_model``), greedy ``generate``;
+1. the random-weights default-family model (``moecache.default_model.default_model``, 157M parameters), greedy ``generate``;
 2. the DeepSeek-V2-Lite shape (27 layers, 64 routed experts top-6, 2 shared, hidden 2048, expert
    intermediate 1408), random weights: built on the meta device, non-expert weights materialised on
    the GPU, every expert generated straight into the pinned host store (per layer, on the GPU, then

@@ -1,19 +1,29 @@
-"""The embedded default model: a Qwen3-MoE-architecture model with random weights, built on the fly.
+"""The embedded default model, and a builder of Qwen3-MoE models with random weights.
 
-``moecache generate`` runs it when no ``--model`` is given, so the runtime can be tried on a
-fresh machine without downloads. Its weights are random (seeded): its text is noise, and the CLI
-says so. Size: 8 layers, hidden 512, 32 experts of intermediate 384 per layer, top-4, byte-level
-vocabulary (token id = byte value): about 157M parameters, 151M of them in experts.
+``embedded_model()`` loads the model shipped in the package (``moecache/assets/qwen3moe-stdlib``): a
+small Qwen3-MoE (6 layers, 16 experts of intermediate 48 per layer, top-4, hidden 192, 3.3M parameters,
+bfloat16 safetensors) trained on the Python 3.11 standard library's sources by
+``eval/train_embedded_model.py``; it writes Python-like code. ``moecache generate`` runs it when no
+``--model`` is given, so the runtime can be tried on a fresh machine without downloads. Its recipe, data
+and held-out bits per byte are in ``moecache/assets/README.md``.
 
-Tokens are bytes: ``encode(text)`` is the UTF-8 bytes, ``decode(ids)`` their UTF-8 decoding with
-undecodable bytes replaced (random weights emit arbitrary bytes).
+``default_model()`` builds a model of the same family with seeded random weights (default size: 8
+layers, hidden 512, 32 experts of intermediate 384 per layer, top-4: about 157M parameters, 151M of
+them in experts); tests use it at any size through config overrides. Its text is noise.
+
+Tokens are bytes for both: ``encode(text)`` is the UTF-8 bytes, ``decode(ids)`` their UTF-8 decoding
+with undecodable bytes replaced (random weights emit arbitrary bytes). Id 2 ends a file (eos).
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import ConfigError
 
 #: The config of the default model (transformers ``Qwen3MoeConfig`` fields).
 DEFAULT_CONFIG: dict[str, Any] = dict(
@@ -25,6 +35,40 @@ DEFAULT_CONFIG: dict[str, Any] = dict(
 DEFAULT_SEED = 0
 #: What the CLI prints next to the default model's output.
 RANDOM_WEIGHTS_LABEL = "embedded default model (Qwen3-MoE architecture, RANDOM weights: the text is noise)"
+
+
+#: Where the embedded model lives inside the package.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "qwen3moe-stdlib"
+#: sha256 of the committed ``model.safetensors`` (tests check the file against it).
+EMBEDDED_SHA256 = "PLACEHOLDER"
+#: What the CLI prints next to the embedded model's output.
+EMBEDDED_LABEL = ("embedded default model (Qwen3-MoE layout, 3.3M parameters, trained on the Python 3.11 "
+                  "standard library: it writes Python-like code)")
+#: A prompt the embedded model continues well.
+EMBEDDED_PROMPT = "def "
+
+
+def embedded_model(dtype: torch.dtype = torch.float32, experts_implementation: str | None = None) -> torch.nn.Module:
+    """Load the embedded trained model on the CPU, in eval mode (``dtype``: the compute dtype)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    weights = EMBEDDED_MODEL_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"the embedded model is missing ({weights}); reinstall moecache-offload or pass --model")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    return Qwen3MoeForCausalLM.from_pretrained(str(EMBEDDED_MODEL_DIR), local_files_only=True, **kwargs).eval()
+
+
+def embedded_available() -> bool:
+    """Whether the trained weights are in this install (a checkout where they were never trained lacks them)."""
+    return (EMBEDDED_MODEL_DIR / "model.safetensors").is_file()
+
+
+def embedded_model_sha256() -> str:
+    """sha256 of the embedded model's safetensors file as installed."""
+    return hashlib.sha256((EMBEDDED_MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()
 
 
 def default_config(**overrides: Any) -> Any:
@@ -70,5 +114,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_SEED", "RANDOM_WEIGHTS_LABEL", "default_config", "default_model", "encode",
-           "decode", "parameter_count"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_SEED", "RANDOM_WEIGHTS_LABEL", "EMBEDDED_MODEL_DIR", "EMBEDDED_SHA256",
+           "EMBEDDED_LABEL", "EMBEDDED_PROMPT", "embedded_available", "embedded_model", "embedded_model_sha256", "default_config",
+           "default_model", "encode", "decode", "parameter_count"]

@@ -1,8 +1,8 @@
 """``moecache generate``: stream text from an offloaded MoE model, then print tokens/s and the cache summary.
 
-Without ``--model`` it runs the embedded default model (``moecache.default_model``: Qwen3-MoE
-architecture, random weights built on the fly, seeded) and labels its output as random. With
-``--check`` it also generates with the unpatched model (the same weights) and exits with status 1
+Without ``--model`` it runs the embedded default model (``moecache.default_model``: a small
+Qwen3-MoE trained on the Python standard library, shipped in the package; it writes Python-like code);
+``--random-weights`` builds a model of that family with seeded random weights instead. With ``--check`` it also generates with the unpatched model (the same weights) and exits with status 1
 unless the tokens are identical.
 
 Tokenisation: a checkpoint with tokenizer files uses ``AutoTokenizer``; a checkpoint without one
@@ -29,14 +29,17 @@ DEFAULT_PROMPT = "The mixture of experts"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with an offloaded MoE model (default: the embedded one)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(p)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    add_model_options(p, seed_help="seed of the --random-weights model")
+    p.add_argument("--prompt", default=None, help=f"text to continue (default: {DEFAULT_PROMPT!r}; for the "
+                                                   "embedded model, the start of a Python function)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="compiled decode around the experts call (CUDA graphs on CUDA) with a static KV cache; "
                         "BACKEND of the compiled pieces: inductor (default), aot_eager or eager")
     p.add_argument("--stream-prefill", action="store_true",
                    help="a long prompt copies each next layer's experts while the current one computes")
+    p.add_argument("--random-weights", action="store_true",
+                   help="instead of the embedded trained model, build one of its family with random weights")
     p.add_argument("--check", action="store_true", help="compare the tokens with the unpatched model's")
     p.add_argument("--json", dest="json_out", help="also write the stats as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not the streamed text")
@@ -142,9 +145,12 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.model is not None and args.random_weights:
+        raise ConfigError("--random-weights builds the embedded model's family; drop it or drop --model")
     check_args(args)
 
-    from ..default_model import RANDOM_WEIGHTS_LABEL, default_model
+    from ..default_model import (EMBEDDED_LABEL, EMBEDDED_PROMPT, RANDOM_WEIGHTS_LABEL, default_model,
+                                 embedded_available, embedded_model)
     from ..runtime import offload
 
     check_model_path(args)
@@ -156,10 +162,20 @@ def run(args: argparse.Namespace) -> int:
         opts.update(compile=args.compile, max_cache_len=len(args.prompt) + args.max_new_tokens + 8)
     err = sys.stderr
     reference = None
+    if args.model is None and not args.random_weights and not embedded_available():
+        print("moecache generate: the embedded trained model is not in this install (moecache/assets/README.md "
+              "says how to train it); using random weights", file=err)
+        args.random_weights = True
+    if args.prompt is None:
+        args.prompt = EMBEDDED_PROMPT if args.model is None and not args.random_weights else DEFAULT_PROMPT
     if args.model is None:
         dtype = _dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        print(f"moecache generate: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}", file=err)
-        model = default_model(seed=args.seed, dtype=dtype).to(device)
+        if args.random_weights:
+            print(f"moecache generate: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}", file=err)
+            model = default_model(seed=args.seed, dtype=dtype).to(device)
+        else:
+            print(f"moecache generate: {EMBEDDED_LABEL}, {dtype}, on {device}", file=err)
+            model = embedded_model(dtype=dtype).to(device)
         encode, decode = _tokenizer(None, model.config.vocab_size)
         x = torch.tensor([encode(args.prompt)], device=device)
         if args.check:
