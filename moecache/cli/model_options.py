@@ -152,7 +152,7 @@ def load_model(args: argparse.Namespace, command: str, *, offloaded: bool = True
     ``default_overrides`` change the embedded model's config (tests use a smaller one)."""
     import torch
 
-    from ..default_model import RANDOM_WEIGHTS_LABEL, default_model
+    from ..default_model import EMBEDDED_LABEL, RANDOM_WEIGHTS_LABEL, default_model, embedded_available, embedded_model
 
     check_model_path(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,8 +163,14 @@ def load_model(args: argparse.Namespace, command: str, *, offloaded: bool = True
         opts = offload_options(args, device)
     if args.model is None:
         dtype = dtype_of(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        print(f"moecache {command}: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}", file=sys.stderr)
-        model = default_model(seed=args.seed, dtype=dtype, **default_overrides).to(device)
+        if not default_overrides and embedded_available():
+            # The trained embedded model; overrides (tests) ask for the random-weights builder.
+            print(f"moecache {command}: {EMBEDDED_LABEL}, {dtype}, on {device}", file=sys.stderr)
+            model = embedded_model(dtype=dtype).to(device)
+        else:
+            print(f"moecache {command}: {RANDOM_WEIGHTS_LABEL}, seed {args.seed}, {dtype}, on {device}",
+                  file=sys.stderr)
+            model = default_model(seed=args.seed, dtype=dtype, **default_overrides).to(device)
         encode, decode, tok = tokenizer_for(None, model.config.vocab_size)
         handle = None
         if offloaded:
