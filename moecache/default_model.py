@@ -39,8 +39,9 @@ RANDOM_WEIGHTS_LABEL = "embedded default model (Qwen3-MoE architecture, RANDOM w
 
 #: Where the embedded model lives inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "qwen3moe-stdlib"
-#: sha256 of the committed ``model.safetensors`` (tests check the file against it).
-EMBEDDED_SHA256 = "PLACEHOLDER"
+#: sha256 of the committed ``model.safetensors`` (tests check the file against it); None until the weights
+#: are committed (``eval/train_embedded_model.py package`` prints the value to put here).
+EMBEDDED_SHA256: str | None = None
 #: What the CLI prints next to the embedded model's output.
 EMBEDDED_LABEL = ("embedded default model (Qwen3-MoE layout, 3.3M parameters, trained on the Python 3.11 "
                   "standard library: it writes Python-like code)")
