@@ -155,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_path(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    err = sys.stderr
+    if args.model is None and not args.random_weights and not embedded_available():
+        print("moecache generate: the embedded trained model is not in this install (moecache/assets/README.md "
+              "says how to train it); using random weights", file=err)
+        args.random_weights = True
+    if args.prompt is None:
+        args.prompt = EMBEDDED_PROMPT if args.model is None and not args.random_weights else DEFAULT_PROMPT
     budget = _budget(args)
     opts = offload_options(args, device)
     opts["stream_prefill"] = args.stream_prefill
@@ -162,12 +169,6 @@ def run(args: argparse.Namespace) -> int:
         opts.update(compile=args.compile, max_cache_len=len(args.prompt) + args.max_new_tokens + 8)
     err = sys.stderr
     reference = None
-    if args.model is None and not args.random_weights and not embedded_available():
-        print("moecache generate: the embedded trained model is not in this install (moecache/assets/README.md "
-              "says how to train it); using random weights", file=err)
-        args.random_weights = True
-    if args.prompt is None:
-        args.prompt = EMBEDDED_PROMPT if args.model is None and not args.random_weights else DEFAULT_PROMPT
     if args.model is None:
         dtype = _dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if args.random_weights:
