@@ -167,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
     opts["stream_prefill"] = args.stream_prefill
     if args.compile:
         opts.update(compile=args.compile, max_cache_len=len(args.prompt) + args.max_new_tokens + 8)
-    err = sys.stderr
     reference = None
     if args.model is None:
         dtype = _dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
