@@ -59,7 +59,7 @@ from moecache.errors import ConfigError  # noqa: E402
 from moecache.runtime import offload  # noqa: E402
 
 #: The offloaded candidates, by configuration name prefix.
-CANDIDATES = {"lru": "lru", "oracle": "lru+oracle-d1", "learned": "lru+learned-d1+p0.5"}
+CANDIDATES = {"lru": "lru", "oracle": "lru+oracle:depth=1", "learned": "lru+learned:depth=1:min_prob=0.5"}
 CONFIGS = ("resident-eager", "resident-hf-compile", "pool-all-eager", "pool-all-compiled", "lru-eager",
            "lru-compiled", "oracle-eager", "oracle-compiled", "learned-eager", "learned-compiled")
 DEFAULT_CONFIGS = CONFIGS

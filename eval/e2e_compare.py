@@ -27,7 +27,7 @@ Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on 
   into the pool before the run (``handle.preload()``).
 * (e) ``moecache``: each of ``--candidates`` (policy, predictor, prefetch depth, hybrid), timed in
   this same run; the fastest by measured decode tokens/s is reported as (e). A candidate with the
-  ``oracle`` predictor (``lru+oracle-d1``) is not a scheme anyone can run: its predictor reads the
+  ``oracle`` predictor (``lru+oracle:depth=1``) is not a scheme anyone can run: its predictor reads the
   replay's routing ahead (``ReplayOracle``), so it measures the ceiling of prefetch on this machine
   (perfect predictions, the runtime's real copies and host work); such rows are reported but never
   chosen as (e).
@@ -87,8 +87,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _shapes import build_model, get_shape, machine, prepare_trace, sync  # noqa: E402
-from e2e_harness import (CONFIG_KEYS, DEFAULT_CANDIDATES, HYBRID_BUILT, RUN_ORDER, WEIGHTS, BatchPlan,  # noqa: E402
-                         Bench, Budget, Candidate, attach_bounds, fmt, make_best, measure_copy,
+from e2e_harness import (CONFIG_KEYS, DEFAULT_CANDIDATES, HYBRID_BUILT, RUN_ORDER, SPEC_SYNTAX, WEIGHTS,  # noqa: E402
+                         BatchPlan, Bench, Budget, Candidate, attach_bounds, fmt, make_best, measure_copy,
                          plan_batches, public_rows, run_accelerate, run_fiddler, run_lru_layer, run_resident,
                          write_markdown)
 from e2e_targets import check_targets  # noqa: E402
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.25, help="share of expert memory on the GPU")
     ap.add_argument("--configs", default="a,b,c,d,e", help="which of a,b,c,d,e (module docstring)")
     ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
-                    help="(e)'s candidates, comma-separated, each policy[@layer]+predictor-dN+hybrid-MODE")
+                    help="(e)'s candidates, comma-separated, each " + SPEC_SYNTAX + " (the old "
+                    "policy[@layer]+predictor-dN+pP+wW+hybrid-MODE still parses, with a warning)")
     ap.add_argument("--layers", type=int, default=None,
                     help="MoE layers (default: all 26 for deepseek, 16 of 32 for mixtral, whose 32 need 84 GiB "
                     "of host memory)")

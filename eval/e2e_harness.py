@@ -10,10 +10,12 @@ import copy
 import inspect
 import math
 import os
+import re
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,8 +43,8 @@ HYBRID_MODES = ("auto", "cpu", "copy", "true")
 #: (e)'s default candidates: plain LRU, selective prefetch with the learned predictor (the best real
 #: predictor at batch 1, eval/results/prefetch_ceiling), hybrid execution with a global and a per-layer
 #: pool, and prefetch with hybrid execution. The recorded runs name theirs (eval/results/e2e_*.md).
-DEFAULT_CANDIDATES = ("lru", "lru+learned-d1+p0.5", "lru+hybrid-auto", "lru@layer+hybrid-auto",
-                      "lru+learned-d1+p0.5+hybrid-auto")
+DEFAULT_CANDIDATES = ("lru", "lru+learned:depth=1:min_prob=0.5", "lru+hybrid:rule=auto",
+                      "lru:scope=layer+hybrid:rule=auto", "lru+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
 CONFIG_KEYS = ("a", "b", "c", "d", "e")
 #: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last.
 RUN_ORDER = ("a", "c", "d", "e", "b")
@@ -52,13 +54,33 @@ WEIGHTS = {"a": 2.0, "b": 1.0, "c": 1.5, "d": 1.5, "e": 1.0}
 
 # -- configuration specs ----------------------------------------------------------------------------
 
+#: A part of the old candidate spelling (``policy@layer+predictor-dN+pP+wW+hybrid-MODE``), kept for a
+#: release: a scope after ``@``, ``hybrid-MODE``, ``pP``/``wW`` or ``PREDICTOR-dN``.
+_OLD_PART = re.compile(r"hybrid-.*|[pw][0-9][0-9.]*|.+-d[0-9]*")
+#: Keys of each part of the registry spelling, and an example of each part.
+_POLICY_KEYS = ("scope",)
+_PREDICTOR_KEYS = ("depth", "min_prob", "width")
+_HYBRID_KEYS = ("rule",)
+SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W]][+hybrid[:rule=RULE]], "
+               "e.g. lru:scope=layer+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One moecache offload configuration, written ``policy[@layer]+predictor-dN+pP+wW+hybrid-MODE``
-    (every part after the policy optional), e.g. ``lru``, ``lru@layer``, ``lrfu+transition-d2``,
-    ``lru+transition-d1+hybrid-auto``, ``static+hybrid-cpu``; ``pP`` prefetches only experts whose
-    predicted probability is at least P (``min_prob``, default 0.05), ``wW`` at most W per target
-    layer (``prefetch_width``, default top-k times the batch rows)."""
+    """One moecache offload configuration, written as registry specs (``moecache.registry.split_spec``,
+    ``name:key=value``) joined by ``+``: the policy first, then optionally a predictor and ``hybrid``::
+
+        POLICY[:scope=layer|global][+PREDICTOR:depth=N[:min_prob=P][:width=W]][+hybrid[:rule=RULE]]
+
+    e.g. ``lru``, ``lru:scope=layer``, ``lrfu+transition:depth=2``,
+    ``lru+transition:depth=1+hybrid:rule=auto``, ``static+hybrid:rule=cpu``. ``depth`` is the prefetch
+    depth (>= 1); ``min_prob`` prefetches only experts whose predicted probability is at least P
+    (default 0.05), ``width`` at most W per target layer (``prefetch_width``, default top-k times the
+    batch rows); ``hybrid`` alone is ``offload(hybrid=True)``, ``hybrid:rule=R`` a ``HYBRID_RULES`` name.
+
+    The old spelling ``policy[@layer]+predictor-dN+pP+wW+hybrid-MODE`` (``lru@layer+hybrid-auto``)
+    still parses to the same configuration for a release, with a ``FutureWarning`` that shows the new
+    one; ``label`` keeps it, because recorded result tables name their rows by it."""
 
     policy: str = "lru"
     scope: str = "global"
@@ -70,6 +92,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
+        """The row label of result tables (the old spelling, unchanged so recorded tables still match)."""
         out = self.policy + ("@layer" if self.scope == "layer" else "")
         if self.predictor:
             out += f"+{self.predictor}-d{self.depth}"
@@ -81,20 +104,129 @@ class Candidate:
             out += f"+hybrid-{self.hybrid}"
         return out
 
+    @property
+    def spec(self) -> str:
+        """This configuration in the registry spelling; ``Candidate.parse(c.spec) == c``."""
+        out = self.policy + (":scope=layer" if self.scope == "layer" else "")
+        if self.predictor:
+            out += f"+{self.predictor}:depth={self.depth}"
+            if self.min_prob is not None:
+                out += f":min_prob={self.min_prob:g}"
+            if self.width is not None:
+                out += f":width={self.width}"
+        if self.hybrid:
+            out += "+hybrid" + ("" if self.hybrid == "true" else f":rule={self.hybrid}")
+        return out
+
     @classmethod
     def parse(cls, text: str) -> "Candidate":
-        from moecache.policies import POLICIES
-        from moecache.predictors import PREDICTORS
-
+        """``text`` in the registry spelling (or, with a ``FutureWarning``, the old one) -> a Candidate;
+        a bad spec raises a one-line ``ConfigError`` naming the part and the valid choices."""
         parts = [p.strip() for p in text.strip().split("+")]
-        head, _, scope = parts[0].partition("@")
+        if not all(parts):
+            raise ConfigError(f"candidate {text!r}: empty part; write {SPEC_SYNTAX}")
+        old = "@" in parts[0] or any(":" not in p and _OLD_PART.fullmatch(p) for p in parts[1:])
+        if old and any(":" in p for p in parts):
+            raise ConfigError(f"candidate {text!r} mixes the old spelling (@layer, PREDICTOR-dN, pP, wW, "
+                              f"hybrid-MODE) with the new; write {SPEC_SYNTAX}")
+        if not old:
+            return cls._parse_registry(text, parts)
+        cand = cls._parse_old(text, parts)
+        warnings.warn(f"candidate {text!r} uses the old spelling, which goes in the next release; "
+                      f"write {cand.spec!r}", FutureWarning, stacklevel=2)
+        return cand
+
+    @classmethod
+    def _check(cls, text: str, cand: "Candidate") -> "Candidate":
+        from moecache.policies import POLICIES
+
+        if POLICIES.get(cand.policy).uses_scores and cand.predictor is None:
+            raise ConfigError(f"candidate {text!r}: policy {cand.policy!r} evicts by predicted scores; add "
+                              "+PREDICTOR:depth=N")
+        return cand
+
+    @staticmethod
+    def _online_policy(text: str, head: str) -> str:
+        from moecache.policies import POLICIES
+
         online = [n for n in POLICIES.names() if not (POLICIES.get(n).offline or POLICIES.get(n).may_bypass)]
         if head not in online:
             why = f"policy {head!r} is for the simulator only" if head in POLICIES.names() else \
                 f"unknown policy {head!r}"
             raise ConfigError(f"candidate {text!r}: {why}; valid: {', '.join(online)}")
+        return head
+
+    @classmethod
+    def _parse_registry(cls, text: str, parts: list[str]) -> "Candidate":
+        from moecache.predictors import PREDICTORS
+        from moecache.registry import split_spec
+        from moecache.runtime.hybrid_rules import HYBRID_RULES
+
+        what = f"candidate {text!r}: parameter"
+
+        def params(part: str, keys: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+            name, kv = split_spec(part, what)
+            unknown = sorted(set(kv) - set(keys))
+            if unknown:
+                raise ConfigError(f"candidate {text!r}: {name!r} takes no {unknown[0]!r}; valid keys: "
+                                  f"{', '.join(keys)}")
+            return name, kv
+
+        def number(name: str, key: str, raw: str, kind: type) -> Any:
+            try:
+                value = kind(raw)
+            except ValueError:
+                noun = "an integer" if kind is int else "a number"
+                raise ConfigError(f"candidate {text!r}: {name}:{key}={raw!r} is not {noun}") from None
+            if not (value >= 1 if kind is int else 0.0 <= value <= 1.0):
+                raise ConfigError(f"candidate {text!r}: {name}:{key}={raw} is out of range "
+                                  f"({'>= 1' if kind is int else 'between 0 and 1'})")
+            return value
+
+        head, kv = params(parts[0], _POLICY_KEYS)
+        scope = kv.get("scope", "global")
+        if scope not in ("layer", "global"):
+            raise ConfigError(f"candidate {text!r}: scope {scope!r} is not 'layer' or 'global' "
+                              f"(write {head}:scope=layer)")
+        kw: dict[str, Any] = {"policy": cls._online_policy(text, head), "scope": scope}
+        for part in parts[1:]:
+            name = split_spec(part, what)[0]
+            if name == "hybrid":
+                _, kv = params(part, _HYBRID_KEYS)
+                if "hybrid" in kw:
+                    raise ConfigError(f"candidate {text!r}: hybrid given twice")
+                rule = kv.get("rule", "true")
+                if rule != "true" and rule not in HYBRID_RULES:
+                    raise ConfigError(f"candidate {text!r}: hybrid rule {rule!r}; valid: "
+                                      f"{', '.join(HYBRID_RULES.names())}")
+                kw["hybrid"] = rule
+                continue
+            if name not in PREDICTORS.names():
+                raise ConfigError(f"candidate {text!r}: {name!r} is neither a predictor nor hybrid; valid "
+                                  f"predictors: {', '.join(PREDICTORS.names())}")
+            if "predictor" in kw:
+                raise ConfigError(f"candidate {text!r}: two predictors ({kw['predictor']!r}, {name!r}); give one")
+            _, kv = params(part, _PREDICTOR_KEYS)
+            if "depth" not in kv:
+                raise ConfigError(f"candidate {text!r}: predictor {name!r} needs a prefetch depth; write "
+                                  f"{name}:depth=1")
+            kw.update(predictor=name, depth=number(name, "depth", kv["depth"], int))
+            if "min_prob" in kv:
+                kw["min_prob"] = number(name, "min_prob", kv["min_prob"], float)
+            if "width" in kv:
+                kw["width"] = number(name, "width", kv["width"], int)
+        return cls._check(text, cls(**kw))
+
+    @classmethod
+    def _parse_old(cls, text: str, parts: list[str]) -> "Candidate":
+        """The old spelling, parsed exactly as before the registry spelling existed."""
+        from moecache.predictors import PREDICTORS
+
+        head, _, scope = parts[0].partition("@")
+        cls._online_policy(text, head)
         if scope not in ("", "layer", "global"):
-            raise ConfigError(f"candidate {text!r}: scope {scope!r} is not 'layer' or 'global' (write lru@layer)")
+            raise ConfigError(f"candidate {text!r}: scope {scope!r} is not 'layer' or 'global' (write "
+                              f"{head}:scope=layer)")
         kw: dict[str, Any] = {"policy": head, "scope": scope or "global"}
         for part in parts[1:]:
             if part.startswith("hybrid-"):
@@ -117,10 +249,7 @@ class Candidate:
                 raise ConfigError(f"candidate {text!r}: unknown predictor {name!r}; valid: "
                                   f"{', '.join(PREDICTORS.names())}")
             kw.update(predictor=name, depth=int(depth))
-        cand = cls(**kw)
-        if POLICIES.get(head).uses_scores and cand.predictor is None:
-            raise ConfigError(f"candidate {text!r}: policy {head!r} evicts by predicted scores; add +PREDICTOR-dN")
-        return cand
+        return cls._check(text, cls(**kw))
 
 
 #: (c) and (d) as candidates of the same runner.
@@ -156,7 +285,7 @@ class ReplayLookahead:
 
 class ReplayOracle(OraclePredictor):
     """``oracle`` in the end-to-end replay: the predictor that knows the forced routing, so that a
-    candidate ``lru+oracle-d1`` measures what prefetch could give with perfect predictions (the experts
+    candidate ``lru+oracle:depth=1`` measures what prefetch could give with perfect predictions (the experts
     each next layer really uses, nothing else) on this machine: the ceiling of any real predictor."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):

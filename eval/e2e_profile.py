@@ -5,7 +5,7 @@ profiler's own overhead inflates every op, so compare counts and shares, not the
 Each profile table goes to ``$OUT/profN.txt`` (N in candidate order) and to stdout.
 
     OUT=/tmp/p python3 eval/e2e_profile.py --model deepseek --batch 1 --configs e \\
-        --candidates lru,lru+hybrid-auto --time-budget 200 --trace build/ds_trace --out /tmp/p/x.json
+        --candidates lru,lru+hybrid:rule=auto --time-budget 200 --trace build/ds_trace --out /tmp/p/x.json
 """
 
 from __future__ import annotations

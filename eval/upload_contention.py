@@ -1,6 +1,6 @@
 """Do background expert copies delay the decode's own small work on the compute stream?
 
-At batch 1 a prefetch that knows every next expert (``e2e_compare.py``'s ``lru+oracle-d1``) removes the
+At batch 1 a prefetch that knows every next expert (``e2e_compare.py``'s ``lru+oracle:depth=1``) removes the
 copy stall (22 ms/token) but the step gets no faster. This probe times, with CUDA events on the compute
 stream, three things a decode layer does, each idle and while expert-sized copies (``--mib``, default the
 DeepSeek-V2-Lite expert, 16.5 MiB, pinned host -> GPU) run back to back on another stream:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,19 +59,95 @@ def _units(e2e, rows: list[list[int]], timed_from: int, request: int = 0):
 
 
 def test_candidate_specs_parse_and_bad_ones_say_what_is_valid(e2e):
-    c = e2e.Candidate.parse("lrfu+transition-d2+hybrid-auto")
+    c = e2e.Candidate.parse("lrfu+transition:depth=2+hybrid:rule=auto")
     assert (c.policy, c.scope, c.predictor, c.depth, c.hybrid) == ("lrfu", "global", "transition", 2, "auto")
-    assert c.label == "lrfu+transition-d2+hybrid-auto"
-    assert e2e.Candidate.parse("lru@layer") == e2e.LRU_LAYER and e2e.LRU_LAYER.label == "lru@layer"
-    assert e2e.Candidate.parse("static+hybrid-cpu") == e2e.FIDDLER
+    assert c.label == "lrfu+transition-d2+hybrid-auto" and c.spec == "lrfu+transition:depth=2+hybrid:rule=auto"
+    assert e2e.Candidate.parse("lru:scope=layer") == e2e.LRU_LAYER and e2e.LRU_LAYER.label == "lru@layer"
+    assert e2e.Candidate.parse("static+hybrid:rule=cpu") == e2e.FIDDLER
+    assert e2e.Candidate.parse("lru+hybrid").hybrid == "true"  # offload(hybrid=True)
+    c = e2e.Candidate.parse(" lru:scope=layer + temporal:depth=1:width=1:min_prob=0.3 + hybrid:rule=half ")
+    assert (c.scope, c.predictor, c.depth, c.width, c.min_prob, c.hybrid) == ("layer", "temporal", 1, 1, 0.3, "half")
     for d in e2e.DEFAULT_CANDIDATES:
-        assert e2e.Candidate.parse(d).label == d
+        assert e2e.Candidate.parse(d).spec == d
     for bad, msg in (("lruu", "unknown policy 'lruu'; valid: .*lru"), ("belady", "simulator only"),
-                     ("lru+transition", "PREDICTOR-dN"),
+                     ("lru+transition", "needs a prefetch depth; write transition:depth=1"),
+                     ("lru+oracle2:depth=1", "'oracle2' is neither a predictor nor hybrid; valid predictors"),
                      ("lru+oracle2-d1", "unknown predictor"), ("lru+hybrid-fast", "hybrid mode 'fast'"),
-                     ("predicted", "add \\+PREDICTOR-dN"), ("lru@pool", "scope 'pool'")):
-        with pytest.raises(ConfigError, match=msg):
-            e2e.Candidate.parse(bad)
+                     ("lru+hybrid:rule=fast", "hybrid rule 'fast'; valid: auto"),
+                     ("predicted", "add \\+PREDICTOR:depth=N"), ("lru@pool", "scope 'pool'"),
+                     ("lru:scope=pool", "scope 'pool' is not 'layer' or 'global'"),
+                     ("lru:half_life=3", "'lru' takes no 'half_life'; valid keys: scope"),
+                     ("lru+learned:depth=1:p=0.5", "'learned' takes no 'p'; valid keys: depth, min_prob, width"),
+                     ("lru+learned:depth=0", "depth=0 is out of range"),
+                     ("lru+learned:depth=x", "depth='x' is not an integer"),
+                     ("lru+learned:depth=1:min_prob=2", "min_prob=2 is out of range"),
+                     ("lru+learned:depth", "'depth' in 'learned:depth' is not key=value"),
+                     ("lru+learned:depth=1+temporal:depth=1", "two predictors"),
+                     ("lru+hybrid+hybrid:rule=cpu", "hybrid given twice"),
+                     ("lru++hybrid", "empty part"),
+                     ("lru@layer+learned:depth=1", "mixes the old spelling"),
+                     ("lru:scope=layer+learned-d1", "mixes the old spelling")):
+        with pytest.raises(ConfigError, match=msg) as err:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                e2e.Candidate.parse(bad)
+        assert "\n" not in str(err.value)  # one line
+
+
+#: Old candidate spellings cited in recorded results and docs (``policy[@scope]+part+...``).
+_OLD_SPELLING = re.compile(r"(?<![\w.+/-])(?:activation|fifo|lfu|lrfu|lru|predicted|static)"
+                           r"(?:@(?:layer|global))?(?:\+[A-Za-z0-9_.-]+)*")
+#: Matches that are not candidates: eval/results/sim_speed.md's simulator rows ("lru+transition d1").
+_NOT_CANDIDATES = {"lru+transition", "predicted+temporal"}
+
+
+def _cited_old_spellings() -> set[str]:
+    root = EVAL.parent
+    found: set[str] = set()
+    for path in [root / "docs" / "results.md", *sorted((root / "eval" / "results").glob("*.md"))]:
+        for m in _OLD_SPELLING.finditer(path.read_text(encoding="utf-8")):
+            text = m.group(0).rstrip(".-")
+            if "@" in text or "+" in text:
+                found.add(text)
+    return found
+
+
+def test_every_cited_old_spelling_parses_to_the_same_configuration_as_its_registry_spelling(e2e):
+    cited = _cited_old_spellings()
+    assert len(cited) >= 20 and {"lru@layer+hybrid-auto", "lru+oracle-d1", "static+hybrid-cpu",
+                                 "lru@layer+temporal-d1+w1+hybrid-cpu"} <= cited, sorted(cited)
+    checked = 0
+    for old in sorted(cited - _NOT_CANDIDATES):
+        with pytest.warns(FutureWarning, match="old spelling") as record:
+            cand = e2e.Candidate.parse(old)
+        new = cand.spec
+        assert f"write {new!r}" in str(record[0].message)
+        assert ("@" not in new and "-d" not in new and "hybrid-" not in new), new
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the registry spelling warns of nothing
+            again = e2e.Candidate.parse(new)
+        assert again == cand and again.label == old  # same configuration, same row label
+        checked += 1
+    assert checked >= 18
+    for text in _NOT_CANDIDATES & cited:  # simulator labels, not candidates: they fail loudly, not silently
+        with pytest.raises(ConfigError):
+            e2e.Candidate.parse(text)
+
+
+def test_old_and_registry_spellings_give_equal_offload_arguments(e2e):
+    """The same candidate in either spelling resolves to the same moecache.offload arguments."""
+    bench = SimpleNamespace(L=4, E=8, k=2, slots=16, dev="cpu", store=None, fit_trace=None,
+                            predictor=lambda name: f"<fitted {name}>")
+    for old, new in (("lru@layer+transition-d1+p0.3+w2+hybrid-auto",
+                      "lru:scope=layer+transition:depth=1:min_prob=0.3:width=2+hybrid:rule=auto"),
+                     ("lru+hybrid-true", "lru+hybrid"), ("lrfu+temporal-d2", "lrfu+temporal:depth=2")):
+        with pytest.warns(FutureWarning):
+            a = e2e.offload_kwargs(bench, e2e.Candidate.parse(old))
+        b = e2e.offload_kwargs(bench, e2e.Candidate.parse(new))
+        pol_a, pol_b = a.pop("policy"), b.pop("policy")
+        assert a == b and type(pol_a) is type(pol_b) and pol_a.num_pools == pol_b.num_pools
+
+
     assert e2e.parse_configs("e,a,b") == ["a", "e", "b"]  # (a) first, accelerate last
     with pytest.raises(ConfigError, match="valid: a, b, c, d, e"):
         e2e.parse_configs("a,f")
@@ -200,7 +278,8 @@ def test_targets_compare_the_best_rows(e2e):
 def test_the_whole_script_runs_on_a_tiny_mixtral_shape(e2e, routing_dir, tmp_path):
     out = tmp_path / "e2e.json"
     rc = e2e.main(["--model", "mixtral", "--quick", "--layers", "2", "--tokens", "4", "--warm-steps", "1",
-                   "--configs", "a,b,c,d,e", "--repeats", "2", "--candidates", "lru,lru+transition-d1,lru+oracle-d1",
+                   "--configs", "a,b,c,d,e", "--repeats", "2",
+                   "--candidates", "lru,lru+transition:depth=1,lru+oracle:depth=1",
                    "--out", str(out),
                    "--trace", str(routing_dir / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe")])
     assert rc == 0
@@ -246,7 +325,7 @@ def test_the_whole_script_on_the_gpu_with_a_tiny_shape(e2e, request, tmp_path):
         request.getfixturevalue("routing_dir") / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe"
     out = tmp_path / "e2e.json"
     rc = e2e.main(["--model", "mixtral", "--quick", "--device", "cuda", "--layers", "4", "--tokens", "8",
-                   "--batch", "1", "--candidates", "lru,lru+transition-d1,lru+transition-d1+hybrid-auto",
+                   "--batch", "1", "--candidates", "lru,lru+transition:depth=1,lru+transition:depth=1+hybrid:rule=auto",
                    "--out", str(out), "--trace", str(trace)])
     assert rc == 0
     res = json.loads(out.read_text())
