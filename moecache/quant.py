@@ -186,14 +186,78 @@ def _to_scale(s: torch.Tensor) -> torch.Tensor:
     return s.clamp(min=2.0 ** -14, max=60000.0).to(torch.float16).to(torch.float32)
 
 
+def _group_params(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scale and zero of ``(..., g)`` groups over their full range."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = _to_scale((hi - lo) / qmax)
+    return s, torch.clamp(torch.round(-lo / s), 0, qmax)
+
+
+#: GPTQ's damping of the Hessian's diagonal (fraction of its mean) and its column block.
+GPTQ_DAMP = 0.01
+GPTQ_BLOCK = 128
+
+
+@torch.no_grad()
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) with asymmetric groups along the input dimension, in input order: each
+    column is rounded with its group's scale and zero (fixed from the error-updated weights when the group
+    starts), and its rounding error is spread over the columns not yet rounded through the inverse Hessian
+    of the layer's inputs (``hessian`` = mean of x x^T over calibration tokens). Returns codes, scales, zeros."""
+    out, inp = w.shape
+    g, qmax = fmt.group_size, fmt.qmax
+    W = w.to(torch.float32).clone()
+    H = hessian.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += torch.eye(inp, device=W.device) * (GPTQ_DAMP * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    Q = torch.empty((out, inp), dtype=torch.float32, device=W.device)
+    S = torch.empty((out, inp // g), dtype=torch.float32, device=W.device)
+    Z = torch.empty_like(S)
+    for b0 in range(0, inp, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, inp)
+        W1 = W[:, b0:b1].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % g == 0:
+                sc, ze = _group_params(W1[:, j:j + g], qmax)  # g divides the block: the group is inside it
+                S[:, col // g], Z[:, col // g] = sc[:, 0], ze[:, 0]
+                s_cur, z_cur = sc[:, 0], ze[:, 0]
+            wcol = W1[:, j]
+            q = torch.clamp(torch.round(wcol / s_cur) + z_cur, 0, qmax)
+            Q[:, col] = q
+            err = (wcol - (q - z_cur) * s_cur) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, b0:b1] = W1
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    return Q, S, Z
+
+
 @torch.no_grad()
 def quantize_matrix(w: torch.Tensor, fmt: ExpertFormat, importance: torch.Tensor | None = None,
                     search: bool = True) -> dict[str, torch.Tensor]:
-    """Integer parts of an ``(out, in)`` matrix. ``importance``: ``(in,)`` non-negative weights of each input
-    channel's squared error (e.g. the mean squared activation); ``search=False`` is plain round-to-nearest."""
+    """Integer parts of an ``(out, in)`` matrix.
+
+    ``importance``: ``(in, in)``, the mean ``x x^T`` of the matrix's inputs over calibration text: GPTQ
+    (``_gptq``); ``(in,)``: non-negative weights of each input channel's squared error for the clipping
+    search; None: the search on plain squared weight error. ``search=False`` without a Hessian is plain
+    round-to-nearest."""
     if fmt.name == "mxfp4":
         raise ConfigError("MXFP4 experts are kept as the checkpoint stores them; moecache does not quantize to it")
     out, inp = w.shape
+    if importance is not None and importance.dim() == 2:
+        q, sc, ze = _gptq(w, importance, fmt)
+        q = q.to(torch.uint8)
+        return {"q": q if fmt.name == "int8" else pack_int4(q, fmt.group_size),
+                "scale": sc.to(torch.float16), "zero": ze.to(torch.uint8)}
     g, qmax = fmt.group_size, fmt.qmax
     x = w.detach().to(torch.float32).reshape(out, inp // g, g)
     imp = None
@@ -454,10 +518,11 @@ __all__ = ["ExpertFormat", "ExpertCodec", "resolve_format", "quantize_matrix", "
 # -- calibration ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def collect_importance(model: torch.nn.Module, chunks: list[list[int]], *, family: str | None = None
-                       ) -> dict[int, dict[str, dict[int, torch.Tensor]]]:
-    """Mean squared input activation of every expert matrix's input channels over calibration ``chunks``
-    (token id lists, one forward each): ``[moe_layer][kind][expert] -> (in,)`` fp32, for ``quantize_matrix``.
+def collect_importance(model: torch.nn.Module, chunks: list[list[int]], *, family: str | None = None,
+                       hessian: bool = True) -> dict[int, dict[str, dict[int, torch.Tensor]]]:
+    """Second moments of every expert matrix's inputs over calibration ``chunks`` (token id lists, one forward
+    each): ``[moe_layer][kind][expert]`` -> the mean ``x x^T`` ``(in, in)`` (``hessian``, for GPTQ) or the mean
+    ``x * x`` ``(in,)``, fp32, for ``quantize_matrix``.
     Reads transformers' experts modules (``use_experts_implementation``: ``gate_up_proj`` then
     ``_apply_gate`` then ``down_proj``); experts that saw no token get none (plain weight error)."""
     import torch.nn.functional as F
@@ -488,8 +553,9 @@ def collect_importance(model: torch.nn.Module, chunks: list[list[int]], *, famil
                     h = h + mod.gate_up_proj_bias[e].float()
                 act = mod._apply_gate(h)
                 s = sums[li]
-                s["gate_up_proj"][e] = s["gate_up_proj"].get(e, 0) + (x * x).sum(0)
-                s["down_proj"][e] = s["down_proj"].get(e, 0) + (act * act).sum(0)
+                act = act.float()
+                s["gate_up_proj"][e] = s["gate_up_proj"].get(e, 0) + (x.T @ x if hessian else (x * x).sum(0))
+                s["down_proj"][e] = s["down_proj"].get(e, 0) + (act.T @ act if hessian else (act * act).sum(0))
                 counts[li][e] = counts[li].get(e, 0) + x.shape[0]
         return hook
 

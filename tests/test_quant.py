@@ -198,3 +198,89 @@ def test_pool_mode_auto_and_budget():
     assert cfg["pool_mode"] == "compressed" and cfg["scratch_experts"] == 8
     h.remove()
     assert choose_pool_mode("compressed", total=10, budget_bytes=None, cache_slots=100, codec=None) == "compressed"
+
+
+# -- from_pretrained: synthetic checkpoints in each format ------------------------------------------------
+
+def _tokens(m, n=6):
+    return m.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+@pytest.mark.parametrize("fmt,shard", [("int4", "30KB"), ("int8", None)])
+def test_from_pretrained_quantizes_expert_by_expert(tmp_path, fmt, shard):
+    from moecache.loading import from_pretrained
+
+    src = _model("mixtral").to(torch.bfloat16)
+    src.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    ref = quantize_dequantize_(_model("mixtral").to(torch.bfloat16), ExpertFormat(fmt, 32))
+    m = from_pretrained(tmp_path, cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32)
+    cfg = m.moecache.stats()["config"]
+    assert cfg["expert_format"] == f"{fmt} g32"
+    assert torch.equal(_tokens(m), _tokens(ref))
+    with pytest.raises(ConfigError, match="group_size must be"):
+        from_pretrained(tmp_path, cache_slots=4, device="cpu", expert_dtype="int4", group_size=100)
+
+
+def _mxfp4_checkpoint(path, seed=0):
+    """A tiny GPT-OSS checkpoint in the layout GPT-OSS ships: experts as ``*_blocks`` (E, out, in/32, 16) and
+    ``*_scales`` (E, out, in/32) uint8, ``quantization_config.quant_method = mxfp4``; the rest bf16."""
+    from safetensors.torch import save_file
+
+    src = tiny_model("gpt_oss", seed=seed).to(torch.bfloat16)
+    src.config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    src.config.save_pretrained(path)
+    gen = torch.Generator().manual_seed(seed + 7)
+    state = {}
+    for k, v in src.state_dict().items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, inp, out = v.shape  # GPT-OSS stores (E, in, out)
+            state[k + "_blocks"] = torch.randint(0, 256, (E, out, inp // 32, 16), generator=gen, dtype=torch.uint8)
+            state[k + "_scales"] = torch.randint(119, 124, (E, out, inp // 32), generator=gen, dtype=torch.uint8)
+        else:
+            state[k] = v.contiguous()
+    save_file(state, str(path / "model.safetensors"))
+    return src, state
+
+
+def test_gpt_oss_mxfp4_checkpoint_kept_as_stored(tmp_path):
+    """auto keeps MXFP4: the host rows hold the checkpoint's bytes, and the model equals transformers' own
+    dequantization of them (``integrations.mxfp4.convert_moe_packed_tensors``) in a plain bf16 model."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moecache.loading import from_pretrained
+
+    src, state = _mxfp4_checkpoint(tmp_path)
+    for name, block in [(n, b) for n, b in src.named_modules() if n.endswith("mlp.experts")]:
+        for kind in ("gate_up_proj", "down_proj"):
+            dense = convert_moe_packed_tensors(state[f"{name}.{kind}_blocks"], state[f"{name}.{kind}_scales"])
+            getattr(block, kind).data.copy_(dense)
+    m = from_pretrained(tmp_path, cache_slots=5, device="cpu", engine="sync", dtype=torch.bfloat16)
+    h = m.moecache
+    assert h.stats()["config"]["expert_format"] == "mxfp4"
+    row = h.runtime.store.layer_views(0)
+    assert torch.equal(row["gate_up_proj/blocks"][3], state["model.layers.0.mlp.experts.gate_up_proj_blocks"][3])
+    assert torch.equal(_tokens(m), _tokens(src))
+    for bad, words in [("int4", "stored in MXFP4"), ("bf16", "stored in MXFP4")]:
+        with pytest.raises(ConfigError, match=words):
+            from_pretrained(tmp_path, cache_slots=5, device="cpu", expert_dtype=bad)
+
+
+# -- timing model ----------------------------------------------------------------------------------------
+
+def test_timing_model_format_shrinks_copies_not_compute():
+    from moecache.cost.hardware import default_profile, slots_for_format, with_format
+
+    dense = default_profile(3 * 2048 * 1408 * 2)  # a DeepSeek-V2-Lite expert in bf16
+    for name, g, ratio in [("int8", 64, 0.55), ("int4", 64, 0.29), ("int4", 128, 0.28)]:
+        hw = with_format(dense, ExpertFormat(name, g), "compressed")
+        assert hw.copy_bytes < ratio * dense.bytes_per_expert
+        assert hw.copy_ms < dense.copy_ms
+        for tokens in (1, 8, 64):
+            assert hw.gpu(tokens) > dense.gpu(tokens)  # the expansion adds, the compute stays
+        assert hw.cpu(1) == dense.cpu(1)
+        assert slots_for_format(100, 10_000, hw, "compressed") > 100 / ratio * 0.9
+        assert slots_for_format(100, 150, hw, "compressed") == 150
+        ex = with_format(dense, ExpertFormat(name, g), "expanded")
+        assert ex.gpu(1) == dense.gpu(1) and ex.copy_ms > hw.copy_ms
+        assert slots_for_format(100, 10_000, ex, "expanded") < 100
+    assert with_format(dense, None) is dense

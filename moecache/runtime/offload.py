@@ -161,8 +161,14 @@ def _codec_for(expert_dtype: Any, group_size: Any, layout: SlotLayout, adapter: 
                scratch_experts: Any) -> ExpertCodec | None:
     """The compressed row layout ``expert_dtype`` asks for (None: dense), every check made before the model
     is touched: the name, the group size against each matrix's input dimension, the family, hybrid."""
-    checkpoint = getattr(host_store.layout, "fmt", None) if host_store is not None else None
-    fmt = resolve_format(expert_dtype, group_size, checkpoint_format=getattr(checkpoint, "name", None))
+    stored = host_store.layout if host_store is not None and isinstance(host_store.layout, ExpertCodec) else None
+    if stored is not None:
+        # A store filled compressed (from_pretrained): its format is the one asked for, or the checkpoint's own.
+        fmt = resolve_format(expert_dtype, group_size, checkpoint_format=stored.fmt.name)
+        if fmt is not None and str(expert_dtype).lower() == "auto" and group_size is None:
+            fmt = stored.fmt
+    else:
+        fmt = resolve_format(expert_dtype, group_size)
     if fmt is None:
         name = "auto" if expert_dtype is None else str(expert_dtype).lower()
         if name != "auto" and FLOAT_FORMATS[name] != layout.dtype:
