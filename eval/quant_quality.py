@@ -43,8 +43,8 @@ CHUNK = 512
 
 
 def calibration_chunks(n: int, vocab: int) -> list[list[int]]:
-    """``n`` chunks of 512 bytes of ASCII ``.py`` files of the installed packages (no numpy, no scipy), picked
-    deterministically by a hash of their path."""
+    """``n`` chunks of 512 bytes of ASCII ``.py`` files (at least 4 KiB) of the installed packages (no numpy, no
+    scipy), files picked deterministically by a hash of their path, each chunk from an offset inside the file."""
     roots = [Path(p) for p in site.getsitepackages()]
     files = []
     for r in roots:
@@ -60,9 +60,11 @@ def calibration_chunks(n: int, vocab: int) -> list[list[int]]:
             data = f.read_bytes()
         except OSError:
             continue
-        if len(data) < CHUNK or max(data) >= vocab:
+        if len(data) < 8 * CHUNK or max(data) >= vocab:
             continue
-        out.append(list(data[:CHUNK]))
+        # From inside the file (its head is mostly licence text and imports), at an offset set by its path.
+        at = int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) % (len(data) - CHUNK)
+        out.append(list(data[at:at + CHUNK]))
         if len(out) == n:
             break
     return out
