@@ -81,6 +81,9 @@ def parse_format(spec: str):
     return resolve_format(base, int(g) if g else None), rtn
 
 
+_HESSIANS: dict[int, dict] = {}
+
+
 def load_model(model_dir: Path, spec: str, calib_chunks: int):
     import torch
     from transformers import AutoModelForCausalLM
@@ -92,7 +95,10 @@ def load_model(model_dir: Path, spec: str, calib_chunks: int):
     if fmt is not None:
         imp = None
         if not rtn and calib_chunks:
-            imp = collect_importance(model, calibration_chunks(calib_chunks, model.config.vocab_size))
+            if calib_chunks not in _HESSIANS:  # the bf16 model's, shared by every format of this run
+                _HESSIANS[calib_chunks] = collect_importance(model, calibration_chunks(calib_chunks,
+                                                                                       model.config.vocab_size))
+            imp = _HESSIANS[calib_chunks]
         quantize_dequantize_(model, fmt, importance=imp, search=not rtn)
     return model
 
@@ -164,7 +170,10 @@ def main() -> int:
         t0 = time.perf_counter()
         model = load_model(args.model, spec, args.calib_chunks)
         t1 = time.perf_counter()
-        stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.node(),
+        fmt, rtn = parse_format(spec)
+        method = "bf16" if fmt is None else ("round-to-nearest" if rtn else
+                                             ("GPTQ" if args.calib_chunks else "clipping search"))
+        stamp = {"method": method, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.node(),
                  "threads": args.threads, "command": " ".join(sys.argv), "calib_chunks": args.calib_chunks,
                  "quantize_s": round(t1 - t0, 1)}
         if args.what == "bpb":
@@ -191,14 +200,17 @@ def report() -> int:
              "date, machine, thread count and command). bf16 compute on the CPU; formats quantize the routed "
              "experts in place with `moecache.quant` (the weights the offloaded runtime computes with).", "",
              "## Bits per byte on heldout_sample.txt", "",
-             "| format | chunks x 512 B | bits/byte | vs bf16 | quantize s | eval s |", "|---|---|---|---|---|---|"]
+             "| format | method | chunks x 512 B | bits/byte | vs bf16 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|"]
     bpb = {k: v for k, v in data.items() if k.startswith("bpb/")}
-    for key in sorted(bpb, key=lambda k: (int(k.split("/")[2]), k)):
+    for key in sorted(bpb, key=lambda k: (k.split("/")[2], k)):
         _, spec, chunks = key.split("/")
         v = bpb[key]
         base = bpb.get(f"bpb/bf16/{chunks}")
+        start, _, n = chunks.partition("+")
+        chunks = f"{n} from chunk {start}"
         rel = "" if base is None else f"{(v['bits_per_byte'] / base['bits_per_byte'] - 1) * 100:+.3f}%"
-        lines.append(f"| {spec} | {chunks} | {v['bits_per_byte']:.5f} | {rel} | {v['quantize_s']} | "
+        lines.append(f"| {spec} | {v.get('method', '')} | {chunks} | {v['bits_per_byte']:.5f} | {rel} | {v['quantize_s']} | "
                      f"{v.get('eval_s', '')} |")
     gen = {k: v for k, v in data.items() if k.startswith("gen/")}
     if gen:

@@ -193,6 +193,27 @@ def _group_params(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     return s, torch.clamp(torch.round(-lo / s), 0, qmax)
 
 
+def _clipped_group_params(x: torch.Tensor, diag: torch.Tensor, fmt: ExpertFormat
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of ``(out, g)`` groups from the clipping grid, minimising the squared error weighted by
+    the Hessian's diagonal (each input channel's mean squared activation)."""
+    qmax = fmt.qmax
+    w = diag.clamp(min=0).view(1, -1)
+    wmin, wmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    best = None
+    for a in CLIP_GRID[fmt.name]:
+        for b in CLIP_GRID[fmt.name]:
+            s = _to_scale((wmax * b - wmin * a) / qmax)
+            z = torch.clamp(torch.round(-wmin * a / s), 0, qmax)
+            e = _err(x, w, _codes(x, s, z, qmax), z, s)
+            if best is None:
+                best = [e, s, z]
+            else:
+                better = (e < best[0]).unsqueeze(-1)
+                best = [torch.minimum(e, best[0]), torch.where(better, s, best[1]), torch.where(better, z, best[2])]
+    return best[1], best[2]
+
+
 #: GPTQ's damping of the Hessian's diagonal (fraction of its mean) and its column block.
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
@@ -226,8 +247,8 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: ExpertFormat) -> tuple[to
         U1 = U[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
-            if col % g == 0:
-                sc, ze = _group_params(W1[:, j:j + g], qmax)  # g divides the block: the group is inside it
+            if col % g == 0:  # g divides the block: the group is inside it
+                sc, ze = _clipped_group_params(W1[:, j:j + g], torch.diag(H)[col:col + g], fmt)
                 S[:, col // g], Z[:, col // g] = sc[:, 0], ze[:, 0]
                 s_cur, z_cur = sc[:, 0], ze[:, 0]
             wcol = W1[:, j]
@@ -415,7 +436,11 @@ class ExpertCodec:
         if not ki.matrix:
             rows[f"{name}/raw"].copy_(value.reshape(rows[f"{name}/raw"].shape))
             return
-        parts = quantize_matrix(self._as_matrix(ki, value), self.fmt, importance, search)
+        # The search and GPTQ are arithmetic-bound: on a CUDA machine they run on the GPU (same ops, same codes
+        # up to the device's rounding of the error sums used to compare candidates).
+        work = torch.device("cuda") if torch.cuda.is_available() else value.device
+        parts = quantize_matrix(self._as_matrix(ki, value.to(work)), self.fmt,
+                                None if importance is None else importance.to(work), search)
         for sub, t in parts.items():
             rows[f"{name}/{sub}"].copy_(t)
 

@@ -284,3 +284,31 @@ def test_timing_model_format_shrinks_copies_not_compute():
         assert ex.gpu(1) == dense.gpu(1) and ex.copy_ms > hw.copy_ms
         assert slots_for_format(100, 10_000, ex, "expanded") < 100
     assert with_format(dense, None) is dense
+
+
+def test_gptq_lowers_output_error_and_offload_uses_the_same_codes():
+    gen = torch.Generator().manual_seed(3)
+    # correlated inputs with a few large channels: where GPTQ's error feedback pays
+    mix = torch.randn(64, 64, generator=gen)
+    x = torch.randn(2000, 64, generator=gen) @ mix
+    x[:, 5] *= 8
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(32, 64, generator=gen) * 0.05
+    fmt = ExpertFormat("int4", 32)
+    out_err = {}
+    for name, imp, search in [("rtn", None, False), ("gptq", h, True)]:
+        d = dequantize_matrix(quantize_matrix(w, fmt, imp, search), fmt, torch.float32)
+        out_err[name] = float(((x @ (w - d).T) ** 2).mean())
+    assert out_err["gptq"] < 0.8 * out_err["rtn"]
+    # calibration weights reach the runtime's store: offload equals the in-place model quantized with them
+    from moecache.quant import collect_importance
+
+    src = _model("qwen3_moe")
+    imp = collect_importance(src, [[5, 6, 7, 8, 9, 10, 11, 12] * 4, [20, 21, 22, 23] * 6])
+    assert imp[0]["gate_up_proj"] and next(iter(imp[0]["down_proj"].values())).shape == (32, 32)
+    ref = quantize_dequantize_(_model("qwen3_moe"), fmt, importance=imp)
+    m = _model("qwen3_moe")
+    h2 = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype="int4", group_size=32, importance=imp)
+    assert torch.equal(_gen(m).sequences, _gen(ref).sequences)
+    assert torch.equal(m.model.layers[1].mlp(torch.ones(1, 3, 32)), ref.model.layers[1].mlp(torch.ones(1, 3, 32)))
+    h2.remove()
