@@ -44,6 +44,7 @@ from .families import detect_family, find_moe_blocks, get_family
 from .runtime.hoststore import HostAllocator, HostStore
 from .runtime.layout import SlotLayout
 from .runtime.offload import OffloadHandle, check_supported, offload
+from .quant import ExpertCodec, resolve_format
 from .tensorfile import TensorFile
 
 
@@ -186,7 +187,7 @@ def _bar(total: int, enabled: bool | None, desc: str) -> Any:
 
 
 def _check_host(model: nn.Module, blocks: list, layout: SlotLayout, E: int, device: torch.device, host_memory: Any,
-                cache_slots: int | None) -> None:
+                cache_slots: int | None, store_row_bytes: int | None = None) -> None:
     """Before any weight is read: the host store (and, on a CPU device, the other weights and the pool) must fit
     the host budget (``moecache.runtime.memplan.check_host_memory``)."""
     if host_memory is None:
@@ -200,16 +201,35 @@ def _check_host(model: nn.Module, blocks: list, layout: SlotLayout, E: int, devi
     floats = [p for p in model.parameters() if p.is_floating_point()]
     hint = ("load it in bfloat16 (dtype=torch.bfloat16, --dtype bfloat16) to halve it"
             if floats and floats[0].dtype == torch.float32 else None)
-    check_host_memory(experts=len(blocks) * E * layout.slot_bytes, other=other, host_memory=host_memory,
+    row = layout.slot_bytes if store_row_bytes is None else store_row_bytes  # compressed rows where asked
+    check_host_memory(experts=len(blocks) * E * row, other=other, host_memory=host_memory,
                       dtype_hint=hint)
+
+
+def checkpoint_format(path: str) -> str | None:
+    """"mxfp4" where the checkpoint's config says its experts are MXFP4 (GPT-OSS), else None."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method and method != "mxfp4":
+        raise UnsupportedModelError(f"{path}: the checkpoint is quantized with {method!r}; moecache reads bf16/fp16/"
+                                    "fp32 checkpoints and GPT-OSS's MXFP4 ones")
+    return "mxfp4" if method == "mxfp4" else None
 
 
 def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None, family: str | None,
                    experts_implementation: str | None, pin: bool | None,
                    progress: bool | None = None, host_memory: Any = "auto",
-                   cache_slots: int | None = None) -> tuple[nn.Module, HostStore]:
-    """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store.
+                   cache_slots: int | None = None, expert_dtype: Any = "auto",
+                   group_size: int | None = None) -> tuple[nn.Module, HostStore]:
+    """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store
+    (compressed when ``expert_dtype`` asks, or when the checkpoint's experts are MXFP4: then kept as stored).
     ``progress``: a bar over the tensors read (None: where stderr is a terminal)."""
+    stored = checkpoint_format(path)
+    fmt = resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # refused before anything is read
     model = _build_meta_model(path, dtype, experts_implementation)
     adapter = get_family(family) if family else detect_family(model)
     blocks = find_moe_blocks(model, adapter)
@@ -219,8 +239,16 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     if layout.storage not in _READ_STORAGES:
         raise _ReadElsewhere(f"{adapter.name} stores its experts {layout.storage!r} (not read one expert at a time "
                              "from the files here)")
-    _check_host(model, blocks, layout, E, device, host_memory, cache_slots)
-    store = HostStore(layout, len(blocks), E, HostAllocator(pin))
+    codec = None
+    if fmt is not None:
+        if adapter.layout.kernel != "transformers":
+            raise ConfigError(f"expert_dtype={fmt.name!r}: {adapter.name} experts run through the "
+                              f"{adapter.layout.kernel!r} kernel, whose layout compressed experts cannot hold yet")
+        codec = ExpertCodec(layout, fmt, bool(getattr(adapter.layout, "transposed", False)),
+                            blocks[0].name + "." + adapter.experts_attr)
+    _check_host(model, blocks, layout, E, device, host_memory, cache_slots,
+                None if codec is None else codec.slot_bytes)
+    store = HostStore(codec or layout, len(blocks), E, HostAllocator(pin))
     experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
     kinds = set(layout.names)
     rules = _Rules(model)
@@ -231,6 +259,7 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     handles = {f: TensorFile(f) for f in files}
     per_expert: dict[tuple[str, int], dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
     stacked: list[tuple[str, str, str]] = []        # (file, key, target) of stacked expert tensors
+    native: dict[tuple[int, str], dict[str, tuple[str, str]]] = defaultdict(dict)  # (layer, kind) -> MXFP4 parts
     plain: list[tuple[str, str, str]] = []          # (file, key, target) of other tensors
     grouped: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
     unexpected: list[str] = []
@@ -239,6 +268,10 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
             target, pattern = rules.rename(key)
             module_path, _, name = target.rpartition(".")
             is_expert = module_path in experts_at and name in kinds
+            base, _, part = name.rpartition("_")
+            if stored == "mxfp4" and module_path in experts_at and base in kinds and part in ("blocks", "scales"):
+                native[(experts_at[module_path], base)][part] = (f, key)
+                continue
             if pattern is not None and is_expert:
                 e = _expert_index(pattern, key)
                 if e is None:
@@ -275,6 +308,16 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
         for e in range(E):
             store.fill_expert(layer, e, name, handles[f].get_row(key, e))
             bar.update(1)
+        filled[(layer, name)] += E
+    # Pass 2b': MXFP4 blocks and scales, kept as stored, one expert at a time.
+    for (layer, name), parts in sorted(native.items()):
+        if set(parts) != {"blocks", "scales"}:
+            continue  # counted as missing below
+        assert codec is not None
+        views = store.layer_views(layer)
+        for e in range(E):
+            codec.set_native({k: v[e] for k, v in views.items()}, name,
+                             **{sub: handles[f].get_row(k, e) for sub, (f, k) in parts.items()})
         filled[(layer, name)] += E
     missing = [f"{blocks[layer].name}.{adapter.experts_attr}.{name} ({n}/{E} experts)"
                for (layer, name), n in sorted(filled.items()) if n != E]
@@ -329,17 +372,28 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                                                   family=family, experts_implementation=experts_implementation,
                                                   pin=pin, offload_kwargs=offload_kwargs, host_memory=host_memory,
                                                   progress=progress)
+    expert_dtype = offload_kwargs.pop("expert_dtype", "auto")
+    group_size = offload_kwargs.pop("group_size", None)
+    stored = checkpoint_format(path)
+    resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # bad input refused before any reading
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
                                       experts_implementation=experts_implementation, pin=pin, progress=progress,
-                                      host_memory=host_memory, cache_slots=cache_slots)
+                                      host_memory=host_memory, cache_slots=cache_slots,
+                                      expert_dtype=expert_dtype, group_size=group_size)
     except _ReadElsewhere as e:
+        if stored == "mxfp4":
+            raise UnsupportedModelError(f"{path}: MXFP4 experts are read by moecache's own loader only ({e})") from None
+        offload_kwargs.update(expert_dtype=expert_dtype, group_size=group_size)
         warnings.warn(f"moecache.from_pretrained: {e}; loading with transformers on the CPU and offloading layer "
                       "by layer instead")
         return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
                                       family=family, experts_implementation=experts_implementation, pin=pin,
                                       host_memory=host_memory, **offload_kwargs)
     except (ImportError, AttributeError, TypeError) as e:
+        if stored == "mxfp4":
+            raise
+        offload_kwargs.update(expert_dtype=expert_dtype, group_size=group_size)
         warnings.warn(f"moecache.from_pretrained: this transformers release's conversion helpers differ ({e!r}); "
                       "loading with transformers on the CPU and offloading layer by layer instead")
         return _load_via_transformers(path, gpu_memory, cache_slots=cache_slots, device=dev, dtype=dtype,
@@ -347,7 +401,7 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                                       host_memory=host_memory, **offload_kwargs)
     try:
         offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
-                **offload_kwargs)
+                expert_dtype=expert_dtype, group_size=group_size, **offload_kwargs)
     except BaseException:
         store.close()  # the model is ours and dropped with it; its pinned host memory goes back now
         raise

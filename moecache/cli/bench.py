@@ -142,6 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..predictors import PREDICTORS
     from ..cost import MISS_RULES, default_profile, load_profile
     from ..sim import PREFETCH_RULES, Schedule, format_table, parse_capacities, resolve_capacity, simulate
+    from ..cost.hardware import slots_for_format, with_format
+    from ..quant import resolve_format
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
 
@@ -172,6 +174,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     depth = args.prefetch_depth if args.prefetch_depth is not None else (1 if pred_cls else 0)
     if depth and pred_cls is None:
         raise ConfigError(f"--prefetch-depth {depth} needs --predictor NAME (see --list)")
+    fmt = resolve_format(args.expert_dtype, args.group_size)
+    if fmt is None and args.expert_dtype.lower() not in ("bf16", "bfloat16", "auto"):
+        raise ConfigError(f"--expert-dtype {args.expert_dtype}: the timing model's experts are bf16; "
+                          "use bf16, int8 or int4")
     scopes = _scopes(args.scope)
     caps = parse_capacities(args.capacity)
     needs_fit = any(POLICIES.get(n).needs_fit for n, _ in policies) or bool(pred_cls and pred_cls.needs_fit)
@@ -197,6 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"moecache bench: {name}: fitted on {fit_note}", file=sys.stderr)
         bpe = args.bytes_per_expert or trace.meta.bytes_per_expert
         hw = load_profile(args.hardware, bpe) if args.hardware else default_profile(bpe)
+        hw = with_format(hw, fmt, args.pool_mode)
         sched = Schedule(trace, decode_stream=args.decode_stream, name=name)
         predictor = None
         if pred_cls is not None:
@@ -208,6 +215,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for scope in scopes:
             for cap in caps:
                 slots = resolve_capacity(cap, *_dims(trace), scope)
+                L_, E_, _k = _dims(trace)
+                slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, hw, args.pool_mode))
                 for pname, params in policies:
                     plans.append((sched, hw, predictor, counts, fit_note, scope, cap, slots, pname, params))
 
@@ -310,6 +319,14 @@ def register(sub) -> None:
                    help="how a demand miss is served: copy, cpu, policy, min (default copy; see --list)")
     p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
     p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
+    p.add_argument("--expert-dtype", default="bf16", metavar="FMT",
+                   help="experts' format: bf16 (default), int8 or int4 (copies move the compressed bytes, the "
+                        "compute stays that of the bf16 expert, plus the expansion; a %% capacity is a share of "
+                        "the bf16 expert memory, which holds more compressed experts)")
+    p.add_argument("--group-size", type=int, default=None, help="int8/int4 group size: 32, 64 (default), 128")
+    p.add_argument("--pool-mode", default="compressed", choices=("compressed", "expanded"),
+                   help="with --expert-dtype: the GPU pool holds compressed experts (each expanded when a kernel "
+                        "reads it) or dense ones (expanded once per copy; each slot also keeps its compressed landing)")
     p.add_argument("--sim-engine", default="auto", choices=SIM_ENGINES,
                    help="simulator engine: cpp (csrc/sim/, identical results), python (the reference) or auto "
                         "(default: cpp where built and the configuration is supported, else python); "

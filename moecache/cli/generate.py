@@ -142,6 +142,18 @@ def check_args(args: argparse.Namespace) -> None:
     HybridConfig.resolve(args.hybrid or False)
 
 
+def _reference(model: Any, fmt: Any, x: Any, n: int) -> Any:
+    """The unpatched model's tokens; with a compressed format, those of a copy whose experts are quantized and
+    dequantized in place (what the offloaded model computes)."""
+    if fmt is None:
+        return _generate(model, x, n, None)
+    import copy
+
+    from ..quant import quantize_dequantize_
+
+    return _generate(quantize_dequantize_(copy.deepcopy(model), fmt), x, n, None)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
     opts["stream_prefill"] = args.stream_prefill
     if args.compile:
         opts.update(compile=args.compile, max_cache_len=len(args.prompt) + args.max_new_tokens + 8)
+    from ..quant import resolve_format
+
+    # --check's reference: the model with its experts quantized and dequantized in place (auto/bf16: none)
+    fmt = resolve_format(args.expert_dtype, args.group_size) if args.expert_dtype != "mxfp4" else None
     reference = None
     if args.model is None:
         dtype = _dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -179,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         encode, decode = _tokenizer(None, model.config.vocab_size)
         x = torch.tensor([encode(args.prompt)], device=device)
         if args.check:
-            reference = _generate(model, x, args.max_new_tokens, None)
+            reference = _reference(model, fmt, x, args.max_new_tokens)
         if "fraction" in budget:
             budget = {"cache_slots": _slots_for(model, budget.pop("fraction"))}
         handle = offload(model, **budget, **opts)
@@ -200,10 +216,13 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             from transformers import AutoModelForCausalLM
 
+            from ..loading import checkpoint_format
+
+            resolve_format(args.expert_dtype, args.group_size, checkpoint_format=checkpoint_format(path))
             plain = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(args.dtype) or "auto").to(device).eval()
             encode, decode = _tokenizer(path, plain.config.vocab_size)
             x = torch.tensor([encode(args.prompt)], device=device)
-            reference = _generate(plain, x, args.max_new_tokens, None)
+            reference = _reference(plain, fmt, x, args.max_new_tokens)
             del plain
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -45,6 +45,11 @@ def add_model_options(p: argparse.ArgumentParser, *, seed_help: str | None = Non
                    help="run missed experts on the CPU too: auto (a cost model measured at start-up picks copy or "
                         "CPU per miss; the default when the flag has no value), cpu (every miss on the CPU), copy "
                         "(never); the kernel follows $MOECACHE_CPU_KERNEL")
+    p.add_argument("--expert-dtype", default="auto",
+                   help="routed experts' format: auto (the checkpoint's own: MXFP4 for GPT-OSS, else the model dtype), "
+                        "int8 or int4 (group-wise, stored, copied and cached compressed)")
+    p.add_argument("--group-size", type=int, default=None, help="int8/int4 group size along each matrix's input "
+                                                                "dimension: 32, 64 (default) or 128")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: checkpoint's; default model: "
                                                     "bfloat16 on CUDA, float32 on the CPU)")
@@ -105,7 +110,9 @@ def slots_for(model: Any, fraction: float) -> int:
 def offload_options(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """The keyword arguments of ``moecache.offload`` the options give (besides the budget)."""
     opts: dict[str, Any] = dict(policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                                engine=args.copy_engine, device=device, hybrid=args.hybrid or False)
+                                engine=args.copy_engine, device=device, hybrid=args.hybrid or False,
+                                expert_dtype=getattr(args, "expert_dtype", "auto"),
+                                group_size=getattr(args, "group_size", None))
     if getattr(args, "max_context", None) is not None:
         opts["max_context"] = args.max_context
     if getattr(args, "host_memory", None) is not None:

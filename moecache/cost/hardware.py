@@ -32,6 +32,7 @@ profiles in this form); fields it leaves out keep the defaults for the given ``b
 from __future__ import annotations
 
 import bisect
+import math
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -129,6 +130,12 @@ class HardwareProfile:
     cpu_ms: dict[int, float]
     non_expert_ms: dict[int, float]
     source: str = DEFAULT_SOURCE
+    #: Bytes one copy moves where experts are compressed (None: ``bytes_per_expert``, the dense size, which
+    #: the compute tables are read at); ``expand_ms``: added to every expert's GPU time (the compressed
+    #: pool expands each expert a kernel reads); ``expert_format``: a label ("bf16", "int4 g64" ...).
+    copy_bytes_per_expert: int | None = None
+    expand_ms: float = 0.0
+    expert_format: str = "bf16"
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,16 +149,20 @@ class HardwareProfile:
         self.non_expert_ms = _table(self.non_expert_ms, "non_expert_ms")
 
     @property
+    def copy_bytes(self) -> int:
+        return self.bytes_per_expert if self.copy_bytes_per_expert is None else self.copy_bytes_per_expert
+
+    @property
     def copy_ms(self) -> float:
         """Time of one expert copy."""
-        return self.copy_latency_ms + self.bytes_per_expert / (self.copy_bandwidth_gbps * 1e6)
+        return self.copy_latency_ms + self.copy_bytes / (self.copy_bandwidth_gbps * 1e6)
 
     def gpu(self, tokens: int) -> float:
         """GPU time of one expert for ``tokens`` tokens (memoised: the replay asks the same few sizes)."""
         key = ("g", tokens)
         v = self._cache.get(key)
         if v is None:
-            v = self._cache[key] = lookup(self.gpu_ms, tokens)
+            v = self._cache[key] = lookup(self.gpu_ms, tokens) + self.expand_ms
         return v
 
     def cpu(self, tokens: int) -> float:
@@ -195,7 +206,42 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
         non_expert_ms={1: NON_EXPERT_MS_PER_LAYER}, source=DEFAULT_SOURCE)
 
 
-_FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source")
+_FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source",
+           "copy_bytes_per_expert", "expand_ms", "expert_format")
+
+#: Assumed device-memory throughput of the torch expansion (reads the compressed row, writes the dense
+#: one) and its launch cost per expert; not measured here (the GPU issue measures the fused kernel).
+EXPAND_GBPS = 1500.0
+EXPAND_LAUNCH_MS = 0.01
+
+
+def with_format(hw: HardwareProfile, fmt: Any, pool_mode: str = "compressed") -> HardwareProfile:
+    """``hw`` (dense experts of ``hw.bytes_per_expert`` bf16 bytes) with experts in format ``fmt``
+    (``moecache.quant.ExpertFormat``; None: unchanged). Copies move the compressed bytes; the compute
+    tables stay those of the dense expert (the kernel reads dense weights). ``compressed`` pool: every
+    expert a kernel reads is expanded first (``expand_ms`` on each GPU expert time); ``expanded`` pool:
+    once per copy (added to the copy time, through ``copy_latency_ms``)."""
+    if fmt is None:
+        return hw
+    weights = hw.bytes_per_expert / 2  # bf16
+    packed = int(math.ceil(weights * fmt.bits_per_weight() / 8))
+    expand = EXPAND_LAUNCH_MS + (packed + hw.bytes_per_expert) / (EXPAND_GBPS * 1e6)
+    d = hw.to_json()
+    label = fmt.describe() + f" ({pool_mode} pool)"
+    d.update(copy_bytes_per_expert=packed, expert_format=label, source=f"{hw.source}; experts {label}")
+    if pool_mode == "compressed":
+        d["expand_ms"] = expand
+    else:
+        d["copy_latency_ms"] = hw.copy_latency_ms + expand
+    return HardwareProfile(**d)
+
+
+def slots_for_format(slots: int, total: int, hw: HardwareProfile, pool_mode: str) -> int:
+    """Slots that the memory of ``slots`` dense experts holds in ``hw``'s format and pool mode (at most ``total``)."""
+    if hw.copy_bytes_per_expert is None:
+        return slots
+    per_slot = hw.copy_bytes if pool_mode == "compressed" else hw.copy_bytes + hw.bytes_per_expert
+    return min(total, slots * hw.bytes_per_expert // per_slot)
 
 
 def load_profile(path: str | os.PathLike, bytes_per_expert: int | None = None) -> HardwareProfile:

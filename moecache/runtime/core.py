@@ -129,6 +129,25 @@ class Runtime:
         self._streaming = False
         #: Keys streamed for a prefill and not used yet (``prefill_stream_useful`` when they are).
         self.streamed: set[int] = set()
+        #: Compressed experts (``moecache.runtime.compressed.Expander``): the kernels read its dense
+        #: ``compute`` pool through its ``lut``; None where the pool holds the experts as the kernels read them.
+        self.expander: Any = None
+        #: Bytes one copy moves (the host store's row).
+        self.copy_bytes = store.layout.slot_bytes
+
+    def set_expander(self, expander: Any) -> None:
+        self.expander = expander
+
+    @property
+    def compute_pool(self) -> SlotPool:
+        """The pool whose views the kernels read (the dense scratch or pool where experts are compressed)."""
+        return self.pool if self.expander is None else self.expander.compute
+
+    @property
+    def chunk_capacity(self) -> int:
+        """The most experts one kernel call may read: the policy's capacity, or the scratch's."""
+        cap = self.policy.capacity
+        return cap if self.expander is None else min(cap, self.expander.capacity)
 
     # -- shells -------------------------------------------------------------------------------
     @staticmethod
@@ -184,10 +203,12 @@ class Runtime:
             t2 = time.perf_counter()
             out = self._hybrid(li, hidden, weights, ids, keys, counts, on_cpu)
             t3 = time.perf_counter()
-        elif len(keys) <= self.policy.capacity:
+        elif len(keys) <= self.chunk_capacity:
             slots = self._acquire(keys, counts)
             if self._streaming and li + 1 < self.L:
                 self._stream_layer(li + 1, set(keys))
+            if self.expander is not None:
+                self.expander.prepare(li, experts, slots)
             t2 = time.perf_counter()
             out = self._kernel(li, hidden, idx, weights, ids)
             self.engine.mark_used(slots)
@@ -278,7 +299,7 @@ class Runtime:
                 torch.cuda.current_stream(self.device).synchronize()  # load time: wait for the copies
             self.ready_slots.update(slots)
             self.counters.copies += len(slots)
-            self.counters.bytes_copied += len(slots) * self.pool.layout.slot_bytes
+            self.counters.bytes_copied += len(slots) * self.copy_bytes
         return slots
 
     def _place(self, key: int, protected: set[int]) -> int:
@@ -293,7 +314,7 @@ class Runtime:
     def _copied(self, slots: list[int]) -> None:
         c = self.counters
         c.copies += len(slots)
-        c.bytes_copied += len(slots) * self.pool.layout.slot_bytes
+        c.bytes_copied += len(slots) * self.copy_bytes
         if self.engine.sync_copies:
             self.ready_slots.update(slots)
         if self.hybrid is not None:
@@ -360,7 +381,7 @@ class Runtime:
         if self._mode == "indexer":
             return layer.indexer_shell(hidden, idx, weights)
         if sid is None:
-            slot_ids = self.slot_of[ids + li * self.E]
+            slot_ids = self.slot_of[ids + li * self.E] if self.expander is None else self.expander.lut[ids]
             # Pageable host -> device copy of a few ints: staged at once by the driver, no sync.
             sid = torch.from_numpy(slot_ids).to(device=idx.device, dtype=idx.dtype, non_blocking=True)
         return layer.remap_shell(hidden, sid, weights)
@@ -387,7 +408,7 @@ class Runtime:
         flat = ids.reshape(-1)
         dev = hidden.device
         w_flat = weights.reshape(-1)
-        cap = self.policy.capacity
+        cap = self.chunk_capacity
         extra_t = None
         for start in range(0, len(experts), cap):
             chunk = experts[start:start + cap]
@@ -395,7 +416,12 @@ class Runtime:
             pairs = np.nonzero(np.isin(flat, chunk))[0]
             pair_ids = flat[pairs]
             n = pairs.size
-            parts = [pairs, pair_ids, self.slot_of[pair_ids + li * self.E]]
+            if self.expander is not None:
+                self.expander.prepare(li, chunk.tolist(), slots)
+                compute_ids = self.expander.lut[pair_ids]
+            else:
+                compute_ids = self.slot_of[pair_ids + li * self.E]
+            parts = [pairs, pair_ids, compute_ids]
             if extra is not None and start == 0:
                 parts.append(extra)
             up = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)).to(dev, non_blocking=True)

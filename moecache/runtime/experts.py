@@ -239,7 +239,9 @@ class TransformersKernel(ExpertsKernel):
 
     @classmethod
     def attach(cls, runtime: Any, layer: int, block: Any, adapter: Any, lut: np.ndarray) -> Attached:
-        remap, indexer = runtime.build_shells(block.experts, runtime.pool, lut, runtime.E)
+        if runtime.expander is not None:
+            lut = runtime.expander.lut  # expert -> dense compute slot, filled before each kernel call
+        remap, indexer = runtime.build_shells(block.experts, runtime.compute_pool, lut, runtime.E)
         return Attached(OffloadedExperts(runtime.run_layer, layer, type(block.experts).__name__, runtime.E),
                         remap, indexer)
 

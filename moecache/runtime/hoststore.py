@@ -122,7 +122,16 @@ class HostStore:
 
     @torch.no_grad()
     def fill_expert(self, layer: int, expert: int, name: str, value: torch.Tensor) -> None:
-        """Copy one expert's weight of kind ``name`` (shape = the kind's per-expert shape)."""
+        """Copy one expert's weight of kind ``name`` (shape = the kind's per-expert shape); a compressed
+        layout (``moecache.quant.ExpertCodec``) encodes it into the expert's row."""
+        if hasattr(self.layout, "encode_kind"):
+            shape = next(k.shape for k in self.layout.kinds if k.name == name)
+            if tuple(value.shape) != tuple(shape):
+                raise ConfigError(f"expert weight {name} of layer {layer} expert {expert} has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(shape)}")
+            views = self.layer_views(layer)
+            self.layout.encode_kind({k: v[expert] for k, v in views.items()}, name, value)
+            return
         view = self.layer_views(layer)[name][expert]
         if tuple(value.shape) != tuple(view.shape):
             raise ConfigError(f"expert weight {name} of layer {layer} expert {expert} has shape "

@@ -38,6 +38,8 @@ from ..policies import POLICIES, Policy
 from ..predictors import PREDICTORS, Predictor
 from .compiled import (DEFAULT_MAX_CACHE_LEN, CompiledStack, allocated_kv_bytes, kv_cache_bytes, register_experts,
                        resolve_compile, unregister_experts)
+from ..quant import FLOAT_FORMATS, ExpertCodec, resolve_format
+from .compressed import POOL_MODES, Expander, choose_pool_mode
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import COPY_ENGINES, make_engine
 from .experts import EXPERT_KERNELS
@@ -156,6 +158,46 @@ def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, pa
         raise ConfigError(f"predictor {pred.name!r} must be fitted first: pass an instance after .fit(trace) "
                           "(or Predictor.load(path))")
     return pred
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _codec_for(expert_dtype: Any, group_size: Any, layout: SlotLayout, adapter: FamilyAdapter,
+               blocks: list[MoeBlock], hybrid_cfg: Any, host_store: HostStore | None,
+               scratch_experts: Any) -> ExpertCodec | None:
+    """The compressed row layout ``expert_dtype`` asks for (None: dense), every check made before the model
+    is touched: the name, the group size against each matrix's input dimension, the family, hybrid."""
+    stored = host_store.layout if host_store is not None and isinstance(host_store.layout, ExpertCodec) else None
+    if stored is not None:
+        # A store filled compressed (from_pretrained): its format is the one asked for, or the checkpoint's own.
+        fmt = resolve_format(expert_dtype, group_size, checkpoint_format=stored.fmt.name)
+        if fmt is not None and str(expert_dtype).lower() == "auto" and group_size is None:
+            fmt = stored.fmt
+    else:
+        fmt = resolve_format(expert_dtype, group_size)
+    if fmt is None:
+        name = "auto" if expert_dtype is None else str(expert_dtype).lower()
+        if name != "auto" and FLOAT_FORMATS[name] != layout.dtype:
+            raise ConfigError(f"expert_dtype={expert_dtype!r} but this model's experts are {_dtype_name(layout.dtype)}; "
+                              "use expert_dtype='auto' (or cast the model first)")
+        return None
+    if adapter.layout.kernel != "transformers":
+        raise ConfigError(f"expert_dtype={fmt.name!r}: {adapter.name} experts run through the {adapter.layout.kernel!r} "
+                          "kernel, whose layout compressed experts cannot hold yet; use expert_dtype='auto'")
+    if hybrid_cfg is not None and not cpu_kernel_supports(fmt):
+        raise ConfigError(f"hybrid execution has no CPU kernel for {fmt.describe()} experts in this build; "
+                          "offload with hybrid=False")
+    if scratch_experts is not None and (isinstance(scratch_experts, bool) or int(scratch_experts) < 1):
+        raise ConfigError(f"scratch_experts must be a positive number of experts, got {scratch_experts!r}")
+    transposed = bool(getattr(adapter.layout, "transposed", False))
+    return ExpertCodec(layout, fmt, transposed, blocks[0].name + "." + adapter.experts_attr)
+
+
+def cpu_kernel_supports(fmt: Any) -> bool:
+    """Whether the hybrid CPU path runs ``fmt`` experts from the compressed host rows."""
+    return False
 
 
 @dataclass
@@ -311,6 +353,8 @@ class OffloadHandle:
                                         saved.params)
             setattr(layer.block, self.adapter.experts_attr, layer.original)
         rt.pool.close()
+        if rt.expander is not None:
+            rt.expander.close()
         if self.own_store:
             rt.store.close()
         rt.layers = []
@@ -390,6 +434,11 @@ class OffloadPlan:
     max_batch_size: int = 1
     kv_bytes: int = 0  # the static KV cache's bytes taken from gpu_memory
     stream_tokens: int = 0  # stream_prefill: calls of at least this many tokens stream (0: off)
+    codec: ExpertCodec | None = None  # compressed experts (moecache.quant), else None
+    pool_mode: str | None = None
+    scratch_experts: int | None = None
+    slot_bytes: int = 0  # device bytes per pool slot (compressed row, or dense + landing)
+    importance: Any = None
 
 
 def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
@@ -399,7 +448,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        host_store: Any = None, own_store: Any = True, hybrid: Any = False,
                        max_context: Any = None, batch: Any = 1, host_memory: Any = None, compile: Any = False,
                        max_cache_len: Any = None, max_batch_size: Any = None,
-                       stream_prefill: Any = False) -> OffloadPlan:
+                       stream_prefill: Any = False, expert_dtype: Any = "auto",
+                       group_size: Any = None, pool_mode: Any = "auto", scratch_experts: Any = None,
+                       importance: Any = None) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
 
@@ -444,6 +495,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     layout = SlotLayout.from_module(blocks[0].experts, E, blocks[0].name + "." + adapter.experts_attr, adapter.layout)
     for b in blocks[1:]:
         layout.check_same(SlotLayout.from_module(b.experts, E, b.name, adapter.layout), b.name)
+    pool_mode = V.choice("pool_mode", pool_mode, ["auto", *POOL_MODES])
+    codec = _codec_for(expert_dtype, group_size, layout, adapter, blocks, hybrid_cfg, host_store, scratch_experts)
+    store_layout = layout if codec is None else codec
     dev = V.device("device", device)
     engine = V.choice("engine", engine, ["auto", *COPY_ENGINES.names()])
     if (gpu_memory is None) == (cache_slots is None):
@@ -469,8 +523,8 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     if host_store is not None:
         if not isinstance(host_store, HostStore):
             raise ConfigError(f"host_store is a {type(host_store).__name__}; pass a moecache HostStore or None")
-        if host_store.layout != layout or (host_store.num_layers, host_store.num_experts) != (L, E):
-            raise ConfigError("host_store was built for another layout or model size")
+        if host_store.layout != store_layout or (host_store.num_layers, host_store.num_experts) != (L, E):
+            raise ConfigError("host_store was built for another layout, format or model size")
         if any(b is None for b in host_store.blocks):
             raise ConfigError("host_store is not filled (or was closed); fill every layer before offloading")
     allocator = HostAllocator(pin)
@@ -492,12 +546,23 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                       max_batch_size if backend is not None else batch, expert_ids)
         gpu_memory = mplan.budget
         kv_bytes = max(0, kv_bytes - mplan.kv_cache)  # the plan reserved its own estimate of the same cache
-    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
-                                 slot_bytes=layout.slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes)
+    mode = scratch_n = None
+    if codec is None:
+        slot_bytes, fixed = layout.slot_bytes, 0
+    else:
+        mode = choose_pool_mode(pool_mode, total=L * E, cache_slots=cache_slots, codec=codec,
+                                budget_bytes=None if gpu_memory is None else max(0, int(gpu_memory) - non_expert))
+        scratch_n = min(E, int(scratch_experts) if scratch_experts is not None else 4 * k)
+        if mode == "compressed":
+            slot_bytes, fixed = codec.slot_bytes, scratch_n * layout.slot_bytes  # the dense scratch
+        else:
+            slot_bytes, fixed = codec.slot_bytes + layout.slot_bytes, 0  # dense slot + compressed landing
+    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert + fixed,
+                                 slot_bytes=slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes)
     pol = _make_policy(policy, slots, L, E, k, policy_params)
     if host_memory is not None and host_store is None:
-        on_host = non_expert + slots * layout.slot_bytes if dev.type == "cpu" else 0
-        memplan.check_host_memory(experts=L * E * layout.slot_bytes, other=on_host, host_memory=host_memory)
+        on_host = non_expert + fixed + slots * slot_bytes if dev.type == "cpu" else 0
+        memplan.check_host_memory(experts=L * E * store_layout.slot_bytes, other=on_host, host_memory=host_memory)
     on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
     if on_meta and host_store is None:
         raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
@@ -505,7 +570,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     pred = _make_predictor(predictor, model, L, E, k, predictor_params)
     return OffloadPlan(adapter, blocks, layout, L, E, k, dev, slots, budget, non_expert, pol, pred, prefetch_depth,
                        prefetch_width, min_prob, engine, allocator, host_store, own_store, hybrid_cfg, mplan,
-                       backend, max_cache_len, max_batch_size, kv_bytes, stream_tokens)
+                       backend=backend, max_cache_len=max_cache_len, max_batch_size=max_batch_size,
+                       kv_bytes=kv_bytes, stream_tokens=stream_tokens, codec=codec, pool_mode=mode,
+                       scratch_experts=scratch_n, slot_bytes=slot_bytes, importance=importance)
 
 
 def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
@@ -544,7 +611,9 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             host_store: HostStore | None = None, own_store: bool = True, hybrid: Any = False,
             max_context: int | None = None, batch: int = 1, host_memory: int | str | None = None,
             compile: bool | str = False, max_cache_len: int | None = None, max_batch_size: int | None = None,
-            stream_prefill: bool | int = False) -> OffloadHandle:
+            stream_prefill: bool | int = False, expert_dtype: str | None = "auto",
+            group_size: int | None = None, pool_mode: str = "auto", scratch_experts: int | None = None,
+            importance: dict | None = None) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -572,6 +641,13 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       (``moecache.runtime.compiled``).
     * ``stream_prefill``: True (calls of at least 64 tokens) or a token count: a long prompt copies each next
       MoE layer's experts while the current layer computes (``moecache.runtime.core``); False: off.
+    * ``expert_dtype``: "auto" (the experts' own dtype), "bf16"/"fp16"/"fp32" (must be that dtype), or a
+      compressed format, "int8" or "int4" (``moecache.quant``: asymmetric, ``group_size`` 32, 64 or 128
+      along each matrix's input dimension, default 64). Compressed experts are stored, copied and (with
+      ``pool_mode="compressed"``) cached compressed; ``pool_mode`` "auto" lets the cost model choose
+      (``moecache.runtime.compressed``); ``scratch_experts``: the dense scratch of the compressed pool
+      (default ``min(num_experts, 4 * top_k)``); ``importance``: calibration weights for the quantizer
+      (``moecache.quant.collect_importance``).
 
     Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
     put back as it was (expert weights restored from the host store) before the error propagates.
@@ -582,7 +658,9 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                               prefetch_width=prefetch_width, min_prob=min_prob, pin=pin, host_store=host_store,
                               own_store=own_store, hybrid=hybrid, max_context=max_context, batch=batch,
                               host_memory=host_memory, compile=compile, max_cache_len=max_cache_len,
-                              max_batch_size=max_batch_size, stream_prefill=stream_prefill)
+                              max_batch_size=max_batch_size, stream_prefill=stream_prefill,
+                              expert_dtype=expert_dtype, group_size=group_size, pool_mode=pool_mode,
+                              scratch_experts=scratch_experts, importance=importance)
     with V.Undo() as undo:
         handle = _apply(model, plan, undo)
     return handle
@@ -594,16 +672,22 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     L, E, k, dev = plan.num_layers, plan.num_experts, plan.top_k, plan.device
     config = model.config
     # Experts into host memory, layer by layer, releasing each layer's originals right away.
-    store = plan.host_store or HostStore(layout, L, E, plan.allocator)
+    codec = plan.codec
+    store_layout = layout if codec is None else codec
+    store = plan.host_store or HostStore(store_layout, L, E, plan.allocator)
     if plan.host_store is None:
         undo.push(store.close)
     saved: list[_Saved] = []
     for i, b in enumerate(blocks):
         if plan.host_store is None:
-            store.fill_layer(i, b.experts)
+            if codec is None:
+                store.fill_layer(i, b.experts)
+            else:
+                codec.pack(b.experts, E, store.layer_views(i),
+                           None if plan.importance is None else plan.importance.get(i))
         saved.append(_Saved(layout.release(b.experts, E)))  # meta stand-ins: the storage is freed
-        undo.push(lambda i=i, b=b, s=saved[-1]: _restore_layer(layout, store, i, b.experts, s))
-    pool = SlotPool(layout, plan.slots, dev)
+        undo.push(lambda i=i, b=b, s=saved[-1]: _restore_layer(store_layout, store, i, b.experts, s))
+    pool = SlotPool(store_layout, plan.slots, dev)
     undo.push(pool.close)
     copy_engine = make_engine(plan.engine, store, pool)
     undo.push(copy_engine.close)
@@ -612,6 +696,9 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
                       predictor=plan.predictor, config=config, num_experts=E, top_k=k,
                       prefetch_depth=plan.prefetch_depth, prefetch_width=plan.prefetch_width, min_prob=plan.min_prob,
                       stream_prefill=plan.stream_tokens)
+    if codec is not None:
+        runtime.set_expander(Expander(codec, plan.pool_mode, pool, E, plan.scratch_experts))
+        undo.push(runtime.expander.close)
     kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
     kernel_hooks: list[Any] = []
     undo.push(lambda: [h.remove() for h in kernel_hooks])
@@ -633,7 +720,11 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         "family": adapter.name, "device": str(dev), "engine": copy_engine.name, "policy": pol.describe(),
         "predictor": None if pred is None else pred.name, "prefetch_depth": runtime.prefetch_depth,
         "slots": plan.slots, "total_experts": L * E, "moe_layers": L, "num_experts": E, "top_k": k,
-        "slot_bytes": layout.slot_bytes, "pool_bytes": pool.nbytes, "gpu_budget_bytes": plan.budget,
+        "slot_bytes": plan.slot_bytes, "pool_bytes": pool.nbytes + (0 if codec is None else runtime.expander.nbytes),
+        "gpu_budget_bytes": plan.budget,
+        "expert_format": _dtype_name(layout.dtype) if codec is None else codec.fmt.describe(),
+        "pool_mode": plan.pool_mode, "scratch_experts": plan.scratch_experts if plan.pool_mode == "compressed" else None,
+        "copy_bytes_per_expert": store_layout.slot_bytes, "dense_expert_bytes": layout.slot_bytes,
         "gpu_nonexpert_bytes": plan.non_expert, "workspace_bytes": WORKSPACE_BYTES,
         "host_store_bytes": store.nbytes, "host_pinned": store.pinned,
         "experts_implementation": getattr(config, "_experts_implementation", None),

@@ -121,6 +121,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"cache: {cfg.get('slots')} slots of {cfg.get('total_experts')} experts "
         f"({pct(_ratio(cfg.get('slots', 0), cfg.get('total_experts', 0)))}), policy {cfg.get('policy')}, "
         f"predictor {cfg.get('predictor')}, engine {cfg.get('engine')} on {cfg.get('device')}",
+        f"experts {cfg.get('expert_format', 'n/a')}"
+        + (f" ({cfg.get('pool_mode')} pool, {cfg.get('copy_bytes_per_expert', 0) / 2**20:.2f} MiB per copy)"
+           if cfg.get("pool_mode") else ""),
         f"hits {s['hits']}  misses {s['misses']}  hit rate {pct(s['hit_rate'])}  ready rate {pct(s['ready_rate'])}  "
         f"evictions {s['evictions']}",
         f"prefetch issued {s['prefetch_issued']}  useful {s['prefetch_useful']}  precision "

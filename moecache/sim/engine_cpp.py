@@ -301,7 +301,7 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         trace=schedule.name, policy=policy.describe(), scope=policy.scope, capacity=policy.capacity,
         capacity_label=capacity_label or str(policy.capacity), predictor=describe_predictor(predictor),
         prefetch=prefetch if depth else None, depth=depth, budget=budget, miss_rule=rule.name, mode=schedule.mode,
-        bytes_per_expert=hw.bytes_per_expert, hardware=hw.source, tokens=schedule.tokens, accesses=accesses,
+        bytes_per_expert=hw.copy_bytes, hardware=hw.source, tokens=schedule.tokens, accesses=accesses,
         hits=hits, ready=ready, needs=needs, loads=loads, cpu_runs=cpu_runs, prefetches=prefetches,
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=time_ms, gpu_busy_ms=gpu_busy,
         copy_busy_ms=copy_busy, cpu_busy_ms=cpu_busy,

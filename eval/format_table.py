@@ -1,0 +1,77 @@
+"""Estimated ms/token per expert format at 25% of the bf16 expert memory (the timing model, H100 profile).
+
+    python eval/format_table.py [--traces build/suite_traces/deepseek-v2-lite,build/suite_traces/mixtral]
+
+Runs ``moecache bench TRACE --decode-stream --capacity 25% --scope global --policies lru,belady
+--expert-dtype FMT [--pool-mode MODE]`` for bf16, int8 g64, int4 g64 and int4 g128 in both pool modes,
+and writes ``eval/results/compressed_formats.md`` (and ``.json``). The memory of 25% of the experts in bf16
+holds more compressed experts (``moecache.cost.hardware.slots_for_format``); copies move the compressed
+bytes; every expert a kernel reads keeps the bf16 compute time, plus the expansion (an assumed device
+throughput, ``EXPAND_GBPS``; the compressed pool expands per use, the expanded pool per copy). Build the
+traces with ``eval/suite_traces.py`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = [("bf16", None), ("int8", 64), ("int4", 64), ("int4", 128)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traces", default="build/suite_traces/deepseek-v2-lite,build/suite_traces/mixtral")
+    ap.add_argument("--capacity", default="25%")
+    ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "compressed_formats.md")
+    args = ap.parse_args()
+    rows = []
+    for trace in args.traces.split(","):
+        if not (ROOT / trace).exists():
+            print(f"skip {trace}: not built (python eval/suite_traces.py)", file=sys.stderr)
+            continue
+        for name, g in FORMATS:
+            for mode in (["-"] if name == "bf16" else ["compressed", "expanded"]):
+                cmd = [sys.executable, "-m", "moecache", "bench", trace, "--policies", "lru,belady", "--capacity",
+                       args.capacity, "--scope", "global", "--decode-stream", "--expert-dtype", name, "--json",
+                       "--quiet"]
+                if g:
+                    cmd += ["--group-size", str(g)]
+                if mode != "-":
+                    cmd += ["--pool-mode", mode]
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                for r in json.loads(out):
+                    r.update(format=name if g is None else f"{name} g{g}", pool_mode=mode,
+                             trace_path=trace)
+                    rows.append(r)
+                print(f"{trace} {name} {g} {mode}", file=sys.stderr)
+    stamp = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.node()}, command: "
+             f"`python eval/format_table.py --traces {args.traces} --capacity {args.capacity}`")
+    lines = ["# Compressed experts in the timing model: estimated ms/token at 25% of the bf16 expert memory", "",
+             stamp, "",
+             "H100 profile of shared/docs/hardware.md; batch-1 decode stream; global pool; copies only (no prefetch, "
+             "no CPU). `slots`: experts the same memory holds in that format and pool mode. Expansion cost is "
+             "an assumption (moecache/cost/hardware.py EXPAND_GBPS), not a measurement.", "",
+             "| trace | format | pool | slots | MiB/copy | policy | hit rate | est ms/token | stall ms/token | bound ms/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trace']} | {r['format']} | {r['pool_mode']} | {r['capacity']} | "
+                     f"{r['bytes_per_expert'] / 2**20:.1f} | {r['policy']} | {r['demand_hit_rate']:.3f} | "
+                     f"{r['est_ms_per_token']:.2f} | {r['stall_ms_per_token']:.2f} | {r['bound_ms_per_token']:.2f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from moecache.atomic import write_json_atomic, write_text_atomic
+
+    write_text_atomic(str(args.out), "\n".join(lines) + "\n")
+    write_json_atomic(str(args.out.with_suffix(".json")), {"stamp": stamp, "rows": rows})
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

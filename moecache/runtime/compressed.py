@@ -1,0 +1,113 @@
+"""Compressed experts in the runtime: where the compressed bytes live and where they are expanded.
+
+The host store holds every expert in its compressed row (``moecache.quant.ExpertCodec``) and every copy
+moves that row. Two pool modes (``pool_mode``):
+
+* ``compressed``: the GPU pool holds compressed rows (about 3.5x as many int4 experts in the same
+  bytes). Before a layer's kernel its needed experts are expanded from their slots into a small dense
+  *scratch* of ``scratch_experts`` slots, and the kernel reads the scratch: expert ``e`` of the layer
+  sits in scratch slot ``scratch_of[e]``. A layer that needs more experts than the scratch holds runs
+  in rounds of at most that many (the runtime's round path, which gives the same sums).
+* ``expanded``: the pool holds dense experts; the copy still moves the compressed row, into a
+  compressed *landing* slot of the same index, and the slot is expanded from it the first time the
+  kernel needs that expert after the copy (``expanded_key`` remembers which expert each dense slot
+  holds). Each pool slot costs its dense bytes plus its compressed bytes.
+
+The expansion is ``ExpertCodec.expand_rows``: torch, on the pool's device, the reference every fused
+kernel is compared against. ``choose_pool_mode`` is the cost model's default: the expanded pool when
+it holds every expert (nothing is ever copied again, so per-use expansion would be pure cost), else
+the compressed pool (a copy costs far more than expanding an expert on the device, so more resident
+experts win).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..quant import ExpertCodec
+from .pool import SlotPool
+
+POOL_MODES = ("compressed", "expanded")
+
+
+def choose_pool_mode(pool_mode: str, *, total: int, budget_bytes: int | None, cache_slots: int | None,
+                     codec: ExpertCodec) -> str:
+    """``pool_mode`` ("auto", "compressed", "expanded") -> the mode to build (module docstring)."""
+    if pool_mode not in ("auto",) + POOL_MODES:
+        raise ConfigError(f"unknown pool_mode {pool_mode!r}; valid: auto, compressed, expanded")
+    if pool_mode != "auto":
+        return pool_mode
+    if cache_slots is not None:
+        return "expanded" if cache_slots >= total else "compressed"
+    assert budget_bytes is not None
+    return "expanded" if budget_bytes >= total * (codec.dense.slot_bytes + codec.slot_bytes) else "compressed"
+
+
+class Expander:
+    """The dense experts a kernel reads, per pool mode (module docstring).
+
+    ``compute`` is the pool-like object whose ``views`` the shells read and ``num_slots`` they index
+    (the scratch, or the dense pool); ``prepare(layer, experts, slots)`` makes those experts readable
+    there and returns their compute indices; ``lut`` maps this layer's expert id -> compute index
+    (the indexer shells read it).
+    """
+
+    def __init__(self, codec: ExpertCodec, mode: str, pool: SlotPool, num_experts: int, scratch_experts: int):
+        self.codec = codec
+        self.mode = mode
+        self.pool = pool  # what the copies land in (compressed rows)
+        self.E = int(num_experts)
+        if mode == "compressed":
+            self.compute = SlotPool(codec.dense, scratch_experts, pool.device)
+            self.capacity = int(scratch_experts)
+        elif mode == "expanded":
+            self.compute = SlotPool(codec.dense, pool.num_slots, pool.device)
+            self.capacity = pool.num_slots
+            self.expanded_key = np.full(pool.num_slots, -1, dtype=np.int64)
+        else:
+            raise ConfigError(f"unknown pool_mode {mode!r}; valid: {', '.join(POOL_MODES)}")
+        self.lut = np.full(self.E, -1, dtype=np.int64)
+        self.expansions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.compute.nbytes
+
+    def prepare(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
+        """Expand what the kernel needs for ``experts`` (this layer's, resident in pool ``slots``)."""
+        self.lut.fill(-1)
+        if self.mode == "compressed":
+            if len(experts) > self.capacity:
+                raise RuntimeError(f"moecache internal error: {len(experts)} experts for a scratch of {self.capacity}")
+            n = len(slots)
+            if n:
+                src = self.pool.data[torch.as_tensor(slots, device=self.pool.device)] if n > 1 else \
+                    self.pool.data[slots[0]:slots[0] + 1]
+                self.codec.expand_rows(src, self.compute.data[:n])
+                self.expansions += n
+            self.lut[np.asarray(experts, dtype=np.int64)] = np.arange(n)
+            return list(range(n))
+        key_base = layer * self.E
+        stale = [s for e, s in zip(experts, slots) if self.expanded_key[s] != key_base + e]
+        if stale:
+            idx = torch.as_tensor(stale, device=self.pool.device)
+            dense = torch.empty((len(stale), self.codec.dense.slot_numel), dtype=self.codec.dense.dtype,
+                                device=self.pool.device)
+            self.codec.expand_rows(self.pool.data[idx], dense)
+            self.compute.data[idx] = dense
+            self.expansions += len(stale)
+            for e, s in zip(experts, slots):
+                self.expanded_key[s] = key_base + e
+        if experts:
+            self.lut[np.asarray(experts, dtype=np.int64)] = np.asarray(slots, dtype=np.int64)
+        return list(slots)
+
+    def forget(self, slot: int) -> None:
+        """Slot ``slot`` gets new bytes (a copy or a cancelled one): its dense image is stale."""
+        if self.mode == "expanded":
+            self.expanded_key[slot] = -1
+
+    def close(self) -> None:
+        self.compute.close()
