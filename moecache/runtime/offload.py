@@ -496,6 +496,8 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     for b in blocks[1:]:
         layout.check_same(SlotLayout.from_module(b.experts, E, b.name, adapter.layout), b.name)
     pool_mode = V.choice("pool_mode", pool_mode, ["auto", *POOL_MODES])
+    if host_store is not None and not isinstance(host_store, HostStore):
+        raise ConfigError(f"host_store is a {type(host_store).__name__}; pass a moecache HostStore or None")
     codec = _codec_for(expert_dtype, group_size, layout, adapter, blocks, hybrid_cfg, host_store, scratch_experts)
     store_layout = layout if codec is None else codec
     dev = V.device("device", device)
@@ -521,8 +523,6 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     policy_params = V.mapping("policy_params", policy_params)
     predictor_params = V.mapping("predictor_params", predictor_params)
     if host_store is not None:
-        if not isinstance(host_store, HostStore):
-            raise ConfigError(f"host_store is a {type(host_store).__name__}; pass a moecache HostStore or None")
         if host_store.layout != store_layout or (host_store.num_layers, host_store.num_experts) != (L, E):
             raise ConfigError("host_store was built for another layout, format or model size")
         if any(b is None for b in host_store.blocks):
