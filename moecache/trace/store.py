@@ -552,12 +552,13 @@ def open_trace(path: str | os.PathLike) -> Trace:
     if finalised and header.get("rows") is not None and len(block) != header["rows"]:
         raise TraceFormatError(f"manifest says {header['rows']} rows, chunks hold {len(block)}", folder)
 
-    def load_weights() -> np.ndarray:
+    def load_column(name: str, declared: str, empty: np.ndarray) -> np.ndarray:
+        """One optional per-chunk column (``weights.npy``, ``hidden.npy``) of every kept chunk, concatenated."""
         parts = []
         for n in kept:
-            f = os.path.join(folder, n, "weights.npy")
+            f = os.path.join(folder, n, name)
             if not os.path.exists(f):
-                raise TraceFormatError(f"trace declares weights={meta.weights!r} but weights.npy is missing", f)
+                raise TraceFormatError(f"trace declares {declared} but {name} is missing", f)
             if os.path.islink(f) or not os.path.isfile(f):
                 raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
             try:
@@ -565,24 +566,16 @@ def open_trace(path: str | os.PathLike) -> Trace:
             except Exception as e:  # a damaged file: say which one
                 raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
         if not parts:
-            return np.zeros((0, meta.num_layers, meta.top_k), np.float32)
+            return empty
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def load_weights() -> np.ndarray:
+        return load_column("weights.npy", f"weights={meta.weights!r}",
+                           np.zeros((0, meta.num_layers, meta.top_k), np.float32))
+
     def load_hidden() -> np.ndarray:
-        parts = []
-        for n in kept:
-            f = os.path.join(folder, n, "hidden.npy")
-            if not os.path.exists(f):
-                raise TraceFormatError(f"trace declares hidden_size={meta.hidden_size} but hidden.npy is missing", f)
-            if os.path.islink(f) or not os.path.isfile(f):
-                raise TraceFormatError("is a symlink or not a regular file; a trace's chunk columns are plain files", f)
-            try:
-                parts.append(np.load(f, allow_pickle=False))
-            except Exception as e:  # a damaged file: say which one
-                raise TraceFormatError(f"cannot read chunk column: {e}", f) from None
-        if not parts:
-            return np.zeros((0, meta.num_layers, meta.hidden_size), HIDDEN_DTYPE)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return load_column("hidden.npy", f"hidden_size={meta.hidden_size}",
+                           np.zeros((0, meta.num_layers, meta.hidden_size), HIDDEN_DTYPE))
 
     return Trace(meta, block, drops=dict(drops), path=folder, finalised=finalised,
                  weights_loader=load_weights if meta.has_weights else None,
