@@ -106,6 +106,18 @@ def token_order(trace: Any) -> tuple[np.ndarray, np.ndarray]:
     return order, next_same
 
 
+def ahead_in_sequence(next_same: np.ndarray, offset: int) -> np.ndarray:
+    """Rows ``i`` (in ``token_order``) whose token ``i + offset`` is in the same sequence, from its
+    ``next_same`` (row ``i``'s next token is in the same sequence)."""
+    n = len(next_same)
+    ok = np.ones(n, bool)
+    for j in range(offset):
+        step = np.zeros(n, bool)
+        step[: n - j] = next_same[j:]
+        ok &= step
+    return ok
+
+
 def check_trace(trace: Any, num_layers: int, num_experts: int, top_k: int, who: str) -> None:
     """A fitting trace must describe the model the predictor was built for."""
     m = trace.meta

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import PREDICTORS
-from ._common import StreamPredictor, check_trace, layer_prior, multi_hot, token_order
+from ._common import StreamPredictor, ahead_in_sequence, check_trace, layer_prior, multi_hot, token_order
 
 
 @PREDICTORS.register("hidden_state", "a small network on the residual stream at layer l predicts layer l+d "
@@ -112,11 +112,7 @@ class HiddenStatePredictor(StreamPredictor):
             samples = []
             for l in range(L):
                 t, o = (l + d) % L, (l + d) // L
-                ok = np.ones(n, bool)  # token i + o exists in the same sequence
-                for j in range(o):
-                    step = np.zeros(n, bool)
-                    step[: n - j] = next_same[j:]
-                    ok &= step
+                ok = ahead_in_sequence(next_same, o)
                 idx = np.flatnonzero(ok[: n - o] if o else ok)
                 idx = idx[finite[idx, l] & present[idx, l] & present[idx + o, t]]
                 if len(idx) > self.max_samples:

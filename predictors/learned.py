@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import PREDICTORS
-from ._common import StreamPredictor, check_trace, multi_hot, token_order
+from ._common import StreamPredictor, ahead_in_sequence, check_trace, multi_hot, token_order
 
 
 def _fit_logistic(X: Any, Y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
@@ -134,11 +134,7 @@ class LearnedPredictor(StreamPredictor):
         for d in range(1, self.max_depth + 1):
             for l in range(L):
                 t, o = (l + d) % L, (l + d) // L
-                ok = np.ones(n, bool)  # token i + o exists in the same sequence
-                for j in range(o):
-                    step = np.zeros(n, bool)
-                    step[: n - j] = next_same[j:]
-                    ok &= step
+                ok = ahead_in_sequence(next_same, o)
                 idx = np.nonzero(ok)[0]
                 idx = idx[present[idx + o, t]] if len(idx) else idx
                 if len(idx) > self.max_samples:
