@@ -56,3 +56,15 @@ def tiny_model_dir() -> Path:
 def no_ext(monkeypatch):
     """Force the pure-Python paths (the extension's reference implementations)."""
     monkeypatch.setenv("MOECACHE_DISABLE_EXT", "1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (two shared cores: avoids oversubscription stalls; results do not
+    depend on it). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,12 +23,7 @@ from .tiny_models import tiny_model
 PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(m: torch.nn.Module, n: int, prompt=PROMPT, logits: bool = False):

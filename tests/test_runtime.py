@@ -22,13 +22,7 @@ KERNEL_FAMILIES = ["llama4", "dbrx", "switch_transformers"]
 PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription stalls; results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(m: torch.nn.Module, n: int = 8, prompt=PROMPT, logits: bool = False):

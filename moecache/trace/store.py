@@ -46,27 +46,25 @@ def _chunk_name(i: int) -> str:
     return f"chunk-{i:06d}"
 
 
-def is_finished_trace(path: str) -> bool:
-    """Whether ``path`` is a folder holding a finished moecache trace (its manifest names our format)."""
+def _holds_our_header(path: str, header_file: str) -> bool:
+    """Whether folder ``path`` (not a link) has ``header_file`` naming moecache's trace format."""
     if os.path.islink(path) or not os.path.isdir(path):
         return False
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
+        with open(os.path.join(path, header_file)) as f:
             header = json.load(f)
     except (OSError, ValueError):
         return False
     return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def is_finished_trace(path: str) -> bool:
+    """Whether ``path`` is a folder holding a finished moecache trace (its manifest names our format)."""
+    return _holds_our_header(path, MANIFEST)
 
 
 def _is_partial_trace(path: str) -> bool:
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
-    try:
-        with open(os.path.join(path, PARTIAL_META)) as f:
-            header = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+    return _holds_our_header(path, PARTIAL_META)
 
 
 def check_trace_output(path: str | os.PathLike, *, overwrite: bool = False) -> None:
