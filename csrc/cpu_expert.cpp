@@ -819,6 +819,7 @@ class CpuExpertPool::Impl {
 #ifdef MOECACHE_X86
     __builtin_cpu_init();
     if (isa != PORTABLE && !__builtin_cpu_supports("f16c")) return PORTABLE;
+    if (isa == AVX512 && !(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))) return AVX2;
 #endif
     return isa;
   }

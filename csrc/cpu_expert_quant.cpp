@@ -32,8 +32,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define MOECACHE_X86 1
-#define MC_Q512 __attribute__((target("avx512f,f16c,fma")))
-#define MC_Q512BF __attribute__((target("avx512f,avx512bw,avx512bf16,f16c,fma")))
+#define MC_Q512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+#define MC_Q512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")))
 #define MC_Q2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
@@ -152,6 +152,19 @@ MC_Q512 inline void prefetch_row(const QRow& row, int64_t qbyte, int64_t gi, int
   }
 }
 
+// Scales and -zero * scale (exact) of `n` <= 16 groups from group `gi` of each row, in fp32, for the
+// per-group loop to broadcast from memory (masked loads: nothing past a row's last group is read).
+template <int RB>
+MC_Q512 inline void int_params512(const QRow* rows, int64_t gi, int n, float (*sc)[16], float (*nz)[16]) {
+  const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+  for (int r = 0; r < RB; ++r) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rows[r].scale + 2 * gi));
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rows[r].zero + gi)));
+    _mm512_store_ps(sc[r], s);
+    _mm512_store_ps(nz[r], _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), s));
+  }
+}
+
 // int4 (MX = false) and MXFP4 (MX = true): 16-entry tables, one permute per 16 weights.
 template <int RB, int TB, bool MX>
 MC_Q512 void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t xs, int64_t k0, int64_t k1,
@@ -162,16 +175,21 @@ MC_Q512 void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 fp4 = _mm512_load_ps(FP4);
-  for (int64_t g0 = k0; g0 < k1; g0 += G) {
-    const int64_t gi = g0 / G, qb = g0 / 2;
+  const int64_t gend = k1 / G;
+  alignas(64) float sc[RB][16], nz[RB][16];
+  for (int64_t gi = k0 / G; gi < gend; ++gi) {
+    const int64_t g0 = gi * G, qb = g0 / 2;
+    const int jg = static_cast<int>((gi - k0 / G) & 15);
+    if constexpr (!MX) {
+      if (jg == 0) int_params512<RB>(rows, gi, static_cast<int>(std::min<int64_t>(16, gend - gi)), sc, nz);
+    }
     __m512 lut[RB];
 #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
       if constexpr (MX) {
         lut[r] = _mm512_mul_ps(fp4, _mm512_set1_ps(E8M0.v[rows[r].scale[gi]]));
       } else {
-        const float sc = _cvtsh_ss(load_u16(rows[r].scale + 2 * gi));
-        const __m512 l = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc), _mm512_set1_ps(-static_cast<float>(rows[r].zero[gi]) * sc));
+        const __m512 l = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[r][jg]), _mm512_set1_ps(nz[r][jg]));
         lut[r] = s.round_bf16 ? rnd512(l) : l;
       }
       prefetch_row(rows[r], qb, gi, MX ? 1 : 2);
@@ -206,13 +224,16 @@ MC_Q512 void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t
   __m512 acc[RB][TB];                                                                                           \
   for (int r = 0; r < RB; ++r)                                                                                  \
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();                                               \
-  for (int64_t g0 = k0; g0 < k1; g0 += G) {                                                                     \
-    const int64_t gi = g0 / G;                                                                                  \
+  const int64_t gend = k1 / G;                                                                                  \
+  alignas(64) float sc[RB][16], nz[RB][16];                                                                     \
+  for (int64_t gi = k0 / G; gi < gend; ++gi) {                                                                  \
+    const int64_t g0 = gi * G;                                                                                  \
+    const int jg = static_cast<int>((gi - k0 / G) & 15);                                                        \
+    if (jg == 0) int_params512<RB>(rows, gi, static_cast<int>(std::min<int64_t>(16, gend - gi)), sc, nz);       \
     __m512 vs[RB], vz[RB];                                                                                      \
     for (int r = 0; r < RB; ++r) {                                                                              \
-      const float sc = _cvtsh_ss(load_u16(rows[r].scale + 2 * gi));                                             \
-      vs[r] = _mm512_set1_ps(sc);                                                                               \
-      vz[r] = _mm512_set1_ps(-static_cast<float>(rows[r].zero[gi]) * sc);                                       \
+      vs[r] = _mm512_set1_ps(sc[r][jg]);                                                                        \
+      vz[r] = _mm512_set1_ps(nz[r][jg]);                                                                        \
     }                                                                                                           \
     for (int j = 0; j < G; j += 32) {                                                                           \
       __m512 wa[RB], wb[RB];                                                                                    \
@@ -297,8 +318,8 @@ MC_Q2 void q4_avx2(const QSpec& s, const QRow* rows, const float* x, int64_t xs,
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
   const __m256 iota0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), iota1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
   const __m256 fp40 = _mm256_load_ps(FP4), fp41 = _mm256_load_ps(FP4 + 8);
-  for (int64_t g0 = k0; g0 < k1; g0 += G) {
-    const int64_t gi = g0 / G, qb = g0 / 2;
+  for (int64_t gi = k0 / G, gend = k1 / G; gi < gend; ++gi) {
+    const int64_t g0 = gi * G, qb = g0 / 2;
     __m256 l0[RB], l1[RB];
     for (int r = 0; r < RB; ++r) {
       if constexpr (MX) {
@@ -350,8 +371,8 @@ MC_Q2 void q8_avx2(const QSpec& s, const QRow* rows, const float* x, int64_t xs,
   __m256 acc[RB][TB];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t g0 = k0; g0 < k1; g0 += G) {
-    const int64_t gi = g0 / G;
+  for (int64_t gi = k0 / G, gend = k1 / G; gi < gend; ++gi) {
+    const int64_t g0 = gi * G;
     __m256 vs[RB], vz[RB];
     for (int r = 0; r < RB; ++r) {
       const float sc = _cvtsh_ss(load_u16(rows[r].scale + 2 * gi));
