@@ -298,3 +298,21 @@ def test_hybrid_gpt_oss_mxfp4_checkpoint(tmp_path):
     assert s["config"]["expert_format"] == "mxfp4" and s["cpu_experts"] > 0
     assert s["config"]["hybrid"]["kernel_reason"] is None
     _assert_close_run(got, expect, logit_tol=0.05, gap=0.1)
+
+
+@needs_ext
+def test_hybrid_auto_calibrates_on_compressed_rows(monkeypatch, tmp_path):
+    """``hybrid=True`` measures its costs on the compressed store (copy of a compressed row, the compressed
+    CPU kernel, inputs in the compute dtype) and runs; the profile's bytes per expert are the compressed row's."""
+    monkeypatch.setenv("MOECACHE_CACHE_DIR", str(tmp_path))
+    ref = quantize_dequantize_(_model("gpt_oss", torch.float32), ExpertFormat("int4", 32))
+    expect = _gen(ref, 3)
+    m = _model("gpt_oss", torch.float32)
+    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype="int4", group_size=32, hybrid=True)
+    got = _gen(m, 3)
+    s = h.stats()
+    h.remove()
+    costs = s["config"]["hybrid"]["costs"]
+    assert s["config"]["hybrid"]["kernel"] != "torch" and set(costs["cpu_ms"]) == {1, 4, 16, 64}
+    assert h.runtime.hybrid.profile.bytes_per_expert == s["config"]["copy_bytes_per_expert"]
+    _assert_close_run(got, expect, logit_tol=1e-4, gap=1e-3)
