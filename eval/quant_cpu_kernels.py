@@ -96,16 +96,6 @@ def compressed_rows(H: int, I: int, gpt_oss: bool, fmt: str, group: int, n: int,
     return codec, rows
 
 
-def offsets(codec: ExpertCodec) -> list[int]:
-    off = {(p.kind, p.sub): p.offset for p in codec.parts}
-    mx = codec.fmt.name == "mxfp4"
-    out = []
-    for m in ("gate_up_proj", "down_proj"):
-        out += [off[(m, "blocks" if mx else "q")], off[(m, "scales" if mx else "scale")],
-                -1 if mx else off[(m, "zero")], off.get((m + "_bias", "raw"), -1)]
-    return out
-
-
 def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> dict:
     pool = C.CpuExpertPool(args.threads, "auto")
     act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
@@ -124,7 +114,7 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
         codec, _ = compressed_rows(H, I, gpt_oss, fmt, g, 0, 0)
         n = max(2 * k, -(-rotate // codec.slot_numel))
         codec, rows = compressed_rows(H, I, gpt_oss, fmt, g, n, seed=hash((fmt, g)) % 1000)
-        fmts[f"{fmt} g{g}" if fmt != "mxfp4" else "mxfp4"] = (codec, rows, offsets(codec))
+        fmts[f"{fmt} g{g}" if fmt != "mxfp4" else "mxfp4"] = (codec, rows, ck.quant_offsets(codec))
     print(f"[{name}] built rotation sets in {time.perf_counter() - t0:.1f} s", flush=True)
     x = torch.randn(k, H, generator=gen).bfloat16().float()  # a bf16 model's hidden rows
     out = torch.empty(k, H)

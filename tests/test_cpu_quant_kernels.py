@@ -79,13 +79,7 @@ def _offsets_of(codec: ExpertCodec) -> dict:
     """What CppQuantKernel passes the pool for ``codec``: (H, I) and the 8 part offsets of an expert's row."""
     kinds = {ki.name: ki for ki in codec.kinds}
     H, I = ck._matrix_shape(kinds["down_proj"])
-    off = {(p.kind, p.sub): p.offset for p in codec.parts}
-    mx = codec.fmt.name == "mxfp4"
-    offsets = []
-    for m in ("gate_up_proj", "down_proj"):
-        offsets += [off[(m, "blocks" if mx else "q")], off[(m, "scales" if mx else "scale")],
-                    -1 if mx else off[(m, "zero")], off.get((m + "_bias", "raw"), -1)]
-    return {"H": H, "I": I, "offsets": offsets}
+    return {"H": H, "I": I, "offsets": ck.quant_offsets(codec)}
 
 
 def run_pool(kernel: str, codec: ExpertCodec, rows: torch.Tensor, xs: list[torch.Tensor], experts: list[int],

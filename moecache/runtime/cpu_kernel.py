@@ -97,6 +97,18 @@ def quant_mismatch(original: nn.Module, codec: ExpertCodec) -> tuple[str | None,
     return None, ACT_GPT_OSS, float(alpha), float(limit)
 
 
+def quant_offsets(codec: ExpertCodec) -> list[int]:
+    """The 8 part offsets ``CpuExpertPool.submit_quant`` reads in an expert's row: gate_up's codes, scales,
+    zeros, bias, then down's (-1 where absent: MXFP4 has no zeros, only GPT-OSS has biases)."""
+    off = {(p.kind, p.sub): p.offset for p in codec.parts}
+    mx = codec.fmt.name == "mxfp4"
+    out: list[int] = []
+    for m in ("gate_up_proj", "down_proj"):
+        out += [off[(m, "blocks" if mx else "q")], off[(m, "scales" if mx else "scale")],
+                -1 if mx else off[(m, "zero")], off.get((m + "_bias", "raw"), -1)]
+    return out
+
+
 @torch.no_grad()
 def reference_ffn(codec: ExpertCodec, row: torch.Tensor, x: torch.Tensor, act: int = ACT_SILU, alpha: float = 0.0,
                   limit: float = 0.0) -> torch.Tensor:
@@ -250,13 +262,7 @@ class CppQuantKernel(CppKernel):
         self.group = codec.fmt.group_size
         self.bf16 = codec.dense.dtype == torch.bfloat16
         self.act, self.alpha, self.limit = int(act), float(alpha), float(limit)
-        off = {(p.kind, p.sub): p.offset for p in codec.parts}
-        zero, scale = ("scales", "scales") if codec.fmt.name == "mxfp4" else ("zero", "scale")
-        q = "blocks" if codec.fmt.name == "mxfp4" else "q"
-        self.offsets = []
-        for m in ("gate_up_proj", "down_proj"):
-            self.offsets += [off[(m, q)], off[(m, scale)], -1 if zero == "scales" else off[(m, zero)],
-                             off.get((m + "_bias", "raw"), -1)]
+        self.offsets = quant_offsets(codec)
         self.pin = pin
         self.store = store  # keeps the rows alive while the pool may read them
         E = store.num_experts
