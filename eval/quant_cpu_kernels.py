@@ -18,7 +18,9 @@ Reported: median wall ms per call (``prewake``, submit, wait: what the runtime p
 speed-up over bf16 (ratio of medians), the effective bandwidth (compressed bytes the call reads / time)
 against the host's, and the kernel's error against the torch reference (``cpu_kernel.reference_ffn``:
 float64 sums over moecache.quant's dequantized weights; for bf16, float64 sums over the bf16 weights):
-max |err| and max |err| / max |reference|. Writes ``quant_cpu_kernels.json`` and ``.md``.
+max |err| and max |err| / max |reference|. Also, per format, one expert run over and over from the caches
+(``--hot-repeats``), with the bf16 and the fp32 compute dtype: the kernels' instruction cost without the
+memory, and what rounding the weights to bf16 adds. Writes ``quant_cpu_kernels.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -152,6 +154,26 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
         print(f"[{name}] repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{f} {times[f][-1]:.2f}" for f in names)
               + f" ms; read {read_gbps[-1]:.1f} GB/s", flush=True)
     host = statistics.median(read_gbps)
+    # In cache: one expert over and over (its weights stay in the caches), the pool's own ms per call, with
+    # a bf16 and an fp32 compute dtype (no rounding of the weights): the kernels' instruction cost.
+    hot: dict[str, dict[str, float]] = {}
+    hot_ms: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.hot_repeats):
+        for f in names:
+            for bf16 in ((True,) if f == "bf16" else (True, False)):
+                if f == "bf16":
+                    t = pool.submit(H, I, 1, [x[:1].data_ptr()], [1], [gu[0].data_ptr()], [dn[0].data_ptr()],
+                                    [out[:1].data_ptr()])
+                else:
+                    codec, rows, offs = fmts[f]
+                    t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16,
+                                          act, ALPHA, LIMIT, offs, [x[:1].data_ptr()], [1], [rows[0].data_ptr()],
+                                          [out[:1].data_ptr()])
+                hot_ms.setdefault((f, bf16), []).append(pool.wait(t))
+    weights = 3 * H * I
+    for (f, bf16), v in hot_ms.items():
+        hot[f + ("" if bf16 else " (fp32 compute)")] = {
+            "median_ms": statistics.median(v), "min_ms": min(v), "gweights_per_s": weights / (statistics.median(v) * 1e6)}
     # Errors against the reference: one expert per format, k token rows.
     errors = {}
     e_out = torch.empty(k, H)
@@ -185,7 +207,7 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
               "kernel": pool.kernel(), "quant_kernel": pool.quant_kernel(), "threads": pool.threads(),
               "rotation_experts": {"bf16": n_bf16, **{f: fmts[f][1].shape[0] for f in fmts}},
               "host_read_gbps": {"median": host, "min": min(read_gbps), "max": max(read_gbps)},
-              "formats": rows_out}
+              "formats": rows_out, "in_cache_one_expert": hot}
     pool.close()
     return result
 
@@ -225,6 +247,11 @@ def write_md(res: dict, path: Path) -> None:
                          f"{r['speedup_vs_bf16']:.2f}x | {r['bytes_per_call'] / 2**20:.1f} | {r['effective_gbps']:.1f} | "
                          f"{100 * r['fraction_of_host_read']:.0f}% | {r['max_abs']:.2e} | {r['max_rel']:.2e} |")
         lines += [f"Not run: {x}." for x in s["skipped"]]
+        lines += ["", f"In cache (one expert, {res['hot_repeats']} interleaved repeats, the pool's ms per call; "
+                  "fp32 compute = no rounding of the weights to bf16):", "",
+                  "| kernel | ms (median) | min | G weights/s |", "|---|---|---|---|"]
+        lines += [f"| {f} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['gweights_per_s']:.1f} |"
+                  for f, r in s["in_cache_one_expert"].items()]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -234,6 +261,7 @@ def main() -> None:
     p.add_argument("--shapes", default="deepseek,mixtral,gptoss", help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median reported; at least 5)")
     p.add_argument("--threads", type=int, default=1, help="CPU pool threads (the runtime's default here: cores - 2)")
+    p.add_argument("--hot-repeats", type=int, default=15, help="repeats of the in-cache measurement")
     p.add_argument("--rotate-mb", type=int, default=768, help="MiB each format's experts rotate over")
     p.add_argument("--out-dir", default=str(ROOT / "eval" / "results"))
     p.add_argument("--name", default="quant_cpu_kernels", help="output file stem")
@@ -251,7 +279,8 @@ def main() -> None:
     torch.set_num_threads(1)
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
            "command": " ".join(["python", "eval/quant_cpu_kernels.py", *sys.argv[1:]]),
-           "load_average_start": [round(v, 2) for v in os.getloadavg()], "repeats": args.repeats, "shapes": []}
+           "load_average_start": [round(v, 2) for v in os.getloadavg()], "repeats": args.repeats,
+           "hot_repeats": args.hot_repeats, "shapes": []}
     for s in shapes:
         H, I, k, gpt = (QUICK if args.quick else SHAPES)[s]
         res["shapes"].append(bench_shape(C, s, H, I, k, gpt, args))
