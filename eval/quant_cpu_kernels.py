@@ -247,8 +247,9 @@ def write_md(res: dict, path: Path) -> None:
                          f"{r['speedup_vs_bf16']:.2f}x | {r['bytes_per_call'] / 2**20:.1f} | {r['effective_gbps']:.1f} | "
                          f"{100 * r['fraction_of_host_read']:.0f}% | {r['max_abs']:.2e} | {r['max_rel']:.2e} |")
         lines += [f"Not run: {x}." for x in s["skipped"]]
-        lines += ["", f"In cache (one expert, {res['hot_repeats']} interleaved repeats, the pool's ms per call; "
-                  "fp32 compute = no rounding of the weights to bf16):", "",
+        lines += ["", f"One expert over and over ({res['hot_repeats']} interleaved repeats, the pool's ms per call; its "
+                  "weights stay in the last-level cache where they fit, not for Mixtral; fp32 compute = no rounding "
+                  "of the weights to bf16):", "",
                   "| kernel | ms (median) | min | G weights/s |", "|---|---|---|---|"]
         lines += [f"| {f} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['gweights_per_s']:.1f} |"
                   for f, r in s["in_cache_one_expert"].items()]
