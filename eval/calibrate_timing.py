@@ -522,14 +522,14 @@ def _lsq_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return a, b
 
 
-def stats_fit(repeats: list[Repeat]) -> dict[str, Any]:
-    """Steps 1 and 2 of the fit (module docstring) from the runtime's stats of ``repeats``."""
+def stats_fit(repeats: list[tuple[Repeat, SimSpec]]) -> dict[str, Any]:
+    """Steps 1 and 2 of the fit (module docstring) from the runtime's stats of ``repeats`` (with how each
+    configuration runs)."""
     pre_x, pre_y, sync, pf_x, pf_y = [], [], [], [], []
-    for r in repeats:
+    for r, spec in repeats:
         row = r.row
         if "host_ms_per_layer" not in row or row.get("host_ms_per_layer") is None:
             continue
-        spec = spec_of(r)
         if spec.kind not in ("offload", "fiddler") or spec.policy in SCAN_POLICIES:
             continue
         calls = max(1, (row["decode_steps"] + len(row.get("groups") or [])) * r.layers)
@@ -590,7 +590,7 @@ def fit_terms(confs: list[Configuration], sim: Simulator, results_dir: str = RES
               ) -> tuple[dict[str, float], dict[str, Any]]:
     """The four steps of the fit on the training configurations; the terms and the fit's record."""
     train = [c for c in confs if not c.held_out and c.spec.kind != "unmodelled"]
-    st = stats_fit([r for c in train for r in c.repeats])
+    st = stats_fit([(r, c.spec) for c in train for r in c.repeats])
     slow, slow_src = contention_slowdown(results_dir)
     terms = {"layer_host_ms": st["host_before_kernel_ms"] + st["sync_ms"], "copy_host_ms": st["copy_host_ms"],
              "predictor_host_ms": st["predictor_host_ms"], "prefetch_host_ms": st["prefetch_host_ms"],
@@ -804,21 +804,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", default=None, help="folder of the routing traces (default: ../shared/data/routing)")
     ap.add_argument("--cache", default=os.path.join(ROOT, "build", "calibrate_cache"),
                     help="where fitted predictors are cached between runs ('' : no cache)")
+    ap.add_argument("--model", default=None, help="only configurations of this model shape (deepseek, mixtral)")
     ap.add_argument("--only", default=None, help="only configurations whose label contains this text (a quick look; "
                     "not with --freeze)")
     args = ap.parse_args(argv)
-    if args.freeze and args.only:
-        print("error: --only selects a part of the runs; --freeze fits on all of them: drop one", file=sys.stderr)
+    if args.freeze and (args.only or args.model):
+        print("error: --only and --model select a part of the runs; --freeze fits on all of them: drop them",
+              file=sys.stderr)
         return 2
     try:
         paths, excluded = result_files(args.results)
         if not paths:
             raise ConfigError(f"no end-to-end result files (e2e_*.json) under {args.results}")
         confs = configurations(load_repeats(paths, args.results))
+        if args.model:
+            confs = [c for c in confs if c.model == args.model]
         if args.only:
             confs = [c for c in confs if args.only in c.key[3]]
-            if not confs:
-                raise ConfigError(f"--only {args.only!r} matches no configuration's label")
+        if (args.model or args.only) and not confs:
+            raise ConfigError(f"--model {args.model!r} --only {args.only!r} match no configuration")
         sim = Simulator(ReplayBuilder(args.routing), args.cache or None)
         files = [os.path.relpath(p, args.results) for p in paths]
         if args.freeze:
