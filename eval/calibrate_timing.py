@@ -319,12 +319,22 @@ class RunReplay:
 
 # -- simulating one configuration ----------------------------------------------------------------------
 
-def profile_for(rep: Repeat, base: Callable[[int], HardwareProfile], terms: dict[str, float] | None) -> HardwareProfile:
+def apply_terms(hw: HardwareProfile, terms: dict[str, Any]) -> HardwareProfile:
+    """``hw`` with the fitted terms: the profile fields among them replaced, the CPU table scaled by
+    ``cpu_table_scale`` (as ``default_profile`` applies the frozen file)."""
+    fields = {k: v for k, v in terms.items() if k != "cpu_table_scale"}
+    scale = float(terms.get("cpu_table_scale", 1.0))
+    if scale != 1.0:
+        fields["cpu_ms"] = {t: ms * scale for t, ms in hw.cpu_ms.items()}
+    return replace(hw, **fields)
+
+
+def profile_for(rep: Repeat, base: Callable[[int], HardwareProfile], terms: dict[str, Any] | None) -> HardwareProfile:
     """The profile a configuration is simulated with: ``base`` for the run's expert size, the host and
     interference terms replaced by ``terms`` where given."""
     hw = base(int(rep.setup["expert_bytes"]))
     if terms is not None:
-        hw = replace(hw, **terms)
+        hw = apply_terms(hw, terms)
     return hw
 
 
@@ -525,9 +535,13 @@ def _lsq_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def stats_fit(repeats: list[tuple[Repeat, SimSpec]]) -> dict[str, Any]:
     """Steps 1 and 2 of the fit (module docstring) from the runtime's stats of ``repeats`` (with how each
     configuration runs)."""
-    pre_x, pre_y, sync, pf_x, pf_y = [], [], [], [], []
+    pre_x, pre_y, sync, pf_x, pf_y, pf_name, cpu_ratio = [], [], [], [], [], [], []
     for r, spec in repeats:
         row = r.row
+        if (row.get("cpu_experts") or 0) > 0 and row.get("cpu_ms") and row.get("cpu_tokens") and r.setup.get("expert_bytes"):
+            tokens = max(1, round(row["cpu_tokens"] / row["cpu_experts"]))
+            table = uncalibrated_profile(int(r.setup["expert_bytes"])).cpu(tokens)
+            cpu_ratio.append(row["cpu_ms"] / row["cpu_experts"] / table)
         if "host_ms_per_layer" not in row or row.get("host_ms_per_layer") is None:
             continue
         if spec.kind not in ("offload", "fiddler") or spec.policy in SCAN_POLICIES:
@@ -543,10 +557,30 @@ def stats_fit(repeats: list[tuple[Repeat, SimSpec]]) -> dict[str, Any]:
         if spec.predictor:
             pf_x.append((row.get("prefetch_issued") or 0) / calls)
             pf_y.append(pf_host)
+            pf_name.append(spec.predictor)
     a, copy_host = _lsq_line(pre_x, pre_y)
     p0, p1 = _lsq_line(pf_x, pf_y)
+    by_name = _per_group_intercepts(pf_x, pf_y, pf_name)
     return {"host_before_kernel_ms": a, "copy_host_ms": copy_host, "sync_ms": statistics.median(sync) if sync else 0.0,
-            "predictor_host_ms": p0, "prefetch_host_ms": p1, "rows_host": len(pre_x), "rows_prefetch": len(pf_x)}
+            "predictor_host_ms": p0, "prefetch_host_ms": by_name[1] if by_name else p1,
+            "predictor_host_by_name": by_name[0] if by_name else {},
+            "cpu_table_scale": statistics.median(cpu_ratio) if cpu_ratio else 1.0, "rows_cpu": len(cpu_ratio),
+            "rows_host": len(pre_x), "rows_prefetch": len(pf_x)}
+
+
+def _per_group_intercepts(xs: list[float], ys: list[float], groups: list[str]) -> tuple[dict[str, float], float] | None:
+    """``y = a_group + b x``: one slope over all rows (from the deviations within each group), an intercept
+    per group; both clipped at 0. None without rows."""
+    if not xs:
+        return None
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    mean = {g: (statistics.fmean(xs[i] for i in ix), statistics.fmean(ys[i] for i in ix)) for g, ix in by.items()}
+    sxx = sum((xs[i] - mean[groups[i]][0]) ** 2 for i in range(len(xs)))
+    sxy = sum((xs[i] - mean[groups[i]][0]) * (ys[i] - mean[groups[i]][1]) for i in range(len(xs)))
+    b = max(0.0, sxy / sxx) if sxx > 0 else 0.0
+    return {g: max(0.0, my - b * mx) for g, (mx, my) in sorted(mean.items())}, b
 
 
 def contention_slowdown(results_dir: str = RESULTS) -> tuple[float, str]:
@@ -594,7 +628,8 @@ def fit_terms(confs: list[Configuration], sim: Simulator, results_dir: str = RES
     slow, slow_src = contention_slowdown(results_dir)
     terms = {"layer_host_ms": st["host_before_kernel_ms"] + st["sync_ms"], "copy_host_ms": st["copy_host_ms"],
              "predictor_host_ms": st["predictor_host_ms"], "prefetch_host_ms": st["prefetch_host_ms"],
-             "copy_slowdown": slow, "hybrid_layer_ms": 0.0}
+             "copy_slowdown": slow, "hybrid_layer_ms": 0.0,
+             "predictor_host_by_name": st["predictor_host_by_name"] or None, "cpu_table_scale": st["cpu_table_scale"]}
     measured_host = terms["layer_host_ms"]
     log(f"stats: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()})}; "
         f"copy slowdown {slow:.3f}")
@@ -724,7 +759,9 @@ def write_table(out_base: str, rows: list[dict[str, Any]], meta: dict[str, Any])
         "docstring.",
         "",
         "Calibrated terms (`moecache/cost/profiles/h100_calibrated.json`): " + ", ".join(
-            f"{k} {prof[k]:.4g}" for k in HOST_TERMS) + ".",
+            f"{k} {prof[k]:.4g}" for k in HOST_TERMS) + ", per predictor " + ", ".join(
+            f"{k} {v:.4g}" for k, v in (prof.get("predictor_host_by_name") or {}).items()) +
+        f"; CPU kernel {prof['cpu_ms_1_token_at_16_5_MiB']:.3f} ms per 16.5 MiB expert at 1 token.",
         "",
     ]
     for name, part in (("Held out", summ["held_out"]), ("Training", summ["train"])):
@@ -754,7 +791,9 @@ def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: lis
     """Write the calibrated terms with their provenance (the profile file the default profile reads)."""
     st = record["stats"]
     obj = {
-        **{k: round(float(v), 6) for k, v in terms.items()},
+        **{k: round(float(terms[k]), 6) for k in HOST_TERMS},
+        "predictor_host_by_name": {k: round(v, 6) for k, v in (terms.get("predictor_host_by_name") or {}).items()},
+        "cpu_table_scale": round(float(terms.get("cpu_table_scale", 1.0)), 6),
         "source": "calibrated on the end-to-end H100 runs by eval/calibrate_timing.py --freeze",
         "calibration": {
             "command": "python eval/calibrate_timing.py --freeze",
@@ -769,9 +808,12 @@ def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: lis
                                  f"{record['idle_ms_per_layer']:+.4f} ms fitted on simulated vs measured ms/step",
                 "copy_host_ms": f"runtime stats: slope of host time vs demand copies per layer ({st['rows_host']} rows)",
                 "predictor_host_ms": f"runtime stats: intercept of prefetch-side host time vs prefetches per layer "
-                                     f"({st['rows_prefetch']} rows)",
-                "prefetch_host_ms": f"runtime stats: slope of prefetch-side host time vs prefetches per layer "
+                                     f"({st['rows_prefetch']} rows), for predictors not measured",
+                "predictor_host_by_name": "runtime stats: the same line with one intercept per predictor",
+                "prefetch_host_ms": f"runtime stats: common slope of prefetch-side host time vs prefetches per layer "
                                     f"({st['rows_prefetch']} rows)",
+                "cpu_table_scale": f"runtime stats: median CPU kernel ms per expert over hardware.md's CPU table "
+                                   f"({st['rows_cpu']} rows)",
                 "copy_slowdown": f"{record['copy_slowdown_from']}: small kernels with copies beside them / without, "
                                  "minus 1",
                 "hybrid_layer_ms": "fitted on simulated vs measured ms/step of the training configurations with CPU "
@@ -830,13 +872,14 @@ def main(argv: list[str] | None = None) -> int:
         calibrated = default_profile
         if args.freeze:
             def calibrated(b: int) -> HardwareProfile:  # noqa: F811  (the new terms before they are written)
-                return replace(uncalibrated_profile(b), **terms)
+                return apply_terms(uncalibrated_profile(b), terms)
         print(f"simulating {len(confs)} configurations ...", flush=True)
         rows = fidelity(confs, sim, calibrated)
         if args.freeze:
             freeze(args.profile_out, terms, record, rows, files)
             print(f"wrote {args.profile_out}")
-        prof = calibrated(1 << 24).host_terms()
+        prof = {**calibrated(1 << 24).host_terms(),
+                "cpu_ms_1_token_at_16_5_MiB": calibrated(17_301_504).cpu(1)}
         out = args.out or os.path.join(args.results, "sim_fidelity")
         cmd = "python eval/calibrate_timing.py" + (" --freeze" if args.freeze else "")
         write_table(out, rows, {"command": cmd, "machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -32,15 +32,17 @@ for where each enters the timeline):
   layer's expert work (the routing sync, the policy's decisions, queueing): the GPU idles meanwhile;
 * ``copy_host_ms``: host time to issue one demand copy (an upload); the host issues copies one after
   another, and the expert kernels are launched after them;
-* ``predictor_host_ms``: host time per step to feed the predictor and read its predictions, and
-  ``prefetch_host_ms`` per prefetch queued, both after the expert kernels were launched: they delay
-  the next layer's launch, not this layer's experts;
+* ``predictor_host_ms``: host time per step to feed the predictor and read its predictions (per
+  predictor name in ``predictor_host_by_name`` where measured; ``predictor_host_ms`` for the others),
+  and ``prefetch_host_ms`` per prefetch queued, both after the expert kernels were launched: they
+  delay the next layer's launch, not this layer's experts;
 * ``copy_slowdown``: GPU kernels run ``1 + copy_slowdown`` times longer while a copy is in flight
   (copies beside the decode's small kernels slow them);
 * ``hybrid_layer_ms``: the fixed cost of a step that runs experts on the CPU (moving its activations
   there and back, waiting for the CPU pool), added once to the step's CPU path.
 
-``default_profile`` is the *calibrated* profile: these terms come from the frozen fit in
+``default_profile`` is the *calibrated* profile: these terms, and ``cpu_table_scale`` (the runtime's
+CPU kernel against hardware.md's CPU table: the table above times this factor), come from the frozen fit in
 ``moecache/cost/profiles/h100_calibrated.json`` (values, the runs they were fitted on and the held-out
 validation are stated in that file; ``eval/calibrate_timing.py`` regenerates it), on top of the
 hardware.md tables above. ``uncalibrated_profile`` is the same without them (every term 0).
@@ -164,6 +166,8 @@ class HardwareProfile:
     prefetch_host_ms: float = 0.0
     copy_slowdown: float = 0.0
     hybrid_layer_ms: float = 0.0
+    #: Measured host time per step of particular predictors (name: ms); others take ``predictor_host_ms``.
+    predictor_host_by_name: dict | None = None
     #: Where the host and interference terms come from (the fit's provenance), or None.
     calibration: dict | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -180,6 +184,14 @@ class HardwareProfile:
                 raise ConfigError(f"hardware profile: {name} must be a number >= 0 (ms, or a fraction for "
                                   f"copy_slowdown), got {v!r}")
             setattr(self, name, float(v))
+        by_name = self.predictor_host_by_name
+        if by_name is not None:
+            if not isinstance(by_name, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and
+                    math.isfinite(v) and v >= 0 for k, v in by_name.items()):
+                raise ConfigError("hardware profile: predictor_host_by_name must be an object {predictor name: ms >= 0}, "
+                                  f"got {by_name!r}")
+            self.predictor_host_by_name = {k: float(v) for k, v in by_name.items()}
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise ConfigError(f"hardware profile: calibration must be an object (the fit's provenance), got "
                               f"{type(self.calibration).__name__}")
@@ -190,16 +202,23 @@ class HardwareProfile:
     @property
     def calibrated(self) -> bool:
         """Whether any host or interference term is on."""
-        return any(getattr(self, n) for n in HOST_TERMS)
+        return any(getattr(self, n) for n in HOST_TERMS) or any((self.predictor_host_by_name or {}).values())
 
     @property
     def slowdown(self) -> float:
         """The factor on GPU kernel time while a copy is in flight (1.0: no interference)."""
         return 1.0 + self.copy_slowdown
 
-    def host_terms(self) -> dict[str, float]:
-        """The host and interference terms by name."""
-        return {n: getattr(self, n) for n in HOST_TERMS}
+    def host_terms(self) -> dict[str, Any]:
+        """The host and interference terms by name (with the per-predictor host times)."""
+        return {**{n: getattr(self, n) for n in HOST_TERMS}, "predictor_host_by_name": self.predictor_host_by_name}
+
+    def predictor_host(self, name: str | None) -> float:
+        """Host time per step of the predictor called ``name``."""
+        by = self.predictor_host_by_name
+        if by and name in by:
+            return by[name]
+        return self.predictor_host_ms
 
     @property
     def copy_bytes(self) -> int:
@@ -273,7 +292,8 @@ def calibrated_terms(path: str | None = None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"the calibrated hardware profile {path} is not valid JSON ({e}); regenerate it with "
                           "`python eval/calibrate_timing.py --freeze`") from None
-    bad = sorted(set(obj) - set(HOST_TERMS) - {"source", "calibration"}) if isinstance(obj, dict) else ["(not an object)"]
+    extra = {"source", "calibration", "predictor_host_by_name", "cpu_table_scale"}
+    bad = sorted(set(obj) - set(HOST_TERMS) - extra) if isinstance(obj, dict) else ["(not an object)"]
     if bad or any(n not in obj for n in HOST_TERMS):
         raise ConfigError(f"the calibrated hardware profile {path} must hold exactly {', '.join(HOST_TERMS)} (and "
                           f"source, calibration); found extra {bad}: regenerate it with "
@@ -305,6 +325,9 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
     terms = calibrated_terms()
     for n in HOST_TERMS:
         setattr(hw, n, float(terms[n]))
+    hw.predictor_host_by_name = terms.get("predictor_host_by_name")
+    scale = float(terms.get("cpu_table_scale", 1.0))
+    hw.cpu_ms = {t: ms * scale for t, ms in hw.cpu_ms.items()}
     hw.calibration = terms.get("calibration")
     hw.source = f"{DEFAULT_SOURCE}; {terms.get('source', 'calibrated')}"
     hw.__post_init__()
@@ -312,7 +335,8 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
 
 
 _FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source",
-           "copy_bytes_per_expert", "expand_ms", "expert_format") + HOST_TERMS + ("calibration",)
+           "copy_bytes_per_expert", "expand_ms", "expert_format") + HOST_TERMS + ("predictor_host_by_name",
+                                                                                  "calibration")
 
 #: Assumed device-memory throughput of the torch expansion (reads the compressed row, writes the dense
 #: one) and its launch cost per expert; not measured here (the GPU issue measures the fused kernel).

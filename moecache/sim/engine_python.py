@@ -93,7 +93,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     gpu_of, cpu_of = hw.gpu, hw.cpu
     # the calibrated host and interference terms (moecache.cost.timing; all 0: the uncalibrated model)
     layer_host, copy_host, hybrid_ms = hw.layer_host_ms, hw.copy_host_ms, hw.hybrid_layer_ms
-    pred_host = hw.predictor_host_ms if predictor is not None else 0.0
+    pred_host = hw.predictor_host(getattr(predictor, "name", None)) if predictor is not None else 0.0
     pf_host, slow = hw.prefetch_host_ms, hw.slowdown
     cap = policy.capacity
     ready_at: dict[int, float] = {}
