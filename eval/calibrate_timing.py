@@ -663,11 +663,19 @@ def label_of(c: Configuration) -> str:
 
 # -- the fidelity table ----------------------------------------------------------------------------------
 
-def _why(c: Configuration, got: dict[str, float] | None, ok: bool) -> str:
-    """What the model leaves out for a row (every row: a reader checks the explanation against the figures)."""
+def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareProfile | None = None,
+         resident: tuple[float, float] | None = None, lru_host: float | None = None) -> str:
+    """What the model leaves out for a row, from the row's own runtime stats (``resident``: the same model
+    and batch's all-resident (simulated, measured median) ms/step; ``lru_host``: plain LRU's measured host
+    ms per layer there)."""
     if got is None:
         return c.spec.why
     notes = []
+    med = statistics.median(c.measured)
+    if c.batch > 1 and resident and got["ms_per_step"] > med and resident[0] > resident[1]:
+        notes.append(f"GPU per expert: the profile charges each expert's kernel (hardware.md's 1-token figure, "
+                     f"interpolated), the runtime runs a step's experts in one grouped kernel; all-resident "
+                     f"simulates at {resident[0]:.1f}, measured {resident[1]:.1f} ms/step")
     rows = [r.row for r in c.repeats if "copies" in r.row]
     if c.spec.kind == "resident":
         notes.append("all-resident HF experts kernels, no moecache host work: the model's non-expert time is "
@@ -677,6 +685,25 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool) -> str:
         host = statistics.median(r["host_ms_per_layer"] for r in rows) if rows else float("nan")
         notes.append(f"{c.spec.policy}'s pool scan per eviction costs {host:.2f} ms host/layer in the runtime; "
                      "not modelled (issue 17 item 4 replaces the scan)")
+    if rows and hw is not None and c.spec.predictor and got["ms_per_step"] < med and lru_host is not None \
+            and c.spec.policy not in SCAN_POLICIES:
+        host = statistics.median(r["host_ms_per_layer"] for r in rows)
+        if host > lru_host + 0.1:
+            notes.append(f"runtime host {host:.2f} ms/layer against LRU's {lru_host:.2f}: the model hides the "
+                         "prefetch side behind the layer's expert kernels (modelled one by one), the runtime's "
+                         "grouped kernel leaves less to hide it behind")
+    cpu_rows = [r for r in rows if (r.get("cpu_experts") or 0) > 0 and r.get("cpu_ms")]
+    if cpu_rows and hw is not None and not ok:
+        kernel = statistics.median(r["cpu_ms"] / r["cpu_experts"] for r in cpu_rows)
+        notes.append(f"CPU kernel: the runtime's {kernel:.2f} ms per expert, the profile's {hw.cpu(1):.2f} (scale "
+                     f"fitted at the training shape)")
+        wait = statistics.median(r["cpu_wait_ms"] / max(1, r["decode_steps"]) for r in cpu_rows)
+        notes.append(f"runtime CPU wait {wait:.1f} ms/step")
+        parts = [r["cpu_layer_parts_ms"] for r in cpu_rows if isinstance(r.get("cpu_layer_parts_ms"), dict)]
+        if parts:
+            fixed = statistics.median(sum(p.get(k, 0.0) for k in ("launch", "merge", "scatter")) for p in parts)
+            notes.append(f"the hybrid layer's fixed cost: {hw.hybrid_layer_ms:.2f} ms fitted at the training shape, the "
+                         f"runtime's own launch + merge + scatter {fixed:.2f} ms per CPU layer")
     if rows:
         steps = [max(1, r["decode_steps"]) for r in rows]
         meas_copies = statistics.median(r["copies"] / s for r, s in zip(rows, steps))
@@ -694,6 +721,19 @@ def fidelity(confs: list[Configuration], sim: Simulator, calibrated: Callable[[i
              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per configuration: measured median and range, simulated (calibrated and uncalibrated), flags."""
     out = []
+    resident: dict[tuple, tuple[float, float]] = {}
+    lru_host: dict[tuple, float] = {}
+    for c in confs:
+        if c.spec.kind == "resident":
+            got = sim.step(c, lambda r: calibrated(int(r.setup["expert_bytes"])))
+            old = resident.get((c.model, c.batch))
+            m = statistics.median(c.measured)
+            if got is not None and (old is None or m < old[1]):
+                resident[(c.model, c.batch)] = (got["ms_per_step"], m)
+        if c.key[3] == "lru" and c.repeats:
+            hosts = [r.row["host_ms_per_layer"] for r in c.repeats if r.row.get("host_ms_per_layer") is not None]
+            if hosts:
+                lru_host[(c.model, c.batch)] = statistics.median(hosts)
     for i, c in enumerate(confs):
         t0 = time.perf_counter()
         cal = sim.step(c, lambda r: calibrated(int(r.setup["expert_bytes"])))
@@ -717,7 +757,9 @@ def fidelity(confs: list[Configuration], sim: Simulator, calibrated: Callable[[i
             row["uncalibrated_error_vs_median"] = unc["ms_per_step"] / med - 1.0
         else:
             row.update(inside_range=None, within_15pct=None, ok=None)
-        row["notes"] = _why(c, cal, bool(row.get("ok")))
+        hw = calibrated(int(c.longest.setup["expert_bytes"])) if cal is not None else None
+        row["notes"] = _why(c, cal, bool(row.get("ok")), hw, resident.get((c.model, c.batch)),
+                            lru_host.get((c.model, c.batch)))
         out.append(row)
         log(f"  [{i + 1}/{len(confs)}] {label_of(c):55s} measured {med:7.1f} [{lo:.1f}, {hi:.1f}]  simulated "
             f"{'-' if cal is None else format(cal['ms_per_step'], '7.1f')} (uncalibrated "
@@ -784,6 +826,14 @@ def write_table(out_base: str, rows: list[dict[str, Any]], meta: dict[str, Any])
     if meta["excluded"]:
         lines += ["", "Left out: " + "; ".join(f"`{k}` ({v})" for k, v in meta["excluded"].items()) + "."]
     write_text_atomic(out_base + ".md", "\n".join(lines) + "\n")
+
+
+def rounded(terms: dict[str, Any]) -> dict[str, Any]:
+    """The terms as the profile file stores them (6 decimals)."""
+    out = {k: round(float(terms[k]), 6) for k in HOST_TERMS}
+    out["predictor_host_by_name"] = {k: round(v, 6) for k, v in (terms.get("predictor_host_by_name") or {}).items()} or None
+    out["cpu_table_scale"] = round(float(terms.get("cpu_table_scale", 1.0)), 6)
+    return out
 
 
 def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: list[dict[str, Any]],
@@ -869,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [os.path.relpath(p, args.results) for p in paths]
         if args.freeze:
             terms, record = fit_terms(confs, sim, args.results)
+            terms = rounded(terms)  # the table is simulated with the values the file will hold
         calibrated = default_profile
         if args.freeze:
             def calibrated(b: int) -> HardwareProfile:  # noqa: F811  (the new terms before they are written)
