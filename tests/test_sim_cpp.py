@@ -87,7 +87,10 @@ host_terms = st.one_of(
                                         "predictor_host_ms": st.floats(0.0, 0.4),
                                         "prefetch_host_ms": st.floats(0.0, 0.1),
                                         "copy_slowdown": st.floats(0.0, 0.3),
-                                        "hybrid_layer_ms": st.floats(0.0, 1.0)}))
+                                        "hybrid_layer_ms": st.floats(0.0, 1.0),
+                                        "predictor_host_by_name": st.dictionaries(
+                                            st.sampled_from(["prior", "temporal", "transition", "oracle", "learned"]),
+                                            st.floats(0.0, 0.6), max_size=3)}))
 
 
 def _predictor(name, params, trace, depths=()):
