@@ -844,7 +844,7 @@ def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: lis
         **{k: round(float(terms[k]), 6) for k in HOST_TERMS},
         "predictor_host_by_name": {k: round(v, 6) for k, v in (terms.get("predictor_host_by_name") or {}).items()},
         "cpu_table_scale": round(float(terms.get("cpu_table_scale", 1.0)), 6),
-        "source": "calibrated on the end-to-end H100 runs by eval/calibrate_timing.py --freeze",
+        "source": "calibrated",
         "calibration": {
             "command": "python eval/calibrate_timing.py --freeze",
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
