@@ -39,14 +39,14 @@ RANDOM_WEIGHTS_LABEL = "embedded default model (Qwen3-MoE architecture, RANDOM w
 
 #: Where the embedded model lives inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "qwen3moe-stdlib"
-#: sha256 of the committed ``model.safetensors`` (tests check the file against it); None until the weights
-#: are committed (``eval/train_embedded_model.py package`` prints the value to put here).
-EMBEDDED_SHA256: str | None = None
+#: sha256 of the committed ``model.safetensors`` (tests check the file against it;
+#: ``eval/train_embedded_model.py package`` prints the value to put here after a retraining).
+EMBEDDED_SHA256: str | None = "4fef815a29ec1f8af9c121b5c6ee4ce8adca148e7cbb417c976c22a28bd014b0"
 #: What the CLI prints next to the embedded model's output.
 EMBEDDED_LABEL = ("embedded default model (Qwen3-MoE layout, 3.3M parameters, trained on the Python 3.11 "
                   "standard library: it writes Python-like code)")
-#: A prompt the embedded model continues well.
-EMBEDDED_PROMPT = "def "
+#: A prompt the embedded model continues well: the start of a module's first function.
+EMBEDDED_PROMPT = "import os\n\n\ndef "
 
 
 def embedded_model(dtype: torch.dtype = torch.float32, experts_implementation: str | None = None) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """``python -m moecache.demo`` (what ``make demo`` runs): the embedded model, offloaded, end to end.
 
 1. ``moecache generate --check``: the embedded model (trained on the Python standard library) writes
-   code with its experts offloaded (a quarter of them in the device pool, LRU); the tokens are
-   compared with the unpatched model's.
+   code with its experts offloaded (a quarter of them in the device pool, LRU), sampling at
+   ``SAMPLING`` with a fixed seed; the tokens are compared with the unpatched model's, sampled alike.
 2. Records the model's routing while it writes from a few code prompts (``moecache.record``).
 3. Prints a short analysis of that trace: ``moecache trace info`` and ``moecache bench`` (hit rates of
    LRU and Belady's optimum at two pool sizes).
@@ -24,6 +24,10 @@ RECORD_PROMPTS = (
     "import os\nimport sys\n\n\ndef main(argv):\n",
     "def parse_args(args):\n    \"\"\"Parse the command line.\"\"\"\n",
 )
+
+
+#: The sampling of the generate step: greedy decoding of a model this small tends to repeat one line.
+SAMPLING = ("--temperature", "0.8", "--top-p", "0.95", "--sample-seed", "0")
 
 
 def _banner(text: str) -> None:
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _banner("moecache generate --check: the embedded model writes code with its experts offloaded")
-    rc = cli(["generate", "--check", "--max-new-tokens", str(args.max_new_tokens), "--device", device])
+    rc = cli(["generate", "--check", "--max-new-tokens", str(args.max_new_tokens), *SAMPLING, "--device", device])
     if rc != 0:
         return rc
     out = args.out or tempfile.mkdtemp(prefix="moecache-demo-")

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help=f"text to continue (default: {DEFAULT_PROMPT!r}; for the "
                                                    "embedded model, the start of a Python function)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (default) decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                             "whose probability reaches this (with --temperature)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of the sampler (with --temperature; --check samples the reference with it too)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="compiled decode around the experts call (CUDA graphs on CUDA) with a static KV cache; "
                         "BACKEND of the compiled pieces: inductor (default), aot_eager or eager")
@@ -117,6 +123,9 @@ def check_args(args: argparse.Namespace) -> None:
     V.count("--max-new-tokens", args.max_new_tokens, minimum=1)
     V.count("--prefetch-depth", args.prefetch_depth, minimum=0)
     V.count("--seed", args.seed, minimum=0)
+    V.real("--temperature", args.temperature, minimum=0.0)
+    V.real("--top-p", args.top_p, minimum=0.0, maximum=1.0, above=True)
+    V.count("--sample-seed", args.sample_seed, minimum=0)
     if args.cache_slots is not None:
         V.count("--cache-slots", args.cache_slots, minimum=1)
     if args.experts_fraction is not None:
@@ -142,16 +151,16 @@ def check_args(args: argparse.Namespace) -> None:
     HybridConfig.resolve(args.hybrid or False)
 
 
-def _reference(model: Any, fmt: Any, x: Any, n: int) -> Any:
+def _reference(model: Any, fmt: Any, x: Any, n: int, sampling: dict[str, Any]) -> Any:
     """The unpatched model's tokens; with a compressed format, those of a copy whose experts are quantized and
     dequantized in place (what the offloaded model computes)."""
     if fmt is None:
-        return _generate(model, x, n, None)
+        return _generate(model, x, n, None, sampling)
     import copy
 
     from ..quant import quantize_dequantize_
 
-    return _generate(quantize_dequantize_(copy.deepcopy(model), fmt), x, n, None)
+    return _generate(quantize_dequantize_(copy.deepcopy(model), fmt), x, n, None, sampling)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is None:
         args.prompt = EMBEDDED_PROMPT if args.model is None and not args.random_weights else DEFAULT_PROMPT
     budget = _budget(args)
+    sampling = _sampling(args)
     opts = offload_options(args, device)
     opts["stream_prefill"] = args.stream_prefill
     if args.compile:
@@ -195,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         encode, decode = _tokenizer(None, model.config.vocab_size)
         x = torch.tensor([encode(args.prompt)], device=device)
         if args.check:
-            reference = _reference(model, fmt, x, args.max_new_tokens)
+            reference = _reference(model, fmt, x, args.max_new_tokens, sampling)
         if "fraction" in budget:
             budget = {"cache_slots": _slots_for(model, budget.pop("fraction"))}
         handle = offload(model, **budget, **opts)
@@ -222,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             plain = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(args.dtype) or "auto").to(device).eval()
             encode, decode = _tokenizer(path, plain.config.vocab_size)
             x = torch.tensor([encode(args.prompt)], device=device)
-            reference = _reference(plain, fmt, x, args.max_new_tokens)
+            reference = _reference(plain, fmt, x, args.max_new_tokens, sampling)
             del plain
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -236,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     streamer = _Streamer(decode, sys.stdout, not args.quiet)
     t0 = time.perf_counter()
-    out = _generate(model, x, args.max_new_tokens, streamer)
+    out = _generate(model, x, args.max_new_tokens, streamer, sampling)
     wall = time.perf_counter() - t0
     new = out.shape[1] - x.shape[1]
     stats = handle.stats()
@@ -260,9 +270,22 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _generate(model: Any, x: Any, n: int, streamer: Any) -> Any:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate``'s sampling arguments and the sampler's seed (greedy when the temperature is 0)."""
+    if args.temperature == 0:
+        return {"do_sample": False, "seed": None}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0,
+            "seed": args.sample_seed}
+
+
+def _generate(model: Any, x: Any, n: int, streamer: Any, sampling: dict[str, Any]) -> Any:
+    """``n`` new tokens; a sampled run reseeds first, so the patched and the reference model draw alike."""
     import torch
 
+    options = dict(sampling)
+    seed = options.pop("seed")
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
-        return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
-                              attention_mask=torch.ones_like(x))
+        return model.generate(x, max_new_tokens=n, min_new_tokens=n, streamer=streamer,
+                              attention_mask=torch.ones_like(x), **options)
