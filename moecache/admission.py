@@ -1,0 +1,73 @@
+"""The prefetch admission rule: is one prefetch copy worth issuing now? Shared by the runtime
+(``moecache.runtime.core``) and the simulator (``moecache.sim.engine_python``; csrc/sim/driver.cpp
+implements the same arithmetic in the same order, and the differential tests compare the two with ==).
+
+A prefetch rule (``moecache.sim.prefetch``) ranks the experts wanted for a target layer; each candidate
+that is not resident then passes this rule or is not issued. The rule weighs, in milliseconds:
+
+* ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the
+  step's tokens that pick it, capped at 1 (``candidate_probability``);
+* ``backlog_ms``: how long until the copy engine is free (copies already queued, demand and prefetch);
+* ``lead_ms``: how long until the target layer's experts are needed (``lead_ms``);
+* ``copy_ms``: one expert copy;
+* ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability
+  (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
+  0 when the pool has a free slot).
+
+A copy that could not even start before the target layer (``backlog_ms >= lead_ms``) is *late* and
+never issued: it would only queue in front of the target's own demand copies. Otherwise
+
+    value = prob * saved  -  (1 - prob) * overrun  -  victim_prob * copy_ms
+
+where ``saved = min(copy_ms, lead_ms - backlog_ms)`` is the stall the copy saves when the candidate is
+needed (a demand copy would start at the target and stall the GPU ``copy_ms``; the prefetch has
+``lead_ms - backlog_ms`` of head start), ``overrun = max(0, backlog_ms + copy_ms - lead_ms)`` is how far
+a wasted copy runs into the target layer, delaying its demand copies, and the last term is the copy
+that evicting a victim needed again costs. The prefetch is issued when ``value > 0``.
+
+``ADMISSIONS``: ``cost`` (this rule, the default) and ``none`` (every candidate the prefetch rule
+picks is issued, where a victim exists: the behaviour before the rule, kept for comparison).
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+#: Admission rules: ``cost`` weighs each prefetch as above; ``none`` issues every candidate.
+ADMISSIONS = ("cost", "none")
+#: Their codes in the C++ simulator core (csrc/sim/codes.h).
+ADMISSION_CODES = {"none": 0, "cost": 1}
+
+
+def check_admission(name: str) -> str:
+    """``name`` if it is a known admission rule, else a one-line ``ConfigError``."""
+    if name not in ADMISSIONS:
+        raise ConfigError(f"unknown prefetch admission {name!r}; choose one of: {', '.join(ADMISSIONS)}")
+    return name
+
+
+def candidate_probability(score: float) -> float:
+    """A predictor score (expected tokens of the step that pick the expert) as a need probability."""
+    return score if score < 1.0 else 1.0
+
+
+def lead_ms(depth: int, non_expert_ms: float, compute_ms: float) -> float:
+    """Time until a layer ``depth`` MoE layers ahead needs its experts: ``depth`` layers like this one."""
+    return depth * (non_expert_ms + compute_ms)
+
+
+def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, lead: float, copy_ms: float) -> float:
+    """Expected milliseconds a prefetch saves (negative: it costs); ``-inf`` when it is late."""
+    if backlog_ms >= lead:
+        return float("-inf")
+    early = lead - backlog_ms
+    saved = copy_ms if copy_ms < early else early
+    overrun = backlog_ms + copy_ms - lead
+    if overrun < 0.0:
+        overrun = 0.0
+    return prob * saved - (1.0 - prob) * overrun - victim_prob * copy_ms
+
+
+def admit_prefetch(prob: float, victim_prob: float, backlog_ms: float, lead: float, copy_ms: float) -> bool:
+    """Issue the prefetch? (``prefetch_value(...) > 0``; the module docstring gives the rule.)"""
+    return prefetch_value(prob, victim_prob, backlog_ms, lead, copy_ms) > 0.0
