@@ -8,7 +8,9 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
 * ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the
   step's tokens that pick it, capped at 1 (``candidate_probability``);
 * ``backlog_ms``: how long until the copy engine is free (copies already queued, demand and prefetch);
-* ``lead_ms``: how long until the target layer's experts are needed (``lead_ms``);
+* ``lead``: how long until the target layer's experts are needed (``lead_ms``: in the simulator the
+  current step's end, known once its demand copies are issued, plus the next layer's non-expert work,
+  then one layer per further depth; in the runtime ``depth`` times the measured layer interval);
 * ``copy_ms``: one expert copy;
 * ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability
   (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
@@ -51,9 +53,10 @@ def candidate_probability(score: float) -> float:
     return score if score < 1.0 else 1.0
 
 
-def lead_ms(depth: int, non_expert_ms: float, compute_ms: float) -> float:
-    """Time until a layer ``depth`` MoE layers ahead needs its experts: ``depth`` layers like this one."""
-    return depth * (non_expert_ms + compute_ms)
+def lead_ms(depth: int, first_ms: float, layer_ms: float) -> float:
+    """Time until the layer ``depth`` MoE layers ahead needs its experts: ``first_ms`` until the next one
+    does, then ``layer_ms`` per layer."""
+    return first_ms + (depth - 1) * layer_ms
 
 
 def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, lead: float, copy_ms: float) -> float:

@@ -50,7 +50,7 @@ def test_value_is_monotone(p, v, backlog, lead, copy):
 
 def test_probability_and_lead():
     assert candidate_probability(0.3) == 0.3 and candidate_probability(2.5) == 1.0
-    assert lead_ms(3, 1.0, 0.25) == 3.75
+    assert lead_ms(3, 1.0, 0.25) == 1.5 and lead_ms(1, 2.0, 9.0) == 2.0
     assert check_admission("cost") == "cost"
     with pytest.raises(ConfigError, match="unknown prefetch admission 'maybe'; choose one of: cost, none"):
         check_admission("maybe")

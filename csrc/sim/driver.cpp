@@ -390,7 +390,7 @@ struct Replay {
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
-      const double lead = static_cast<double>(d) * (ne_ms + step_ms);
+      const double lead = (tl.gpu - t_route + ne_ms) + static_cast<double>(d - 1) * (ne_ms + step_ms);
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;

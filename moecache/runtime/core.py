@@ -571,7 +571,8 @@ class Runtime:
             target = targets[depth]
             scores = scores_at[depth]
             base = target * self.E
-            lead = lead_ms(depth, self.layer_ms if self.layer_ms is not None else copy_ms, 0.0)
+            layer_ms = self.layer_ms if self.layer_ms is not None else copy_ms  # until measured: one copy
+            lead = lead_ms(depth, layer_ms, layer_ms)
             for e in PREFETCH_RULES.get("topk")(scores, width, lambda x: self.slot_of[base + x] >= 0):
                 prob = candidate_probability(float(scores[e]))
                 if prob < self.min_prob:

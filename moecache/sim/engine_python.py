@@ -17,8 +17,8 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
    current step's experts and those wanted for step ``g + d`` that are resident or already
    fetched) and its copy issued at ``t_route``, if the admission rule (``moecache.admission``, default
    ``cost``) takes it: probability = the candidate's summed score capped at 1; backlog = the copy
-   engine's free time minus ``t_route`` (at least 0); lead = ``d * (non_expert(rows) + the sum of
-   gpu(c) over the step's needs in key order)``; victim = ``policy.victim`` of the key's pool when it
+   engine's free time minus ``t_route`` (at least 0); lead = ``(gpu free - t_route + ne) + (d - 1) *
+   (ne + the sum of gpu(c) over the step's needs in key order)``, ``ne = non_expert(rows)``; victim = ``policy.victim`` of the key's pool when it
    is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
 
@@ -214,7 +214,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
-                    lead = lead_ms(d, ne_ms, step_ms)
+                    lead = lead_ms(d, tl.gpu - t_route + ne_ms, ne_ms + step_ms)
                     for e in chosen:
                         key = base + e
                         if key in resident:
