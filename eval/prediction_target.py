@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"meta": meta, "candidates": tried, "chosen": chosen, "best_without_prefetch": best_plain,
            "prefetch_pays": prefetch_pays, "recall": recall, **res}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    write_text_atomic(args.out + ".json", json.dumps(out, indent=1) + "
-")
+    write_text_atomic(args.out + ".json", json.dumps(out, indent=1) + "\n")
     ok = d["gap_closed"] >= TARGET
     lines = ["# Prediction target: DeepSeek-V2-Lite, 25% of expert memory, layer scope, token by token", "",
              f"- date: {meta['date']}", f"- machine: {meta['machine']}",

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", default=os.path.join(HERE, "suite.toml"))
     ap.add_argument("--traces", nargs="*", help="suite trace names (default: every one)")
     ap.add_argument("--no-learned", action="store_true", help="leave the learned predictor out")
+    ap.add_argument("--policies", nargs="*", help="a subset of the suite's online policies (default: all)")
+    ap.add_argument("--predictors", nargs="*", help="a subset of the predictors (default: the suite's + learned)")
+    ap.add_argument("--capacities", nargs="*", help="a subset of the suite's capacities")
+    ap.add_argument("--scopes", nargs="*", help="a subset of the suite's scopes")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prefetch_admission"))
     args = ap.parse_args(argv)
@@ -62,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"trace {missing[0]} not built: run eval/suite_traces.py first")
     preds = list(suite.predictors) + ([] if args.no_learned else [Spec("learned")])
-    suite = dataclasses.replace(suite, traces=traces, predictors=preds,
-                                policies=[p for p in suite.policies if not policy_class(p).offline])
+    if args.predictors:
+        preds = [None] + [p for p in preds if p is not None and p.name in args.predictors]
+    pols = [p for p in suite.policies if not policy_class(p).offline and (not args.policies or p.name in args.policies)]
+    suite = dataclasses.replace(suite, traces=traces, predictors=preds, policies=pols,
+                                capacities=[c for c in suite.capacities if not args.capacities or c in args.capacities],
+                                scopes=[c for c in suite.scopes if not args.scopes or c in args.scopes])
     plan = plan_suite(suite)
     spec = {t.name: t for t in traces}
     tasks = [Task(r.key, spec[r.config.trace], plan.infos[r.config.trace].identity, suite.settings, r.config,
@@ -120,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
              "at the same capacity and scope without prefetch (`predicted`: the same predictor at depth 0); "
              "ratio = prefetching time / partner time; goal: every ratio <= 1.02",
              f"- predictors fitted on the fit part and scored on held-out routing: "
-             f"{', '.join(p.label for p in preds if p is not None)}", "",
+             f"{', '.join(p.label for p in preds if p is not None)}; policies: "
+             f"{', '.join(p.label for p in pols)}; capacities: {', '.join(suite.capacities)}; "
+             f"scopes: {', '.join(suite.scopes)}", "",
              f"**{len(over)} of {len(pairs)} pairs over the goal.**", "",
              "| trace | capacity | worst pair | ratio | best ratio | prefetches issued / refused |",
              "| --- | --- | --- | --- | --- | --- |"]

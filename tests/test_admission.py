@@ -130,3 +130,33 @@ def test_runtime_uses_the_same_rule(monkeypatch):
     assert issued[("none", 1e4)][0] > 0 and issued[("none", 1e4)][1] == 0
     assert issued[("cost", 1e-6)][0] > 0
     assert calls and all(len(a) == 5 for a in calls)
+
+
+def _eval_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "eval" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_eval_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prediction_target_three_way_split_and_report():
+    """Fit, choose and report parts are disjoint runs of sequences in order; the report's gap closed is
+    (LRU - chosen) / (LRU - bound)."""
+    pt = _eval_module("prediction_target")
+    trace = _trace(tokens=450)  # 9 sequences of 50 tokens
+    fit, choose, rep = pt.three_way(trace, None, 2, None)
+    assert [len(p.sequences()) for p in (fit, choose, rep)] == [3, 2, 3]
+    seqs = [set(np.asarray(p.seq).tolist()) for p in (fit, choose, rep)]
+    assert seqs[0] == {0, 1, 2} and seqs[1] == {3, 4} and seqs[2] == {6, 7, 8}
+    fitted = pt.Fitted(fit, trace.meta)
+    chosen = {"policy": "lru", "predictor": "temporal", "depth": 1}
+    out = pt.report(rep, fitted, chosen, _hw(0.3))
+    lru, got, bound = out["lru"]["ms_per_token"], out["chosen"]["ms_per_token"], out["bound_ms_per_token"]
+    assert bound <= got and bound < lru
+    assert out["gap_closed"] == pytest.approx((lru - got) / (lru - bound))
+    with pytest.raises(SystemExit, match="three-way split needs at least 3"):
+        pt.three_way(_trace(tokens=100), None, None, None)
