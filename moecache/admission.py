@@ -8,6 +8,7 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
 * ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the
   step's tokens that pick it, capped at 1 (``candidate_probability``);
 * ``backlog_ms``: how long until the copy engine is free (copies already queued, demand and prefetch);
+* ``first_ms``: how long until the next MoE layer's experts are needed;
 * ``lead``: how long until the target layer's experts are needed (``lead_ms``: in the simulator the
   current step's end, known once its demand copies are issued, plus the next layer's non-expert work,
   then one layer per further depth; in the runtime ``depth`` times the measured layer interval);
@@ -16,16 +17,19 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
   (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
   0 when the pool has a free slot).
 
-A copy that could not even start before the target layer (``backlog_ms >= lead_ms``) is *late* and
+A copy that could not even start before the target layer (``backlog_ms >= lead``) is *late* and
 never issued: it would only queue in front of the target's own demand copies. Otherwise
 
-    value = prob * saved  -  (1 - prob) * overrun  -  victim_prob * copy_ms
+    value = prob * saved  -  w * block  -  victim_prob * copy_ms
 
-where ``saved = min(copy_ms, lead_ms - backlog_ms)`` is the stall the copy saves when the candidate is
+where ``saved = min(copy_ms, lead - backlog_ms)`` is the stall the copy saves when the candidate is
 needed (a demand copy would start at the target and stall the GPU ``copy_ms``; the prefetch has
-``lead_ms - backlog_ms`` of head start), ``overrun = max(0, backlog_ms + copy_ms - lead_ms)`` is how far
-a wasted copy runs into the target layer, delaying its demand copies, and the last term is the copy
-that evicting a victim needed again costs. The prefetch is issued when ``value > 0``.
+``lead - backlog_ms`` of head start); ``block = max(0, backlog_ms + copy_ms - first_ms)`` is how far the
+copy runs into the next MoE layer (``first_ms`` from now), delaying that layer's demand copies, with
+``w = 1 - prob`` when the next layer is the target (a right prefetch is the copy that layer would have
+made) and ``w = 1`` when the target is further ahead (the next layer's demand copies wait either way);
+the last term is the copy that evicting a victim needed again costs. The prefetch is issued when
+``value > 0``.
 
 ``ADMISSIONS``: ``cost`` (this rule, the default) and ``none`` (every candidate the prefetch rule
 picks is issued, where a victim exists: the behaviour before the rule, kept for comparison).
@@ -59,18 +63,21 @@ def lead_ms(depth: int, first_ms: float, layer_ms: float) -> float:
     return first_ms + (depth - 1) * layer_ms
 
 
-def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, lead: float, copy_ms: float) -> float:
+def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, first_ms: float, lead: float,
+                   copy_ms: float) -> float:
     """Expected milliseconds a prefetch saves (negative: it costs); ``-inf`` when it is late."""
     if backlog_ms >= lead:
         return float("-inf")
     early = lead - backlog_ms
     saved = copy_ms if copy_ms < early else early
-    overrun = backlog_ms + copy_ms - lead
-    if overrun < 0.0:
-        overrun = 0.0
-    return prob * saved - (1.0 - prob) * overrun - victim_prob * copy_ms
+    block = backlog_ms + copy_ms - first_ms
+    if block < 0.0:
+        block = 0.0
+    weight = 1.0 - prob if lead <= first_ms else 1.0
+    return prob * saved - weight * block - victim_prob * copy_ms
 
 
-def admit_prefetch(prob: float, victim_prob: float, backlog_ms: float, lead: float, copy_ms: float) -> bool:
+def admit_prefetch(prob: float, victim_prob: float, backlog_ms: float, first_ms: float, lead: float,
+                   copy_ms: float) -> bool:
     """Issue the prefetch? (``prefetch_value(...) > 0``; the module docstring gives the rule.)"""
-    return prefetch_value(prob, victim_prob, backlog_ms, lead, copy_ms) > 0.0
+    return prefetch_value(prob, victim_prob, backlog_ms, first_ms, lead, copy_ms) > 0.0

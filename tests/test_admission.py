@@ -20,31 +20,43 @@ from tests.simtools import make_trace
 
 def test_late_copy_is_never_issued():
     # the copy engine is busy past the target layer: even a certain need is refused
-    assert not admit_prefetch(1.0, 0.0, backlog_ms=2.0, lead=2.0, copy_ms=0.5)
-    assert prefetch_value(1.0, 0.0, 3.0, 2.0, 0.5) == -math.inf
-    assert admit_prefetch(1.0, 0.0, backlog_ms=1.9, lead=2.0, copy_ms=0.5)  # starts in time: part of a stall saved
+    assert not admit_prefetch(1.0, 0.0, backlog_ms=2.0, first_ms=2.0, lead=2.0, copy_ms=0.5)
+    assert prefetch_value(1.0, 0.0, 3.0, 2.0, 2.0, 0.5) == -math.inf
+    assert admit_prefetch(1.0, 0.0, backlog_ms=1.9, first_ms=2.0, lead=2.0, copy_ms=0.5)  # part of a stall saved
 
 
 def test_victim_worth_more_is_kept():
-    assert admit_prefetch(0.6, 0.5, 0.0, 10.0, 1.0)
-    assert not admit_prefetch(0.5, 0.6, 0.0, 10.0, 1.0)
-    assert not admit_prefetch(0.5, 0.5, 0.0, 10.0, 1.0)  # a tie changes nothing: not worth a copy
+    assert admit_prefetch(0.6, 0.5, 0.0, 10.0, 10.0, 1.0)
+    assert not admit_prefetch(0.5, 0.6, 0.0, 10.0, 10.0, 1.0)
+    assert not admit_prefetch(0.5, 0.5, 0.0, 10.0, 10.0, 1.0)  # a tie changes nothing: not worth a copy
 
 
 def test_overrun_of_a_wasted_copy_counts():
-    # lead 1, copy 4: right saves 1 ms, wrong delays the target's copies by 3 ms -> needs p > 0.75
-    assert not admit_prefetch(0.7, 0.0, 0.0, 1.0, 4.0)
-    assert admit_prefetch(0.8, 0.0, 0.0, 1.0, 4.0)
+    # next layer is the target, lead 1, copy 4: right saves 1 ms, wrong delays its copies 3 ms -> p > 0.75
+    assert not admit_prefetch(0.7, 0.0, 0.0, 1.0, 1.0, 4.0)
+    assert admit_prefetch(0.8, 0.0, 0.0, 1.0, 1.0, 4.0)
+
+
+def test_a_deeper_copy_blocking_the_next_layer_pays_for_it_either_way():
+    # target two layers ahead (lead 4), next layer in 1 ms: the copy (2 ms) runs 1 ms into the next layer,
+    # whose demand copies wait whether the prediction is right or not
+    assert prefetch_value(0.9, 0.0, 0.0, 1.0, 4.0, 2.0) == pytest.approx(0.9 * 2.0 - 1.0)
+    assert not admit_prefetch(0.4, 0.0, 0.0, 1.0, 4.0, 2.0)
+    # the same copy with the next layer as its target: only a wrong one costs the block
+    assert prefetch_value(0.4, 0.0, 0.0, 1.0, 1.0, 2.0) == pytest.approx(0.4 * 1.0 - 0.6 * 1.0)
+    assert admit_prefetch(0.4, 0.0, 0.0, 4.0, 4.0, 2.0)  # nothing blocked: worth it
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 50), st.floats(0.01, 50), st.floats(0.01, 10))
-def test_value_is_monotone(p, v, backlog, lead, copy):
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 50), st.floats(0.01, 50), st.integers(0, 3),
+       st.floats(0.01, 10))
+def test_value_is_monotone(p, v, backlog, first, more, copy):
     """More likely candidates, cheaper victims and shorter queues never turn an admission into a refusal."""
-    if admit_prefetch(p, v, backlog, lead, copy):
-        assert admit_prefetch(min(1.0, p + 0.1), v, backlog, lead, copy)
-        assert admit_prefetch(p, max(0.0, v - 0.1), backlog, lead, copy)
-        assert admit_prefetch(p, v, backlog * 0.5, lead, copy)
+    lead = first * (1 + more)
+    if admit_prefetch(p, v, backlog, first, lead, copy):
+        assert admit_prefetch(min(1.0, p + 0.1), v, backlog, first, lead, copy)
+        assert admit_prefetch(p, max(0.0, v - 0.1), backlog, first, lead, copy)
+        assert admit_prefetch(p, v, backlog * 0.5, first, lead, copy)
         assert p > v
 
 
@@ -129,7 +141,7 @@ def test_runtime_uses_the_same_rule(monkeypatch):
     assert issued[("cost", 1e4)][0] == 0 and issued[("cost", 1e4)][1] > 0
     assert issued[("none", 1e4)][0] > 0 and issued[("none", 1e4)][1] == 0
     assert issued[("cost", 1e-6)][0] > 0
-    assert calls and all(len(a) == 5 for a in calls)
+    assert calls and all(len(a) == 6 for a in calls)
 
 
 def _eval_module(name: str):

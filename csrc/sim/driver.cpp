@@ -390,7 +390,8 @@ struct Replay {
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
-      const double lead = (tl.gpu - t_route + ne_ms) + static_cast<double>(d - 1) * (ne_ms + step_ms);
+      const double first = tl.gpu - t_route + ne_ms;
+      const double lead = first + static_cast<double>(d - 1) * (ne_ms + step_ms);
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;
@@ -422,7 +423,7 @@ struct Replay {
           }
           double backlog = tl.copy - t_route;
           if (backlog < 0.0) backlog = 0.0;
-          if (!admit(probability(scores[e]), victim_prob, backlog, lead, in.copy_ms)) {
+          if (!admit(probability(scores[e]), victim_prob, backlog, first, lead, in.copy_ms)) {
             ++out.pf_refused;
             continue;
           }
@@ -441,13 +442,14 @@ struct Replay {
 
   // moecache/admission.py candidate_probability and admit_prefetch, in the same order of operations.
   static double probability(double score) { return score < 1.0 ? score : 1.0; }
-  static bool admit(double prob, double victim_prob, double backlog, double lead, double copy_ms) {
+  static bool admit(double prob, double victim_prob, double backlog, double first, double lead, double copy_ms) {
     if (backlog >= lead) return false;  // late: it could not start before the target layer
     const double early = lead - backlog;
     const double saved = copy_ms < early ? copy_ms : early;
-    double overrun = backlog + copy_ms - lead;
-    if (overrun < 0.0) overrun = 0.0;
-    return prob * saved - (1.0 - prob) * overrun - victim_prob * copy_ms > 0.0;
+    double block = backlog + copy_ms - first;
+    if (block < 0.0) block = 0.0;
+    const double weight = lead <= first ? 1.0 - prob : 1.0;
+    return prob * saved - weight * block - victim_prob * copy_ms > 0.0;
   }
 };
 

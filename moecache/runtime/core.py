@@ -593,7 +593,7 @@ class Runtime:
                                 victim_prob = candidate_probability(float(scores_at[dd][v - vl * self.E]))
                                 break
                     backlog = max(0.0, (self._copy_free_s - time.perf_counter()) * 1e3) + len(slots) * copy_ms
-                    if not admit_prefetch(prob, victim_prob, backlog, lead, copy_ms):
+                    if not admit_prefetch(prob, victim_prob, backlog, layer_ms, lead, copy_ms):
                         self.counters.prefetch_refused += 1
                         continue
                 slots.append(self._place(key, protected))

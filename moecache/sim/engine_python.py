@@ -214,7 +214,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
-                    lead = lead_ms(d, tl.gpu - t_route + ne_ms, ne_ms + step_ms)
+                    first = tl.gpu - t_route + ne_ms
+                    lead = lead_ms(d, first, ne_ms + step_ms)
                     for e in chosen:
                         key = base + e
                         if key in resident:
@@ -237,7 +238,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             if backlog < 0.0:
                                 backlog = 0.0
                             if not admit_prefetch(candidate_probability(float(scores[e])), victim_prob, backlog,
-                                                  lead, copy_ms):
+                                                  first, lead, copy_ms):
                                 pf_refused += 1
                                 continue
                         for v in insert(key, prot):
