@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-seqs", type=int, default=200)
     ap.add_argument("--choose-seqs", type=int, default=40)
     ap.add_argument("--report-seqs", type=int, default=100)
+    ap.add_argument("--policies", nargs="*", help="candidate policies (default: every one in CANDIDATES)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prediction_target"))
     args = ap.parse_args(argv)
     src = args.deepseek or (SUITE_DEEPSEEK if os.path.isdir(SUITE_DEEPSEEK) else DEEPSEEK)
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Schedule(choose, decode_stream=True, name="choose")
     tried = []
     for pol, pred, d in CANDIDATES:
+        if args.policies and pol not in args.policies:
+            continue
         try:
             tried.append(replay(choose, fitted, pol, pred, d, hw, s))
         except ConfigError as e:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         by_key = {t.key: t for t in tasks}
         for i, (key, row, _s) in enumerate(pool.map(_run, tasks, chunksize=8), 1):
             rows[by_key[key].config] = row
-            if i % 50 == 0 or i == len(tasks):
+            if i % 10 == 0 or i == len(tasks):
                 print(f"  {i}/{len(tasks)} runs ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     seconds = time.time() - t0
 
