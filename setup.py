@@ -78,7 +78,8 @@ setup(
     packages=sorted(package_dir),
     package_dir=package_dir,
     # The embedded default model ships with the package (moecache/assets/README.md).
-    package_data={"moecache": ["assets/README.md", "assets/*/*.json", "assets/*/*.safetensors"]},
+    package_data={"moecache": ["assets/README.md", "assets/*/*.json", "assets/*/*.safetensors",
+                              "cost/profiles/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

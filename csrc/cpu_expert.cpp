@@ -42,6 +42,7 @@
 //
 // The GIL is released in submit/wait/read; workers never touch Python.
 #include "cpu_expert.h"
+#include "cpu_expert_quant.h"
 
 #include <algorithm>
 #include <atomic>
@@ -382,6 +383,8 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 struct Job {
   const float* x;
   int64_t tokens;
+  const uint8_t* base = nullptr;  // compressed experts: the expert's row in the host store
+  std::vector<float> xp;          // x in even/odd order, where the compressed kernels read it so
   const void* gate_up;
   const void* down;
   float* out;
@@ -390,8 +393,21 @@ struct Job {
   int64_t first1 = 0, first2 = 0;  // index of its first work item in phase 1 / phase 2
 };
 
+// What a task of compressed experts shares: the format, the activation and the parts' offsets in an
+// expert's row (moecache.quant.ExpertCodec: the same for every expert of a layer).
+struct QTask {
+  QSpec spec;
+  int act = 0;                  // 0: silu(gate) * up, gate rows 0..I-1, up rows I..2I-1; 1: GPT-OSS (below)
+  float alpha = 1.f, limit = 0.f;
+  bool evenodd = false;         // the kernels read x (and act) in even/odd order
+  int64_t off[8] = {};          // gate_up q, scale, zero, bias; down q, scale, zero, bias (-1: absent)
+  int64_t q_stride[2] = {}, s_stride[2] = {}, z_stride[2] = {};  // per row: [gate_up, down]
+};
+
 struct Task {
   bool read = false;  // a bandwidth probe: sum `buf` (n floats) instead of experts
+  bool quant = false;  // compressed experts (QTask q)
+  QTask q;
   std::vector<Job> jobs;
   int64_t H = 0, I = 0;
   bool bf16 = false;
@@ -427,7 +443,7 @@ inline int64_t item_rows(int64_t total_rows, int64_t row_bytes, int64_t x_bytes,
 class CpuExpertPool::Impl {
  public:
   Impl(int64_t threads, const std::string& kernel)
-      : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)) {
+      : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)), qk_(quant_kernels_for(quant_isa(isa_), bf16_hw(isa_))) {
     if (threads < 1) {
       const int64_t hw = static_cast<int64_t>(std::thread::hardware_concurrency());
       threads = std::max<int64_t>(1, hw - 1);
@@ -467,6 +483,76 @@ class CpuExpertPool::Impl {
       // Phase 1 rows are (gate, up) pairs: two weight rows each.
       jb.rows1 = item_rows(inter, 2 * hidden * wbytes, jb.tokens * hidden * 4, 2, nthreads_);
       jb.rows2 = item_rows(hidden, inter * wbytes, jb.tokens * inter * 4, 4, nthreads_);
+      jb.first1 = t->items1;
+      jb.first2 = t->items2;
+      t->items1 += (inter + jb.rows1 - 1) / jb.rows1;
+      t->items2 += (hidden + jb.rows2 - 1) / jb.rows2;
+    }
+    return enqueue(t);
+  }
+
+  // Queue one task of compressed experts (see the header); returns its ticket.
+  int64_t submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16, int64_t act,
+                       double alpha, double limit, const std::vector<int64_t>& offsets, const std::vector<int64_t>& x,
+                       const std::vector<int64_t>& tokens, const std::vector<int64_t>& experts,
+                       const std::vector<int64_t>& out) {
+    if (hidden < 1 || inter < 1) throw std::invalid_argument("hidden and intermediate sizes must be >= 1");
+    if (fmt < Q_INT8 || fmt > Q_MXFP4) throw std::invalid_argument("fmt must be 0 (int8), 1 (int4) or 2 (mxfp4)");
+    if (fmt == Q_MXFP4 ? group != 32 : (group != 32 && group != 64 && group != 128))
+      throw std::invalid_argument("unsupported group size " + std::to_string(group) +
+                                  ": int8/int4 take 32, 64 or 128, mxfp4 takes 32");
+    if (hidden % group || inter % group)
+      throw std::invalid_argument("hidden (" + std::to_string(hidden) + ") and intermediate (" + std::to_string(inter) +
+                                  ") sizes must be multiples of the group size " + std::to_string(group));
+    if (act != 0 && act != 1) throw std::invalid_argument("act must be 0 (SiLU) or 1 (GPT-OSS clamped SwiGLU)");
+    if (offsets.size() != 8) throw std::invalid_argument("offsets must list 8 part offsets (-1 for an absent part)");
+    for (int i : {0, 1, 4, 5})
+      if (offsets[i] < 0) throw std::invalid_argument("the codes and scales of both matrices must be present");
+    if (fmt != Q_MXFP4 && (offsets[2] < 0 || offsets[6] < 0))
+      throw std::invalid_argument("int8/int4 matrices need their zeros");
+    const size_t n = x.size();
+    if (tokens.size() != n || experts.size() != n || out.size() != n)
+      throw std::invalid_argument("x, tokens, experts and out differ in length");
+    auto t = std::make_shared<Task>();
+    t->quant = true;
+    t->H = hidden;
+    t->I = inter;
+    QTask& q = t->q;
+    q.spec.fmt = static_cast<int>(fmt);
+    q.spec.group = static_cast<int>(group);
+    q.spec.round_bf16 = compute_bf16 && fmt != Q_MXFP4;  // MXFP4 values are exact in bf16
+    q.act = static_cast<int>(act);
+    q.alpha = static_cast<float>(alpha);
+    q.limit = static_cast<float>(limit);
+    q.evenodd = quant_x_evenodd(qk_, q.spec);
+    t->bf16 = compute_bf16;  // the biases' dtype (the compute dtype)
+    for (int i = 0; i < 8; ++i) q.off[i] = offsets[i];
+    const int64_t ins[2] = {hidden, inter};
+    int64_t row_bytes[2];
+    for (int m = 0; m < 2; ++m) {
+      const int64_t groups = ins[m] / group;
+      q.q_stride[m] = fmt == Q_INT8 ? ins[m] : ins[m] / 2;
+      q.s_stride[m] = fmt == Q_MXFP4 ? groups : 2 * groups;
+      q.z_stride[m] = fmt == Q_MXFP4 ? 0 : groups;
+      row_bytes[m] = q.q_stride[m] + q.s_stride[m] + q.z_stride[m];
+    }
+    t->jobs.resize(n);
+    for (size_t j = 0; j < n; ++j) {
+      if (tokens[j] < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
+      Job& jb = t->jobs[j];
+      jb.x = reinterpret_cast<const float*>(x[j]);
+      jb.tokens = tokens[j];
+      jb.base = reinterpret_cast<const uint8_t*>(experts[j]);
+      jb.gate_up = jb.down = nullptr;
+      jb.out = reinterpret_cast<float*>(out[j]);
+      jb.act.assign(static_cast<size_t>(tokens[j] * inter), 0.f);
+      if (q.evenodd) {  // x in the order the kernels read it
+        jb.xp.resize(static_cast<size_t>(tokens[j] * hidden));
+        for (int64_t p = 0; p < tokens[j]; ++p)
+          for (int64_t i = 0; i < hidden; ++i) jb.xp[p * hidden + evenodd_pos(i)] = jb.x[p * hidden + i];
+      }
+      jb.rows1 = item_rows(inter, 2 * row_bytes[0], jb.tokens * hidden * 4, 2, nthreads_);
+      jb.rows2 = item_rows(hidden, row_bytes[1], jb.tokens * inter * 4, 4, nthreads_);
       jb.first1 = t->items1;
       jb.first2 = t->items2;
       t->items1 += (inter + jb.rows1 - 1) / jb.rows1;
@@ -547,6 +633,9 @@ class CpuExpertPool::Impl {
   }
 
   std::string kernel() const { return ISA_NAMES[isa_]; }
+  std::string quant_kernel() const {
+    return std::string(ISA_NAMES[quant_isa(isa_)]) + (qk_.bf16_hw ? "+bf16" : "");
+  }
   int64_t threads() const { return nthreads_; }
 
   // Finish queued tasks, stop the workers. Idempotent.
@@ -674,6 +763,7 @@ class CpuExpertPool::Impl {
 
   // Works on `t` until no item is left; true for the one call that finished the task's last item.
   bool run(Task& t) {
+    if (t.quant) return run_quant(t);
     if (t.read) {
       bool last = false;
       for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
@@ -724,8 +814,128 @@ class CpuExpertPool::Impl {
     return false;
   }
 
+  // The compressed kernels' instruction set: the pool's, where the CPU converts fp16 (F16C) too.
+  static int quant_isa(Isa isa) {
+#ifdef MOECACHE_X86
+    __builtin_cpu_init();
+    if (isa != PORTABLE && !__builtin_cpu_supports("f16c")) return PORTABLE;
+    if (isa == AVX512 && !(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))) return AVX2;
+#endif
+    return isa;
+  }
+  static bool bf16_hw(Isa isa) {
+#ifdef MOECACHE_X86
+    __builtin_cpu_init();
+    return isa == AVX512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+#else
+    (void)isa;
+    return false;
+#endif
+  }
+
+  // Row r of matrix m (0: gate_up (2I, H), 1: down (H, I)) of the expert at `base`.
+  static QRow qrow(const QTask& q, const uint8_t* base, int m, int64_t r) {
+    const int64_t* off = q.off + 4 * m;
+    return QRow{base + off[0] + r * q.q_stride[m], base + off[1] + r * q.s_stride[m],
+                q.z_stride[m] ? base + off[2] + r * q.z_stride[m] : nullptr};
+  }
+
+  float bias_at(const Task& t, const uint8_t* base, int m, int64_t r) const {
+    const int64_t off = t.q.off[4 * m + 3];
+    if (off < 0) return 0.f;
+    if (t.bf16) {
+      uint16_t b;
+      std::memcpy(&b, base + off + 2 * r, sizeof b);
+      return bf16_to_f32(b);
+    }
+    float f;
+    std::memcpy(&f, base + off + 4 * r, sizeof f);
+    return f;
+  }
+
+  // part[i * P + p] = rows[i] . x[p] for i < nrows, p < P over n inputs, chunk by chunk (as dots()).
+  void dots_q(const QSpec& spec, const QRow* rows, int64_t nrows, int64_t n, const float* x, int64_t xs, int64_t P,
+              float* part) const {
+    std::fill(part, part + nrows * P, 0.f);
+    if (P <= qk_.tb) {
+      for (int64_t i0 = 0; i0 < nrows; i0 += qk_.rb) {
+        const int rb = static_cast<int>(std::min<int64_t>(qk_.rb, nrows - i0));
+        for (int64_t k0 = 0; k0 < n; k0 += CHUNK)
+          qk_.block(spec, rows + i0, rb, x, xs, static_cast<int>(P), k0, std::min(n, k0 + CHUNK), part + i0 * P, P);
+      }
+      return;
+    }
+    for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+      const int64_t k1 = std::min(n, k0 + CHUNK);
+      for (int64_t i0 = 0; i0 < nrows; i0 += qk_.rb) {
+        const int rb = static_cast<int>(std::min<int64_t>(qk_.rb, nrows - i0));
+        for (int64_t p0 = 0; p0 < P; p0 += qk_.tb) {
+          const int tb = static_cast<int>(std::min<int64_t>(qk_.tb, P - p0));
+          qk_.block(spec, rows + i0, rb, x + p0 * xs, xs, tb, k0, k1, part + i0 * P + p0, P);
+        }
+      }
+    }
+  }
+
+  // run() for compressed experts: the same two phases, on compressed rows, with the task's activation.
+  bool run_quant(Task& t) {
+    const QTask& q = t.q;
+    const int64_t H = t.H, I = t.I;
+    thread_local std::vector<float> part;
+    thread_local std::vector<QRow> rows;
+    for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
+      Job& jb = t.jobs[job_of(t, it, false)];
+      const int64_t r0 = (it - jb.first1) * jb.rows1, r1 = std::min(I, r0 + jb.rows1), nr = r1 - r0, P = jb.tokens;
+      rows.resize(static_cast<size_t>(2 * nr));
+      for (int64_t i = 0; i < nr; ++i) {  // (gate_r, up_r) pairs
+        const int64_t r = r0 + i;
+        rows[2 * i] = qrow(q, jb.base, 0, q.act == 1 ? 2 * r : r);
+        rows[2 * i + 1] = qrow(q, jb.base, 0, q.act == 1 ? 2 * r + 1 : I + r);
+      }
+      part.resize(static_cast<size_t>(2 * nr * P));
+      dots_q(q.spec, rows.data(), 2 * nr, H, q.evenodd ? jb.xp.data() : jb.x, H, P, part.data());
+      float* act = jb.act.data();
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i;
+        const float bg = bias_at(t, jb.base, 0, q.act == 1 ? 2 * r : r);
+        const float bu = bias_at(t, jb.base, 0, q.act == 1 ? 2 * r + 1 : I + r);
+        const int64_t col = q.evenodd ? evenodd_pos(r) : r;
+        for (int64_t p = 0; p < P; ++p) {
+          float g = part[2 * i * P + p] + bg, u = part[(2 * i + 1) * P + p] + bu;
+          float a;
+          if (q.act == 1) {  // GPT-OSS: clamp, gate * sigmoid(alpha * gate), times (up + 1)
+            g = std::min(g, q.limit);
+            u = std::min(std::max(u, -q.limit), q.limit);
+            a = (u + 1.f) * (g / (1.f + std::exp(-q.alpha * g)));
+          } else {
+            a = silu(g) * u;
+          }
+          act[p * I + col] = a;
+        }
+      }
+      t.done1.fetch_add(1, std::memory_order_acq_rel);
+    }
+    if (t.next2.load(std::memory_order_relaxed) >= t.items2) return false;
+    while (t.done1.load(std::memory_order_acquire) < t.items1) std::this_thread::yield();
+    for (int64_t it; (it = t.next2.fetch_add(1, std::memory_order_relaxed)) < t.items2;) {
+      Job& jb = t.jobs[job_of(t, it, true)];
+      const int64_t r0 = (it - jb.first2) * jb.rows2, r1 = std::min(H, r0 + jb.rows2), nr = r1 - r0, P = jb.tokens;
+      rows.resize(static_cast<size_t>(nr));
+      for (int64_t i = 0; i < nr; ++i) rows[i] = qrow(q, jb.base, 1, r0 + i);
+      part.resize(static_cast<size_t>(nr * P));
+      dots_q(q.spec, rows.data(), nr, I, jb.act.data(), I, P, part.data());
+      for (int64_t i = 0; i < nr; ++i) {
+        const float b = bias_at(t, jb.base, 1, r0 + i);
+        for (int64_t p = 0; p < P; ++p) jb.out[p * H + r0 + i] = part[i * P + p] + b;
+      }
+      if (t.done2.fetch_add(1, std::memory_order_acq_rel) + 1 == t.items2) return true;
+    }
+    return false;
+  }
+
   Isa isa_;
   Kernels k_;
+  QKernels qk_;
   int nthreads_ = 1;
   std::vector<std::thread> workers_;
   std::mutex mu_;
@@ -748,6 +958,14 @@ class CpuExpertPool::Impl {
 CpuExpertPool::CpuExpertPool(int64_t threads, const std::string& kernel)
     : impl_(std::make_unique<Impl>(threads, kernel)) {}
 CpuExpertPool::~CpuExpertPool() = default;
+int64_t CpuExpertPool::submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16,
+                                    int64_t act, double alpha, double limit, const std::vector<int64_t>& offsets,
+                                    const std::vector<int64_t>& x, const std::vector<int64_t>& tokens,
+                                    const std::vector<int64_t>& experts, const std::vector<int64_t>& out) {
+  return impl_->submit_quant(hidden, inter, fmt, group, compute_bf16, act, alpha, limit, offsets, x, tokens, experts,
+                             out);
+}
+std::string CpuExpertPool::quant_kernel() const { return impl_->quant_kernel(); }
 int64_t CpuExpertPool::submit(int64_t hidden, int64_t inter, int64_t wtype, const std::vector<int64_t>& x,
                               const std::vector<int64_t>& tokens, const std::vector<int64_t>& gate_up,
                               const std::vector<int64_t>& down, const std::vector<int64_t>& out) {

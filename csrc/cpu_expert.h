@@ -26,6 +26,19 @@ class CpuExpertPool {
   int64_t submit(int64_t hidden, int64_t inter, int64_t wtype, const std::vector<int64_t>& x,
                  const std::vector<int64_t>& tokens, const std::vector<int64_t>& gate_up,
                  const std::vector<int64_t>& down, const std::vector<int64_t>& out);
+  // Queue one task of compressed experts (moecache.quant's rows, read in place): experts[j] is the address
+  // of expert j's row, offsets the 8 part offsets in it (gate_up q, scale, zero, bias; down q, scale,
+  // zero, bias; -1 where absent). fmt: 0 int8, 1 int4, 2 mxfp4; group: its group size; compute_bf16:
+  // dequantized weights round to bf16 (else fp32), and the biases are bf16 (else fp32). act 0:
+  // silu(gate) * up with gate rows 0..I-1 and up rows I..2I-1 of gate_up; act 1 (GPT-OSS): gate row
+  // 2i, up row 2i + 1, gate = min(gate, limit), up = clamp(up, -limit, limit),
+  // (up + 1) * gate * sigmoid(alpha * gate). Biases are added to gate_up's and down's outputs.
+  int64_t submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16, int64_t act,
+                       double alpha, double limit, const std::vector<int64_t>& offsets, const std::vector<int64_t>& x,
+                       const std::vector<int64_t>& tokens, const std::vector<int64_t>& experts,
+                       const std::vector<int64_t>& out);
+  // The instruction set the compressed kernels run ("avx512+bf16", "avx512", "avx2", "portable").
+  std::string quant_kernel() const;
   // Block until task ``ticket`` finished; its wall time in ms.
   double wait(int64_t ticket);
   // Wake the workers for a task about to be submitted.

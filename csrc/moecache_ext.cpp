@@ -95,6 +95,11 @@ void register_cpu_expert(pybind11::module& m) {
       .def("submit", &CpuExpertPool::submit, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
            py::arg("inter"), py::arg("wtype"), py::arg("x"), py::arg("tokens"), py::arg("gate_up"), py::arg("down"),
            py::arg("out"))
+      .def("submit_quant", &CpuExpertPool::submit_quant, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
+           py::arg("inter"), py::arg("fmt"), py::arg("group"), py::arg("compute_bf16"), py::arg("act"),
+           py::arg("alpha"), py::arg("limit"), py::arg("offsets"), py::arg("x"), py::arg("tokens"), py::arg("experts"),
+           py::arg("out"))
+      .def("quant_kernel", &CpuExpertPool::quant_kernel)
       .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
       .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
       .def("prewake", &CpuExpertPool::prewake, py::call_guard<py::gil_scoped_release>())

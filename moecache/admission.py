@@ -20,7 +20,7 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
 A copy that could not even start before the target layer (``backlog_ms >= lead``) is *late* and
 never issued: it would only queue in front of the target's own demand copies. Otherwise
 
-    value = prob * saved  -  w * block  -  victim_prob * copy_ms
+    value = prob * saved  -  w * block  -  victim_prob * copy_ms  -  host_ms
 
 where ``saved = min(copy_ms, lead - backlog_ms)`` is the stall the copy saves when the candidate is
 needed (a demand copy would start at the target and stall the GPU ``copy_ms``; the prefetch has
@@ -28,8 +28,10 @@ needed (a demand copy would start at the target and stall the GPU ``copy_ms``; t
 copy runs into the next MoE layer (``first_ms`` from now), delaying that layer's demand copies, with
 ``w = 1 - prob`` when the next layer is the target (a right prefetch is the copy that layer would have
 made) and ``w = 1`` when the target is further ahead (the next layer's demand copies wait either way);
-the last term is the copy that evicting a victim needed again costs. The prefetch is issued when
-``value > 0``.
+the third term is the copy that evicting a victim needed again costs, and ``host_ms`` the host time
+issuing it adds to the step (the calibrated profile's ``prefetch_host_ms`` where the host, not the GPU,
+is what the next layer waits for; 0 in the runtime, whose measured layer interval holds its host
+work). The prefetch is issued when ``value > 0``.
 
 ``ADMISSIONS``: ``cost`` (this rule, the default) and ``none`` (every candidate the prefetch rule
 picks is issued, where a victim exists: the behaviour before the rule, kept for comparison).
@@ -64,7 +66,7 @@ def lead_ms(depth: int, first_ms: float, layer_ms: float) -> float:
 
 
 def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, first_ms: float, lead: float,
-                   copy_ms: float) -> float:
+                   copy_ms: float, host_ms: float = 0.0) -> float:
     """Expected milliseconds a prefetch saves (negative: it costs); ``-inf`` when it is late."""
     if backlog_ms >= lead:
         return float("-inf")
@@ -74,10 +76,10 @@ def prefetch_value(prob: float, victim_prob: float, backlog_ms: float, first_ms:
     if block < 0.0:
         block = 0.0
     weight = 1.0 - prob if lead <= first_ms else 1.0
-    return prob * saved - weight * block - victim_prob * copy_ms
+    return prob * saved - weight * block - victim_prob * copy_ms - host_ms
 
 
 def admit_prefetch(prob: float, victim_prob: float, backlog_ms: float, first_ms: float, lead: float,
-                   copy_ms: float) -> bool:
+                   copy_ms: float, host_ms: float = 0.0) -> bool:
     """Issue the prefetch? (``prefetch_value(...) > 0``; the module docstring gives the rule.)"""
-    return prefetch_value(prob, victim_prob, backlog_ms, first_ms, lead, copy_ms) > 0.0
+    return prefetch_value(prob, victim_prob, backlog_ms, first_ms, lead, copy_ms, host_ms) > 0.0

@@ -60,6 +60,12 @@ def test_value_is_monotone(p, v, backlog, first, more, copy):
         assert p > v
 
 
+def test_host_time_of_issuing_counts():
+    # nothing blocked, victim free: 0.5 * 1 ms saved against 0.4 ms of host time is issued, against 0.6 not
+    assert admit_prefetch(0.5, 0.0, 0.0, 4.0, 4.0, 1.0, host_ms=0.4)
+    assert not admit_prefetch(0.5, 0.0, 0.0, 4.0, 4.0, 1.0, host_ms=0.6)
+
+
 def test_probability_and_lead():
     assert candidate_probability(0.3) == 0.3 and candidate_probability(2.5) == 1.0
     assert lead_ms(3, 1.0, 0.25) == 1.5 and lead_ms(1, 2.0, 9.0) == 2.0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moecache.cli import main
+from moecache.cost.hardware import HOST_TERMS
 from moecache.policies import POLICIES
 from moecache.predictors import PREDICTORS
 
@@ -95,8 +96,10 @@ def test_fit_share_and_fit_trace(tmp_path, capsys):
 def test_hardware_file_and_bytes(tmp_path, capsys):
     path = _write(tmp_path)
     hw = tmp_path / "hw.json"
+    # the host and interference terms off (a file that leaves them out keeps the calibrated ones)
     hw.write_text(json.dumps({"bytes_per_expert": 1_000_000, "copy_bandwidth_gbps": 1.0, "copy_latency_ms": 0.0,
-                              "gpu_ms": {"1": 0.5}, "non_expert_ms": {"1": 1.0}}))
+                              "gpu_ms": {"1": 0.5}, "non_expert_ms": {"1": 1.0},
+                              **{n: 0.0 for n in HOST_TERMS}}))
     code, out, _ = run(capsys, path, "--policies", "lru", "--capacity", "50%", "--hardware", str(hw), "--json",
                        "--quiet")
     row = json.loads(out)[0]

@@ -72,11 +72,25 @@ def _policy(name, params, cap, trace, scope):
     return p
 
 
-def _profile(bytes_per_expert: int = 3_000_000) -> HardwareProfile:
-    # uneven token-count tables, so batched units interpolate and no two costs are round numbers
+def _profile(bytes_per_expert: int = 3_000_000, **terms: float) -> HardwareProfile:
+    # uneven token-count tables, so batched units interpolate and no two costs are round numbers;
+    # ``terms``: the calibrated host and interference terms (0 where not given)
     return HardwareProfile(bytes_per_expert=bytes_per_expert, copy_bandwidth_gbps=23.7, copy_latency_ms=0.013,
                            gpu_ms={1: 0.071, 3: 0.093, 16: 0.41}, cpu_ms={1: 0.37, 4: 1.13, 32: 7.9},
-                           non_expert_ms={1: 0.0517, 8: 0.2, 64: 1.3}, source="test")
+                           non_expert_ms={1: 0.0517, 8: 0.2, 64: 1.3}, source="test", **terms)
+
+
+#: The calibrated terms: all off, or uneven values of the size the fit finds (each term on alone, too).
+host_terms = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({}, optional={"layer_host_ms": st.floats(0.0, 0.5), "copy_host_ms": st.floats(0.0, 0.2),
+                                        "predictor_host_ms": st.floats(0.0, 0.4),
+                                        "prefetch_host_ms": st.floats(0.0, 0.1),
+                                        "copy_slowdown": st.floats(0.0, 0.3),
+                                        "hybrid_layer_ms": st.floats(0.0, 1.0),
+                                        "predictor_host_by_name": st.dictionaries(
+                                            st.sampled_from(["prior", "temporal", "transition", "oracle", "learned"]),
+                                            st.floats(0.0, 0.6), max_size=3)}))
 
 
 def _predictor(name, params, trace, depths=()):
@@ -158,12 +172,13 @@ def tuning(heap: bool):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(traces(), st.sampled_from(CONFIGS), st.sampled_from(MISS_RULES), st.booleans(), st.booleans())
-def test_random_traces_identical(case, config, miss_rule, decode, heap):
+@given(traces(), st.sampled_from(CONFIGS), st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms)
+def test_random_traces_identical(case, config, miss_rule, decode, heap, terms):
     trace, scope, cap = case
     name, params = config
     with tuning(heap):
-        (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode)
+        (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
+                                              hw=_profile(**terms))
     assert got == ref
     assert got_log == ref_log
 
@@ -194,9 +209,9 @@ def test_every_cpp_port_is_covered():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS),
        st.integers(0, 3), st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)),
-       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), st.sampled_from(["cost", "none"]))
+       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms, st.sampled_from(["cost", "none"]))
 def test_random_traces_with_predictors_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap,
-                                                 admission):
+                                                 terms, admission):
     trace, scope, cap = case
     name, params = config
     if name not in ("predicted",) and depth == 0:
@@ -205,7 +220,7 @@ def test_random_traces_with_predictors_identical(case, config, pred, depth, pref
         try:
             (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
                                                   pred=pred, depth=depth, prefetch=prefetch, budget=budget,
-                                                  admission=admission)
+                                                  hw=_profile(**terms), admission=admission)
         except ConfigError as e:  # prior with alpha 0 cannot be fitted on a trace with an empty layer
             assert "no routing at layers" in str(e)
             reject()

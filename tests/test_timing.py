@@ -11,7 +11,7 @@ from moecache.errors import ConfigError
 from moecache.policies import new_policy
 from moecache.predictors import PREDICTORS, Predictor
 from moecache.cost import MISS_RULES, default_profile, load_profile
-from moecache.cost.hardware import MIB, lookup
+from moecache.cost.hardware import MIB, calibrated_terms, lookup, uncalibrated_profile
 from moecache.sim import Schedule, lower_bound, simulate, split_time
 
 from tests.simtools import make_trace, unit_profile
@@ -186,13 +186,18 @@ def test_bound_is_cached_per_schedule():
 # -- hardware profile ----------------------------------------------------------------------------
 
 def test_default_profile_matches_the_measured_rows():
-    p = default_profile(336 * MIB)  # Mixtral row
+    # the measured rows are the uncalibrated profile; the default scales their CPU table by the frozen fit
+    p = uncalibrated_profile(336 * MIB)  # Mixtral row
     assert p.gpu(1) == 0.14 and p.cpu(1) == 5.8 and p.cpu(64) == 7.8
     assert p.copy_ms == pytest.approx(6.4, rel=0.1)
+    d = default_profile(336 * MIB)
+    scale = calibrated_terms()["cpu_table_scale"]
+    assert d.cpu(1) == 5.8 * scale and d.cpu(64) == 7.8 * scale
+    assert (d.gpu(1), d.copy_ms) == (p.gpu(1), p.copy_ms)
     q = default_profile(9 * MIB)
     assert q.copy_ms == pytest.approx(0.19, rel=0.1)
     # between rows: linear in MiB (16.5 -> 0.43, 47 -> 0.77 on the CPU)
-    mid = default_profile(int(31.75 * MIB))
+    mid = uncalibrated_profile(int(31.75 * MIB))
     assert mid.cpu(1) == pytest.approx((0.43 + 0.77) / 2)
     # the GPU's large-batch point adds the FLOPs at 400 TFLOP/s
     assert p.gpu(4096) == pytest.approx(0.14 + 4095 * 336 * MIB / 4e14 * 1e3)

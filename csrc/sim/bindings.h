@@ -33,6 +33,8 @@ inline torch::Tensor check_1d(const torch::Tensor& t, torch::ScalarType type, co
 //   decay, strength  float                 temporal
 //   fill          callable () -> int; buf float64 (chunk, slots, E)            a streamed predictor
 //   depth, score_depth, prefetch_rule, budget, admission   int
+//   layer_host_ms, copy_host_ms, predictor_host_ms, prefetch_host_ms, hybrid_layer_ms, slowdown   float
+//                                          the hardware profile's calibrated terms (slowdown: 1 + copy_slowdown)
 struct __attribute__((visibility("hidden"))) Options {  // (hidden, as the dict it holds)
   pybind11::dict d;
   bool has(const char* k) const { return d.contains(k); }
@@ -94,6 +96,12 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   in.budget = opt.i("budget", 0);
   in.admission = opt.i("admission", AD_COST);
   TORCH_CHECK(in.admission == AD_NONE || in.admission == AD_COST, "sim_replay: unknown admission code");
+  in.layer_host = opt.f("layer_host_ms", 0.0);
+  in.copy_host = opt.f("copy_host_ms", 0.0);
+  in.pred_host = opt.f("predictor_host_ms", 0.0);
+  in.pf_host = opt.f("prefetch_host_ms", 0.0);
+  in.slow = opt.f("slowdown", 1.0);
+  in.hybrid_ms = opt.f("hybrid_layer_ms", 0.0);
   const int64_t score_depth = opt.i("score_depth", 0);
   const int64_t pred_code = opt.i("predictor", PR_NONE);
   TORCH_CHECK(in.depth >= 0 && in.budget >= 0 && score_depth >= 0, "sim_replay: negative depth, budget or score depth");
@@ -212,5 +220,5 @@ inline void register_sim_core(pybind11::module& m) {
   m.def("sim_normalise", &moecache_sim::sim_normalise, "Predictor.normalise as the simulator core computes it",
         pybind11::arg("scores"), pybind11::arg("top_k"));
   // 2: every policy, predictions (C++ and streamed) and prefetch; engine_cpp.py checks it
-  m.attr("sim_core_version") = 2;
+  m.attr("sim_core_version") = 3;
 }

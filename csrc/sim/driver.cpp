@@ -238,6 +238,7 @@ struct Replay {
   std::vector<int64_t> wave_k, wave_c, miss_k, miss_c;
   std::vector<Job> jobs;
   PrefetchChooser chooser;
+  double hx = 0.0;  // host time of the current step so far, beyond t_route (engine_python's hx)
 
   Replay(const Input& in_, Core& c_, P& pol_, Output& out_, Predictions* preds_)
       : in(in_), c(c_), pol(pol_), out(out_), preds(preds_), tl(out_.tl), ready_at(c_.LE, 0.0),
@@ -265,14 +266,17 @@ struct Replay {
         if (D) pf_for[g % (D + 1)].clear();
         pol.begin_layer(l);
         grp.make(in, c, a, b, l);
-        const double t_route = tl.non_expert(ne_ms);
+        const double t_route = tl.non_expert(ne_ms, in.slow);
+        hx = in.layer_host;
         const double* slots = nullptr;
         if (preds) {
           slots = preds->step(l, in.ids + (a * L + l) * K, L * K, rows);
           if (preds->score_depth) pol.on_scores((l + preds->score_depth) % L, slots + D * c.E);
         }
         if (grp.n) demand(g, t_route);
-        if (D) prefetch(g, l, t_route, slots, pf_budget, ne_ms);
+        double hp = t_route + (hx + (preds ? in.pred_host : 0.0));  // the host after launching the experts
+        if (D) prefetch(g, l, hp, slots, pf_budget, ne_ms);
+        tl.join(hp);  // the next layer is launched once the host is done
       }
     }
   }
@@ -314,17 +318,18 @@ struct Replay {
         miss_c.push_back(cnt);
       }
     }
+    double h = t_route + in.layer_host;  // the host's clock: routing sync and policy done
     if (miss_k.empty()) {
       for (size_t i = 0; i < nhits; ++i) jobs.push_back({ready_at[wave_k[i]], wave_k[i], in.gpu_tab[wave_c[i]]});
-      tl.compute(jobs);
+      tl.join(h);
+      tl.compute(jobs, in.slow);
       return;
     }
     wave_k.insert(wave_k.end(), miss_k.begin(), miss_k.end());
     wave_c.insert(wave_c.end(), miss_c.begin(), miss_c.end());
-    double issue_t = t_route;
     for (int64_t w0 = 0; w0 < n; w0 += c.cap) {
       const int64_t w1 = std::min(n, w0 + c.cap);
-      if (w0) issue_t = tl.gpu;  // the previous wave's compute has ended: its slots are free
+      if (w0 && tl.gpu > h) h = tl.gpu;  // the previous wave's compute has ended: its slots are free
       c.protect(wave_k.data() + w0, w1 - w0);
       pol.park(wave_k.data() + w0, w1 - w0);
       jobs.clear();
@@ -346,8 +351,8 @@ struct Replay {
             if (!admitted) {
               copied = false;
             } else {
-              const double copy_done = (issue_t > tl.copy ? issue_t : tl.copy) + in.copy_ms + g_ms;
-              const double cpu_done = (issue_t > tl.cpu ? issue_t : tl.cpu) + in.cpu_tab[cnt];
+              const double copy_done = (h > tl.copy ? h : tl.copy) + in.copy_ms + g_ms;
+              const double cpu_done = (h > tl.cpu ? h : tl.cpu) + in.cpu_tab[cnt];
               copied = !(cpu_done < copy_done);
             }
           }
@@ -355,26 +360,29 @@ struct Replay {
         if (in.record) out.rec.insert(out.rec.end(), {g, key, cnt, copied ? O_COPY : O_CPU});
         if (copied) {
           insert(c, pol, key, out, pf_unused);
-          const double end = tl.issue_copy(issue_t, in.copy_ms);
+          h = h + in.copy_host;
+          hx = hx + in.copy_host;
+          const double end = tl.issue_copy(h, in.copy_ms);
           ready_at[key] = end;
           ++out.loads;
           jobs.push_back({end, key, g_ms});
         } else {
-          const double end = tl.issue_cpu(issue_t, in.cpu_tab[cnt]);
+          const double end = tl.issue_cpu(h, in.cpu_tab[cnt]);
           ++out.cpu_runs;
           if (end > cpu_end) cpu_end = end;
         }
       }
       pol.unpark();
-      tl.compute(jobs);
-      if (cpu_end >= 0.0) tl.join(cpu_end);
+      tl.join(h);
+      tl.compute(jobs, in.slow);
+      if (cpu_end >= 0.0) tl.join(cpu_end + in.hybrid_ms);
     }
   }
 
   // For d = 1..D: the rule picks the experts wanted for step g + d from the depth's scores; those
   // not resident are inserted, never evicting one the current step needs nor one wanted for the
   // same upcoming step (resident or fetched); a fetch that finds no other victim is skipped.
-  void prefetch(int64_t g, int64_t l, double t_route, const double* slots, int64_t budget, double ne_ms) {
+  void prefetch(int64_t g, int64_t l, double& hp, const double* slots, int64_t budget, double ne_ms) {
     const int64_t D = in.depth, E = c.E, L = c.L;
     const int64_t* now_keys = grp.keys.data();
     const int64_t n_now = grp.n;
@@ -390,8 +398,7 @@ struct Replay {
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
-      const double first = tl.gpu - t_route + ne_ms;
-      const double lead = first + static_cast<double>(d - 1) * (ne_ms + step_ms);
+      const double layer_ms = ne_ms + step_ms;
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;
@@ -421,9 +428,15 @@ struct Replay {
               }
             }
           }
-          double backlog = tl.copy - t_route;
+          const double now = hp + in.pf_host;  // when this copy would be issued
+          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms;
+          const double lead = first + static_cast<double>(d - 1) * layer_ms;
+          double backlog = tl.copy - now;
           if (backlog < 0.0) backlog = 0.0;
-          if (!admit(probability(scores[e]), victim_prob, backlog, first, lead, in.copy_ms)) {
+          double host = now - tl.gpu;  // the host time it adds to the step, where the host is behind the GPU
+          if (host < 0.0) host = 0.0;
+          if (host > in.pf_host) host = in.pf_host;
+          if (!admit(probability(scores[e]), victim_prob, backlog, first, lead, in.copy_ms, host)) {
             ++out.pf_refused;
             continue;
           }
@@ -431,7 +444,8 @@ struct Replay {
         if (v >= 0) evict(c, pol, v, out, pf_unused);
         c.add(key);
         pol.on_insert(key);
-        ready_at[key] = tl.issue_copy(t_route, in.copy_ms);
+        hp = hp + in.pf_host;
+        ready_at[key] = tl.issue_copy(hp, in.copy_ms);
         pf_unused[key] = 1;
         wanted.push_back(key);
         c.protect_add(key);
@@ -442,14 +456,15 @@ struct Replay {
 
   // moecache/admission.py candidate_probability and admit_prefetch, in the same order of operations.
   static double probability(double score) { return score < 1.0 ? score : 1.0; }
-  static bool admit(double prob, double victim_prob, double backlog, double first, double lead, double copy_ms) {
+  static bool admit(double prob, double victim_prob, double backlog, double first, double lead, double copy_ms,
+                    double host) {
     if (backlog >= lead) return false;  // late: it could not start before the target layer
     const double early = lead - backlog;
     const double saved = copy_ms < early ? copy_ms : early;
     double block = backlog + copy_ms - first;
     if (block < 0.0) block = 0.0;
     const double weight = lead <= first ? 1.0 - prob : 1.0;
-    return prob * saved - weight * block - victim_prob * copy_ms > 0.0;
+    return prob * saved - weight * block - victim_prob * copy_ms - host > 0.0;
   }
 };
 

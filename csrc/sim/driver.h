@@ -30,6 +30,8 @@ struct Input {
   int64_t prefetch_rule = PF_TOPK;
   int64_t budget = 0;          // prefetches per target layer; 0: min(E, top_k * rows)
   int64_t admission = AD_COST; // prefetch admission rule (moecache/admission.py)
+  // the calibrated host and interference terms of the hardware profile (moecache/cost/timing.py)
+  double layer_host = 0.0, copy_host = 0.0, pred_host = 0.0, pf_host = 0.0, slow = 1.0, hybrid_ms = 0.0;
 };
 
 struct Output {

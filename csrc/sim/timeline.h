@@ -17,7 +17,8 @@ struct Job {
 
 struct Timeline {
   double gpu = 0.0, copy = 0.0, cpu = 0.0, gpu_busy = 0.0, copy_busy = 0.0, cpu_busy = 0.0;
-  double non_expert(double ms) {
+  double non_expert(double ms, double slow) {
+    if (copy > gpu) ms = ms * slow;
     gpu += ms;
     gpu_busy += ms;
     return gpu;
@@ -34,7 +35,7 @@ struct Timeline {
     cpu_busy += ms;
     return cpu;
   }
-  void compute(std::vector<Job>& jobs) {
+  void compute(std::vector<Job>& jobs, double slow) {
     // keys are distinct within a wave, so (ready, key) is the full tuple order of the reference
     if (jobs.size() > 16) {
       std::sort(jobs.begin(), jobs.end());
@@ -50,10 +51,12 @@ struct Timeline {
       }
     }
     double g = gpu, busy = gpu_busy;
+    const double cp = copy;
     for (const Job& j : jobs) {
       if (j.ready > g) g = j.ready;
-      g += j.ms;
-      busy += j.ms;
+      const double ms = cp > g ? j.ms * slow : j.ms;
+      g += ms;
+      busy += ms;
     }
     gpu = g;
     gpu_busy = busy;

@@ -317,7 +317,8 @@ def register(sub) -> None:
     p.add_argument("--decode-stream", action="store_true", help="replay every token on its own, even prefill steps")
     p.add_argument("--miss-rule", default="copy", metavar="NAME",
                    help="how a demand miss is served: copy, cpu, policy, min (default copy; see --list)")
-    p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the H100 figures)")
+    p.add_argument("--hardware", metavar="FILE", help="hardware profile JSON (default: the calibrated H100 profile; "
+                   "fields left out keep its values)")
     p.add_argument("--bytes-per-expert", type=int, metavar="N", help="override the trace's expert size in bytes")
     p.add_argument("--expert-dtype", default="bf16", metavar="FMT",
                    help="experts' format: bf16 (default), int8 or int4 (copies move the compressed bytes, the "

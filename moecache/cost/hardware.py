@@ -25,8 +25,31 @@ Defaults (``default_profile``) come from the measurements in ``shared/docs/hardw
   1 with the routed experts zeroed, i.e. 1.0185 ms per layer, used for every batch size (one
   measured point).
 
+Host and interference terms (all default 0, the uncalibrated model; see ``moecache.cost.timing``
+for where each enters the timeline):
+
+* ``layer_host_ms``: host time per MoE layer step between the router's result and the launch of the
+  layer's expert work (the routing sync, the policy's decisions, queueing): the GPU idles meanwhile;
+* ``copy_host_ms``: host time to issue one demand copy (an upload); the host issues copies one after
+  another, and the expert kernels are launched after them;
+* ``predictor_host_ms``: host time per step to feed the predictor and read its predictions (per
+  predictor name in ``predictor_host_by_name`` where measured; ``predictor_host_ms`` for the others),
+  and ``prefetch_host_ms`` per prefetch queued, both after the expert kernels were launched: they
+  delay the next layer's launch, not this layer's experts;
+* ``copy_slowdown``: GPU kernels run ``1 + copy_slowdown`` times longer while a copy is in flight
+  (copies beside the decode's small kernels slow them);
+* ``hybrid_layer_ms``: the fixed cost of a step that runs experts on the CPU (moving its activations
+  there and back, waiting for the CPU pool), added once to the step's CPU path.
+
+``default_profile`` is the *calibrated* profile: these terms, and ``cpu_table_scale`` (the runtime's
+CPU kernel against hardware.md's CPU table: the table above times this factor), come from the frozen fit in
+``moecache/cost/profiles/h100_calibrated.json`` (values, the runs they were fitted on and the held-out
+validation are stated in that file; ``eval/calibrate_timing.py`` regenerates it), on top of the
+hardware.md tables above. ``uncalibrated_profile`` is the same without them (every term 0).
+
 ``load_profile(path)`` reads a JSON object with any of these fields (the runtime writes measured
-profiles in this form); fields it leaves out keep the defaults for the given ``bytes_per_expert``.
+profiles in this form); fields it leaves out keep the defaults for the given ``bytes_per_expert``
+(the calibrated terms included).
 """
 
 from __future__ import annotations
@@ -136,6 +159,17 @@ class HardwareProfile:
     copy_bytes_per_expert: int | None = None
     expand_ms: float = 0.0
     expert_format: str = "bf16"
+    #: Host and interference terms of the calibrated model (module docstring); 0: the term is off.
+    layer_host_ms: float = 0.0
+    copy_host_ms: float = 0.0
+    predictor_host_ms: float = 0.0
+    prefetch_host_ms: float = 0.0
+    copy_slowdown: float = 0.0
+    hybrid_layer_ms: float = 0.0
+    #: Measured host time per step of particular predictors (name: ms); others take ``predictor_host_ms``.
+    predictor_host_by_name: dict | None = None
+    #: Where the host and interference terms come from (the fit's provenance), or None.
+    calibration: dict | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,9 +178,47 @@ class HardwareProfile:
         if not self.copy_bandwidth_gbps > 0 or self.copy_latency_ms < 0:
             raise ConfigError("hardware profile: copy_bandwidth_gbps must be > 0 and copy_latency_ms >= 0, got "
                               f"{self.copy_bandwidth_gbps} and {self.copy_latency_ms}")
+        for name in HOST_TERMS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"hardware profile: {name} must be a number >= 0 (ms, or a fraction for "
+                                  f"copy_slowdown), got {v!r}")
+            setattr(self, name, float(v))
+        by_name = self.predictor_host_by_name
+        if by_name is not None:
+            if not isinstance(by_name, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and
+                    math.isfinite(v) and v >= 0 for k, v in by_name.items()):
+                raise ConfigError("hardware profile: predictor_host_by_name must be an object {predictor name: ms >= 0}, "
+                                  f"got {by_name!r}")
+            self.predictor_host_by_name = {k: float(v) for k, v in by_name.items()}
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ConfigError(f"hardware profile: calibration must be an object (the fit's provenance), got "
+                              f"{type(self.calibration).__name__}")
         self.gpu_ms = _table(self.gpu_ms, "gpu_ms")
         self.cpu_ms = _table(self.cpu_ms, "cpu_ms")
         self.non_expert_ms = _table(self.non_expert_ms, "non_expert_ms")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any host or interference term is on."""
+        return any(getattr(self, n) for n in HOST_TERMS) or any((self.predictor_host_by_name or {}).values())
+
+    @property
+    def slowdown(self) -> float:
+        """The factor on GPU kernel time while a copy is in flight (1.0: no interference)."""
+        return 1.0 + self.copy_slowdown
+
+    def host_terms(self) -> dict[str, Any]:
+        """The host and interference terms by name (with the per-predictor host times)."""
+        return {**{n: getattr(self, n) for n in HOST_TERMS}, "predictor_host_by_name": self.predictor_host_by_name}
+
+    def predictor_host(self, name: str | None) -> float:
+        """Host time per step of the predictor called ``name``."""
+        by = self.predictor_host_by_name
+        if by and name in by:
+            return by[name]
+        return self.predictor_host_ms
 
     @property
     def copy_bytes(self) -> int:
@@ -187,12 +259,52 @@ class HardwareProfile:
         return d
 
     def describe(self) -> str:
+        host = ""
+        if self.calibrated:
+            host = (f", host {self.layer_host_ms:.3f} ms/layer + {self.copy_host_ms:.3f}/copy, "
+                    f"predictor {self.predictor_host_ms:.3f} + {self.prefetch_host_ms:.3f}/prefetch, "
+                    f"copy slowdown {self.copy_slowdown:.3f}, hybrid {self.hybrid_layer_ms:.3f} ms/layer")
         return (f"{self.bytes_per_expert / MIB:.1f} MiB/expert, copy {self.copy_ms:.3f} ms, "
-                f"GPU {self.gpu(1):.3f} ms, CPU {self.cpu(1):.3f} ms at 1 token; {self.source}")
+                f"GPU {self.gpu(1):.3f} ms, CPU {self.cpu(1):.3f} ms at 1 token{host}; {self.source}")
 
 
-def default_profile(bytes_per_expert: int) -> HardwareProfile:
-    """The H100 defaults for an expert of ``bytes_per_expert`` bytes (see the module docstring)."""
+#: The host and interference terms (``HardwareProfile`` fields, 0 in the uncalibrated model).
+HOST_TERMS = ("layer_host_ms", "copy_host_ms", "predictor_host_ms", "prefetch_host_ms", "copy_slowdown",
+              "hybrid_layer_ms")
+#: The frozen calibrated terms (written by eval/calibrate_timing.py, with their provenance).
+CALIBRATED_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles", "h100_calibrated.json")
+_calibrated_cache: dict[str, Any] = {}
+
+
+def calibrated_terms(path: str | None = None) -> dict[str, Any]:
+    """The host and interference terms of the frozen calibrated profile (and its ``source`` and
+    ``calibration``), read once; a missing or damaged file is an error naming the fix."""
+    path = path or CALIBRATED_PROFILE
+    got = _calibrated_cache.get(path)
+    if got is not None:
+        return got
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"the calibrated hardware profile {path} is missing; reinstall moecache or regenerate it "
+                          "with `python eval/calibrate_timing.py --freeze`") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"the calibrated hardware profile {path} is not valid JSON ({e}); regenerate it with "
+                          "`python eval/calibrate_timing.py --freeze`") from None
+    extra = {"source", "calibration", "predictor_host_by_name", "cpu_table_scale"}
+    bad = sorted(set(obj) - set(HOST_TERMS) - extra) if isinstance(obj, dict) else ["(not an object)"]
+    if bad or any(n not in obj for n in HOST_TERMS):
+        raise ConfigError(f"the calibrated hardware profile {path} must hold exactly {', '.join(HOST_TERMS)} (and "
+                          f"source, calibration); found extra {bad}: regenerate it with "
+                          "`python eval/calibrate_timing.py --freeze`")
+    _calibrated_cache[path] = obj
+    return obj
+
+
+def uncalibrated_profile(bytes_per_expert: int) -> HardwareProfile:
+    """The H100 defaults for an expert of ``bytes_per_expert`` bytes without host or interference
+    terms: the model before calibration (see the module docstring)."""
     if bytes_per_expert is None or int(bytes_per_expert) < 1:
         raise ConfigError("the timing model needs the size of one expert in bytes: the trace's metadata has no "
                           "bytes_per_expert; pass --bytes-per-expert N or --hardware FILE with bytes_per_expert")
@@ -206,8 +318,25 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
         non_expert_ms={1: NON_EXPERT_MS_PER_LAYER}, source=DEFAULT_SOURCE)
 
 
+def default_profile(bytes_per_expert: int) -> HardwareProfile:
+    """The calibrated H100 profile for an expert of ``bytes_per_expert`` bytes: the hardware.md tables
+    (``uncalibrated_profile``) with the frozen host and interference terms (``calibrated_terms``)."""
+    hw = uncalibrated_profile(bytes_per_expert)
+    terms = calibrated_terms()
+    for n in HOST_TERMS:
+        setattr(hw, n, float(terms[n]))
+    hw.predictor_host_by_name = terms.get("predictor_host_by_name")
+    scale = float(terms.get("cpu_table_scale", 1.0))
+    hw.cpu_ms = {t: ms * scale for t, ms in hw.cpu_ms.items()}
+    hw.calibration = terms.get("calibration")
+    hw.source = f"{DEFAULT_SOURCE}; {terms.get('source', 'calibrated')}"
+    hw.__post_init__()
+    return hw
+
+
 _FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source",
-           "copy_bytes_per_expert", "expand_ms", "expert_format")
+           "copy_bytes_per_expert", "expand_ms", "expert_format") + HOST_TERMS + ("predictor_host_by_name",
+                                                                                  "calibration")
 
 #: Assumed device-memory throughput of the torch expansion (reads the compressed row, writes the dense
 #: one) and its launch cost per expert; not measured here (the GPU issue measures the fused kernel).

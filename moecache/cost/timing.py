@@ -1,4 +1,4 @@
-"""The discrete-event timing model: three resources, each serving its work in issue order.
+"""The discrete-event timing model: three resources, each serving its work in issue order, and the host.
 
 Resources: the copy engine (host to GPU copies), the GPU (one stream) and the CPU (one worker
 pool running missed experts). Each keeps the time it becomes free; a job issued at ``t`` on a
@@ -7,21 +7,32 @@ tokens at one MoE layer), with ``n`` tokens in the unit and ``c`` tokens routed 
 
 1. the GPU runs the layer's non-expert work, ``non_expert(n)``, from when it finished the previous
    step; it ends at ``t_route`` (the router's choice is known; the layer's expert compute starts);
-2. demand misses are issued at ``t_route``: a copy (``copy_ms``) on the copy engine, or a CPU run
-   (``cpu(c)``) on the CPU, as the miss rule says;
-3. prefetches chosen at this layer are issued at ``t_route`` on the copy engine, after the misses;
-4. the GPU computes the step's experts one after another in order of ``(ready, key)``, where
-   ``ready`` is when the expert's copy ended (0 for long-resident ones); each starts at
-   ``max(gpu free, ready)`` and takes ``gpu(c)``; the step ends when the GPU is done and every CPU
-   run of the step has ended (the outputs are combined), and the next step starts from there.
+2. the host then works ``layer_host_ms`` (routing sync, policy) before it issues anything: its
+   clock ``h = t_route + layer_host_ms``; demand misses are issued at ``h``: a copy (``copy_ms``)
+   on the copy engine, each first costing the host ``copy_host_ms`` (so ``h`` advances), or a CPU
+   run (``cpu(c)``) on the CPU, as the miss rule says;
+3. the GPU computes the step's experts one after another in order of ``(ready, key)``, where
+   ``ready`` is when the expert's copy ended (0 for long-resident ones), launched once the host has
+   issued the misses (not before ``h``); each starts at ``max(gpu free, ready)`` and takes
+   ``gpu(c)``; the step's experts are done when the GPU is done and every CPU run of the step has
+   ended, plus ``hybrid_layer_ms`` where the step ran experts on the CPU;
+4. prefetches chosen at this layer are then issued on the copy engine: the host first spends
+   ``predictor_host_ms`` on the predictor, then ``prefetch_host_ms`` per prefetch, each issued at
+   the host's clock; the next step starts when the GPU is done and the host has finished.
+
+While a copy is in flight (the copy engine busy past the kernel's start), a GPU kernel, the
+non-expert work included, takes ``1 + copy_slowdown`` times its time. The host terms and the
+slowdown are the calibrated terms of the hardware profile (``moecache.cost.hardware``); all 0 (the
+uncalibrated model), the host clock equals ``t_route`` and nothing waits for it.
 
 When a batched step needs more experts than a pool holds, it runs in waves of at most
 ``capacity`` experts (hits first, then misses by key); a later wave's copies are issued when the
 previous wave's compute ended, since they overwrite its slots. An access is *ready* when it is a
 hit whose copy had ended by ``t_route``. The estimated time is when the last step ends; stall is
-that minus the GPU's busy time (the GPU waiting for copies or CPU runs). Simplifications: copies
-never overlap each other, a slot is reusable as soon as its expert is evicted, moving activations
-to and from the CPU is free, and a prefetch in flight can be evicted (its copy still counts).
+that minus the GPU's busy time (the GPU waiting for copies, CPU runs or the host). Simplifications:
+copies never overlap each other, a slot is reusable as soon as its expert is evicted, moving
+activations to and from the CPU costs only the fixed ``hybrid_layer_ms``, and a prefetch in flight
+can be evicted (its copy still counts).
 
 Miss rules (``MISS_RULES``): how a demand miss is served.
 """
@@ -46,8 +57,11 @@ class Timeline:
         self.gpu_busy = self.copy_busy = self.cpu_busy = 0.0
         self.copies = self.hits = 0
 
-    def non_expert(self, ms: float) -> float:
-        """Run the layer's non-expert GPU work; returns ``t_route``."""
+    def non_expert(self, ms: float, slow: float = 1.0) -> float:
+        """Run the layer's non-expert GPU work (``slow`` times longer while a copy is in flight);
+        returns ``t_route``."""
+        if self.copy > self.gpu:
+            ms = ms * slow
         self.gpu += ms
         self.gpu_busy += ms
         return self.gpu
@@ -67,21 +81,25 @@ class Timeline:
         self.cpu_busy += ms
         return self.cpu
 
-    def compute(self, jobs: list[tuple[float, int, float]]) -> None:
-        """GPU expert compute: ``jobs`` of ``(ready, key, ms)``, run in ``(ready, key)`` order."""
+    def compute(self, jobs: list[tuple[float, int, float]], slow: float = 1.0) -> None:
+        """GPU expert compute: ``jobs`` of ``(ready, key, ms)``, run in ``(ready, key)`` order; a job
+        starting while a copy is in flight takes ``slow`` times ``ms``."""
         jobs.sort()
         gpu = self.gpu
         busy = self.gpu_busy
+        copy = self.copy
         for ready, _key, ms in jobs:
             if ready > gpu:
                 gpu = ready
+            if copy > gpu:
+                ms = ms * slow
             gpu += ms
             busy += ms
         self.gpu = gpu
         self.gpu_busy = busy
 
     def join(self, t: float) -> None:
-        """The step's output needs a result ready at ``t`` (a CPU run)."""
+        """The GPU's next work waits for ``t`` (a CPU run's result, the host's launch)."""
         if t > self.gpu:
             self.gpu = t
 

@@ -70,6 +70,7 @@ def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden
     dev = pool.device
     timed = _timer(dev)
     layout = store.layout
+    dtype = getattr(layout, "dense", layout).dtype  # a compressed store's rows are bytes: the compute dtype
     H = int(hidden)
     src, dst = store.row(0), pool.data[0]
     if dev.type == "cuda":
@@ -85,9 +86,9 @@ def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden
     gen = torch.Generator(device="cpu").manual_seed(0)
     gpu: dict[int, float] = {}
     for n in GPU_TOKENS:
-        x = torch.randn((n, H), generator=gen).to(device=dev, dtype=layout.dtype)
+        x = torch.randn((n, H), generator=gen).to(device=dev, dtype=dtype)
         idx = torch.zeros((n, 1), dtype=torch.long, device=dev)
-        w = torch.ones((n, 1), dtype=layout.dtype, device=dev)
+        w = torch.ones((n, 1), dtype=dtype, device=dev)
 
         def calls() -> None:
             for _ in range(back_to_back):
@@ -97,7 +98,7 @@ def calibrate(store: Any, pool: Any, shell: nn.Module, kernel: CpuKernel, hidden
     turn = iter(range(1 << 62))
     cpu: dict[int, float] = {}
     for n in CPU_TOKENS:
-        x = torch.randn((n, H), generator=gen).to(layout.dtype)
+        x = torch.randn((n, H), generator=gen).to(dtype)
 
         def run_cpu() -> float:
             layer, e = rows[next(turn) % len(rows)]

@@ -32,7 +32,10 @@ or a prefill reads each weight once, with the same bits for a token alone or amo
 work and for the copy worker, GIL released) for the
 concatenated SwiGLU layout with SiLU; the
 torch path (the model's own experts class on host views of the store, run on the calling thread)
-for anything else, or where the extension is missing or disabled. ``MOECACHE_CPU_KERNEL`` picks
+for anything else, or where the extension is missing or disabled. Compressed experts (int8, int4,
+MXFP4) run from their compressed host rows on the same pool (``CppQuantKernel``, dequantized in
+registers; SiLU SwiGLU and GPT-OSS's clamped SwiGLU with biases), or expanded for the torch path
+(``docs/compressed_experts.md``). ``MOECACHE_CPU_KERNEL`` picks
 ``auto`` (default), ``portable``, ``avx2``, ``avx512`` or ``torch``; a CPU without the requested
 instructions gets the best kernel it has. ``MOECACHE_CPU_PREWAKE=0`` stops the launch from waking the
 pool's workers before the task is ready (a diagnostic switch; see eval/results/hybrid_diag).

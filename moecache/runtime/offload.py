@@ -38,7 +38,7 @@ from ..policies import POLICIES, Policy
 from ..predictors import PREDICTORS, Predictor
 from .compiled import (DEFAULT_MAX_CACHE_LEN, CompiledStack, allocated_kv_bytes, kv_cache_bytes, register_experts,
                        resolve_compile, unregister_experts)
-from ..quant import FLOAT_FORMATS, ExpertCodec, resolve_format
+from ..quant import FLOAT_FORMATS, QUANT_FORMATS, ExpertCodec, resolve_format
 from .compressed import POOL_MODES, Expander, choose_pool_mode
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import COPY_ENGINES, make_engine
@@ -196,8 +196,9 @@ def _codec_for(expert_dtype: Any, group_size: Any, layout: SlotLayout, adapter: 
 
 
 def cpu_kernel_supports(fmt: Any) -> bool:
-    """Whether the hybrid CPU path runs ``fmt`` experts from the compressed host rows."""
-    return False
+    """Whether the hybrid CPU path runs ``fmt`` experts from the compressed host rows: every compressed
+    format does (the C++ kernel where the family's layout fits it, else torch on the expanded rows)."""
+    return getattr(fmt, "name", None) in QUANT_FORMATS
 
 
 @dataclass

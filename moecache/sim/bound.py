@@ -17,15 +17,21 @@ Whatever the policy, predictor or prefetch, the replay takes at least:
   token count (decode) this is a true lower bound; for batched steps it is the bound for
   Belady-with-bypass's own misses (fewest misses need not mean least CPU time).
 
+With the calibrated profile's host terms (``moecache.cost.timing``), every step also pays its
+``layer_host_ms`` with the GPU idle, whatever the policy: it joins the GPU term, ``gpu += steps *
+layer_host_ms``. The other terms (host per copy or prefetch, the slowdown beside copies, the hybrid
+layer's cost) depend on the schedule of copies and CPU runs, so the bound leaves them out (a copy
+slowdown of 0 for the Belady replay): it stays a lower bound.
+
 Bounds are cached on the schedule, keyed by (capacity, scope, CPU allowed, profile).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..cost.hardware import HardwareProfile
+from ..cost.hardware import HOST_TERMS, HardwareProfile
 from ..cost.timing import MISS_RULES
 from ..policies import new_policy
 from .engines import run_engine
@@ -66,12 +72,16 @@ def lower_bound(schedule: Schedule, capacity: int, scope: str, hardware: Hardwar
     if cached is not None:
         return cached
     L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
+    host = schedule.num_steps * hardware.layer_host_ms
+    if hardware.calibrated:  # the replay's busy times without the schedule-dependent terms
+        hardware = replace(hardware, **{n: 0.0 for n in HOST_TERMS})
     name = "belady_bypass" if uses_cpu else "belady"
     policy = new_policy(name, capacity, L, E, top_k=K, scope=scope)
     if not uses_cpu:
         r = run_engine(schedule, policy, hardware, MISS_RULES.get("copy"))
         miss_ms = r.loads * hardware.copy_ms
-        b = Bound(max(r.gpu_busy_ms, miss_ms), r.gpu_busy_ms, miss_ms, r.loads, name, False)
+        gpu = r.gpu_busy_ms + host
+        b = Bound(max(gpu, miss_ms), gpu, miss_ms, r.loads, name, False)
     else:
         log: list[tuple[int, int, int, str]] = []
         run_engine(schedule, policy, hardware, MISS_RULES.get("policy"), record=log)
@@ -81,6 +91,7 @@ def lower_bound(schedule: Schedule, capacity: int, scope: str, hardware: Hardwar
             ne = hardware.non_expert(schedule.rows(u))
             for _l in range(L):
                 gpu += ne
+        gpu += host
         t = split_time(hardware.copy_ms, [hardware.cpu(c) for c in misses])
         b = Bound(max(gpu, t), gpu, t, len(misses), name, True)
     schedule._bounds[key] = b

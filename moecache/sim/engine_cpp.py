@@ -59,7 +59,7 @@ PREFETCH_CODES = {"topk": 0, "fill": 1}
 OUTCOMES = ("hit", "copy", "cpu")  # csrc/sim/codes.h Outcome codes 0, 1, 2
 
 #: The sim_replay interface this module speaks (the extension's ``sim_core_version``).
-CORE_VERSION = 2
+CORE_VERSION = 3
 
 #: A streamed predictor's chunk: at most this many doubles (steps x slots x experts; 512 KiB).
 STREAM_CHUNK_DOUBLES = 1 << 16
@@ -287,6 +287,9 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     if packed.tables is not None:
         extra.update(packed.tables(schedule))
     extra.update(pred_opts)
+    # the calibrated host and interference terms (the same doubles the reference reads)
+    extra.update(layer_host_ms=hw.layer_host_ms, copy_host_ms=hw.copy_host_ms, predictor_host_ms=hw.predictor_host(getattr(predictor, "name", None)),
+                 prefetch_host_ms=hw.prefetch_host_ms, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown)
     extra = {k: t(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     empty_u8 = torch.zeros(0, dtype=torch.uint8)
     empty_i64 = torch.zeros(0, dtype=torch.int64)

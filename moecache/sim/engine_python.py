@@ -15,10 +15,12 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
 4. prefetch (depth ``D`` > 0): for ``d = 1..D`` the prefetch rule picks the experts it wants for
    step ``g + d`` from the summed prediction rows; each non-resident one is inserted (protected: the
    current step's experts and those wanted for step ``g + d`` that are resident or already
-   fetched) and its copy issued at ``t_route``, if the admission rule (``moecache.admission``, default
-   ``cost``) takes it: probability = the candidate's summed score capped at 1; backlog = the copy
-   engine's free time minus ``t_route`` (at least 0); lead = ``(gpu free - t_route + ne) + (d - 1) *
-   (ne + the sum of gpu(c) over the step's needs in key order)``, ``ne = non_expert(rows)``; victim = ``policy.victim`` of the key's pool when it
+   fetched), if the admission rule (``moecache.admission``, default ``cost``) takes it, with ``now`` =
+   the host clock plus ``prefetch_host_ms`` (when the copy would be issued): probability = the
+   candidate's summed score capped at 1; backlog = the copy engine's free time minus ``now`` (at least
+   0); first = ``max(gpu free - now, 0) + ne``; lead = ``first + (d - 1) * (ne + the sum of gpu(c) over
+   the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
+   ``[0, prefetch_host_ms]``; victim = ``policy.victim`` of the key's pool when it
    is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
 
@@ -97,6 +99,10 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     access, insert, admit, can_insert = policy.access, policy.insert, policy.admit, policy.can_insert
     copy_ms = hw.copy_ms
     gpu_of, cpu_of = hw.gpu, hw.cpu
+    # the calibrated host and interference terms (moecache.cost.timing; all 0: the uncalibrated model)
+    layer_host, copy_host, hybrid_ms = hw.layer_host_ms, hw.copy_host_ms, hw.hybrid_layer_ms
+    pred_host = hw.predictor_host(getattr(predictor, "name", None)) if predictor is not None else 0.0
+    pf_host, slow = hw.prefetch_host_ms, hw.slowdown
     cap = policy.capacity
     ready_at: dict[int, float] = {}
     pf_unused: set[int] = set()
@@ -127,7 +133,9 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                 pf_for.pop(g, None)
             policy.begin_layer(l)
             keys, counts = groups[l]
-            t_route = tl.non_expert(ne_ms)
+            t_route = tl.non_expert(ne_ms, slow)
+            h = t_route + layer_host  # the host's clock: routing sync and policy done
+            hx = layer_host  # host time of this step so far, beyond t_route (waves' waits left out)
 
             preds: dict[int, np.ndarray] = {}
             if predictor is not None:
@@ -159,15 +167,15 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                     else:
                         miss_list.append((key, c))
                 if not miss_list:
-                    tl.compute([(ready_at[k], k, gpu_of(c)) for k, c in hit_list])
+                    tl.join(h)
+                    tl.compute([(ready_at[k], k, gpu_of(c)) for k, c in hit_list], slow)
                 else:
                     wave_all = hit_list + miss_list
                     waves = [wave_all] if len(wave_all) <= cap else \
                         [wave_all[i:i + cap] for i in range(0, len(wave_all), cap)]
-                    issue_t = t_route
                     for wi, wave in enumerate(waves):
-                        if wi:
-                            issue_t = tl.gpu  # the previous wave's compute has ended: its slots are free
+                        if wi and tl.gpu > h:
+                            h = tl.gpu  # the previous wave's compute has ended: its slots are free
                         protected = frozenset(k for k, _c in wave)
                         jobs: list[tuple[float, int, float]] = []
                         cpu_end = -1.0
@@ -177,7 +185,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 jobs.append((ready_at[key], key, g_ms))
                                 continue
                             admitted = admit(key, protected) if asks_policy else True
-                            copied = decide(tl, issue_t, copy_ms, g_ms, cpu_of(c), admitted)
+                            copied = decide(tl, h, copy_ms, g_ms, cpu_of(c), admitted)
                             if record is not None:
                                 record.append((g, key, c, "copy" if copied else "cpu"))
                             if copied:
@@ -185,20 +193,24 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                     if v in pf_unused:
                                         pf_unused.discard(v)
                                         pf_wasted += 1
-                                end = tl.issue_copy(issue_t, copy_ms)
+                                h = h + copy_host
+                                hx = hx + copy_host
+                                end = tl.issue_copy(h, copy_ms)
                                 ready_at[key] = end
                                 loads += 1
                                 jobs.append((end, key, g_ms))
                             else:
-                                end = tl.issue_cpu(issue_t, cpu_of(c))
+                                end = tl.issue_cpu(h, cpu_of(c))
                                 cpu_runs += 1
                                 if end > cpu_end:
                                     cpu_end = end
-                        tl.compute(jobs)
+                        tl.join(h)
+                        tl.compute(jobs, slow)
                         if cpu_end >= 0.0:
-                            tl.join(cpu_end)
+                            tl.join(cpu_end + hybrid_ms)
 
             # -- prefetch ----------------------------------------------------------------------
+            hp = t_route + (hx + pred_host)  # the host after launching the experts
             if choose is not None:
                 now_keys = frozenset(keys)
                 scores_at = {d: preds[d].sum(axis=0) for d in range(1, depth + 1)}
@@ -214,8 +226,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
-                    first = tl.gpu - t_route + ne_ms
-                    lead = lead_ms(d, first, ne_ms + step_ms)
+                    layer_ms = ne_ms + step_ms
                     for e in chosen:
                         key = base + e
                         if key in resident:
@@ -234,21 +245,31 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                     if (l + dd) % L == vl:
                                         victim_prob = candidate_probability(float(scores_at[dd][v - vl * E]))
                                         break
-                            backlog = tl.copy - t_route
+                            now = hp + pf_host  # when this copy would be issued
+                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms
+                            lead = lead_ms(d, first, layer_ms)
+                            backlog = tl.copy - now
                             if backlog < 0.0:
                                 backlog = 0.0
+                            host = now - tl.gpu  # the host time it adds to the step, where the host is behind
+                            if host < 0.0:
+                                host = 0.0
+                            if host > pf_host:
+                                host = pf_host
                             if not admit_prefetch(candidate_probability(float(scores[e])), victim_prob, backlog,
-                                                  first, lead, copy_ms):
+                                                  first, lead, copy_ms, host):
                                 pf_refused += 1
                                 continue
                         for v in insert(key, prot):
                             if v in pf_unused:
                                 pf_unused.discard(v)
                                 pf_wasted += 1
-                        ready_at[key] = tl.issue_copy(t_route, copy_ms)
+                        hp = hp + pf_host
+                        ready_at[key] = tl.issue_copy(hp, copy_ms)
                         pf_unused.add(key)
                         pset.add(key)
                         prefetches += 1
+            tl.join(hp)  # the next layer is launched once the host is done
 
     res = SimResult(
         trace=schedule.name, policy=policy.describe(), scope=policy.scope, capacity=policy.capacity,
