@@ -135,7 +135,8 @@ def test_oracle_predicts_exactly():
     trace = _trace(3)
     sched = Schedule(trace)
     pred = PREDICTORS.get("oracle")(3, 6, 2)
-    r = simulate(sched, lru(2, 3, 6, 2), pred, depth=1, hardware=unit_profile(), bound=False)
+    r = simulate(sched, lru(2, 3, 6, 2), pred, depth=1, hardware=unit_profile(), bound=False,
+                 admission="none")  # every oracle candidate issued: the prefetch mechanics alone
     # with exact prediction, a step's experts are fetched one layer ahead: every access hits except
     # the very first step's (nothing predicted it), and every prefetch is used but those made at
     # the last step for the step past the end (the oracle is uniform there: 2 fetches)
@@ -190,7 +191,8 @@ def test_prefetch_protects_the_current_step_and_its_own_target():
         return ev
 
     p.insert = ins
-    r = simulate(Schedule(trace), p, Three(), depth=1, budget=3, hardware=unit_profile(), bound=False)
+    r = simulate(Schedule(trace), p, Three(), depth=1, budget=3, hardware=unit_profile(), bound=False,
+                 admission="none")  # the protection mechanics alone, every candidate issued
     # g0: demand 0; wants 1, 2, 3 for token 1: fetches 1 and 2; 3 finds only protected keys: skipped
     # g1: demand 4 evicts 0 (LRU); wants 5, 0, 1 (1 resident, so protected): 0 evicts 2, 5 finds only
     #     protected keys (4 now, 0 and 1 wanted): skipped

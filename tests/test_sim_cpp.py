@@ -110,7 +110,7 @@ def _predictor(name, params, trace, depths=()):
 
 
 def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, bound=True, pred=None, depth=0,
-         prefetch="topk", budget=None):
+         prefetch="topk", budget=None, admission="cost"):
     """(reference row, reference log), (C++ row, C++ log); ``pred`` = (predictor name, parameters)."""
     hw = hw or _profile()
     out = []
@@ -121,7 +121,7 @@ def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, b
         depths = list(range(1, depth + 1)) + ([trace.meta.num_layers] if pol.uses_scores else [])
         predictor = _predictor(*pred, trace, depths) if pred else None
         kw = dict(hardware=hw, miss_rule=miss_rule, record=log, bound=bound, depth=depth, prefetch=prefetch,
-                  budget=budget)
+                  budget=budget, admission=admission)
         if engine == "python":
             with ext_disabled():
                 r = simulate(sched, pol, predictor, **kw)
@@ -209,9 +209,9 @@ def test_every_cpp_port_is_covered():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS),
        st.integers(0, 3), st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)),
-       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms)
+       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms, st.sampled_from(["cost", "none"]))
 def test_random_traces_with_predictors_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap,
-                                                 terms):
+                                                 terms, admission):
     trace, scope, cap = case
     name, params = config
     if name not in ("predicted",) and depth == 0:
@@ -220,7 +220,7 @@ def test_random_traces_with_predictors_identical(case, config, pred, depth, pref
         try:
             (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
                                                   pred=pred, depth=depth, prefetch=prefetch, budget=budget,
-                                                  hw=_profile(**terms))
+                                                  hw=_profile(**terms), admission=admission)
         except ConfigError as e:  # prior with alpha 0 cannot be fitted on a trace with an empty layer
             assert "no routing at layers" in str(e)
             reject()
@@ -281,7 +281,7 @@ def test_real_trace_prefixes_with_predictors_identical(routing_dir, which, token
         trace = trace.select(slice(0, tokens))
     m = trace.meta
     hw = default_profile(m.bytes_per_expert)
-    prefetched = 0
+    prefetched = refused = exercised = 0
     for name, params, pname, pparams, depth, rule, budget, scope, miss, decode in REAL_PRED_CASES:
         total = m.num_experts if scope == "layer" else m.num_layers * m.num_experts
         cap = max(m.top_k, total // 4)
@@ -290,7 +290,10 @@ def test_real_trace_prefixes_with_predictors_identical(routing_dir, which, token
         assert got == ref, (name, pname, scope)
         assert got_log == ref_log
         prefetched += ref["prefetches"] > 0
-    assert prefetched >= len(REAL_PRED_CASES) - 2  # the prefetch paths were exercised
+        refused += ref["prefetch_refused"] > 0
+        exercised += ref["prefetches"] + ref["prefetch_refused"] > 0
+    # the prefetch paths were exercised: copies issued and refused by the admission rule
+    assert exercised >= len(REAL_PRED_CASES) - 2 and prefetched >= 1 and refused >= 1
 
 
 def test_golden_mixtral_hits(routing_dir):

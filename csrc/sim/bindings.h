@@ -32,7 +32,7 @@ inline torch::Tensor check_1d(const torch::Tensor& t, torch::ScalarType type, co
 //   cond          float64 (max_depth * L * E * E), max_depth int, product bool   transition
 //   decay, strength  float                 temporal
 //   fill          callable () -> int; buf float64 (chunk, slots, E)            a streamed predictor
-//   depth, score_depth, prefetch_rule, budget   int
+//   depth, score_depth, prefetch_rule, budget, admission   int
 //   layer_host_ms, copy_host_ms, predictor_host_ms, prefetch_host_ms, hybrid_layer_ms, slowdown   float
 //                                          the hardware profile's calibrated terms (slowdown: 1 + copy_slowdown)
 struct __attribute__((visibility("hidden"))) Options {  // (hidden, as the dict it holds)
@@ -51,7 +51,7 @@ struct __attribute__((visibility("hidden"))) Options {  // (hidden, as the dict 
 };
 
 // Returns (counts int64[10]: accesses hits ready needs loads cpu_runs prefetches prefetch_used
-// prefetch_wasted prefetch_skipped, times float64[4]: time gpu_busy copy_busy cpu_busy, record
+// prefetch_wasted prefetch_skipped prefetch_refused, times float64[4]: time gpu_busy copy_busy cpu_busy, record
 // int64 (m, 4)).
 inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
     const torch::Tensor& ids, const torch::Tensor& unit_start, const torch::Tensor& ne_tab,
@@ -94,6 +94,8 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   in.depth = opt.i("depth", 0);
   in.prefetch_rule = opt.i("prefetch_rule", PF_TOPK);
   in.budget = opt.i("budget", 0);
+  in.admission = opt.i("admission", AD_COST);
+  TORCH_CHECK(in.admission == AD_NONE || in.admission == AD_COST, "sim_replay: unknown admission code");
   in.layer_host = opt.f("layer_host_ms", 0.0);
   in.copy_host = opt.f("copy_host_ms", 0.0);
   in.pred_host = opt.f("predictor_host_ms", 0.0);
@@ -179,7 +181,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
     run_sim(in, L, num_experts, K, capacity, global_scope, pol, tune, preds.get(), out);
   }
   auto counts = torch::tensor({out.accesses, out.hits, out.ready, out.needs, out.loads, out.cpu_runs, out.prefetches,
-                               out.pf_used, out.pf_wasted, out.pf_skipped},
+                               out.pf_used, out.pf_wasted, out.pf_skipped, out.pf_refused},
                               torch::kInt64);
   auto times = torch::tensor({out.tl.gpu, out.tl.gpu_busy, out.tl.copy_busy, out.tl.cpu_busy}, torch::kFloat64);
   const int64_t m = static_cast<int64_t>(out.rec.size() / 4);

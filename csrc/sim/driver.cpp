@@ -1,7 +1,7 @@
 // moecache._C.sim_replay's core loop: the trace-replay simulator in C++.
 //
 // The readable specification is moecache/sim/engine_python.py with the policies in policies/*.py, the
-// prefetch rules in moecache/sim/prefetch.py and the timing model in moecache/cost/timing.py; this
+// prefetch rules in moecache/sim/prefetch.py, the admission rule in moecache/admission.py and the timing model in moecache/cost/timing.py; this
 // file follows them step by step, doing every float operation in the same order and precision
 // (IEEE double, no fast-math, no FMA contraction on the x86-64 baseline), so a run here reproduces
 // the Python reference's result row exactly. The differential tests (tests/test_sim_cpp.py)
@@ -275,7 +275,7 @@ struct Replay {
         }
         if (grp.n) demand(g, t_route);
         double hp = t_route + (hx + (preds ? in.pred_host : 0.0));  // the host after launching the experts
-        if (D) prefetch(g, l, hp, slots, pf_budget);
+        if (D) prefetch(g, l, hp, slots, pf_budget, ne_ms);
         tl.join(hp);  // the next layer is launched once the host is done
       }
     }
@@ -382,18 +382,23 @@ struct Replay {
   // For d = 1..D: the rule picks the experts wanted for step g + d from the depth's scores; those
   // not resident are inserted, never evicting one the current step needs nor one wanted for the
   // same upcoming step (resident or fetched); a fetch that finds no other victim is skipped.
-  void prefetch(int64_t g, int64_t l, double& hp, const double* slots, int64_t budget) {
+  void prefetch(int64_t g, int64_t l, double& hp, const double* slots, int64_t budget, double ne_ms) {
     const int64_t D = in.depth, E = c.E, L = c.L;
     const int64_t* now_keys = grp.keys.data();
     const int64_t n_now = grp.n;
+    const bool gated = in.admission == AD_COST;
+    double step_ms = 0.0;  // the step's expert compute, summed in key order (admission.lead_ms)
+    for (int64_t i = 0; i < n_now; ++i) step_ms += in.gpu_tab[grp.counts[i]];
     for (int64_t d = 1; d <= D; ++d) {
       const int64_t base = ((l + d) % L) * E;
-      const auto& chosen = chooser.choose(in.prefetch_rule, slots + (d - 1) * E, E, budget,
+      const double* scores = slots + (d - 1) * E;
+      const auto& chosen = chooser.choose(in.prefetch_rule, scores, E, budget,
                                           [&](int64_t e) { return c.res[base + e] != 0; });
       if (chosen.empty()) continue;
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
+      const double layer_ms = ne_ms + step_ms;
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;
@@ -404,14 +409,39 @@ struct Replay {
           protected_now = true;
         }
         const int64_t p = c.pool(key);
+        int64_t v = -1;
         if (c.members[p] >= c.cap) {
-          const int64_t v = pol.victim(p);
+          v = pol.victim(p);
           if (v < 0) {  // every resident of the pool is protected
             ++out.pf_skipped;
             continue;
           }
-          evict(c, pol, v, out, pf_unused);
         }
+        if (gated) {
+          double victim_prob = 0.0;
+          if (v >= 0) {
+            const int64_t vl = v / E;
+            for (int64_t dd = 1; dd <= D; ++dd) {
+              if ((l + dd) % L == vl) {
+                victim_prob = probability(slots[(dd - 1) * E + (v - vl * E)]);
+                break;
+              }
+            }
+          }
+          const double now = hp + in.pf_host;  // when this copy would be issued
+          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms;
+          const double lead = first + static_cast<double>(d - 1) * layer_ms;
+          double backlog = tl.copy - now;
+          if (backlog < 0.0) backlog = 0.0;
+          double host = now - tl.gpu;  // the host time it adds to the step, where the host is behind the GPU
+          if (host < 0.0) host = 0.0;
+          if (host > in.pf_host) host = in.pf_host;
+          if (!admit(probability(scores[e]), victim_prob, backlog, first, lead, in.copy_ms, host)) {
+            ++out.pf_refused;
+            continue;
+          }
+        }
+        if (v >= 0) evict(c, pol, v, out, pf_unused);
         c.add(key);
         pol.on_insert(key);
         hp = hp + in.pf_host;
@@ -422,6 +452,19 @@ struct Replay {
         ++out.prefetches;
       }
     }
+  }
+
+  // moecache/admission.py candidate_probability and admit_prefetch, in the same order of operations.
+  static double probability(double score) { return score < 1.0 ? score : 1.0; }
+  static bool admit(double prob, double victim_prob, double backlog, double first, double lead, double copy_ms,
+                    double host) {
+    if (backlog >= lead) return false;  // late: it could not start before the target layer
+    const double early = lead - backlog;
+    const double saved = copy_ms < early ? copy_ms : early;
+    double block = backlog + copy_ms - first;
+    if (block < 0.0) block = 0.0;
+    const double weight = lead <= first ? 1.0 - prob : 1.0;
+    return prob * saved - weight * block - victim_prob * copy_ms - host > 0.0;
   }
 };
 

@@ -29,13 +29,14 @@ struct Input {
   int64_t depth = 0;           // prefetch depth D (MoE layers ahead); 0: no prefetch
   int64_t prefetch_rule = PF_TOPK;
   int64_t budget = 0;          // prefetches per target layer; 0: min(E, top_k * rows)
+  int64_t admission = AD_COST; // prefetch admission rule (moecache/admission.py)
   // the calibrated host and interference terms of the hardware profile (moecache/cost/timing.py)
   double layer_host = 0.0, copy_host = 0.0, pred_host = 0.0, pf_host = 0.0, slow = 1.0, hybrid_ms = 0.0;
 };
 
 struct Output {
   int64_t accesses = 0, hits = 0, ready = 0, needs = 0, loads = 0, cpu_runs = 0;
-  int64_t prefetches = 0, pf_used = 0, pf_wasted = 0, pf_skipped = 0;
+  int64_t prefetches = 0, pf_used = 0, pf_wasted = 0, pf_skipped = 0, pf_refused = 0;
   Timeline tl;
   std::vector<int64_t> rec;  // (step, key, tokens, outcome) flattened
 };

@@ -11,7 +11,13 @@ For each MoE layer call ``run_layer`` does, top to bottom:
 4. make the compute stream wait for exactly those copies, run transformers' own experts kernel on
    the pool (``experts.py``), and fence the slots it read;
 5. feed the routing to the predictor and queue prefetch copies for the next ``prefetch_depth``
-   MoE layers, priority = predicted need time (layers ahead, then probability).
+   MoE layers, priority = predicted need time (layers ahead, then probability). The candidates are
+   the simulator's ``topk`` rule over the summed prediction rows (``prefetch_width`` of them, default
+   ``top_k x rows``), each issued only if the shared admission rule (``moecache.admission``) takes it:
+   the copy engine's backlog is a host-clock model of the copies queued (each adds the profile's
+   ``copy_ms``), the time to the target layer is ``depth`` times the measured interval between MoE
+   layers, and the victim is the policy's, worth the predictor's score for it where its layer is one
+   of the predicted ones. ``admission = "none"`` issues every candidate (the rule before).
 
 When a layer needs more experts than the pool holds (long prefills, big batches), step 3-4 run
 in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed as a one-expert
@@ -47,15 +53,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
+from ..cost.hardware import default_profile
 from ..errors import ConfigError
+from ..sim.prefetch import PREFETCH_RULES
 from .engine import CopyEngine
 from .experts import SlotIndexer, call_mode, make_shell
 from .hoststore import HostStore
 from .pool import SlotPool
 from .stats import RuntimeCounters
 
-#: Prefetch candidates below this probability of being needed are not fetched.
-DEFAULT_MIN_PROB = 0.05
+#: Prefetch candidates below this probability of being needed are not fetched (a floor before the
+#: admission rule, which decides the rest).
+DEFAULT_MIN_PROB = 0.0
 #: Up to this many routing ids, the needed experts are counted in Python (faster than np.unique).
 _SMALL = 64
 
@@ -134,6 +144,24 @@ class Runtime:
         self.expander: Any = None
         #: Bytes one copy moves (the host store's row).
         self.copy_bytes = store.layout.slot_bytes
+        #: The prefetch admission rule (``moecache.admission.ADMISSIONS``).
+        self.admission = "cost"
+        #: Host-clock model of the copy engine: when the copies queued so far end (perf_counter seconds).
+        self._copy_free_s = 0.0
+        #: Measured interval between consecutive MoE layers of one forward (ms; None until seen), and
+        #: the previous layer's start.
+        self.layer_ms: float | None = None
+        self._last_layer: tuple[int, float] | None = None
+
+    @property
+    def copy_ms(self) -> float:
+        """One expert copy (ms): the hybrid executor's measured costs where it has them, else the default profile."""
+        costs = getattr(self.hybrid, "costs", None)
+        if costs is None:
+            costs = self.__dict__.get("_profile")
+            if costs is None:
+                costs = self._profile = default_profile(self.copy_bytes)
+        return float(costs.copy_ms)
 
     def set_expander(self, expander: Any) -> None:
         self.expander = expander
@@ -177,6 +205,11 @@ class Runtime:
         """One MoE layer. ``call``: a family kernel's ``experts.LayerCall`` (Llama 4, DBRX, Switch), which
         computes the layer expert by expert in its module's own order; ``hidden`` is then what predictors read."""
         t0 = time.perf_counter()
+        last = self._last_layer
+        if last is not None and last[0] + 1 == li:  # consecutive MoE layers of one forward
+            dt = (t0 - last[1]) * 1e3
+            self.layer_ms = dt if self.layer_ms is None else 0.8 * self.layer_ms + 0.2 * dt
+        self._last_layer = (li, t0)
         # THE host sync of this MoE layer: choosing slots and victims needs the routing on the host.
         ids = idx.detach().cpu().numpy()
         t1 = time.perf_counter()
@@ -312,6 +345,8 @@ class Runtime:
         return s
 
     def _copied(self, slots: list[int]) -> None:
+        now = time.perf_counter()
+        self._copy_free_s = max(now, self._copy_free_s) + len(slots) * self.copy_ms / 1e3
         c = self.counters
         c.copies += len(slots)
         c.bytes_copied += len(slots) * self.copy_bytes
@@ -516,7 +551,7 @@ class Runtime:
             if self.tokens_per_row > 1 and hidden.shape[0] == self.rows * self.tokens_per_row:
                 h = hidden.view(self.rows, self.tokens_per_row, -1)[:, -1]
         pred.observe(li, rows, h)
-        width = self.prefetch_width or self.top_k * rows.shape[0]
+        width = self.prefetch_width or min(self.E, self.top_k * rows.shape[0])
         protected = set(self.pending)
         slots: list[int] = []
         keys: list[int] = []
@@ -525,21 +560,42 @@ class Runtime:
         if self.score_depth:
             preds[self.score_depth] = np.asarray(pred.predict(li, self.score_depth), dtype=np.float64)
             self.policy.on_scores(pred.target(li, self.score_depth)[0], preds[self.score_depth].mean(axis=0))
-        for depth in range(1, self.prefetch_depth + 1):
-            target, _offset = pred.target(li, depth)
-            p = preds[depth] if depth in preds else np.asarray(pred.predict(li, depth), dtype=np.float64)
-            # Probability that any row needs the expert (rows independent).
-            p_any = 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=0)
-            order = np.argsort(-p_any, kind="stable")[:width]  # ties: lowest expert id first
-            for e in order.tolist():
-                prob = float(p_any[e])
+        depths = range(1, self.prefetch_depth + 1)
+        targets = {d: pred.target(li, d)[0] for d in depths}
+        scores_at = {d: (preds[d] if d in preds else np.asarray(pred.predict(li, d), dtype=np.float64)).sum(axis=0)
+                     for d in depths}
+        gated = check_admission(self.admission) == "cost"
+        copy_ms = self.copy_ms
+        policy = self.policy
+        for depth in depths:
+            target = targets[depth]
+            scores = scores_at[depth]
+            base = target * self.E
+            layer_ms = self.layer_ms if self.layer_ms is not None else copy_ms  # until measured: one copy
+            lead = lead_ms(depth, layer_ms, layer_ms)
+            for e in PREFETCH_RULES.get("topk")(scores, width, lambda x: self.slot_of[base + x] >= 0):
+                prob = candidate_probability(float(scores[e]))
                 if prob < self.min_prob:
                     break
-                key = target * self.E + e
+                key = base + e
                 if self.slot_of[key] >= 0:
                     continue
-                if not self.policy.can_insert(key, protected):
+                if not policy.can_insert(key, protected):
                     break
+                if gated:
+                    victim_prob = 0.0
+                    pool = policy.pool(key)
+                    if policy.occupancy(pool) >= policy.capacity:
+                        v = policy.victim(pool, protected)
+                        vl = v // self.E
+                        for dd in depths:
+                            if targets[dd] == vl:
+                                victim_prob = candidate_probability(float(scores_at[dd][v - vl * self.E]))
+                                break
+                    backlog = max(0.0, (self._copy_free_s - time.perf_counter()) * 1e3) + len(slots) * copy_ms
+                    if not admit_prefetch(prob, victim_prob, backlog, layer_ms, lead, copy_ms):
+                        self.counters.prefetch_refused += 1
+                        continue
                 slots.append(self._place(key, protected))
                 keys.append(key)
                 prios.append(depth + (1.0 - prob))

@@ -15,7 +15,13 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
 4. prefetch (depth ``D`` > 0): for ``d = 1..D`` the prefetch rule picks the experts it wants for
    step ``g + d`` from the summed prediction rows; each non-resident one is inserted (protected: the
    current step's experts and those wanted for step ``g + d`` that are resident or already
-   fetched) and its copy issued at ``t_route``;
+   fetched), if the admission rule (``moecache.admission``, default ``cost``) takes it, with ``now`` =
+   the host clock plus ``prefetch_host_ms`` (when the copy would be issued): probability = the
+   candidate's summed score capped at 1; backlog = the copy engine's free time minus ``now`` (at least
+   0); first = ``max(gpu free - now, 0) + ne``; lead = ``first + (d - 1) * (ne + the sum of gpu(c) over
+   the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
+   ``[0, prefetch_host_ms]``; victim = ``policy.victim`` of the key's pool when it
+   is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
 
 Sequences are requests: ``policy.begin_request()`` and ``predictor.reset()`` at each new sequence
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule, Timeline
 from ..errors import ConfigError
@@ -67,11 +74,12 @@ def check_config(schedule: Schedule, policy: Policy, predictor: Any, depth: int)
 
 def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                   predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
-                  capacity_label: str | None = None, record: list[tuple[int, int, int, str]] | None = None
-                  ) -> SimResult:
+                  admission: str = "cost", capacity_label: str | None = None,
+                  record: list[tuple[int, int, int, str]] | None = None) -> SimResult:
     """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
     as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
+    gated = check_admission(admission) == "cost"
     decide, asks_policy = rule.decide, rule.asks_policy
     L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
 
@@ -100,7 +108,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     pf_unused: set[int] = set()
     pf_for: dict[int, set[int]] = {}
     accesses = hits = ready = needs = loads = cpu_runs = 0
-    prefetches = pf_used = pf_wasted = pf_skipped = 0
+    prefetches = pf_used = pf_wasted = pf_skipped = pf_refused = 0
     rows_seen = -1
 
     for u in range(schedule.num_units):
@@ -205,15 +213,20 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
             hp = t_route + (hx + pred_host)  # the host after launching the experts
             if choose is not None:
                 now_keys = frozenset(keys)
+                scores_at = {d: preds[d].sum(axis=0) for d in range(1, depth + 1)}
+                step_ms = 0.0
+                for c in counts:
+                    step_ms += gpu_of(c)
                 for d in range(1, depth + 1):
                     tg = g + d
                     base = ((l + d) % L) * E
-                    scores = preds[d].sum(axis=0)
+                    scores = scores_at[d]
                     chosen = choose(scores, pf_budget, lambda e: base + e in resident)
                     if not chosen:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
+                    layer_ms = ne_ms + step_ms
                     for e in chosen:
                         key = base + e
                         if key in resident:
@@ -222,6 +235,31 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         if not can_insert(key, prot):
                             pf_skipped += 1
                             continue
+                        if gated:
+                            victim_prob = 0.0
+                            pool = policy.pool(key)
+                            if policy.occupancy(pool) >= cap:
+                                v = policy.victim(pool, prot)
+                                vl = v // E
+                                for dd in range(1, depth + 1):
+                                    if (l + dd) % L == vl:
+                                        victim_prob = candidate_probability(float(scores_at[dd][v - vl * E]))
+                                        break
+                            now = hp + pf_host  # when this copy would be issued
+                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms
+                            lead = lead_ms(d, first, layer_ms)
+                            backlog = tl.copy - now
+                            if backlog < 0.0:
+                                backlog = 0.0
+                            host = now - tl.gpu  # the host time it adds to the step, where the host is behind
+                            if host < 0.0:
+                                host = 0.0
+                            if host > pf_host:
+                                host = pf_host
+                            if not admit_prefetch(candidate_probability(float(scores[e])), victim_prob, backlog,
+                                                  first, lead, copy_ms, host):
+                                pf_refused += 1
+                                continue
                         for v in insert(key, prot):
                             if v in pf_unused:
                                 pf_unused.discard(v)
@@ -241,6 +279,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         hits=hits, ready=ready, needs=needs, loads=loads, cpu_runs=cpu_runs, prefetches=prefetches,
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
-        extra={"prefetch_skipped": pf_skipped} if depth else {},
+        extra={"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
+        if depth else {},
     )
     return res

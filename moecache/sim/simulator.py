@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..admission import check_admission
 from ..cost.hardware import HardwareProfile, default_profile
 from ..cost.timing import MISS_RULES, MissRule
 from ..errors import ConfigError
@@ -19,7 +20,8 @@ from .schedule import Schedule
 
 
 def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth: int = 0,
-             prefetch: str = "topk", budget: int | None = None, hardware: HardwareProfile | None = None,
+             prefetch: str = "topk", budget: int | None = None, admission: str = "cost",
+             hardware: HardwareProfile | None = None,
              miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
              record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto") -> SimResult:
     """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
@@ -31,17 +33,19 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     ``"copy"`` (a miss copied in) or ``"cpu"`` (a miss run on the CPU): hits of a step first, then
     its misses, each in ascending key order. ``engine``: ``python`` (the reference loop of
     ``engine_python``), ``cpp`` (the same replay in csrc/sim/, identical rows; see
-    ``engine_cpp``) or ``auto`` (cpp where built and supported).
+    ``engine_cpp``) or ``auto`` (cpp where built and supported). ``admission``: the prefetch
+    admission rule (``moecache.admission``: ``cost``, the default, or ``none``).
     """
     check_config(schedule, policy, predictor, depth)
     rule = MISS_RULES.get(miss_rule)
     if depth:
         PREFETCH_RULES.get(prefetch)  # an unknown rule is an error before anything runs
+    check_admission(admission)
     if budget is not None and budget < 1:
         raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
     hw = hardware or default_profile(schedule.meta.bytes_per_expert)
     res = run_engine(schedule, policy, hw, rule, engine=engine, predictor=predictor, depth=depth, prefetch=prefetch,
-                     budget=budget, capacity_label=capacity_label, record=record)
+                     budget=budget, admission=admission, capacity_label=capacity_label, record=record)
     return _with_bound(res, schedule, policy, hw, rule, bound)
 
 

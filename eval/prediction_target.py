@@ -1,0 +1,259 @@
+"""The prediction target of issue 17: does the best online configuration close half of the LRU-to-bound gap?
+
+    python eval/prediction_target.py [--trace PATH] [--fit-seqs 200] [--choose-seqs 40] [--report-seqs 100]
+                                     [--out eval/results/prediction_target]
+
+Splits the shared DeepSeek-V2-Lite routing (../shared/data/routing/deepseek-v2-lite-chat__moe-beyond) three
+ways by sequence, in recorded order: predictors (and LFU-style policies' counts) are fitted on the first
+part, every candidate configuration is replayed on the second and the fastest is chosen there, and the
+chosen one is reported on the third, against LRU and the lower bound. Every replay: 25% of expert memory
+per layer (layer scope), token by token (decode stream, batch 1), miss rule ``copy``, prefetch rule
+``topk`` with the admission rule (``moecache.admission``), and the default hardware profile
+(``moecache.cost.default_profile``: the calibrated one where it is). Gap closed = (LRU - chosen) /
+(LRU - bound) in estimated ms/token; the target is >= 50%.
+
+``--trace PATH`` adds a blind check: the configuration chosen on DeepSeek, on routing the project does
+not have (a trace directory or any file ``moecache trace import`` reads): fitted on the leading third of
+its sequences (of its tokens, for one stream), reported on the rest. Also printed: the best
+configuration without prefetch (if it is as fast as the best with prefetch, no prefetch pays at this
+shape and batch: a finding), and the chosen predictor's recall split into targets in the same token
+and in the next token. The fidelity summary (eval/results/sim_fidelity.md, where present) is copied
+beside the result. Writes OUT.json and OUT.md with machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from moecache.atomic import write_text_atomic  # noqa: E402
+from moecache.cost.hardware import default_profile  # noqa: E402
+from moecache.errors import ConfigError  # noqa: E402
+from moecache.policies import new_policy  # noqa: E402
+from moecache.predict_eval import measure_recall  # noqa: E402
+from moecache.predictors import PREDICTORS  # noqa: E402
+from moecache.sim import Schedule, simulate  # noqa: E402
+from moecache.trace import count_ids, open_trace  # noqa: E402
+
+DEEPSEEK = os.path.join(ROOT, "..", "shared", "data", "routing", "deepseek-v2-lite-chat__moe-beyond",
+                        "training_data_eamc")
+SUITE_DEEPSEEK = os.path.join(ROOT, "build", "suite_traces", "deepseek-v2-lite")
+CAPACITY = 0.25
+TARGET = 0.5
+#: (policy, predictor or None, depth): the online candidates (the oracle and offline policies are not online).
+CANDIDATES = [(pol, None, 0) for pol in ("lru", "lfu", "lrfu", "activation")] + \
+    [(pol, pred, d) for pol in ("lru", "lfu", "lrfu", "activation")
+     for pred, d in (("temporal", 1), ("transition", 1), ("transition", 2), ("learned", 1), ("learned", 2),
+                     ("prior", 1))] + \
+    [("predicted", pred, d) for pred in ("temporal", "prior") for d in (0, 1)]
+
+
+def load(path: str):
+    """A trace directory, or any routing file/folder ``moecache trace import`` reads."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return open_trace(path)
+    from moecache.trace.importers import read_sources
+
+    _src, imported, _d = read_sources([path])
+    if not imported:
+        raise SystemExit(f"{path}: no routing found; give a trace directory or a file moecache trace import reads")
+    t = imported[0]
+    from moecache.trace import Trace
+
+    return Trace(t.meta, t.block)
+
+
+def three_way(trace, fit_n: int | None, choose_n: int | None, report_n: int | None):
+    """(fit, choose, report) parts by sequence, in order; thirds where a count is not given."""
+    seqs = trace.sequences()
+    third = len(seqs) // 3
+    if third < 1:
+        raise SystemExit(f"the trace has {len(seqs)} sequence(s): a three-way split needs at least 3")
+    a = seqs[:min(third, fit_n or third)]
+    b = seqs[third:third + min(third, choose_n or third)]
+    c = seqs[2 * third:2 * third + min(len(seqs) - 2 * third, report_n or len(seqs))]
+    return trace.select_sequences(a), trace.select_sequences(b), trace.select_sequences(c)
+
+
+class Fitted:
+    """Predictors fitted once on the fit part, handed out as fresh copies."""
+
+    def __init__(self, fit, meta):
+        self.fit, self.meta, self.cache = fit, meta, {}
+        self.counts = count_ids(fit)
+
+    def get(self, name: str | None, policy: str):
+        if name is None:
+            return None
+        m = self.meta
+        kw = {"max_depth": m.num_layers} if policy == "predicted" and name in ("learned", "transition") else {}
+        key = (name, tuple(kw.items()))
+        if key not in self.cache:
+            p = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k, **kw)
+            if p.needs_fit or name == "temporal":
+                p.fit(self.fit)
+            self.cache[key] = p
+        return copy.deepcopy(self.cache[key])
+
+
+def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, schedule=None) -> dict:
+    m = part.meta
+    s = schedule or Schedule(part, decode_stream=True, name="part")
+    slots = max(m.top_k, int(round(CAPACITY * m.num_experts)))
+    pol = new_policy(policy, slots, m.num_layers, m.num_experts, top_k=m.top_k, scope="layer")
+    if pol.needs_fit:
+        pol.fit(fitted.counts)
+    r = simulate(s, pol, fitted.get(pred, policy), depth=depth, hardware=hw, bound=True)
+    row = r.row()
+    return {"policy": policy, "predictor": pred or "none", "depth": depth, "ms_per_token": row["est_ms_per_token"],
+            "bound_ms_per_token": row["bound_ms_per_token"], "demand_hit_rate": row["demand_hit_rate"],
+            "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0)}
+
+
+def label(c: dict) -> str:
+    return c["policy"] + ("" if c["predictor"] == "none" else f" + {c['predictor']} D={c['depth']}")
+
+
+def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
+    """The chosen configuration, its partner without prefetch, LRU and the bound on ``part``."""
+    s = Schedule(part, decode_stream=True, name="report")
+    got = replay(part, fitted, chosen["policy"], None if chosen["predictor"] == "none" else chosen["predictor"],
+                 chosen["depth"], hw, s)
+    lru = replay(part, fitted, "lru", None, 0, hw, s)
+    bound = lru["bound_ms_per_token"]
+    gap = lru["ms_per_token"] - bound
+    closed = (lru["ms_per_token"] - got["ms_per_token"]) / gap if gap > 0 else math.nan
+    out = {"tokens": len(part), "sequences": len(part.sequences()), "chosen": got, "lru": lru,
+           "bound_ms_per_token": bound, "gap_closed": closed}
+    if chosen["depth"] and chosen["policy"] != "predicted":
+        out["chosen_without_prefetch"] = replay(part, fitted, chosen["policy"], None, 0, hw, s)
+    return out
+
+
+def fidelity_summary() -> list[str]:
+    path = os.path.join(HERE, "results", "sim_fidelity.md")
+    if not os.path.isfile(path):
+        return ["eval/results/sim_fidelity.md is not there yet: the timing model is not calibrated in this tree, "
+                "so these figures are the uncalibrated model's."]
+    with open(path) as f:
+        text = f.read().splitlines()
+    keep = [ln for ln in text if ln.startswith(("- ", "**", "#"))][:14]
+    return [f"From eval/results/sim_fidelity.md ({len(text)} lines):", ""] + keep
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--deepseek", default=None, help="the DeepSeek-V2-Lite trace (default: the suite's build, "
+                    "else the shared routing)")
+    ap.add_argument("--trace", help="blind check: routing the project does not have")
+    ap.add_argument("--fit-seqs", type=int, default=200)
+    ap.add_argument("--choose-seqs", type=int, default=40)
+    ap.add_argument("--report-seqs", type=int, default=100)
+    ap.add_argument("--policies", nargs="*", help="candidate policies (default: every one in CANDIDATES)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "prediction_target"))
+    args = ap.parse_args(argv)
+    src = args.deepseek or (SUITE_DEEPSEEK if os.path.isdir(SUITE_DEEPSEEK) else DEEPSEEK)
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} not found: the shared DeepSeek-V2-Lite routing is needed (or pass --deepseek PATH)")
+    t0 = time.time()
+    trace = load(src)
+    fit, choose, rep = three_way(trace, args.fit_seqs, args.choose_seqs, args.report_seqs)
+    hw = default_profile(trace.meta.bytes_per_expert)
+    fitted = Fitted(fit, trace.meta)
+    s = Schedule(choose, decode_stream=True, name="choose")
+    tried = []
+    for pol, pred, d in CANDIDATES:
+        if args.policies and pol not in args.policies:
+            continue
+        try:
+            tried.append(replay(choose, fitted, pol, pred, d, hw, s))
+        except ConfigError as e:
+            print(f"  skipped {pol} + {pred} D={d}: {e}", file=sys.stderr)
+            continue
+        print(f"  choose: {label(tried[-1]):40s} {tried[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
+    chosen = min(tried, key=lambda c: c["ms_per_token"])
+    best_plain = min((c for c in tried if c["depth"] == 0 and c["predictor"] == "none"),
+                     key=lambda c: c["ms_per_token"])
+    res = {"deepseek": report(rep, fitted, chosen, hw)}
+    recall = None
+    if chosen["predictor"] != "none" and chosen["depth"]:
+        p = fitted.get(chosen["predictor"], chosen["policy"])
+        rows = measure_recall(p, rep, depths=[chosen["depth"]])
+        recall = {"depth": chosen["depth"], "recall@top_k": rows[0].recall(),
+                  "same_token": rows[0].recall_at_offset(0), "next_token": rows[0].recall_at_offset(1)}
+    if args.trace:
+        blind = load(args.trace)
+        seqs = blind.sequences()
+        if len(seqs) >= 3:
+            cut = len(seqs) // 3
+            bfit, brep = blind.select_sequences(seqs[:cut]), blind.select_sequences(seqs[cut:])
+        else:
+            import numpy as np
+
+            idx = np.arange(len(blind))
+            bfit, brep = blind.select(idx < len(blind) // 3), blind.select(idx >= len(blind) // 3)
+        res["blind"] = report(brep, Fitted(bfit, blind.meta), chosen, default_profile(blind.meta.bytes_per_expert))
+        res["blind"]["path"] = args.trace
+    seconds = time.time() - t0
+
+    d = res["deepseek"]
+    prefetch_pays = chosen["depth"] > 0 and chosen["ms_per_token"] < best_plain["ms_per_token"]
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()}, {platform.platform()}, Python {platform.python_version()}, "
+                       f"{os.cpu_count()} CPUs",
+            "command": "python eval/prediction_target.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seconds": round(seconds, 1), "hardware": hw.describe(), "source": src,
+            "split": {"fit": len(fit.sequences()), "choose": len(choose.sequences()), "report": len(rep.sequences())}}
+    out = {"meta": meta, "candidates": tried, "chosen": chosen, "best_without_prefetch": best_plain,
+           "prefetch_pays": prefetch_pays, "recall": recall, **res}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    write_text_atomic(args.out + ".json", json.dumps(out, indent=1) + "\n")
+    ok = d["gap_closed"] >= TARGET
+    lines = ["# Prediction target: DeepSeek-V2-Lite, 25% of expert memory, layer scope, token by token", "",
+             f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}` ({seconds:.0f} s)", f"- hardware profile: {hw.describe()}",
+             f"- split by sequence: fit {meta['split']['fit']}, choose {meta['split']['choose']}, report "
+             f"{meta['split']['report']} ({d['tokens']:,} tokens); {len(tried)} online candidates",
+             "- estimated ms/token from the simulator's timing model (not a GPU run)", "",
+             f"**Chosen (on the choose part): {label(chosen)}. On the report part: {d['chosen']['ms_per_token']:.2f} "
+             f"ms/token; LRU {d['lru']['ms_per_token']:.2f}; bound {d['bound_ms_per_token']:.2f}; gap closed "
+             f"{d['gap_closed']:.1%} (target >= {TARGET:.0%}: {'met' if ok else 'NOT met'}).**", ""]
+    if "chosen_without_prefetch" in d:
+        lines.append(f"- the same policy without prefetch: {d['chosen_without_prefetch']['ms_per_token']:.2f} ms/token")
+    lines.append(f"- best configuration without prefetch on the choose part: {label(best_plain)} "
+                 f"({best_plain['ms_per_token']:.2f} ms/token against the chosen {chosen['ms_per_token']:.2f})" +
+                 ("" if prefetch_pays else ": no prefetch pays at this shape and batch (batch 1) under this profile"))
+    if recall:
+        lines.append(f"- recall@top_k of {chosen['predictor']} at depth {recall['depth']} on the report part: "
+                     f"{recall['recall@top_k']:.3f} (targets in the same token {recall['same_token']:.3f}, in the "
+                     f"next token {recall['next_token']:.3f})")
+    if "blind" in res:
+        b = res["blind"]
+        lines += ["", f"## Blind check: {b['path']}", "",
+                  f"{label(chosen)} (chosen on DeepSeek), fitted on the leading third, reported on the rest "
+                  f"({b['tokens']:,} tokens): {b['chosen']['ms_per_token']:.2f} ms/token; LRU "
+                  f"{b['lru']['ms_per_token']:.2f}; bound {b['bound_ms_per_token']:.2f}; gap closed "
+                  f"{b['gap_closed']:.1%}."]
+    lines += ["", "## Candidates on the choose part", "", "| configuration | ms/token | demand hit | prefetches / refused |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {label(c)} | {c['ms_per_token']:.2f} | {c['demand_hit_rate']:.3f} | "
+              f"{c['prefetches']:,} / {c['prefetch_refused']:,} |" for c in sorted(tried, key=lambda c: c["ms_per_token"])]
+    lines += ["", "## Fidelity of the timing model", ""] + fidelity_summary()
+    write_text_atomic(args.out + ".md", "\n".join(lines) + "\n")
+    print("\n".join(lines[:16]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
