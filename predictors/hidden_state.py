@@ -54,6 +54,20 @@ from .base import PREDICTORS
 from ._common import StreamPredictor, ahead_in_sequence, check_trace, layer_prior, multi_hot, token_order
 
 
+def host_float32(hidden: Any) -> np.ndarray:
+    """A torch tensor as a float32 numpy array on the host, with no torch compute op on the CPU (one
+    would wake torch's OpenMP threads, which then spin on the hybrid CPU kernel's cores): a device tensor
+    is cast there and copied (the host sync), a bfloat16 CPU tensor is widened in numpy from its bits."""
+    import torch
+
+    t = hidden.detach()
+    if t.device.type != "cpu":
+        t = t.float().cpu()
+    if t.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
+        return (t.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return t.numpy().astype(np.float32, copy=False)
+
+
 @PREDICTORS.register("hidden_state", "a small network on the residual stream at layer l predicts layer l+d "
                                      "(fitted on a trace recorded with hidden states)")
 class HiddenStatePredictor(StreamPredictor):
@@ -92,6 +106,7 @@ class HiddenStatePredictor(StreamPredictor):
         # observation (its own columns, and those the perceptrons reading it as their target add)
         self._z: list[np.ndarray | None] = [None] * num_layers
         self._x: np.ndarray | None = None  # (rows, F) input buffer
+        self._b1y: np.ndarray | None = None  # (D, L, U): b1 + by
 
     @property
     def hidden_size(self) -> int | None:
@@ -215,6 +230,7 @@ class HiddenStatePredictor(StreamPredictor):
         self.w_fused = np.ascontiguousarray(fused)
         self.b1, self.by = np.ascontiguousarray(b1, np.float32), np.ascontiguousarray(by, np.float32)
         self.w2, self.b2 = np.ascontiguousarray(w2, np.float32), np.ascontiguousarray(b2, np.float32)
+        self._b1y = self.b1 + self.by  # both biases, where the target layer's part is present
 
     # -- online --------------------------------------------------------------------------------
     def _reset_request(self) -> None:
@@ -229,9 +245,7 @@ class HiddenStatePredictor(StreamPredictor):
         if hidden is None or self.w_fused is None:
             self._z[layer] = None  # no own part (prior), and no stored part for the perceptrons reading this layer
             return
-        if hasattr(hidden, "detach"):  # a torch tensor (the runtime): one copy to the host
-            hidden = hidden.detach().float().cpu().numpy()
-        h = np.asarray(hidden, np.float32)
+        h = host_float32(hidden) if hasattr(hidden, "detach") else np.asarray(hidden, np.float32)
         if h.ndim == 1:
             h = h[None, :]
         x = self._x
@@ -243,12 +257,14 @@ class HiddenStatePredictor(StreamPredictor):
             raise ConfigError("hidden_state: the hidden state holds NaN or inf values")
         x[:, :H] = h
         x[:, H:] = 0.0
-        r, c = np.nonzero(experts >= 0)
-        x[r, H + experts[r, c]] = 1.0
         w = self.w_fused[layer]
-        if x.shape[0] == 1:
+        if x.shape[0] == 1:  # batch-1 decode, the runtime's hot path: the same product on the one row
+            e = experts[0]
+            x[0, H + e[e >= 0]] = 1.0
             z = (x[0] @ w)[None, :]
-        else:  # one row at a time: the same vector-matrix product, so the same bits as batch 1
+        else:
+            r, c = np.nonzero(experts >= 0)
+            x[r, H + experts[r, c]] = 1.0  # one row at a time: the same vector-matrix product, so the same bits as batch 1
             z = np.empty((x.shape[0], w.shape[1]), np.float32)
             for i in range(x.shape[0]):
                 z[i] = x[i] @ w
@@ -262,11 +278,12 @@ class HiddenStatePredictor(StreamPredictor):
         if own is None:
             return np.broadcast_to(self.prior[target], (self._rows, self.num_experts))
         U, d = self.hidden_units, depth - 1
-        z = own[:, d * U:(d + 1) * U] + self.b1[d, layer]
         ahead = self._z[target]  # the most recent observation at the target layer (None: not yet, or no hidden)
-        if ahead is not None:
-            z += ahead[:, (self.max_depth + d) * U:(self.max_depth + d + 1) * U]
-            z += self.by[d, layer]
+        if ahead is None:
+            z = own[:, d * U:(d + 1) * U] + self.b1[d, layer]
+        else:
+            z = own[:, d * U:(d + 1) * U] + ahead[:, (self.max_depth + d) * U:(self.max_depth + d + 1) * U]
+            z += self._b1y[d, layer]
         np.maximum(z, 0.0, out=z)
         w2 = self.w2[d, layer]
         if z.shape[0] == 1:
@@ -295,3 +312,4 @@ class HiddenStatePredictor(StreamPredictor):
             self.w_fused = np.ascontiguousarray(arrays["w_fused"], np.float32)
             self.b1, self.by = np.asarray(arrays["b1"], np.float32), np.asarray(arrays["by"], np.float32)
             self.w2, self.b2 = np.asarray(arrays["w2"], np.float32), np.asarray(arrays["b2"], np.float32)
+            self._b1y = self.b1 + self.by

@@ -716,3 +716,17 @@ def test_hidden_state_fast_path_matches_formula_and_batches(tmp_path):
         for d in (1, 2):
             ref = pred.normalise(_hidden_state_reference(pred, ids[0], hid[0], l, d, t)[None])[0]
             np.testing.assert_allclose(outs["single"][step, d - 1, 0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_state_reads_torch_tensors_without_torch_ops():
+    """bfloat16 / float16 / float32 CPU tensors (strided too, as the runtime's last-position view) give the
+    float32 values numpy would; the bfloat16 path widens the bits in numpy."""
+    torch = pytest.importorskip("torch")
+    from moecache.predictors.hidden_state import host_float32
+
+    x = torch.randn(3, 5, 16) * 7
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = x.to(dtype)[:, -1]  # strided
+        got = host_float32(t)
+        assert got.dtype == np.float32 and got.shape == (3, 16)
+        np.testing.assert_array_equal(got, t.float().numpy())
