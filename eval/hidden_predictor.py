@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                         max_samples=args.max_samples, batch=args.batch, lr=args.lr)
     saved = args.work / ("hidden_state-" + fit_path.name + "-" + "-".join(f"{k}{v}" for k, v in sorted(hs.params.items())))
     t0 = time.time()
-    if (saved / "predictor.json").exists():
+    loaded = (saved / "predictor.json").exists()
+    if loaded:
         hs = Predictor.load(saved)
         fit_s = json.loads((saved / "fit_seconds.json").read_text())["seconds"]
         print(f"hidden_state: loaded the fit saved in {saved}", file=sys.stderr)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python eval/hidden_predictor.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "fit_text": f"{args.train_chunks} x {cb} bytes: {corpus_note}", "fit_tokens": len(fit),
            "score_text": f"heldout_sample.txt chunks 48-95 x {cb} bytes", "score_tokens": len(score),
-           "hidden_state_params": hs.params, "rows": rows, "speed_us_per_call_batch1": speed,
+           "hidden_state_params": hs.params, "hidden_state_fit_reused": loaded, "rows": rows, "speed_us_per_call_batch1": speed,
            "repeats": args.repeats, "load_average_before_timing": [round(x, 1) for x in load_before],
            "load_average_after_timing": [round(x, 1) for x in load_after],
            "seconds": round(time.time() - started, 1)}
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
           f"- command: `{out['command']}` ({out['seconds']:.0f} s in all)",
           f"- fit: {out['fit_text']} ({len(fit):,} tokens, recorded with hidden states)",
           f"- score: {out['score_text']} ({len(score):,} tokens x 6 MoE layers), never used for fitting",
-          f"- hidden_state: {hs.params}",
+          f"- hidden_state: {hs.params}; fit {fit_s:.0f} s" + (" (saved by an earlier run with the same fit text and "
+                                                             "parameters, reused)" if loaded else ""),
           "- recall@4 = share of the truly selected experts (top-4 of 32) among the predictor's 4 most likely; "
           "'next token' = targets past the last MoE layer (depth d from layer l with l + d >= 6).",
           "- us/call: at batch 1 (one row), per layer one observe + one predict per depth (1 and 2), divided by "
