@@ -123,11 +123,11 @@ def _order(r: dict[str, Any]) -> tuple:
 
 
 def _offset_recall(r: dict[str, Any], offset: int) -> float | None:
-    """recall@top_k over the targets ``offset`` tokens ahead (0: the same token, 1: the next), or None."""
-    got = r.get("by_offset", {}).get(str(offset))
-    if not got or not got["selected"]:
-        return None
-    return got[f"hits@{r['top_k']}"] / got["selected"]
+    """recall@top_k over the targets in the same token (``offset`` 0) or in a later one (``offset`` 1: every
+    target past the last layer; on a one-layer trace depth d reaches d tokens ahead), or None."""
+    rows = [v for o, v in r.get("by_offset", {}).items() if (int(o) == 0) == (offset == 0)]
+    selected = sum(v["selected"] for v in rows)
+    return sum(v[f"hits@{r['top_k']}"] for v in rows) / selected if selected else None
 
 
 def _fmt(x: float | None) -> str:
@@ -155,7 +155,8 @@ def write_markdown(results: list[dict[str, Any]], out: Path, command: str, elaps
              "Depth d = the MoE layer d ahead (wrapping into the next token).",
              "- each trace is split into a fitting part and a scored part that share no sequence (see each section); "
              "every predictor, including those that only learn a fallback prior, is fitted on the first and scored on "
-             "the second. `gate_lookahead` needs hidden states, which no published trace has: see gate_lookahead.md.",
+             "the second. `gate_lookahead` and `hidden_state` need hidden states, which no published trace has: see "
+             "gate_lookahead.md and hidden_predictor.md (same-token and next-token recall on the trained model).",
              "- params: defaults unless the row names a variant; the sections list every parameter.",
              "", "## Summary: recall@top_k at depth 1 (depth 2 in brackets)", ""]
     labels = list(dict.fromkeys(_label(r) for r in results))
