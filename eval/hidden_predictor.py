@@ -1,6 +1,6 @@
 """The hidden-state predictor (``hidden_state``) against the trace-only ones on qwen3moe-tiny-code.
 
-    python eval/hidden_predictor.py [--model DIR] [--train-chunks 768] [--chunk-bytes 512] [--epochs 4] [--hidden-units 128]
+    python eval/hidden_predictor.py [--model DIR] [--train-chunks 768] [--chunk-bytes 512] [--epochs 6] [--hidden-units 128]
                                     [--max-samples 160000] [--batch 512] [--lr 2e-3] [--repeats 5]
                                     [--out-dir eval/results] [--work build/hidden_traces]
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--train-chunks", type=int, default=768)
     ap.add_argument("--chunk-bytes", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--hidden-units", type=int, default=128)
     ap.add_argument("--max-samples", type=int, default=160000, help="training samples per (depth, layer)")
     ap.add_argument("--batch", type=int, default=512)
@@ -167,15 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     loaded = (saved / "predictor.json").exists()
     if loaded:
         hs = Predictor.load(saved)
-        fit_s = json.loads((saved / "fit_seconds.json").read_text())["seconds"]
+        hs_fit_s = json.loads((saved / "fit_seconds.json").read_text())["seconds"]
         print(f"hidden_state: loaded the fit saved in {saved}", file=sys.stderr)
     else:
         hs.fit(fit)
-        fit_s = time.time() - t0
+        hs_fit_s = time.time() - t0
         saved.mkdir(parents=True, exist_ok=True)
-        (saved / "fit_seconds.json").write_text(json.dumps({"seconds": round(fit_s, 1)}))
+        (saved / "fit_seconds.json").write_text(json.dumps({"seconds": round(hs_fit_s, 1)}))
         hs.save(saved)  # predictor.json last: its presence means a complete save
-    preds.append(("hidden_state", hs, fit_s))
+    preds.append(("hidden_state", hs, hs_fit_s))
     for name in ("learned", "transition"):
         p = PREDICTORS.get(name)(fit.meta.num_layers, fit.meta.num_experts, fit.meta.top_k)
         t0 = time.time()
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
           f"- command: `{out['command']}` ({out['seconds']:.0f} s in all)",
           f"- fit: {out['fit_text']} ({len(fit):,} tokens, recorded with hidden states)",
           f"- score: {out['score_text']} ({len(score):,} tokens x 6 MoE layers), never used for fitting",
-          f"- hidden_state: {hs.params}; fit {fit_s:.0f} s" + (" (saved by an earlier run with the same fit text and "
+          f"- hidden_state: {hs.params}; fit {hs_fit_s:.0f} s" + (" (saved by an earlier run with the same fit text and "
                                                              "parameters, reused)" if loaded else ""),
           "- recall@4 = share of the truly selected experts (top-4 of 32) among the predictor's 4 most likely; "
           "'next token' = targets past the last MoE layer (depth d from layer l with l + d >= 6).",

@@ -71,7 +71,7 @@ def host_float32(hidden: Any) -> np.ndarray:
 @PREDICTORS.register("hidden_state", "a small network on the residual stream at layer l predicts layer l+d "
                                      "(fitted on a trace recorded with hidden states)")
 class HiddenStatePredictor(StreamPredictor):
-    """Params: ``max_depth`` (2), ``hidden_units`` (128), ``epochs`` (8), ``lr`` (3e-3), ``weight_decay``
+    """Params: ``max_depth`` (2), ``hidden_units`` (128), ``epochs`` (6), ``lr`` (2e-3), ``weight_decay``
     (1e-4), ``batch`` (512), ``max_samples`` (200000), ``seed`` (0)."""
 
     name = "hidden_state"
@@ -82,7 +82,7 @@ class HiddenStatePredictor(StreamPredictor):
                 "pass that instance as predictor=")
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 2, hidden_units: int = 128,
-                 epochs: int = 8, lr: float = 3e-3, weight_decay: float = 1e-4, batch: int = 512,
+                 epochs: int = 6, lr: float = 2e-3, weight_decay: float = 1e-4, batch: int = 512,
                  max_samples: int = 200000, seed: int = 0):
         super().__init__(num_layers, num_experts, top_k, max_depth=int(max_depth), hidden_units=int(hidden_units),
                          epochs=int(epochs), lr=float(lr), weight_decay=float(weight_decay), batch=int(batch),
