@@ -122,6 +122,18 @@ def _order(r: dict[str, Any]) -> tuple:
     return (is_variant, rank, r["predictor"], json.dumps(r["params"], sort_keys=True), r["depth"])
 
 
+def _offset_recall(r: dict[str, Any], offset: int) -> float | None:
+    """recall@top_k over the targets in the same token (``offset`` 0) or in a later one (``offset`` 1: every
+    target past the last layer; on a one-layer trace depth d reaches d tokens ahead), or None."""
+    rows = [v for o, v in r.get("by_offset", {}).items() if (int(o) == 0) == (offset == 0)]
+    selected = sum(v["selected"] for v in rows)
+    return sum(v[f"hits@{r['top_k']}"] for v in rows) / selected if selected else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _label(r: dict[str, Any]) -> str:
     for n, p in VARIANTS:
         if r["predictor"] == n and all(r["params"].get(k) == v for k, v in p.items()):
@@ -143,7 +155,8 @@ def write_markdown(results: list[dict[str, Any]], out: Path, command: str, elaps
              "Depth d = the MoE layer d ahead (wrapping into the next token).",
              "- each trace is split into a fitting part and a scored part that share no sequence (see each section); "
              "every predictor, including those that only learn a fallback prior, is fitted on the first and scored on "
-             "the second. `gate_lookahead` needs hidden states, which no published trace has: see gate_lookahead.md.",
+             "the second. `gate_lookahead` and `hidden_state` need hidden states, which no published trace has: see "
+             "gate_lookahead.md and hidden_predictor.md (same-token and next-token recall on the trained model).",
              "- params: defaults unless the row names a variant; the sections list every parameter.",
              "", "## Summary: recall@top_k at depth 1 (depth 2 in brackets)", ""]
     labels = list(dict.fromkeys(_label(r) for r in results))
@@ -157,6 +170,19 @@ def write_markdown(results: list[dict[str, Any]], out: Path, command: str, elaps
             cells.append(f"{got[1]:.3f} ({got[2]:.3f})" if got else "n/a")
         k, E = rows[0]["top_k"], rows[0]["experts"]
         lines.append(f"| {trace} | {k} / {E} | {k / E:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Summary: recall@top_k on next-token targets (depth d from layer l with l + d >= layers), "
+              "depth 1 (depth 2 in brackets)", "",
+              "The prediction crosses into the next token: the target is a layer of a token not yet decoded. "
+              "One-layer traces (Qwen logs) have only such targets.", ""]
+    lines.append("| trace | " + " | ".join(labels) + " |")
+    lines.append("|" + " --- |" * (1 + len(labels)))
+    for trace in traces:
+        rows = [r for r in results if r["trace"] == trace]
+        cells = []
+        for lab in labels:
+            got = {r["depth"]: _offset_recall(r, 1) for r in rows if _label(r) == lab}
+            cells.append(f"{_fmt(got[1])} ({_fmt(got[2])})" if got else "n/a")
+        lines.append(f"| {trace} | " + " | ".join(cells) + " |")
     lines.append("")
     for trace in traces:
         rows = [r for r in results if r["trace"] == trace]
@@ -164,13 +190,14 @@ def write_markdown(results: list[dict[str, Any]], out: Path, command: str, elaps
         sizes = sorted(int(m) for m in rows[0]["hits"])
         lines += [f"## {trace}", "", rows[0]["note"] + f"; top-{k}, {rows[0]['targets']:,} targets scored at depth 1.", ""]
         head = ("| predictor | params | depth | " + " | ".join(f"recall@{m}" for m in sizes)
-                + f" | precision@{sizes[-1]} | fit s | us / layer-step |")
-        lines += [head, "|" + " --- |" * (6 + len(sizes))]
+                + f" | precision@{sizes[-1]} | recall@{k} same token | recall@{k} next token | fit s | us / layer-step |")
+        lines += [head, "|" + " --- |" * (8 + len(sizes))]
         for r in rows:
             us = 1e6 * r["seconds"] / max(r["layer_steps"], 1)
             params = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
             lines.append(f"| {r['predictor']} | {params} | {r['depth']} | " + " | ".join(f"{r[f'recall@{m}']:.3f}" for m in sizes)
-                         + f" | {r[f'precision@{sizes[-1]}']:.3f} | {r['fit_seconds']:.1f} | {us:.1f} |")
+                         + f" | {r[f'precision@{sizes[-1]}']:.3f} | {_fmt(_offset_recall(r, 0))} | "
+                         f"{_fmt(_offset_recall(r, 1))} | {r['fit_seconds']:.1f} | {us:.1f} |")
         lines.append("")
     lines += ["`fit s`: seconds to fit on the fitting part. `us / layer-step`: time inside the predictor (observe, "
               "split evenly among the depths, plus predict) per request row and MoE layer, with up to 64 requests "

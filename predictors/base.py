@@ -41,6 +41,8 @@ class Predictor:
     needs_fit: ClassVar[bool] = False
     #: True when the predictor reads hidden states and router weights (needs the model).
     needs_model: ClassVar[bool] = False
+    #: How to get a fitted instance (said where one is built by name but must be fitted first).
+    fit_hint: ClassVar[str] = "pass an instance after .fit(trace) (or Predictor.load(path))"
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, **params: Any):
         if num_layers < 1 or not 1 <= top_k <= num_experts:

@@ -1,21 +1,34 @@
 """``hidden_state``: a small learned network reads the residual stream at layer ``l`` and predicts the
 experts of layer ``l + d`` (in the manner of ProMoE's learned predictors).
 
-Input, per row, right after MoE layer ``l`` routed a token: that layer's input hidden state ``h``
-(what its router reads: the residual stream after the layer's pre-MoE norm, ``hidden_size`` wide)
-and the multi-hot of the experts it chose (``E`` wide). For every ``(d, l)``, ``d <= max_depth``,
-one two-layer perceptron maps it to a score per expert of the target layer ``t = (l + d) % L`` (of
-the next token when ``l + d >= L``: the last layers' residual stream already encodes the next
-token, so these targets are learned too, not left to a fallback)::
+Input, per row and ``(d, l)`` with target layer ``t = (l + d) % L`` (of the next token when
+``l + d >= L``: the last layers' residual stream already encodes the next token, so these targets
+are learned too, not left to a fallback):
 
-    z = relu(W1 [ (h - mean_l) / std_l ; multi_hot ] + b1)      (hidden_units wide)
+* ``x_l = [h_l ; hot_l]``: layer ``l``'s input hidden state (what its router reads: the residual
+  stream after the layer's pre-MoE norm, ``hidden_size`` wide) and the multi-hot of the experts it chose;
+* ``y_t = [h_t ; hot_t]``: the most recent observation at the target layer ``t`` in this request:
+  the previous token's when ``t`` is in the current token, the current token's when ``t`` is in the
+  next one; zeros (and no bias) for the first token of a request, which has none.
+
+For every ``(d, l)``, ``d <= max_depth``, one two-layer perceptron maps them to a score per expert::
+
+    z = relu(Wx x_l + [y_t present] (Wy y_t + by) + b1)      (hidden_units wide, inputs standardised)
     scores = sigmoid(W2 z + b2);  prediction = normalise(scores)
 
-trained with binary cross-entropy on the 0/1 "selected" targets (Adam, ``epochs`` passes over at
-most ``max_samples`` samples per ``(d, l)``, seeded, so a fit is repeatable on one machine). The
-standardisation is folded into ``W1`` after training, so a prediction is two float32 matrix-vector
-products per row in numpy: no torch op on the hot path. Rows are multiplied one at a time, so a row's
-answer does not depend on how many rows share the call (a matrix product's summation order would).
+trained with binary cross-entropy on the 0/1 "selected" targets plus a listwise term (the softmax
+cross-entropy of the selected set, which ranks the top-k), Adam with a one-cycle schedule,
+``epochs`` passes over at most ``max_samples`` samples per ``(d, l)``, seeded, so a fit is
+repeatable on one machine.
+
+Hot path (the runtime's per-layer call): the standardisation is folded into the weights after
+training, and every product that involves one observation is fused into ONE float32
+vector-matrix product per row in ``observe``: ``x_l`` times the columns of every ``Wx[d, l]`` and
+of every ``Wy[d, l']`` that will later read layer ``l`` as its target (``l' = (l - d) mod L``),
+pre-transposed side by side. ``predict`` then adds the stored parts, applies the ReLU and one small
+``hidden_units x E`` product. Plain numpy, no torch op. Rows are multiplied one at a time, so a
+row's answer does not depend on how many rows share the call (a matrix product's summation order
+would), and batch 1 is the same code as batch ``n``.
 
 Fitting needs a trace with hidden states (format version 2: ``moecache.record(model, path,
 hidden_states=True)``) and torch (the runtime's own dependency). A row observed without a hidden
@@ -26,7 +39,8 @@ sync, as for ``gate_lookahead``). Trace-only predictors remain the defaults wher
 exist; the simulator refuses predictors that read hidden states (a routing trace has none).
 
 Tie-break: equal scores give equal probabilities; consumers take the lowest expert id first.
-Cost: ``O(rows * (hidden + E) * hidden_units + rows * hidden_units * E)`` per prediction.
+Cost per row and layer: one ``(hidden + E) x (2 * max_depth * hidden_units)`` product in
+``observe``, one ``hidden_units x E`` product per ``predict``.
 """
 
 from __future__ import annotations
@@ -40,18 +54,35 @@ from .base import PREDICTORS
 from ._common import StreamPredictor, ahead_in_sequence, check_trace, layer_prior, multi_hot, token_order
 
 
+def host_float32(hidden: Any) -> np.ndarray:
+    """A torch tensor as a float32 numpy array on the host, with no torch compute op on the CPU (one
+    would wake torch's OpenMP threads, which then spin on the hybrid CPU kernel's cores): a device tensor
+    is cast there and copied (the host sync), a bfloat16 CPU tensor is widened in numpy from its bits."""
+    import torch
+
+    t = hidden.detach()
+    if t.device.type != "cpu":
+        t = t.float().cpu()
+    if t.dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
+        return (t.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return t.numpy().astype(np.float32, copy=False)
+
+
 @PREDICTORS.register("hidden_state", "a small network on the residual stream at layer l predicts layer l+d "
                                      "(fitted on a trace recorded with hidden states)")
 class HiddenStatePredictor(StreamPredictor):
-    """Params: ``max_depth`` (2), ``hidden_units`` (512), ``epochs`` (12), ``lr`` (2e-3), ``weight_decay``
+    """Params: ``max_depth`` (2), ``hidden_units`` (128), ``epochs`` (6), ``lr`` (2e-3), ``weight_decay``
     (1e-4), ``batch`` (512), ``max_samples`` (200000), ``seed`` (0)."""
 
     name = "hidden_state"
     needs_fit = True
     needs_model = True  # reads hidden states: runtime (and predict_eval with hidden=...), never a routing trace
+    fit_hint = ("it learns from hidden states: record a trace with moecache.record(model, path, hidden_states=True), "
+                "fit HiddenStatePredictor(L, E, top_k).fit(open_trace(path)) (or Predictor.load a saved one) and "
+                "pass that instance as predictor=")
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 2, hidden_units: int = 512,
-                 epochs: int = 12, lr: float = 2e-3, weight_decay: float = 1e-4, batch: int = 512,
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 2, hidden_units: int = 128,
+                 epochs: int = 6, lr: float = 2e-3, weight_decay: float = 1e-4, batch: int = 512,
                  max_samples: int = 200000, seed: int = 0):
         super().__init__(num_layers, num_experts, top_k, max_depth=int(max_depth), hidden_units=int(hidden_units),
                          epochs=int(epochs), lr=float(lr), weight_decay=float(weight_decay), batch=int(batch),
@@ -65,15 +96,21 @@ class HiddenStatePredictor(StreamPredictor):
         self.lr, self.weight_decay, self.batch = float(lr), float(weight_decay), int(batch)
         self.max_samples, self.seed = int(max_samples), int(seed)
         self.prior = np.full((num_layers, num_experts), top_k / num_experts)
-        self.w1: np.ndarray | None = None  # (D, L, F, U) float32, standardisation folded in
-        self.b1: np.ndarray | None = None  # (D, L, U)
+        # fitted, standardisation folded in (D = max_depth, U = hidden_units, F = hidden_size + E):
+        self.w_fused: np.ndarray | None = None  # (L, F, 2 * D * U): [Wx[d, l] for d | Wy[d, (l - d) % L] for d]
+        self.b1: np.ndarray | None = None  # (D, L, U): bias of z, always added
+        self.by: np.ndarray | None = None  # (D, L, U): bias of the y part, added where y_t is present
         self.w2: np.ndarray | None = None  # (D, L, U, E)
         self.b2: np.ndarray | None = None  # (D, L, E)
-        self._x: dict[int, np.ndarray | None] = {}
+        # per request: layer -> (rows, 2 * D * U), x_layer times w_fused[layer] for that layer's latest
+        # observation (its own columns, and those the perceptrons reading it as their target add)
+        self._z: list[np.ndarray | None] = [None] * num_layers
+        self._x: np.ndarray | None = None  # (rows, F) input buffer
+        self._b1y: np.ndarray | None = None  # (D, L, U): b1 + by
 
     @property
     def hidden_size(self) -> int | None:
-        return None if self.w1 is None else self.w1.shape[2] - self.num_experts
+        return None if self.w_fused is None else self.w_fused.shape[1] - self.num_experts
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, trace: Any) -> "HiddenStatePredictor":
@@ -93,6 +130,8 @@ class HiddenStatePredictor(StreamPredictor):
         present = (ids >= 0).any(axis=2)
         n, H = hid.shape[0], hid.shape[2]
         finite = np.isfinite(hid).all(axis=2)  # (n, L)
+        has_prev = np.zeros(n, bool)  # row i - 1 is the previous token of the same sequence
+        has_prev[1:] = next_same[:-1]
         # per-layer standardisation (fitted on the rows that have a hidden state)
         mean = np.zeros((L, H), np.float32)
         std = np.ones((L, H), np.float32)
@@ -101,11 +140,20 @@ class HiddenStatePredictor(StreamPredictor):
             if len(h):
                 mean[l] = h.mean(axis=0)
                 std[l] = np.maximum(h.std(axis=0), 1e-3)
+
+        def inputs(rows: np.ndarray, l: int, valid: np.ndarray | None = None) -> np.ndarray:
+            x = np.concatenate([(hid[rows, l].astype(np.float32) - mean[l]) / std[l], hot[rows, l]], axis=1)
+            if valid is not None:
+                x *= valid[:, None]
+            return x
+
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
         F = H + E
-        w1 = np.zeros((D, L, F, U), np.float32)
+        wx = np.zeros((D, L, F, U), np.float32)
+        wy = np.zeros((D, L, F, U), np.float32)
         b1 = np.zeros((D, L, U), np.float32)
+        by = np.zeros((D, L, U), np.float32)
         w2 = np.zeros((D, L, U, E), np.float32)
         b2 = np.zeros((D, L, E), np.float32)
         for d in range(1, D + 1):
@@ -121,16 +169,23 @@ class HiddenStatePredictor(StreamPredictor):
             m = min(len(s[0]) for s in samples)
             if m < 2:
                 raise ConfigError(f"hidden_state.fit: fewer than 2 training samples at depth {d}; record more text")
+            X, Y, V = [], [], []
+            for l, (idx, t, o) in enumerate(samples):
+                idx = idx[:m]
+                # the most recent observation at layer t: this token's (t in the next token) or the previous one's
+                src, valid = (idx, np.ones(m, bool)) if o else (np.maximum(idx - 1, 0), has_prev[idx])
+                valid = valid & finite[src, t] & present[src, t]
+                X.append(np.concatenate([inputs(idx, l), inputs(src, t, valid)], axis=1))
+                V.append(valid.astype(np.float32)[:, None])
+                Y.append(hot[idx + o, t])
             # one batched network per depth: every layer's perceptron trains side by side (bmm)
-            X = np.stack([np.concatenate([(hid[idx, l].astype(np.float32) - mean[l]) / std[l], hot[idx, l]], axis=1)[:m]
-                          for l, (idx, t, o) in enumerate(samples)])  # (L, m, F)
-            Y = np.stack([hot[idx + o, t][:m] for (idx, t, o) in samples])  # (L, m, E)
-            Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
-            W1 = torch.nn.Parameter(torch.randn(L, F, U) * (2.0 / F) ** 0.5)
+            Xt, Yt, Vt = torch.from_numpy(np.stack(X)), torch.from_numpy(np.stack(Y)), torch.from_numpy(np.stack(V))
+            W1 = torch.nn.Parameter(torch.randn(L, 2 * F, U) * (2.0 / (2 * F)) ** 0.5)
             B1 = torch.nn.Parameter(torch.zeros(L, 1, U))
+            BY = torch.nn.Parameter(torch.zeros(L, 1, U))
             W2 = torch.nn.Parameter(torch.randn(L, U, E) * (1.0 / U) ** 0.5)
-            B2 = torch.nn.Parameter(torch.logit(torch.from_numpy(Y.mean(axis=1, keepdims=True)).clamp(1e-3, 1 - 1e-3)))
-            opt = torch.optim.AdamW([W1, B1, W2, B2], lr=self.lr, weight_decay=self.weight_decay)
+            B2 = torch.nn.Parameter(torch.logit(Yt.mean(dim=1, keepdim=True).clamp(1e-3, 1 - 1e-3)))
+            opt = torch.optim.AdamW([W1, B1, BY, W2, B2], lr=self.lr, weight_decay=self.weight_decay)
             steps = max(1, -(-m // self.batch))
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps * self.epochs)
             gen = torch.Generator().manual_seed(self.seed + d)
@@ -138,76 +193,123 @@ class HiddenStatePredictor(StreamPredictor):
                 perm = torch.randperm(m, generator=gen)
                 for s in range(steps):
                     b = perm[s * self.batch:(s + 1) * self.batch]
-                    z = torch.relu(torch.bmm(Xt[:, b], W1) + B1)
+                    z = torch.relu(torch.bmm(Xt[:, b], W1) + B1 + Vt[:, b] * BY)
                     logits = torch.bmm(z, W2) + B2
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, Yt[:, b])
+                    y = Yt[:, b]
+                    listwise = -(torch.log_softmax(logits, dim=2) * y).sum(dim=2).mean() / self.top_k
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + 0.25 * listwise
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     sched.step()
             W1n = W1.detach().numpy()
             # fold the standardisation into the first layer: (h - mean) / std @ W = h @ (W / std) - (mean / std) @ W
-            scale = np.concatenate([1.0 / std, np.ones((L, E), np.float32)], axis=1)  # (L, F)
-            shift = np.concatenate([mean / std, np.zeros((L, E), np.float32)], axis=1)
-            w1[d - 1] = W1n * scale[:, :, None]
-            b1[d - 1] = B1.detach().numpy()[:, 0] - np.einsum("lf,lfu->lu", shift, W1n)
+            for l, (_idx, t, _o) in enumerate(samples):
+                for part, src, w, bias in ((0, l, wx, b1), (1, t, wy, by)):
+                    Wp = W1n[l, part * F:(part + 1) * F]
+                    scale = np.concatenate([1.0 / std[src], np.ones(E, np.float32)])
+                    shift = np.concatenate([mean[src] / std[src], np.zeros(E, np.float32)])
+                    w[d - 1, l] = Wp * scale[:, None]
+                    bias[d - 1, l] = (B1 if part == 0 else BY).detach().numpy()[l, 0] - shift @ Wp
             w2[d - 1] = W2.detach().numpy()
             b2[d - 1] = B2.detach().numpy()[:, 0]
-        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self._set_weights(wx, wy, b1, by, w2, b2)
         self.fitted = True
         return self
 
+    def _set_weights(self, wx: np.ndarray, wy: np.ndarray, b1: np.ndarray, by: np.ndarray, w2: np.ndarray,
+                     b2: np.ndarray) -> None:
+        """Lay out the fused first-layer matrix: per observed layer ``l``, its own columns for every
+        depth, then the columns of the ``(d, (l - d) % L)`` perceptrons that read ``l`` as their target."""
+        D, L, F, U = wx.shape
+        fused = np.empty((L, F, 2 * D * U), np.float32)
+        for l in range(L):
+            for d in range(D):
+                fused[l, :, d * U:(d + 1) * U] = wx[d, l]
+                fused[l, :, (D + d) * U:(D + d + 1) * U] = wy[d, (l - d - 1) % L]
+        self.w_fused = np.ascontiguousarray(fused)
+        self.b1, self.by = np.ascontiguousarray(b1, np.float32), np.ascontiguousarray(by, np.float32)
+        self.w2, self.b2 = np.ascontiguousarray(w2, np.float32), np.ascontiguousarray(b2, np.float32)
+        self._b1y = self.b1 + self.by  # both biases, where the target layer's part is present
+
     # -- online --------------------------------------------------------------------------------
     def _reset_request(self) -> None:
-        self._x = {}
+        self._z = [None] * self.num_layers
+        self._x = None
+
+    def _start_request(self, rows: int) -> None:
+        if self.w_fused is not None:
+            self._x = np.zeros((rows, self.w_fused.shape[1]), np.float32)
 
     def _observe(self, layer: int, experts: np.ndarray, hidden: Any) -> None:
-        if hidden is None:
-            self._x[layer] = None
+        if hidden is None or self.w_fused is None:
+            self._z[layer] = None  # no own part (prior), and no stored part for the perceptrons reading this layer
             return
-        if hasattr(hidden, "detach"):  # a torch tensor (the runtime): one copy to the host
-            hidden = hidden.detach().float().cpu().numpy()
-        h = np.asarray(hidden, np.float32)
+        h = host_float32(hidden) if hasattr(hidden, "detach") else np.asarray(hidden, np.float32)
         if h.ndim == 1:
             h = h[None, :]
-        H = self.hidden_size
-        if H is not None and h.shape != (self._rows, H):
-            raise ConfigError(f"hidden_state: hidden has shape {h.shape}, expected ({self._rows}, {H}) "
+        x = self._x
+        H = x.shape[1] - self.num_experts
+        if h.shape != (x.shape[0], H):
+            raise ConfigError(f"hidden_state: hidden has shape {h.shape}, expected ({x.shape[0]}, {H}) "
                               "(rows, hidden_size of the fitting trace)")
-        x = np.empty((h.shape[0], h.shape[1] + self.num_experts), np.float32)
-        x[:, :h.shape[1]] = h
-        x[:, h.shape[1]:] = multi_hot(experts, self.num_experts)
-        self._x[layer] = x
+        if not np.isfinite(h.sum()):  # a NaN or inf anywhere makes the sum non-finite (one reduction, not a mask)
+            raise ConfigError("hidden_state: the hidden state holds NaN or inf values")
+        x[:, :H] = h
+        x[:, H:] = 0.0
+        w = self.w_fused[layer]
+        if x.shape[0] == 1:  # batch-1 decode, the runtime's hot path: the same product on the one row
+            e = experts[0]
+            x[0, H + e[e >= 0]] = 1.0
+            z = (x[0] @ w)[None, :]
+        else:
+            r, c = np.nonzero(experts >= 0)
+            x[r, H + experts[r, c]] = 1.0  # one row at a time: the same vector-matrix product, so the same bits as batch 1
+            z = np.empty((x.shape[0], w.shape[1]), np.float32)
+            for i in range(x.shape[0]):
+                z[i] = x[i] @ w
+        self._z[layer] = z
 
     def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
         if depth > self.max_depth:
             raise ConfigError(f"hidden_state was fitted up to depth {self.max_depth}, asked for {depth}: build it "
                               f"with max_depth={depth} and fit again")
-        x = self._x.get(layer)
-        if x is None or self.w1 is None:
+        own = self._z[layer] if self._x is not None else None
+        if own is None:
             return np.broadcast_to(self.prior[target], (self._rows, self.num_experts))
-        if not np.isfinite(x).all():
-            raise ConfigError("hidden_state: the hidden state holds NaN or inf values")
-        w1, b1 = self.w1[depth - 1, layer], self.b1[depth - 1, layer]
-        w2, b2 = self.w2[depth - 1, layer], self.b2[depth - 1, layer]
-        logits = np.empty((x.shape[0], self.num_experts), np.float64)
-        for r in range(x.shape[0]):  # one row at a time: the same bits whatever the batch
-            z = x[r] @ w1
-            z += b1
-            np.maximum(z, 0.0, out=z)
-            y = z @ w2
-            y += b2
-            logits[r] = y
-        return 1.0 / (1.0 + np.exp(-logits))
+        U, d = self.hidden_units, depth - 1
+        ahead = self._z[target]  # the most recent observation at the target layer (None: not yet, or no hidden)
+        if ahead is None:
+            z = own[:, d * U:(d + 1) * U] + self.b1[d, layer]
+        else:
+            z = own[:, d * U:(d + 1) * U] + ahead[:, (self.max_depth + d) * U:(self.max_depth + d + 1) * U]
+            z += self._b1y[d, layer]
+        np.maximum(z, 0.0, out=z)
+        w2 = self.w2[d, layer]
+        if z.shape[0] == 1:
+            y = (z[0] @ w2)[None, :]
+        else:
+            y = np.empty((z.shape[0], self.num_experts), np.float32)
+            for i in range(z.shape[0]):
+                y[i] = z[i] @ w2
+        y += self.b2[d, layer]
+        e = np.exp(-y.astype(np.float64))
+        e += 1.0
+        return np.reciprocal(e, out=e)
 
     def state(self) -> dict[str, np.ndarray]:
         out = {"prior": self.prior}
-        if self.w1 is not None:
-            out.update(w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
+        if self.w_fused is not None:
+            out.update(w_fused=self.w_fused, b1=self.b1, by=self.by, w2=self.w2, b2=self.b2)
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        if "w1" in arrays and "w_fused" not in arrays:
+            raise ConfigError("this hidden_state predictor was saved by an older moecache (one input per layer); "
+                              "fit it again on its trace and save it")
         self.prior = np.asarray(arrays["prior"], np.float64)
-        if "w1" in arrays:
-            self.w1, self.b1 = np.asarray(arrays["w1"], np.float32), np.asarray(arrays["b1"], np.float32)
+        if "w_fused" in arrays:
+            self.w_fused = np.ascontiguousarray(arrays["w_fused"], np.float32)
+            self.b1, self.by = np.asarray(arrays["b1"], np.float32), np.asarray(arrays["by"], np.float32)
             self.w2, self.b2 = np.asarray(arrays["w2"], np.float32), np.asarray(arrays["b2"], np.float32)
+            self._b1y = self.b1 + self.by

@@ -105,3 +105,12 @@ def test_replay_is_a_deprecated_name_of_run_forced(monkeypatch):
         moecache.replay("m", "t", batch=2)
     moecache.run_forced("m2", "t2")
     assert calls == [("m", "t", {"batch": 2}), ("m2", "t2", {})]
+
+
+def test_generate_refuses_a_predictor_it_cannot_fit_before_loading(tmp_path, capsys):
+    """``generate --predictor hidden_state`` (or any predictor that must be fitted) fails in one line naming
+    what it needs, before the checkpoint is read (here a config.json no model could load from)."""
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", "--model", str(tmp_path), "--predictor", "hidden_state", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "hidden_states=True" in err and "Python API" in err and len(err.splitlines()) == 1

@@ -628,7 +628,8 @@ def test_hidden_state_learns_the_next_router_and_refuses_traces_without_hidden(t
     fit, score = trace.select(fit_mask), trace.select(~fit_mask)
     with pytest.raises(ConfigError, match="hidden_states=True"):
         PREDICTORS.get("hidden_state")(3, 8, 2).fit(fit)
-    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=30, hidden_units=64).fit(fit.with_hidden(hidden[fit_mask]))
+    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=30, hidden_units=64, lr=1e-2).fit(
+        fit.with_hidden(hidden[fit_mask]))
     prior = PREDICTORS.get("prior")(3, 8, 2).fit(fit)
     got = {r.depth: r for r in measure_recall(pred, score, (1, 2), hidden=hidden[~fit_mask])}
     base = {r.depth: r for r in measure_recall(prior, score, (1, 2))}
@@ -642,3 +643,90 @@ def test_hidden_state_learns_the_next_router_and_refuses_traces_without_hidden(t
     with pytest.raises(ConfigError, match="expected \\(1, 32\\)"):
         pred.reset()
         pred.observe(0, trace.ids[:1, 0], np.zeros((1, 5)))
+
+
+def _synthetic_hidden_trace(seqs: int = 8, tokens: int = 40, L: int = 3, E: int = 8, k: int = 2, H: int = 12, seed: int = 0):
+    """Routing made from hidden states: layer l's router reads a random walk through ``H`` dims, so the
+    next layer's (and the next token's) experts follow from what the predictor sees."""
+    rng = np.random.default_rng(seed)
+    routers = rng.normal(size=(L, H, E))
+    ids, hid, blocks = [], [], []
+    for s in range(seqs):
+        h = np.zeros((tokens, L, H), np.float32)
+        state = rng.normal(size=H)
+        for t in range(tokens):
+            for l in range(L):
+                state = 0.85 * state + 0.5 * rng.normal(size=H)
+                h[t, l] = state
+        i = np.argsort(-np.einsum("tlh,lhe->tle", h, routers), axis=2, kind="stable")[:, :, :k]
+        blocks.append(RoutingBlock.build(i, seq=s, pos=np.arange(tokens)))
+        hid.append(h)
+    meta = TraceMeta(num_experts=E, top_k=k, moe_layers=list(range(L)), model="synthetic")
+    return Trace(meta, RoutingBlock.concat(blocks)).with_hidden(np.concatenate(hid))
+
+
+def _hidden_state_reference(pred, ids: np.ndarray, hid: np.ndarray, layer: int, depth: int, t: int) -> np.ndarray:
+    """``hidden_state``'s prediction for one request (``ids (tokens, L, k)``, ``hid (tokens, L, H)``) at
+    token ``t``, layer ``layer``, recomputed from its documented formula and weight layout (no online state)."""
+    L, E, D, U = pred.num_layers, pred.num_experts, pred.max_depth, pred.hidden_units
+    d = depth - 1
+    target, offset = (layer + depth) % L, (layer + depth) // L
+    x = np.concatenate([hid[t, layer], multi_hot(ids[t, layer], E)]).astype(np.float32)
+    z = x @ pred.w_fused[layer][:, d * U:(d + 1) * U] + pred.b1[d, layer]
+    src = t if offset else t - 1  # the most recent observation at the target layer
+    if src >= 0:
+        y = np.concatenate([hid[src, target], multi_hot(ids[src, target], E)]).astype(np.float32)
+        z = z + (y @ pred.w_fused[target][:, (D + d) * U:(D + d + 1) * U] + pred.by[d, layer])
+    logits = np.maximum(z, 0.0) @ pred.w2[d, layer] + pred.b2[d, layer]
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def test_hidden_state_fast_path_matches_formula_and_batches(tmp_path):
+    """On a synthetic trace: recall far above the prior; the online state (own part, the stored part of the
+    target layer) gives the documented formula; batch 1 equals each row of a batched call bit for bit; a
+    saved and loaded predictor says exactly the same."""
+    trace = _synthetic_hidden_trace()
+    fit_mask = trace.seq < 6
+    fit, score = trace.select(fit_mask), trace.select(~fit_mask)
+    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=40, hidden_units=32, lr=1e-2).fit(fit)
+    prior = PREDICTORS.get("prior")(3, 8, 2).fit(fit)
+    got = {r.depth: r for r in measure_recall(pred, score, (1, 2), hidden=np.asarray(score.hidden, np.float32))}
+    base = {r.depth: r for r in measure_recall(prior, score, (1, 2))}
+    assert got[1].recall() > base[1].recall() + 0.2 and got[1].recall_at_offset(1) > base[1].recall_at_offset(1) + 0.1
+    # the formula, token by token, for one request; and two requests side by side give the same bits per row
+    reqs = [np.flatnonzero(score.seq == s) for s in np.unique(score.seq)]
+    ids = [np.asarray(score.ids)[r] for r in reqs]
+    hid = [np.asarray(score.hidden, np.float32)[r] for r in reqs]
+    pred.save(tmp_path / "hs")
+    back = Predictor.load(tmp_path / "hs")
+    single, batched, loaded = (pred, pred, back)
+    outs = {}
+    for name, p, rows in (("single", single, [0]), ("batched", batched, [1, 0]), ("loaded", loaded, [0])):
+        p.reset()
+        out = []
+        for t in range(ids[0].shape[0]):
+            for l in range(3):
+                p.observe(l, np.stack([ids[r][t, l] for r in rows]), np.stack([hid[r][t, l] for r in rows]))
+                out.append(np.stack([p.predict(l, d) for d in (1, 2)]))
+        outs[name] = np.stack(out)  # (steps, depths, rows, E)
+    np.testing.assert_array_equal(outs["batched"][:, :, 1], outs["single"][:, :, 0])
+    np.testing.assert_array_equal(outs["loaded"], outs["single"])
+    for step in range(0, outs["single"].shape[0], 7):
+        t, l = divmod(step, 3)
+        for d in (1, 2):
+            ref = pred.normalise(_hidden_state_reference(pred, ids[0], hid[0], l, d, t)[None])[0]
+            np.testing.assert_allclose(outs["single"][step, d - 1, 0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_state_reads_torch_tensors_without_torch_ops():
+    """bfloat16 / float16 / float32 CPU tensors (strided too, as the runtime's last-position view) give the
+    float32 values numpy would; the bfloat16 path widens the bits in numpy."""
+    torch = pytest.importorskip("torch")
+    from moecache.predictors.hidden_state import host_float32
+
+    x = torch.randn(3, 5, 16) * 7
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = x.to(dtype)[:, -1]  # strided
+        got = host_float32(t)
+        assert got.dtype == np.float32 and got.shape == (3, 16)
+        np.testing.assert_array_equal(got, t.float().numpy())

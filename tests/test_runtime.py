@@ -490,3 +490,31 @@ def test_hidden_state_predictor_in_the_runtime(tmp_path):
     assert torch.equal(out, ref)
     assert seen and all(shape is not None and shape[-1] == trace.meta.hidden_size for _, shape in seen)
     assert {layer for layer, _ in seen} == set(range(L)) and s["prefetch_issued"] > 0
+
+
+def test_learned_predictors_by_name_say_how_to_fit_them(tmp_path):
+    """``offload(model, predictor="hidden_state")`` cannot build a fitted predictor from a name: a one-line
+    error names what is needed (a trace with hidden states) before the model is touched; a predictor fitted
+    on another model's hidden size is refused the same way."""
+    from moecache.predictors import PREDICTORS
+    from moecache.trace import RoutingBlock, Trace, TraceMeta
+
+    m = tiny_model("qwen3_moe", num_hidden_layers=2)
+    before = {n: type(mod) for n, mod in m.named_modules()}
+    with pytest.raises(ConfigError, match=r"hidden_states=True.*pass that instance") as err:
+        offload(m, cache_slots=3, device="cpu", predictor="hidden_state")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"must be fitted before offload: pass an instance after \.fit"):
+        offload(m, cache_slots=3, device="cpu", predictor="learned")
+    assert {n: type(mod) for n, mod in m.named_modules()} == before  # nothing patched
+    cfg = m.config
+    L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(16)])
+    trace = Trace(TraceMeta(num_experts=E, top_k=K, moe_layers=list(range(L)), model="x"),
+                  RoutingBlock.build(ids, seq=0, pos=np.arange(16)))
+    wrong = PREDICTORS.get("hidden_state")(L, E, K, epochs=1, hidden_units=4).fit(
+        trace.with_hidden(rng.normal(size=(16, L, cfg.hidden_size + 1)).astype(np.float32)))
+    with pytest.raises(ConfigError, match=f"hidden states of size {cfg.hidden_size + 1}"):
+        offload(m, cache_slots=3, device="cpu", predictor=wrong)
+    assert {n: type(mod) for n, mod in m.named_modules()} == before

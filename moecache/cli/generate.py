@@ -146,7 +146,10 @@ def check_args(args: argparse.Namespace) -> None:
 
     POLICIES.get(args.policy)
     if args.predictor not in (None, "none"):
-        PREDICTORS.get(args.predictor)
+        cls = PREDICTORS.get(args.predictor)
+        if cls.needs_fit:  # a name builds an unfitted predictor: say so before the model loads
+            raise ConfigError(f"--predictor {args.predictor}: a fitted predictor is needed and generate has no way to "
+                              f"pass one; use the Python API (moecache.offload(model, predictor=...)): {cls.fit_hint}")
     V.choice("--copy-engine", args.copy_engine, ["auto", *COPY_ENGINES.names()])
     HybridConfig.resolve(args.hybrid or False)
 

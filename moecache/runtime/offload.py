@@ -143,6 +143,8 @@ def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, pa
             raise ConfigError(f"predictor={predictor!r} is neither a predictor name nor a Predictor instance; "
                               "pass e.g. 'transition' or None")
         cls = PREDICTORS.get(predictor)
+        if cls.needs_fit:  # by name it would be built unfitted: say how to get a fitted one, before anything changes
+            raise ConfigError(f"predictor {predictor!r} must be fitted before offload: {cls.fit_hint}")
         try:
             if getattr(cls, "needs_model", False) and hasattr(cls, "from_model"):
                 pred = cls.from_model(model, **params)
@@ -155,8 +157,12 @@ def _make_predictor(predictor: Any, model: nn.Module, L: int, E: int, k: int, pa
         raise ConfigError(f"predictor {pred.name!r} was built for {pred.num_layers} layers x {pred.num_experts} "
                           f"experts, top-{pred.top_k}; this model has {L} x {E}, top-{k}")
     if not pred.fitted:
-        raise ConfigError(f"predictor {pred.name!r} must be fitted first: pass an instance after .fit(trace) "
-                          "(or Predictor.load(path))")
+        raise ConfigError(f"predictor {pred.name!r} must be fitted first: {pred.fit_hint}")
+    want = getattr(pred, "hidden_size", None)  # a predictor reading hidden states was fitted for one width
+    have = getattr(getattr(model, "config", None), "hidden_size", None)
+    if want is not None and have is not None and int(want) != int(have):
+        raise ConfigError(f"predictor {pred.name!r} was fitted on hidden states of size {want}, this model's are "
+                          f"{have}: fit it on a trace recorded from this model")
     return pred
 
 
