@@ -7,16 +7,19 @@
 //     dequantized (and, for bf16 models, rounded) values is built once per group and row, and the codes
 //     index it (AVX-512: one vpermps per 16 weights; AVX2: two permutes and a blend per 8). The int4 byte
 //     layout (low nibble = first half of the group) gives two contiguous halves; MXFP4's (low nibble =
-//     even element) gives the even and the odd elements, matched by reading x in even/odd order.
+//     even element) gives the even and the odd elements, matched by reading x in even/odd order. For
+//     bf16 models with AVX512_BF16 the int4 tables are rounded two rows at a time (one vcvtne2ps2bf16).
 //   * int8: codes widened to fp32, one FMA  q * scale + (-zero * scale)  (both products are exact in fp32,
 //     so this is float32(q - zero) * scale rounded once), then rounded to bf16 for bf16 models: with
 //     AVX512_BF16 two vectors at once (vcvtne2ps2bf16, round to nearest even, and x in even/odd order to
-//     match its interleaved result), else with integer operations (the same rounding).
+//     match its interleaved result), else with integer operations (the same rounding). For fp32 models
+//     (AVX-512) int8 is factorised per group instead (q8f_avx512): no per-weight scale FMA.
 // VNNI and AMX are not used: they multiply int8 or bf16 activations, and rounding the activations would
 // change the stated arithmetic; at one token per expert the cost is producing each weight, not the
 // one multiply-add it takes.
 //
-// Summation order: per row and token, one fp32 accumulator (one vector, 16 lanes on AVX-512, 8 on
+// Summation order (the factorised int8 kernel: per group, then folded in; see q8f_avx512): per row and
+// token, one fp32 accumulator (one vector, 16 lanes on AVX-512, 8 on
 // AVX2, 1 portable) over the call's range [k0, k1) in the order groups -> 16-weight steps (for int4 and
 // MXFP4: the low half's step, then the high half's), lanes reduced at the end and added to `part`. The
 // caller cuts a row into the same chunks whatever the number of tokens, so the result depends on
