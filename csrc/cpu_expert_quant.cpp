@@ -7,16 +7,19 @@
 //     dequantized (and, for bf16 models, rounded) values is built once per group and row, and the codes
 //     index it (AVX-512: one vpermps per 16 weights; AVX2: two permutes and a blend per 8). The int4 byte
 //     layout (low nibble = first half of the group) gives two contiguous halves; MXFP4's (low nibble =
-//     even element) gives the even and the odd elements, matched by reading x in even/odd order.
+//     even element) gives the even and the odd elements, matched by reading x in even/odd order. For
+//     bf16 models with AVX512_BF16 the int4 tables are rounded two rows at a time (one vcvtne2ps2bf16).
 //   * int8: codes widened to fp32, one FMA  q * scale + (-zero * scale)  (both products are exact in fp32,
 //     so this is float32(q - zero) * scale rounded once), then rounded to bf16 for bf16 models: with
 //     AVX512_BF16 two vectors at once (vcvtne2ps2bf16, round to nearest even, and x in even/odd order to
-//     match its interleaved result), else with integer operations (the same rounding).
+//     match its interleaved result), else with integer operations (the same rounding). For fp32 models
+//     (AVX-512) int8 is factorised per group instead (q8f_avx512): no per-weight scale FMA.
 // VNNI and AMX are not used: they multiply int8 or bf16 activations, and rounding the activations would
 // change the stated arithmetic; at one token per expert the cost is producing each weight, not the
 // one multiply-add it takes.
 //
-// Summation order: per row and token, one fp32 accumulator (one vector, 16 lanes on AVX-512, 8 on
+// Summation order (the factorised int8 kernel: per group, then folded in; see q8f_avx512): per row and
+// token, one fp32 accumulator (one vector, 16 lanes on AVX-512, 8 on
 // AVX2, 1 portable) over the call's range [k0, k1) in the order groups -> 16-weight steps (for int4 and
 // MXFP4: the low half's step, then the high half's), lanes reduced at the end and added to `part`. The
 // caller cuts a row into the same chunks whatever the number of tokens, so the result depends on
@@ -166,8 +169,24 @@ MC_Q512 inline void int_params512(const QRow* rows, int64_t gi, int n, float (*s
 }
 
 // int4 (MX = false) and MXFP4 (MX = true): 16-entry tables, one permute per 16 weights.
-template <int RB, int TB, bool MX>
-MC_Q512 void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t xs, int64_t k0, int64_t k1,
+// The tables lut[0..RB) rounded to bf16 (RNE) in pairs with one vcvtne2ps2bf16 and two word permutes
+// (the integer rounding for an odd last row). The same rounding as rnd512 for the finite tables here.
+template <int RB>
+MC_Q512BF inline void round_luts_bf(__m512* lut) {
+  const __m512i lo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2,
+                                      0, 1, 0, 0, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  int r = 0;
+  for (; r + 1 < RB; r += 2) {
+    const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(lut[r + 1], lut[r]));
+    lut[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, lo, v));
+    lut[r + 1] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, hi, v));
+  }
+  if (r < RB) lut[r] = rnd512(lut[r]);
+}
+
+template <int RB, int TB, bool MX, bool BFHW = false>
+MC_Q512BF void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t xs, int64_t k0, int64_t k1,
                        float* part, int64_t ps) {
   const int G = MX ? 32 : s.group, half = G / 2;
   __m512 acc[RB][TB];
@@ -190,9 +209,15 @@ MC_Q512 void q4_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t
         lut[r] = _mm512_mul_ps(fp4, _mm512_set1_ps(E8M0.v[rows[r].scale[gi]]));
       } else {
         const __m512 l = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[r][jg]), _mm512_set1_ps(nz[r][jg]));
-        lut[r] = s.round_bf16 ? rnd512(l) : l;
+        lut[r] = s.round_bf16 && !BFHW ? rnd512(l) : l;
       }
-      prefetch_row(rows[r], qb, gi, MX ? 1 : 2);
+    }
+    if ((qb & 63) == 0 || (gi & 31) == 0) {  // tested once per group, not per row
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) prefetch_row(rows[r], qb, gi, MX ? 1 : 2);
+    }
+    if constexpr (BFHW && !MX) {
+      if (s.round_bf16) round_luts_bf<RB>(lut);
     }
     for (int j = 0; j < half; j += 16) {
       __m512 wl[RB], wh[RB];
@@ -285,6 +310,62 @@ MC_Q512BF void q8_avx512bf(const QSpec& s, const QRow* rows, const float* x, int
   }
   MC_Q8_512_BODY
 #undef MC_Q8_ROUND
+}
+
+// int8 for an fp32 compute dtype, factorised per group: sum_k x_k * scale * (q_k - zero) is computed as
+// scale * sum_k x_k q_k + (-zero * scale) * sum_k x_k, both sums per lane over the group, then folded
+// into the row's accumulator with two FMAs per group (q_k widened to fp32 is exact; only the rounding
+// of the sums differs from the stated per-weight form). Rows and tokens stay independent, so the
+// summation order depends on neither the register block nor the tokens run together.
+template <int RB, int TB>
+MC_Q512 void q8f_avx512(const QSpec& s, const QRow* rows, const float* x, int64_t xs, int64_t k0, int64_t k1,
+                        float* part, int64_t ps) {
+  const int G = s.group;
+  __m512 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t gend = k1 / G;
+  alignas(64) float sc[RB][16], nz[RB][16];
+  for (int64_t gi = k0 / G; gi < gend; ++gi) {
+    const int64_t g0 = gi * G;
+    const int jg = static_cast<int>((gi - k0 / G) & 15);
+    if (jg == 0) int_params512<RB>(rows, gi, static_cast<int>(std::min<int64_t>(16, gend - gi)), sc, nz);
+    __m512 ag[RB][TB], sx[TB];
+    for (int t = 0; t < TB; ++t) {
+      sx[t] = _mm512_setzero_ps();
+      for (int r = 0; r < RB; ++r) ag[r][t] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < G; j += 32) {
+      __m512 wa[RB], wb[RB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        if (((g0 + j) & 63) == 0) prefetch_row(rows[r], g0 + j, gi, 2);
+        const uint8_t* q = rows[r].q + g0 + j;
+        wa[r] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+        wb[r] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < TB; ++t) {
+        const __m512 xa = _mm512_loadu_ps(x + t * xs + g0 + j), xb = _mm512_loadu_ps(x + t * xs + g0 + j + 16);
+        sx[t] = _mm512_add_ps(sx[t], _mm512_add_ps(xa, xb));
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          ag[r][t] = _mm512_fmadd_ps(wa[r], xa, ag[r][t]);
+          ag[r][t] = _mm512_fmadd_ps(wb[r], xb, ag[r][t]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const __m512 vs = _mm512_set1_ps(sc[r][jg]), vz = _mm512_set1_ps(nz[r][jg]);
+      for (int t = 0; t < TB; ++t) {
+        acc[r][t] = _mm512_fmadd_ps(ag[r][t], vs, acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(sx[t], vz, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) part[r * ps + t] += _mm512_reduce_add_ps(acc[r][t]);
 }
 
 // ---- AVX2 + FMA ----------------------------------------------------------------------------------
@@ -447,7 +528,9 @@ struct Table {
 
 struct Q4_512 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q4_avx512<RB, TB, false>(s, r, x, xs, a, b, p, ps); } };
 struct MX_512 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q4_avx512<RB, TB, true>(s, r, x, xs, a, b, p, ps); } };
-struct Q8_512_0 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q8_avx512<RB, TB, 0>(s, r, x, xs, a, b, p, ps); } };
+struct Q4_512BF { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q4_avx512<RB, TB, false, true>(s, r, x, xs, a, b, p, ps); } };
+struct Q8F_512 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q8f_avx512<RB, TB>(s, r, x, xs, a, b, p, ps); } };
+
 struct Q8_512_1 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q8_avx512<RB, TB, 1>(s, r, x, xs, a, b, p, ps); } };
 struct Q8_512_BF { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q8_avx512bf<RB, TB>(s, r, x, xs, a, b, p, ps); } };
 struct Q4_2 { template <int RB, int TB> static void run(const QSpec& s, const QRow* r, const float* x, int64_t xs, int64_t a, int64_t b, float* p, int64_t ps) { q4_avx2<RB, TB, false>(s, r, x, xs, a, b, p, ps); } };
@@ -457,7 +540,8 @@ struct Q8_2_1 { template <int RB, int TB> static void run(const QSpec& s, const 
 
 const Table<Q4_512, 4, 4> T_Q4_512;
 const Table<MX_512, 4, 4> T_MX_512;
-const Table<Q8_512_0, 4, 4> T_Q8_512_0;
+const Table<Q4_512BF, 4, 4> T_Q4_512BF;
+const Table<Q8F_512, 4, 2> T_Q8F_512;  // two tokens at most: a group's partial sums take the registers
 const Table<Q8_512_1, 4, 4> T_Q8_512_1;
 const Table<Q8_512_BF, 4, 4> T_Q8_512_BF;
 const Table<Q4_2, 2, 2> T_Q4_2;
@@ -469,13 +553,14 @@ void block_avx512(const QSpec& s, const QRow* rows, int rb, const float* x, int6
                   float* part, int64_t ps) {
   if (s.fmt == Q_INT4) return T_Q4_512.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
   if (s.fmt == Q_MXFP4) return T_MX_512.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
-  if (!s.round_bf16) return T_Q8_512_0.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
+  if (!s.round_bf16) return T_Q8F_512.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
   T_Q8_512_1.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
 }
 
 void block_avx512bf(const QSpec& s, const QRow* rows, int rb, const float* x, int64_t xs, int tb, int64_t k0,
                     int64_t k1, float* part, int64_t ps) {
   if (s.fmt == Q_INT8 && s.round_bf16) return T_Q8_512_BF.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
+  if (s.fmt == Q_INT4 && s.round_bf16) return T_Q4_512BF.run(s, rows, rb, x, xs, tb, k0, k1, part, ps);
   block_avx512(s, rows, rb, x, xs, tb, k0, k1, part, ps);
 }
 

@@ -9,7 +9,9 @@ top-2; GPT-OSS-20B: 2880 x 2880, top-4, with its biases and clamped SwiGLU) one 
 submits a layer's CPU experts: ``bf16`` (the dense kernel), ``int8 g64``, ``int4 g64``, ``int4 g128`` and
 ``mxfp4`` (the compressed kernels, dequantizing in registers; bf16 compute dtype). GPT-OSS's bf16 row runs
 the dense kernel on the concatenated SiLU layout of the same size (the dense kernel does not take
-GPT-OSS's transposed layout; the bytes read are the same).
+GPT-OSS's transposed layout; the bytes read are the same). ``int8 g64 (fp32 compute)`` and ``int4 g64 (fp32
+compute)`` run the same rows for an fp32 model (no rounding of the weights to bf16; int8 then takes the
+factorised per-group form), SiLU shapes only (GPT-OSS's biases are stored in the compute dtype).
 
 Each format's experts rotate over a set of at least ``--rotate-mb`` MiB, so every call reads its experts
 from memory, not from the caches. Repeats are interleaved (each repeat runs every format once, and one
@@ -51,6 +53,8 @@ from moecache.runtime.layout import SlotLayout  # noqa: E402
 SHAPES = {"deepseek": (2048, 1408, 6, False), "mixtral": (4096, 14336, 2, False), "gptoss": (2880, 2880, 4, True)}
 QUICK = {"deepseek": (256, 128, 6, False), "mixtral": (512, 256, 2, False), "gptoss": (320, 320, 4, True)}
 FORMATS = [("bf16", 0), ("int8", 64), ("int4", 64), ("int4", 128), ("mxfp4", 32)]
+#: formats also run (from memory) with an fp32 compute dtype: no rounding of the weights to bf16
+FP32_ROWS, FP32 = ("int8", "int4"), " (fp32 compute)"
 ALPHA, LIMIT = 1.702, 7.0
 
 
@@ -62,9 +66,9 @@ def _bf16_random(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 class _Meta(nn.Module):
-    def __init__(self, H: int, I: int, gpt_oss: bool):
+    def __init__(self, H: int, I: int, gpt_oss: bool, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        kw = {"device": "meta", "dtype": torch.bfloat16}
+        kw = {"device": "meta", "dtype": dtype}
         if gpt_oss:
             self.gate_up_proj = nn.Parameter(torch.empty(1, H, 2 * I, **kw))
             self.gate_up_proj_bias = nn.Parameter(torch.empty(1, 2 * I, **kw))
@@ -75,10 +79,11 @@ class _Meta(nn.Module):
             self.down_proj = nn.Parameter(torch.empty(1, H, I, **kw))
 
 
-def compressed_rows(H: int, I: int, gpt_oss: bool, fmt: str, group: int, n: int, seed: int
-                    ) -> tuple[ExpertCodec, torch.Tensor]:
+def compressed_rows(H: int, I: int, gpt_oss: bool, fmt: str, group: int, n: int, seed: int,
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[ExpertCodec, torch.Tensor]:
     """``n`` compressed experts: random codes, scales and zeros in the ranges a quantizer produces."""
-    codec = ExpertCodec(SlotLayout.from_module(_Meta(H, I, gpt_oss), 1), ExpertFormat(fmt, group), transposed=gpt_oss)
+    codec = ExpertCodec(SlotLayout.from_module(_Meta(H, I, gpt_oss, dtype), 1), ExpertFormat(fmt, group),
+                        transposed=gpt_oss)
     rows = torch.empty((n, codec.slot_numel), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(seed)
     for e in range(n):
@@ -116,7 +121,11 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
         codec, _ = compressed_rows(H, I, gpt_oss, fmt, g, 0, 0)
         n = max(2 * k, -(-rotate // codec.slot_numel))
         codec, rows = compressed_rows(H, I, gpt_oss, fmt, g, n, seed=hash((fmt, g)) % 1000)
-        fmts[f"{fmt} g{g}" if fmt != "mxfp4" else "mxfp4"] = (codec, rows, ck.quant_offsets(codec))
+        label = f"{fmt} g{g}" if fmt != "mxfp4" else "mxfp4"
+        fmts[label] = (codec, rows, ck.quant_offsets(codec), True, codec)
+        if fmt in FP32_ROWS and g == 64 and not gpt_oss:  # the same rows with an fp32 compute dtype
+            codec32, _ = compressed_rows(H, I, gpt_oss, fmt, g, 0, 0, torch.float32)
+            fmts[label + FP32] = (codec, rows, ck.quant_offsets(codec), False, codec32)
     print(f"[{name}] built rotation sets in {time.perf_counter() - t0:.1f} s", flush=True)
     x = torch.randn(k, H, generator=gen).bfloat16().float()  # a bf16 model's hidden rows
     out = torch.empty(k, H)
@@ -132,9 +141,11 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
             es = [(j * k + i) % n_bf16 for i in range(k)]
             t = pool.submit(H, I, 1, xs, [1] * k, [gu[e].data_ptr() for e in es], [dn[e].data_ptr() for e in es], outs)
         else:
-            codec, rows, offs = fmts[fmt]
-            es = [(j * k + i) % rows.shape[0] for i in range(k)]
-            t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, True, act, ALPHA,
+            codec, rows, offs, bf16, _ = fmts[fmt]
+            # the fp32-compute rows read the other half of the shared rotation set (not what the bf16 row just read)
+            base = 0 if bf16 else rows.shape[0] // 2
+            es = [(base + j * k + i) % rows.shape[0] for i in range(k)]
+            t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16, act, ALPHA,
                                   LIMIT, offs, xs, [1] * k, [rows[e].data_ptr() for e in es], outs)
         pool.wait(t)
         turn[fmt] = j + 1
@@ -160,12 +171,14 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
     hot_ms: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.hot_repeats):
         for f in names:
+            if f.endswith(FP32):  # measured below, with its bf16 twin's rows
+                continue
             for bf16 in ((True,) if f == "bf16" else (True, False)):
                 if f == "bf16":
                     t = pool.submit(H, I, 1, [x[:1].data_ptr()], [1], [gu[0].data_ptr()], [dn[0].data_ptr()],
                                     [out[:1].data_ptr()])
                 else:
-                    codec, rows, offs = fmts[f]
+                    codec, rows, offs, _, _ = fmts[f]
                     t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16,
                                           act, ALPHA, LIMIT, offs, [x[:1].data_ptr()], [1], [rows[0].data_ptr()],
                                           [out[:1].data_ptr()])
@@ -185,11 +198,11 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
             ref = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ dn[0].double().t()
             del h
         else:
-            codec, rows, offs = fmts[f]
-            t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, True, act, ALPHA,
+            codec, rows, offs, bf16, ref_codec = fmts[f]
+            t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16, act, ALPHA,
                                   LIMIT, offs, [x.data_ptr()], [k], [rows[0].data_ptr()], [e_out.data_ptr()])
             pool.wait(t)
-            ref = ck.reference_ffn(codec, rows[0], x, act, ALPHA, LIMIT)
+            ref = ck.reference_ffn(ref_codec, rows[0], x, act, ALPHA, LIMIT)
         d = (e_out.double() - ref).abs().max().item()
         errors[f] = {"max_abs": d, "max_rel": d / ref.abs().max().item()}
         del ref
