@@ -672,7 +672,7 @@ def fit_terms(confs: list[Configuration], sim: Simulator, results_dir: str = RES
     log(f"fitting the idle time per layer on {len(on_gpu)} configurations ...")
     t0 = time.perf_counter()
     # negative: part of the measured host time overlaps the GPU's work
-    bubble = golden(lambda x: evaluate(on_gpu, {**terms, "layer_host_ms": measured_host + x}), -measured_host, 1.0, 10)
+    bubble = golden(lambda x: evaluate(on_gpu, {**terms, "layer_host_ms": measured_host + x}), -measured_host, 2.0, 10)
     terms["layer_host_ms"] = measured_host + bubble
     log(f"  idle {bubble:.4f} ms/layer ({time.perf_counter() - t0:.0f} s); fitting hybrid_layer_ms on "
         f"{len(hybrid)} configurations ...")
