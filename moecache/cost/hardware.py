@@ -59,7 +59,8 @@ hardware.md tables above. ``uncalibrated_profile`` is the same without them (eve
 
 ``load_profile(path)`` reads a JSON object with any of these fields (the runtime writes measured
 profiles in this form); fields it leaves out keep the defaults for the given ``bytes_per_expert``
-(the calibrated terms included).
+(the calibrated terms included), except that a file with its own ``gpu_ms`` table and no
+``expert_kernel`` is read as ``per_expert`` (its table is what each expert costs).
 """
 
 from __future__ import annotations
@@ -468,6 +469,9 @@ def load_profile(path: str | os.PathLike, bytes_per_expert: int | None = None) -
     b = obj.get("bytes_per_expert", bytes_per_expert)
     base = default_profile(b).to_json()
     base["source"] = path
+    if "gpu_ms" in obj and "expert_kernel" not in obj:
+        # a file's own GPU table is per expert kernel: the grouped kernel would ignore it
+        base.update(expert_kernel="per_expert", expert_launch_ms=0.0)
     base.update(obj)
     try:
         return HardwareProfile(**base)
