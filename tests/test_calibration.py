@@ -89,6 +89,44 @@ def test_prefetch_host_by_hand():
     assert r.time_ms == 4.25
 
 
+def test_grouped_expert_kernel_by_hand():
+    # grouped: a step's experts cost the fixed launch once (with the non-expert work) plus each distinct
+    # expert's weight read and FLOPs; 1 MB experts read at GPU_READ_GBPS
+    from moecache.cost.hardware import GPU_READ_GBPS, GPU_TFLOPS, grouped_launch_ms
+
+    hw = replace(unit_profile(), expert_kernel="grouped", expert_launch_ms=0.25)
+    per = 1e6 / (GPU_READ_GBPS * 1e6)
+    assert hw.gpu(1) == per + 1e6 / (GPU_TFLOPS * 1e12) * 1e3
+    assert hw.gpu(8) > hw.gpu(1) and hw.gpu(1) < unit_profile().gpu(1)
+    assert hw.non_expert(1) == 1.0 + 0.25
+    # g0: ne + launch 0 -> 1.25; copies A 1.25 -> 2.25, B -> 3.25; A computes 2.25 -> 2.25 + g, B 3.25 -> 3.25 + g
+    # g1: both hit: ne + launch, then the two increments
+    trace = make_trace([[[0, 1]], [[0, 1]]], num_experts=4, top_k=2)
+    pol = new_policy("lru", 2, 1, 4, top_k=2, scope="layer")
+    r = simulate(Schedule(trace), pol, hardware=hw, bound=False)
+    g = hw.gpu(1)
+    assert r.time_ms == pytest.approx((3.25 + g) + (1.25 + g + g))
+    # the fixed cost comes from hardware.md's batched_mm decode less the six experts' reads
+    assert 0.2 < grouped_launch_ms() < (38.7 - 27.5) / 27
+    with pytest.raises(ConfigError, match="expert_kernel"):
+        replace(unit_profile(), expert_kernel="fused")
+
+
+def test_scan_policy_host_per_eviction_by_hand():
+    # activation's host cost per insert rides on each copy's host cost; LRU's is untouched
+    base = replace(unit_profile(), copy_host_ms=0.125, evict_host_by_name={"activation": 0.375})
+    trace = make_trace([[0], [1]], num_experts=4)
+    lru = simulate(Schedule(trace), _lru(1), hardware=base, bound=False)
+    act = new_policy("activation", 1, 1, 4, top_k=1, scope="layer")
+    act.fit(np.ones((1, 4), np.int64))
+    r = simulate(Schedule(trace), act, hardware=base, bound=False)
+    assert r.loads == lru.loads == 2
+    assert r.time_ms == lru.time_ms + 2 * 0.375
+    assert base.evict_host("lru") == 0.0
+    with pytest.raises(ConfigError, match="evict_host_by_name"):
+        replace(unit_profile(), evict_host_by_name={"activation": -1})
+
+
 def test_zero_terms_are_the_uncalibrated_model():
     hw = unit_profile()
     assert not hw.calibrated and hw.slowdown == 1.0

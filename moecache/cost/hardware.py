@@ -41,6 +41,16 @@ for where each enters the timeline):
 * ``hybrid_layer_ms``: the fixed cost of a step that runs experts on the CPU (moving its activations
   there and back, waiting for the CPU pool), added once to the step's CPU path.
 
+The expert kernel (``expert_kernel``): ``per_expert`` (the uncalibrated model) charges each expert's
+kernel from ``gpu_ms``; ``grouped`` (the calibrated profile; the runtime runs a step's experts in one
+kernel) charges ``expert_launch_ms`` once per step, with the non-expert work, and per distinct expert its
+weight read at ``GPU_READ_GBPS`` plus its FLOPs at ``GPU_TFLOPS`` per token. Both constants come from
+hardware.md: the read rate from its largest expert's 1-token GPU time (Mixtral, 336 MiB in 0.14 ms: a
+weight-read-bound kernel), the fixed cost from its ``batched_mm`` all-resident decode less the experts-zeroed
+one (DeepSeek-V2-Lite shape, batch 1: (38.7 - 27.5) / 27 ms per layer) less the six experts' reads.
+``evict_host_by_name``: host time per insert of a policy whose eviction scans the pool (policy name: ms),
+added to each demand copy's and prefetch's host cost.
+
 ``default_profile`` is the *calibrated* profile: these terms, and ``cpu_table_scale`` (the runtime's
 CPU kernel against hardware.md's CPU table: the table above times this factor), come from the frozen fit in
 ``moecache/cost/profiles/h100_calibrated.json`` (values, the runs they were fitted on and the held-out
@@ -49,7 +59,8 @@ hardware.md tables above. ``uncalibrated_profile`` is the same without them (eve
 
 ``load_profile(path)`` reads a JSON object with any of these fields (the runtime writes measured
 profiles in this form); fields it leaves out keep the defaults for the given ``bytes_per_expert``
-(the calibrated terms included).
+(the calibrated terms included), except that a file with its own ``gpu_ms`` table and no
+``expert_kernel`` is read as ``per_expert`` (its table is what each expert costs).
 """
 
 from __future__ import annotations
@@ -78,6 +89,14 @@ MEASURED_EXPERTS: tuple[tuple[float, float, float, float, float], ...] = (
 NON_EXPERT_MS_PER_LAYER = 27.5 / 27
 #: Assumed dense bf16 throughput for the GPU's large-batch point (see the module docstring).
 GPU_TFLOPS = 400.0
+#: hardware.md, decode at batch 1, DeepSeek-V2-Lite shape, all experts resident with ``batched_mm`` (one
+#: kernel for a layer's experts) against the experts zeroed: the grouped expert kernel per layer for top-6
+#: experts of 16.5 MiB at one token each.
+GROUPED_KERNEL_MS_PER_LAYER = (38.7 - 27.5) / 27
+GROUPED_KERNEL_EXPERTS, GROUPED_KERNEL_MIB = 6, 16.5
+#: The GPU's weight-read rate (GB/s) in the expert kernel: hardware.md's largest expert (Mixtral's 336 MiB)
+#: computes one token in its measured GPU time, so reading its weights bounds that time.
+GPU_READ_GBPS = 336.0 * MIB / (0.14 * 1e6)
 GPU_BIG_BATCH = 4096
 DEFAULT_SOURCE = "shared/docs/hardware.md (H100 80GB, PCIe Gen5, pinned)"
 
@@ -166,8 +185,16 @@ class HardwareProfile:
     prefetch_host_ms: float = 0.0
     copy_slowdown: float = 0.0
     hybrid_layer_ms: float = 0.0
+    #: How a step's experts run on the GPU (module docstring): ``per_expert`` (one kernel each, ``gpu_ms``) or
+    #: ``grouped`` (one kernel per step: ``expert_launch_ms`` once, then each distinct expert's weight read
+    #: and FLOPs).
+    expert_kernel: str = "per_expert"
+    expert_launch_ms: float = 0.0
     #: Measured host time per step of particular predictors (name: ms); others take ``predictor_host_ms``.
     predictor_host_by_name: dict | None = None
+    #: Host time per cache insert (the eviction it makes) of policies whose eviction scans the pool (policy
+    #: name: ms), added to each demand copy's ``copy_host_ms`` and each prefetch's ``prefetch_host_ms``.
+    evict_host_by_name: dict | None = None
     #: Where the host and interference terms come from (the fit's provenance), or None.
     calibration: dict | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -192,9 +219,24 @@ class HardwareProfile:
                 raise ConfigError("hardware profile: predictor_host_by_name must be an object {predictor name: ms >= 0}, "
                                   f"got {by_name!r}")
             self.predictor_host_by_name = {k: float(v) for k, v in by_name.items()}
+        ev = self.evict_host_by_name
+        if ev is not None:
+            if not isinstance(ev, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and
+                    math.isfinite(v) and v >= 0 for k, v in ev.items()):
+                raise ConfigError("hardware profile: evict_host_by_name must be an object {policy name: ms >= 0}, "
+                                  f"got {ev!r}")
+            self.evict_host_by_name = {k: float(v) for k, v in ev.items()}
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise ConfigError(f"hardware profile: calibration must be an object (the fit's provenance), got "
                               f"{type(self.calibration).__name__}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ConfigError(f"hardware profile: expert_kernel must be one of {', '.join(EXPERT_KERNELS)}, got "
+                              f"{self.expert_kernel!r}")
+        v = self.expert_launch_ms
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"hardware profile: expert_launch_ms must be a number >= 0 (ms), got {v!r}")
+        self.expert_launch_ms = float(v)
         self.gpu_ms = _table(self.gpu_ms, "gpu_ms")
         self.cpu_ms = _table(self.cpu_ms, "cpu_ms")
         self.non_expert_ms = _table(self.non_expert_ms, "non_expert_ms")
@@ -211,7 +253,8 @@ class HardwareProfile:
 
     def host_terms(self) -> dict[str, Any]:
         """The host and interference terms by name (with the per-predictor host times)."""
-        return {**{n: getattr(self, n) for n in HOST_TERMS}, "predictor_host_by_name": self.predictor_host_by_name}
+        return {**{n: getattr(self, n) for n in HOST_TERMS}, "predictor_host_by_name": self.predictor_host_by_name,
+                "evict_host_by_name": self.evict_host_by_name}
 
     def predictor_host(self, name: str | None) -> float:
         """Host time per step of the predictor called ``name``."""
@@ -219,6 +262,13 @@ class HardwareProfile:
         if by and name in by:
             return by[name]
         return self.predictor_host_ms
+
+    def evict_host(self, policy_name: str | None) -> float:
+        """Host time per insert of the policy called ``policy_name`` beyond the copy's (0 where not measured)."""
+        ev = self.evict_host_by_name
+        if ev and policy_name in ev:
+            return ev[policy_name]
+        return 0.0
 
     @property
     def copy_bytes(self) -> int:
@@ -230,11 +280,18 @@ class HardwareProfile:
         return self.copy_latency_ms + self.copy_bytes / (self.copy_bandwidth_gbps * 1e6)
 
     def gpu(self, tokens: int) -> float:
-        """GPU time of one expert for ``tokens`` tokens (memoised: the replay asks the same few sizes)."""
+        """GPU time of one expert for ``tokens`` tokens (memoised: the replay asks the same few sizes): its
+        kernel (``per_expert``), or what it adds to the step's grouped kernel (``grouped``: reading its
+        weights once, and its FLOPs)."""
         key = ("g", tokens)
         v = self._cache.get(key)
         if v is None:
-            v = self._cache[key] = lookup(self.gpu_ms, tokens) + self.expand_ms
+            if self.expert_kernel == "grouped":
+                b = self.bytes_per_expert
+                base = b / (GPU_READ_GBPS * 1e6) + tokens * b / (GPU_TFLOPS * 1e12) * 1e3
+            else:
+                base = lookup(self.gpu_ms, tokens)
+            v = self._cache[key] = base + self.expand_ms
         return v
 
     def cpu(self, tokens: int) -> float:
@@ -245,10 +302,12 @@ class HardwareProfile:
         return v
 
     def non_expert(self, tokens: int) -> float:
+        """GPU time of one MoE layer step besides its experts; with the ``grouped`` expert kernel, its fixed
+        cost (``expert_launch_ms``) too: the same stream runs it once every step, after the router."""
         key = ("n", tokens)
         v = self._cache.get(key)
         if v is None:
-            v = self._cache[key] = lookup(self.non_expert_ms, tokens)
+            v = self._cache[key] = lookup(self.non_expert_ms, tokens) + self.expert_launch_ms
         return v
 
     def to_json(self) -> dict[str, Any]:
@@ -264,8 +323,23 @@ class HardwareProfile:
             host = (f", host {self.layer_host_ms:.3f} ms/layer + {self.copy_host_ms:.3f}/copy, "
                     f"predictor {self.predictor_host_ms:.3f} + {self.prefetch_host_ms:.3f}/prefetch, "
                     f"copy slowdown {self.copy_slowdown:.3f}, hybrid {self.hybrid_layer_ms:.3f} ms/layer")
+        if self.expert_kernel == "grouped":
+            host += f", grouped expert kernel {self.expert_launch_ms:.3f} ms/step + {self.gpu(1):.4f}/expert"
         return (f"{self.bytes_per_expert / MIB:.1f} MiB/expert, copy {self.copy_ms:.3f} ms, "
                 f"GPU {self.gpu(1):.3f} ms, CPU {self.cpu(1):.3f} ms at 1 token{host}; {self.source}")
+
+
+#: How a step's experts run on the GPU (``HardwareProfile.expert_kernel``).
+EXPERT_KERNELS = ("per_expert", "grouped")
+
+
+def grouped_launch_ms() -> float:
+    """The fixed cost of the grouped expert kernel per step: hardware.md's grouped kernel per layer (top-6
+    experts of 16.5 MiB, one token each) less what its experts add (``HardwareProfile.gpu`` in
+    ``grouped`` mode). One measured shape: used for every expert size."""
+    b = GROUPED_KERNEL_MIB * MIB
+    per = b / (GPU_READ_GBPS * 1e6) + b / (GPU_TFLOPS * 1e12) * 1e3
+    return max(0.0, GROUPED_KERNEL_MS_PER_LAYER - GROUPED_KERNEL_EXPERTS * per)
 
 
 #: The host and interference terms (``HardwareProfile`` fields, 0 in the uncalibrated model).
@@ -292,7 +366,8 @@ def calibrated_terms(path: str | None = None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"the calibrated hardware profile {path} is not valid JSON ({e}); regenerate it with "
                           "`python eval/calibrate_timing.py --freeze`") from None
-    extra = {"source", "calibration", "predictor_host_by_name", "cpu_table_scale"}
+    extra = {"source", "calibration", "predictor_host_by_name", "cpu_table_scale", "expert_kernel",
+             "expert_launch_ms", "evict_host_by_name"}
     bad = sorted(set(obj) - set(HOST_TERMS) - extra) if isinstance(obj, dict) else ["(not an object)"]
     if bad or any(n not in obj for n in HOST_TERMS):
         raise ConfigError(f"the calibrated hardware profile {path} must hold exactly {', '.join(HOST_TERMS)} (and "
@@ -326,6 +401,9 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
     for n in HOST_TERMS:
         setattr(hw, n, float(terms[n]))
     hw.predictor_host_by_name = terms.get("predictor_host_by_name")
+    hw.evict_host_by_name = terms.get("evict_host_by_name")
+    hw.expert_kernel = terms.get("expert_kernel", "per_expert")
+    hw.expert_launch_ms = float(terms.get("expert_launch_ms", 0.0))
     scale = float(terms.get("cpu_table_scale", 1.0))
     hw.cpu_ms = {t: ms * scale for t, ms in hw.cpu_ms.items()}
     hw.calibration = terms.get("calibration")
@@ -336,7 +414,9 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
 
 _FIELDS = ("bytes_per_expert", "copy_bandwidth_gbps", "copy_latency_ms", "gpu_ms", "cpu_ms", "non_expert_ms", "source",
            "copy_bytes_per_expert", "expand_ms", "expert_format") + HOST_TERMS + ("predictor_host_by_name",
-                                                                                  "calibration")
+                                                                                  "calibration", "expert_kernel",
+                                                                                  "expert_launch_ms",
+                                                                                  "evict_host_by_name")
 
 #: Assumed device-memory throughput of the torch expansion (reads the compressed row, writes the dense
 #: one) and its launch cost per expert; not measured here (the GPU issue measures the fused kernel).
@@ -389,6 +469,9 @@ def load_profile(path: str | os.PathLike, bytes_per_expert: int | None = None) -
     b = obj.get("bytes_per_expert", bytes_per_expert)
     base = default_profile(b).to_json()
     base["source"] = path
+    if "gpu_ms" in obj and "expert_kernel" not in obj:
+        # a file's own GPU table is per expert kernel: the grouped kernel would ignore it
+        base.update(expert_kernel="per_expert", expert_launch_ms=0.0)
     base.update(obj)
     try:
         return HardwareProfile(**base)

@@ -20,6 +20,12 @@ tokens at one MoE layer), with ``n`` tokens in the unit and ``c`` tokens routed 
    ``predictor_host_ms`` on the predictor, then ``prefetch_host_ms`` per prefetch, each issued at
    the host's clock; the next step starts when the GPU is done and the host has finished.
 
+A policy whose eviction scans the pool (``evict_host_by_name``) adds its host time per insert to each
+demand copy's ``copy_host_ms`` and each prefetch's ``prefetch_host_ms``. With the ``grouped`` expert
+kernel (the calibrated profile: the runtime runs a step's experts in one kernel), ``gpu(c)`` is what one
+expert adds to that kernel (its weight read and FLOPs) and the kernel's fixed cost
+(``expert_launch_ms``) runs with the non-expert work of every step, on the same stream.
+
 While a copy is in flight (the copy engine busy past the kernel's start), a GPU kernel, the
 non-expert work included, takes ``1 + copy_slowdown`` times its time. The host terms and the
 slowdown are the calibrated terms of the hardware profile (``moecache.cost.hardware``); all 0 (the

@@ -288,8 +288,11 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         extra.update(packed.tables(schedule))
     extra.update(pred_opts)
     # the calibrated host and interference terms (the same doubles the reference reads)
-    extra.update(layer_host_ms=hw.layer_host_ms, copy_host_ms=hw.copy_host_ms, predictor_host_ms=hw.predictor_host(getattr(predictor, "name", None)),
-                 prefetch_host_ms=hw.prefetch_host_ms, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown)
+    # (a scan policy's host time per insert rides on each copy's and prefetch's host cost)
+    evict = hw.evict_host(policy.name)
+    extra.update(layer_host_ms=hw.layer_host_ms, copy_host_ms=hw.copy_host_ms + evict,
+                 predictor_host_ms=hw.predictor_host(getattr(predictor, "name", None)),
+                 prefetch_host_ms=hw.prefetch_host_ms + evict, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown)
     extra = {k: t(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     empty_u8 = torch.zeros(0, dtype=torch.uint8)
     empty_i64 = torch.zeros(0, dtype=torch.int64)

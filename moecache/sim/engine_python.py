@@ -100,9 +100,11 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     copy_ms = hw.copy_ms
     gpu_of, cpu_of = hw.gpu, hw.cpu
     # the calibrated host and interference terms (moecache.cost.timing; all 0: the uncalibrated model)
-    layer_host, copy_host, hybrid_ms = hw.layer_host_ms, hw.copy_host_ms, hw.hybrid_layer_ms
+    # (a scan policy's host time per insert rides on each copy's and prefetch's host cost)
+    evict = hw.evict_host(policy.name)
+    layer_host, copy_host, hybrid_ms = hw.layer_host_ms, hw.copy_host_ms + evict, hw.hybrid_layer_ms
     pred_host = hw.predictor_host(getattr(predictor, "name", None)) if predictor is not None else 0.0
-    pf_host, slow = hw.prefetch_host_ms, hw.slowdown
+    pf_host, slow = hw.prefetch_host_ms + evict, hw.slowdown
     cap = policy.capacity
     ready_at: dict[int, float] = {}
     pf_unused: set[int] = set()
