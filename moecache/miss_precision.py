@@ -14,9 +14,10 @@ a low copy is an upgrade (the full copy is fetched before the kernel reads it); 
 copy. Prefetches and streamed copies are always full (no gate weight is known when they are issued).
 
 *Cost.* The low copies live in a second host store beside the full one: every expert once more, in the low
-format (``host_bytes``), for example about 27% more host memory for int4 g64 beside bf16 experts. On the device
-each pool slot gets a landing row of the low format, where the low copy arrives and from which it is expanded
-into the slot (the expanded pool mode of ``moecache.runtime.compressed``).
+format (``host_bytes``), for example about 27% more host memory for int4 g64 beside bf16 experts. On the device,
+one *landing* of ``num_experts`` low-format rows (a layer never misses more experts than it has): a low copy
+arrives there and is expanded into its pool slot at once, before the layer's kernel, so the landing is free
+again for the next layer. Its bytes come out of the pool's budget (``slots_with_landing``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class MissPrecisionRule:
         bf16 bytes each (the runtime states its exact store size)."""
         weights = dense_expert_bytes / 2
         return int(total_experts * np.ceil(weights * self.fmt.bits_per_weight() / 8))
+
+
+def slots_with_landing(slots: int, pools: int, num_experts: int, dense_bytes: int, low_bytes: int) -> int:
+    """Slots per pool that the memory of ``slots`` dense slots in each of ``pools`` pools holds once the landing
+    (``num_experts`` rows of ``low_bytes``, shared by every pool) is taken out of it."""
+    return max(0, (slots * pools * dense_bytes - num_experts * low_bytes) // (pools * dense_bytes))
 
 
 def resolve_rule(low_precision_misses: Any, below: Any = DEFAULT_BELOW, group_size: Any = None
@@ -98,5 +105,5 @@ def copy_precision(resident_low: bool | None, share: float, below: float) -> str
     return UPGRADE if resident_low else None
 
 
-__all__ = ["MissPrecisionRule", "resolve_rule", "gate_shares", "copy_precision", "LOW_FORMATS", "DEFAULT_BELOW",
+__all__ = ["MissPrecisionRule", "resolve_rule", "slots_with_landing", "gate_shares", "copy_precision", "LOW_FORMATS", "DEFAULT_BELOW",
            "LOW", "FULL", "UPGRADE"]

@@ -11,7 +11,7 @@ from moecache.cost import default_profile
 from moecache.errors import ConfigError
 from moecache.forced_routing import run_forced
 from moecache.miss_precision import (FULL, LOW, UPGRADE, MissPrecisionRule, copy_precision, gate_shares,
-                                     resolve_rule)
+                                     resolve_rule, slots_with_landing)
 from moecache.policies import new_policy
 from moecache.quant import ExpertFormat, quantize_dequantize_
 from moecache.runtime import offload
@@ -50,6 +50,12 @@ def test_gate_shares_are_normalised_per_token_and_maxed_over_tokens():
     # A token whose weights sum to 0 (or NaN) counts as an even split.
     assert gate_shares(np.array([[2, 4]]), np.array([[0.0, 0.0]]))[2] == 1.0
     assert gate_shares(np.array([[2, 4]]), np.array([[np.nan, 0.5]]))[4] == 1.0
+
+
+def test_landing_comes_out_of_the_pool_memory():
+    assert slots_with_landing(16, 1, 8, 100, 30) == (1600 - 240) // 100
+    assert slots_with_landing(16, 4, 8, 100, 30) == (6400 - 240) // 400  # one landing shared by 4 layer pools
+    assert slots_with_landing(1, 1, 64, 100, 30) == 0
 
 
 def test_resolve_rule_and_bad_input():
@@ -207,3 +213,11 @@ def test_simulator_rule_checks_and_engine_routing():
     assert mixed.time_ms < full.time_ms
     assert mixed.bound_ms <= mixed.time_ms and mixed.bound_ms <= full.bound_ms
     assert mixed.bytes_per_token < full.bytes_per_token
+
+
+def test_from_pretrained_refuses_the_rule_before_reading(tmp_path):
+    import moecache
+
+    _model().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="not supported by from_pretrained yet"):
+        moecache.from_pretrained(tmp_path, cache_slots=4, device="cpu", low_precision_misses="int4")

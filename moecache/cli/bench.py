@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..cost import MISS_RULES, default_profile, load_profile
     from ..sim import PREFETCH_RULES, Schedule, format_table, parse_capacities, resolve_capacity, simulate
     from ..cost.hardware import slots_for_format, with_format
-    from ..miss_precision import resolve_rule
+    from ..miss_precision import resolve_rule, slots_with_landing
     from ..quant import resolve_format
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
@@ -221,9 +221,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if low_rule is not None and not sched.has_weights:
             raise ConfigError(f"--low-precision-misses needs gate weights and trace {name} records none; "
                               "use a trace recorded with weights, or leave --low-precision-misses out")
-        # The low copy's landing row in every slot (as the runtime builds it): fewer slots in the same memory.
-        slot_hw, slot_mode = (with_format(hw, low_rule.fmt, "expanded"), "expanded") if low_rule is not None \
-            else (hw, args.pool_mode)
+        # The low copies' landing (num_experts rows, as the runtime builds it) comes out of the same memory.
+        low_bytes = with_format(hw, low_rule.fmt, "expanded").copy_bytes if low_rule is not None else 0
         predictor = None
         if pred_cls is not None:
             L, E, K = _dims(trace)
@@ -235,7 +234,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for cap in caps:
                 slots = resolve_capacity(cap, *_dims(trace), scope)
                 L_, E_, _k = _dims(trace)
-                slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, slot_hw, slot_mode))
+                if low_rule is not None:
+                    slots = max(_k, slots_with_landing(slots, L_ if scope == "layer" else 1, E_, hw.bytes_per_expert,
+                                                       low_bytes))
+                else:
+                    slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, hw, args.pool_mode))
                 for pname, params in policies:
                     plans.append((sched, hw, predictor, counts, fit_note, scope, cap, slots, pname, params))
 

@@ -117,9 +117,9 @@ class Expander:
 
 class LowPrecisionCopies:
     """The per-miss precision rule's second copy (``moecache.miss_precision``): every expert once more in the
-    rule's low format in a host store of its own, a landing row of that format per pool slot, and a copy
-    engine from the one to the other. A miss served low lands in its slot's landing row and is expanded into
-    the (dense) slot; the runtime (``Runtime._copy_low``) does both."""
+    rule's low format in a host store of its own, a landing of ``num_experts`` rows of that format on the pool's
+    device, and a copy engine from the one to the other. A miss served low lands in the landing and is expanded
+    into its (dense) pool slot before the kernel; the runtime (``Runtime._copy_low``) does both."""
 
     def __init__(self, rule: Any, codec: ExpertCodec, store: Any, landing: SlotPool, engine: Any):
         self.rule = rule
