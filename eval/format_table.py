@@ -77,7 +77,7 @@ def main() -> int:
              "no CPU). `slots`: experts the same memory holds in that format and pool mode. Expansion cost is "
              "an assumption (moecache/cost/hardware.py EXPAND_GBPS), not a measurement. Per-miss precision rows: "
              "bf16 experts whose misses with a gate share below the threshold are copied as int4 g64 into a "
-             "landing of num_experts rows (out of the same memory) and expanded into their slots (MiB/copy: full / low); a reused low copy is upgraded (a full copy); "
+             "landing of top_k rows (out of the same memory) and expanded into their slots (MiB/copy: full / low); a reused low copy is upgraded (a full copy); "
              "replayed on the Python engine; lossy (quality: docs/compressed_experts.md); its bound counts every "
              "load at the low copy's cost. Its second host copy costs the int4 size of every expert "
              "(about 27% of the bf16 experts' host memory).", "",

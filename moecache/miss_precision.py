@@ -15,9 +15,10 @@ copy. Prefetches and streamed copies are always full (no gate weight is known wh
 
 *Cost.* The low copies live in a second host store beside the full one: every expert once more, in the low
 format (``host_bytes``), for example about 27% more host memory for int4 g64 beside bf16 experts. On the device,
-one *landing* of ``num_experts`` low-format rows (a layer never misses more experts than it has): a low copy
-arrives there and is expanded into its pool slot at once, before the layer's kernel, so the landing is free
-again for the next layer. Its bytes come out of the pool's budget (``slots_with_landing``).
+one *landing* of ``top_k`` low-format rows (one token's misses at a layer): a low copy arrives there and is
+expanded into its pool slot at once, before the layer's kernel, so the landing is free again for the next
+copies (a batch's misses go through it ``top_k`` at a time). Its bytes come out of the pool's budget
+(``slots_with_landing``).
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class MissPrecisionRule:
         return int(total_experts * np.ceil(weights * self.fmt.bits_per_weight() / 8))
 
 
-def slots_with_landing(slots: int, pools: int, num_experts: int, dense_bytes: int, low_bytes: int) -> int:
+def slots_with_landing(slots: int, pools: int, landing_rows: int, dense_bytes: int, low_bytes: int) -> int:
     """Slots per pool that the memory of ``slots`` dense slots in each of ``pools`` pools holds once the landing
-    (``num_experts`` rows of ``low_bytes``, shared by every pool) is taken out of it."""
-    return max(0, (slots * pools * dense_bytes - num_experts * low_bytes) // (pools * dense_bytes))
+    (``landing_rows`` = top_k rows of ``low_bytes``, shared by every pool) is taken out of it."""
+    return max(0, (slots * pools * dense_bytes - landing_rows * low_bytes) // (pools * dense_bytes))
 
 
 def resolve_rule(low_precision_misses: Any, below: Any = DEFAULT_BELOW, group_size: Any = None

@@ -221,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if low_rule is not None and not sched.has_weights:
             raise ConfigError(f"--low-precision-misses needs gate weights and trace {name} records none; "
                               "use a trace recorded with weights, or leave --low-precision-misses out")
-        # The low copies' landing (num_experts rows, as the runtime builds it) comes out of the same memory.
+        # The low copies' landing (top_k rows, as the runtime builds it) comes out of the same memory.
         low_bytes = with_format(hw, low_rule.fmt, "expanded").copy_bytes if low_rule is not None else 0
         predictor = None
         if pred_cls is not None:
@@ -235,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 slots = resolve_capacity(cap, *_dims(trace), scope)
                 L_, E_, _k = _dims(trace)
                 if low_rule is not None:
-                    slots = max(_k, slots_with_landing(slots, L_ if scope == "layer" else 1, E_, hw.bytes_per_expert,
+                    slots = max(_k, slots_with_landing(slots, L_ if scope == "layer" else 1, _k, hw.bytes_per_expert,
                                                        low_bytes))
                 else:
                     slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, hw, args.pool_mode))

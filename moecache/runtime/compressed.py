@@ -117,7 +117,7 @@ class Expander:
 
 class LowPrecisionCopies:
     """The per-miss precision rule's second copy (``moecache.miss_precision``): every expert once more in the
-    rule's low format in a host store of its own, a landing of ``num_experts`` rows of that format on the pool's
+    rule's low format in a host store of its own, a landing of ``top_k`` rows of that format on the pool's
     device, and a copy engine from the one to the other. A miss served low lands in the landing and is expanded
     into its (dense) pool slot before the kernel; the runtime (``Runtime._copy_low``) does both."""
 

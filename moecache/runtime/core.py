@@ -303,24 +303,26 @@ class Runtime:
         return slots
 
     def _copy_low(self, slots: list[int], keys: list[int]) -> None:
-        """Misses served low: their low rows copied into the landing (``num_experts`` rows, so one layer's
-        misses fit at once), then expanded into their pool slots before the kernel reads them."""
+        """Misses served low: their low rows copied into the landing (``top_k`` rows; more misses go through it
+        that many at a time), each batch expanded into its pool slots before the kernel reads them."""
         low = self.low
-        n = len(slots)
-        land = list(range(n))
+        cap = low.landing.num_slots
         self.engine.wait(slots)  # any earlier copy into these pool slots is complete before they are rewritten
-        low.engine.demand(land, keys, land)
-        idx = torch.as_tensor(slots, device=self.pool.device)
-        dense = torch.empty((n, self.pool.layout.slot_numel), dtype=self.pool.data.dtype, device=self.pool.device)
-        low.codec.expand_rows(low.landing.data[:n], dense)
-        self.pool.data[idx] = dense
-        low.engine.mark_used(land)  # the next layer's low copies wait for this expansion
+        for start in range(0, len(slots), cap):
+            part, part_keys = slots[start:start + cap], keys[start:start + cap]
+            n = len(part)
+            land = list(range(n))
+            low.engine.demand(land, part_keys, land)
+            dense = torch.empty((n, self.pool.layout.slot_numel), dtype=self.pool.data.dtype, device=self.pool.device)
+            low.codec.expand_rows(low.landing.data[:n], dense)
+            self.pool.data[torch.as_tensor(part, device=self.pool.device)] = dense
+            low.engine.mark_used(land)  # the next low copies into the landing wait for this expansion
         self.ready_slots.update(slots)
         self.low_keys.update(keys)
         c = self.counters
-        c.copies += n
-        c.low_copies += n
-        c.bytes_copied += n * low.codec.slot_bytes
+        c.copies += len(slots)
+        c.low_copies += len(slots)
+        c.bytes_copied += len(slots) * low.codec.slot_bytes
 
     def preload(self, keys: list[int]) -> list[int]:
         """Copy the experts ``keys`` (global: ``layer * E + expert``) into the pool now, a placement chosen

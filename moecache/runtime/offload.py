@@ -585,7 +585,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
         kv_bytes = max(0, kv_bytes - mplan.kv_cache)  # the plan reserved its own estimate of the same cache
     mode = scratch_n = None
     if low_codec is not None:
-        slot_bytes, fixed = layout.slot_bytes, E * low_codec.slot_bytes  # dense slots + the low copies' landing
+        slot_bytes, fixed = layout.slot_bytes, k * low_codec.slot_bytes  # dense slots + the low copies' landing
     elif codec is None:
         slot_bytes, fixed = layout.slot_bytes, 0
     else:
@@ -696,7 +696,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       times top_k; 1.0 = an even split; default 0.5) is copied as that lower-precision copy (``group_size``
       applies to it) and expanded into its slot; reused, it is upgraded to the full copy. Lossy. Costs a second
       host copy of every expert in that format (``stats()["config"]["low_copy_host_bytes"]``) and, on the device,
-      a landing of ``num_experts`` rows in that format (out of the budget); needs full-precision experts (``expert_dtype`` "auto"), no hybrid, no compile.
+      a landing of ``top_k`` rows in that format (out of the budget); needs full-precision experts (``expert_dtype`` "auto"), no hybrid, no compile.
 
     Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
     put back as it was (expert weights restored from the host store) before the error propagates.
@@ -756,7 +756,7 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         runtime.set_expander(Expander(codec, plan.pool_mode, pool, E, plan.scratch_experts))
         undo.push(runtime.expander.close)
     if low_store is not None:
-        landing = SlotPool(plan.low_codec, E, dev)
+        landing = SlotPool(plan.low_codec, k, dev)
         undo.push(landing.close)
         low_engine = make_engine(plan.engine, low_store, landing)
         undo.push(low_engine.close)
