@@ -221,3 +221,33 @@ def test_from_pretrained_refuses_the_rule_before_reading(tmp_path):
     _model().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="not supported by from_pretrained yet"):
         moecache.from_pretrained(tmp_path, cache_slots=4, device="cpu", low_precision_misses="int4")
+
+
+def test_bench_cli_option_and_its_errors(tmp_path, capsys):
+    import json
+
+    from moecache.cli import main
+
+    tr = _trace(rows=12, seqs=4)
+    Trace(TraceMeta(**{**tr.meta.to_json(), "bytes_per_expert": 64 * 2**20}), tr._block).save(tmp_path / "w")
+    no_w = Trace(TraceMeta(**{**tr.meta.to_json(), "weights": "absent"}),
+                 RoutingBlock.build(tr.ids, seq=tr.seq, pos=tr.pos, token=tr.token, phase=0))
+    no_w.save(tmp_path / "nw")
+    base = ["bench", str(tmp_path / "w"), "--decode-stream", "--capacity", "50%", "--policies", "lru", "--quiet",
+            "--json", "--scope", "global"]
+    assert main(base + ["--low-precision-misses", "int4", "--group-size", "32"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["engine"] == "python" and row["low_copies"] > 0 and row["low_precision_misses"].startswith("int4 g32")
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)[0]
+    assert row["bytes_per_token"] < plain["bytes_per_token"]
+    assert row["capacity"] <= plain["capacity"]  # the landing comes out of the same memory
+    for extra, msg in [(["--expert-dtype", "int4"], "already int4 g64"), (["--sim-engine", "cpp"], "Python reference"),
+                       (["--miss-rule", "cpu"], "--miss-rule copy"), (["--low-precision-below", "0"], "must be > 0")]:
+        assert main(base + ["--low-precision-misses", "int4"] + extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+    nw = base[:]
+    nw[1] = str(tmp_path / "nw")
+    assert main(nw + ["--low-precision-misses", "int8"]) == 2
+    assert "needs gate weights" in capsys.readouterr().err
