@@ -12,6 +12,8 @@ size plus one layer).
    ``/proc/self/status`` every 2 ms: peak resident memory in all (VmHWM), anonymous (the host store),
    file-backed (mapped checkpoint pages) and shared. The reference figure is the checkpoint's bytes
    plus one MoE layer's experts.
+   With ``--expert-dtype int4`` (or int8) the experts are compressed while loading; the reference figure is
+   then the compressed store plus one bf16 MoE layer's experts plus the non-expert weights.
 3. ``--baseline``: the same for transformers' ``AutoModelForCausalLM.from_pretrained`` on the CPU.
 
 Writes one JSON object (machine, date, command, sizes, peaks, times) to ``--out`` atomically.
@@ -156,7 +158,8 @@ class RssSampler:
         self.peak["VmHWM"] = self.read()["VmHWM"]
 
 
-def load_child(path: str, how: str, device: str, gpu_memory: str) -> dict[str, Any]:
+def load_child(path: str, how: str, device: str, gpu_memory: str, expert_dtype: str = "auto",
+               group_size: int | None = None) -> dict[str, Any]:
     """Runs in a fresh process: load, sample memory, generate a few tokens."""
     import torch
 
@@ -171,7 +174,8 @@ def load_child(path: str, how: str, device: str, gpu_memory: str) -> dict[str, A
     t0 = time.perf_counter()
     with RssSampler() as s:
         if how == "moecache":
-            model = moecache.from_pretrained(path, gpu_memory=gpu_memory, device=device)
+            model = moecache.from_pretrained(path, gpu_memory=gpu_memory, device=device, expert_dtype=expert_dtype,
+                                             group_size=group_size)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         t1 = time.perf_counter()
@@ -183,6 +187,7 @@ def load_child(path: str, how: str, device: str, gpu_memory: str) -> dict[str, A
     if how == "moecache":
         st = model.moecache.stats()
         row["stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
+        row["stats"].update({f"config_{k}": v for k, v in st["config"].items() if isinstance(v, (int, float, str))})
     return row
 
 
@@ -212,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="checkpoint folder (default: a temporary folder, removed at the end)")
     p.add_argument("--baseline", action="store_true", help="also load with transformers on the CPU")
     p.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU smoke test)")
+    p.add_argument("--expert-dtype", default="auto",
+                   help="moecache's expert format (auto: bf16 as stored; int8/int4: compressed while loading)")
+    p.add_argument("--group-size", type=int, default=None, help="with --expert-dtype int8/int4")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--child", nargs=2, metavar=("PATH", "HOW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(load_child(args.child[0], args.child[1], args.device, args.gpu_memory)))
+        print(json.dumps(load_child(args.child[0], args.child[1], args.device, args.gpu_memory, args.expert_dtype,
+                                    args.group_size)))
         return 0
     dims = {"hidden": 64, "kv": 32, "intermediate": 160, "vocab": 128} if args.tiny else FULL
     folder = args.dir or tempfile.mkdtemp(prefix="moecache_ckpt_")
@@ -231,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for how in ["moecache"] + (["transformers"] if args.baseline else []):
             cmd = [sys.executable, os.path.abspath(__file__), "--child", folder, how, "--device", args.device,
-                   "--gpu-memory", args.gpu_memory]
+                   "--gpu-memory", args.gpu_memory, "--expert-dtype", args.expert_dtype]
+            if args.group_size is not None:
+                cmd += ["--group-size", str(args.group_size)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             ck = result["checkpoint"]
             row["peak_over_baseline"] = row["peak"]["VmHWM"] - row["rss_baseline"]
             row["goal_bytes"] = ck["checkpoint_bytes"] + ck["layer_expert_bytes"]
+            if how == "moecache" and args.expert_dtype not in ("auto", "bf16"):
+                # Compressed experts: the goal is the compressed store + one bf16 layer + the non-expert weights.
+                store = row["stats"]["config_host_store_bytes"]
+                row["goal_bytes"] = store + ck["layer_expert_bytes"] + (ck["checkpoint_bytes"] - ck["expert_bytes"])
             row["peak_over_baseline_vs_goal"] = row["peak_over_baseline"] / row["goal_bytes"]
             runs.append(row)
             print(f"{how}: load {row['load_s']:.1f} s, peak RSS over baseline "

@@ -374,6 +374,10 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                                                   progress=progress)
     expert_dtype = offload_kwargs.pop("expert_dtype", "auto")
     group_size = offload_kwargs.pop("group_size", None)
+    if offload_kwargs.get("low_precision_misses") not in (None, False):
+        raise ConfigError("low_precision_misses is not supported by from_pretrained yet (its low copy is built from "
+                          "a loaded model's weights): load the model, then call moecache.offload(model, ..., "
+                          "low_precision_misses=...)")
     stored = checkpoint_format(path)
     resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # bad input refused before any reading
     try:

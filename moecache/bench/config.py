@@ -16,12 +16,20 @@ A config is TOML, or JSON with the same structure::
     depths = [0, 1, 2]                  # MoE layers ahead that prefetch reaches
     capacities = ["10%", "25%", 12]     # share of the experts, or slots per pool
     scopes = ["layer", "global"]
+    formats = ["bf16", "int8", "int4", "int4:group_size=128", "int4:pool_mode=expanded"]   # default ["bf16"]
 
     [[traces]]
     name = "deepseek"
     path = "../build/suite_traces/deepseek-v2-lite"
     scored_sequences = 10               # optional: score only the first 10 sequences after the fit part
     # also per trace: decode_stream, fit_share, fit_by, scored_tokens (with fit_by = "tokens")
+
+``formats``: the experts' format as a grid dimension (``moecache bench --expert-dtype``): ``bf16``, ``int8`` or
+``int4`` with ``group_size`` (32, 64 default, 128) and ``pool_mode`` (``compressed`` default, ``expanded``). A
+capacity is a share of the bf16 expert memory, which holds more compressed experts; copies move the compressed
+bytes and every expert keeps the bf16 compute time plus the expansion (``moecache.cost.hardware.with_format``).
+The per-miss precision rule is not a suite format (it needs gate weights and the Python engine: run it with
+``moecache bench --low-precision-misses``).
 
 Relative paths (traces, hardware) are resolved against **the config file's folder**, never the
 current directory, so a config runs the same from anywhere. Every name is checked against the
@@ -52,7 +60,7 @@ from ..trace.store import MANIFEST
 NONE = "none"
 
 _TOP_KEYS = ("name", "miss_rule", "prefetch_rule", "prefetch_budget", "hardware", "plots", "decode_stream",
-             "fit_share", "fit_by", "policies", "predictors", "depths", "capacities", "scopes", "traces")
+             "fit_share", "fit_by", "policies", "predictors", "depths", "capacities", "scopes", "formats", "traces")
 _TRACE_KEYS = ("name", "path", "decode_stream", "fit_share", "fit_by", "scored_sequences", "scored_tokens")
 FIT_BY = ("sequences", "tokens")
 
@@ -70,6 +78,35 @@ class Spec:
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.params)
+
+
+#: The dense format every suite runs unless ``formats`` says otherwise.
+BF16 = Spec("bf16")
+_FORMAT_PARAMS = ("group_size", "pool_mode")
+
+
+def resolve_expert_format(spec: Spec) -> tuple[Any, str]:
+    """``(moecache.quant.ExpertFormat or None for bf16, pool mode)`` of a ``formats`` entry."""
+    from ..quant import resolve_format
+
+    kw = spec.kwargs()
+    if spec.name not in ("bf16", "int8", "int4"):
+        raise ConfigError(f"format {spec.label!r}: use bf16, int8 or int4 (the timing model's experts are bf16)")
+    unknown = sorted(set(kw) - set(_FORMAT_PARAMS))
+    if unknown:
+        raise ConfigError(f"format {spec.label!r}: unknown parameter(s) {unknown}; valid: {', '.join(_FORMAT_PARAMS)}")
+    pool_mode = kw.get("pool_mode", "compressed")
+    if pool_mode not in ("compressed", "expanded"):
+        raise ConfigError(f"format {spec.label!r}: pool_mode must be compressed or expanded, got {pool_mode!r}")
+    if spec.name == "bf16" and kw:
+        raise ConfigError(f"format {spec.label!r}: bf16 takes no parameters")
+    return resolve_format(spec.name, kw.get("group_size")), pool_mode
+
+
+def format_label(spec: Spec) -> str:
+    """``bf16``, ``int4 g64``, ``int4 g64 expanded`` ..."""
+    fmt, mode = resolve_expert_format(spec)
+    return "bf16" if fmt is None else fmt.describe() + (" expanded" if mode == "expanded" else "")
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,16 @@ class Suite:
     scopes: list[str]
     bound: Spec
     bound_added: bool
+    formats: list[Spec] = None  # type: ignore[assignment]  # [BF16] unless the config lists formats
+
+    def __post_init__(self) -> None:
+        if self.formats is None:
+            self.formats = [BF16]
+
+    @property
+    def multi_format(self) -> bool:
+        """Whether the grid has a format other than bf16 (then the outputs name each row's format)."""
+        return self.formats != [BF16]
 
 
 def _where(source: str, key: str) -> str:
@@ -308,6 +355,14 @@ def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") 
         raise ConfigError(f"{source}: unknown scope(s) {bad}; valid: {', '.join(SCOPES)}")
     _unique(scopes, str, f"{source}: scopes")
 
+    formats = [_parse_spec(f, f"{source}: formats") for f in _list(obj, "formats", source, ["bf16"])]
+    for f in formats:
+        try:
+            resolve_expert_format(f)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: formats: {e}") from None
+    _unique(formats, format_label, f"{source}: formats")
+
     bound = Spec("belady_bypass" if miss_rule.uses_cpu else "belady")
     added = bound not in policies
     if added:
@@ -328,7 +383,7 @@ def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") 
     plots = _bool(obj.get("plots", True), f"{source}: plots")
     return Suite(source=source, digest=digest, name=name, settings=settings, plots=plots, traces=traces,
                  policies=policies, predictors=predictors, depths=depths, capacities=capacities, scopes=scopes,
-                 bound=bound, bound_added=added)
+                 bound=bound, bound_added=added, formats=formats)
 
 
 def load_config(path: str | os.PathLike) -> Suite:

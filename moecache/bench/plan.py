@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..cost.hardware import HardwareProfile, default_profile, load_profile
+from ..cost.hardware import HardwareProfile, default_profile, load_profile, slots_for_format, with_format
 from ..errors import ConfigError
 from ..policies import POLICIES, new_policy
 from ..predictors import PREDICTORS
@@ -23,7 +23,7 @@ from ..sim.schedule import Schedule
 from ..sim.simulator import simulate
 from ..trace import PHASE_DECODE, RoutingBlock, Trace, TraceMeta, count_ids, open_trace
 from ..trace.store import MANIFEST
-from .config import Settings, Spec, Suite, TraceSpec
+from .config import BF16, Settings, Spec, Suite, TraceSpec, format_label, resolve_expert_format
 
 #: Bumped when a row's content changes meaning: old journals then recompute instead of mixing.
 SCHEMA = 1
@@ -163,13 +163,24 @@ class Config:
     policy: Spec
     predictor: Spec | None
     depth: int
+    fmt: Spec = BF16  # the experts' format (``formats`` of the config)
 
     @property
     def label(self) -> str:
-        """``policy`` alone, or ``policy + predictor D=d``."""
+        """``policy`` alone, or ``policy + predictor D=d``; `` [format]`` after it where not bf16."""
         if self.predictor is None:
-            return self.policy.label + (f" D={self.depth}" if self.depth else "")
-        return f"{self.policy.label} + {self.predictor.label} D={self.depth}"
+            text = self.policy.label + (f" D={self.depth}" if self.depth else "")
+        else:
+            text = f"{self.policy.label} + {self.predictor.label} D={self.depth}"
+        return text if self.fmt == BF16 else f"{text} [{format_label(self.fmt)}]"
+
+
+def format_hardware(hw: HardwareProfile, fmt: Spec) -> HardwareProfile:
+    """``hw`` (bf16 experts) in the format ``fmt`` (``moecache.cost.hardware.with_format``)."""
+    if fmt == BF16:
+        return hw
+    f, mode = resolve_expert_format(fmt)
+    return with_format(hw, f, mode)
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,8 @@ def row_key(cfg: Config, slots: int, info: TraceInfo, settings: Settings) -> str
         "predictor": None if cfg.predictor is None else [cfg.predictor.name, list(cfg.predictor.params)],
         "depth": cfg.depth,
     }
+    if cfg.fmt != BF16:  # bf16 rows keep the keys they had before formats were a grid dimension
+        doc["format"] = [cfg.fmt.name, list(cfg.fmt.params)]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -290,7 +303,7 @@ class Plan:
     skipped: list[Skip]
 
     def bound_config(self, cfg: Config) -> Config:
-        return Config(cfg.trace, cfg.scope, cfg.capacity, self.suite.bound, None, 0)
+        return Config(cfg.trace, cfg.scope, cfg.capacity, self.suite.bound, None, 0, cfg.fmt)
 
 
 def _slots(cap: str, dims: tuple[int, int, int], scope: str) -> tuple[int | None, str | None]:
@@ -332,21 +345,28 @@ def expand(suite: Suite, infos: dict[str, TraceInfo]) -> Plan:
             scope_why = ("the trace has one MoE layer: global scope is the same as layer scope"
                          if scope == "global" and info.dims[0] == 1 and "layer" in suite.scopes else None)
             caps = _capacity_skips(suite.capacities, info.dims, scope)
+            total = info.dims[1] if scope == "layer" else info.dims[0] * info.dims[1]
             for ci, cap in enumerate(suite.capacities):
-                slots, cap_why = caps[cap]
-                for pi, pol in enumerate(suite.policies):
-                    for qi, pred in enumerate(suite.predictors):
-                        for di, depth in enumerate(suite.depths):
-                            cfg = Config(tspec.name, scope, cap, pol, pred, depth)
-                            order = (ti, si, ci, pi, qi, di)
-                            why = scope_why or cap_why or next(
-                                (r for r, test in SKIP_RULES if test(pol, pred, depth)), None) \
-                                or probe(info.dims, pol, pred, depth)
-                            if why:
-                                skipped.append(Skip(cfg, why, order))
-                                continue
-                            assert slots is not None  # no slots is a capacity skip above
-                            runs.append(Run(cfg, row_key(cfg, slots, info, suite.settings), slots, order))
+                dense_slots, cap_why = caps[cap]
+                for fi, fmt in enumerate(suite.formats):
+                    slots = dense_slots
+                    if slots is not None and fmt != BF16:  # the same memory holds more (or fewer) experts
+                        _f, mode = resolve_expert_format(fmt)
+                        hw = format_hardware(HardwareProfile(**info.hardware), fmt)
+                        slots = max(info.dims[2], slots_for_format(slots, total, hw, mode))
+                    for pi, pol in enumerate(suite.policies):
+                        for qi, pred in enumerate(suite.predictors):
+                            for di, depth in enumerate(suite.depths):
+                                cfg = Config(tspec.name, scope, cap, pol, pred, depth, fmt)
+                                order = (ti, si, ci, fi, pi, qi, di)
+                                why = scope_why or cap_why or next(
+                                    (r for r, test in SKIP_RULES if test(pol, pred, depth)), None) \
+                                    or probe(info.dims, pol, pred, depth)
+                                if why:
+                                    skipped.append(Skip(cfg, why, order))
+                                    continue
+                                assert slots is not None  # no slots is a capacity skip above
+                                runs.append(Run(cfg, row_key(cfg, slots, info, suite.settings), slots, order))
     return Plan(suite, infos, runs, skipped)
 
 

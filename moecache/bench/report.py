@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..atomic import write_atomic, write_text_atomic
-from .config import NONE, Spec, Suite
+from .config import NONE, Spec, Suite, format_label
 from .plan import Config, Plan, Run, policy_class, predictor_offline
 from .plots import Panel, metric_figure
 
@@ -64,12 +64,12 @@ class Headline:
     row: dict[str, Any]
 
 
-def headlines(plan: Plan, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[Headline]]:
-    """Per (trace, scope, capacity): LRU, the best online demand-only policy, the best online configuration
+def headlines(plan: Plan, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, Spec], list[Headline]]:
+    """Per (trace, scope, capacity, format): LRU, the best online demand-only policy, the best online configuration
     with a predictor (best = least estimated ms per token, ties to config order) and the bound."""
-    cells: dict[tuple[str, str, str], list[tuple[Run, dict[str, Any]]]] = {}
+    cells: dict[tuple[str, str, str, Spec], list[tuple[Run, dict[str, Any]]]] = {}
     for r, row in zip(plan.runs, rows):
-        cells.setdefault((r.config.trace, r.config.scope, r.config.capacity), []).append((r, row))
+        cells.setdefault((r.config.trace, r.config.scope, r.config.capacity, r.config.fmt), []).append((r, row))
     out = {}
     for cell, items in cells.items():
         def online(r: Run) -> bool:
@@ -115,12 +115,21 @@ def _table(heads: list[str], lines: Iterable[list[str]]) -> list[str]:
             + ["| " + " | ".join(c) + " |" for c in lines])
 
 
-def _summary(suite: Suite, heads: dict[tuple[str, str, str], list[Headline]]) -> list[list[str]]:
+def _cells(suite: Suite) -> list[tuple[str, str, Spec]]:
+    """(scope, capacity, format) in grid order."""
+    return [(scope, cap, fmt) for scope in suite.scopes for cap in suite.capacities for fmt in suite.formats]
+
+
+def _fmt_col(suite: Suite, fmt: Spec) -> list[str]:
+    """The format cell of a table row, where the grid has formats other than bf16 (else none)."""
+    return [format_label(fmt)] if suite.multi_format else []
+
+
+def _summary(suite: Suite, heads: dict[tuple[str, str, str, Spec], list[Headline]]) -> list[list[str]]:
     lines = []
     for t in suite.traces:
-        for scope in suite.scopes:
-            for cap in suite.capacities:
-                got = {h.role: h for h in heads.get((t.name, scope, cap), [])}
+        for scope, cap, fmt in _cells(suite):
+                got = {h.role: h for h in heads.get((t.name, scope, cap, fmt), [])}
                 if not got:
                     continue
                 bound = got["bound"]
@@ -131,7 +140,7 @@ def _summary(suite: Suite, heads: dict[tuple[str, str, str], list[Headline]]) ->
                 if lru is not None and best is not None:
                     span = lru.row["est_ms_per_token"] - bound.row["est_ms_per_token"]
                     gap = (lru.row["est_ms_per_token"] - best.row["est_ms_per_token"]) / span if span > 1e-9 else None
-                lines.append([t.name, scope, f"{cap} ({bound.row['capacity']})",
+                lines.append([t.name, scope, f"{cap} ({bound.row['capacity']})"] + _fmt_col(suite, fmt) + [
                               _f(lru.row["est_ms_per_token"] if lru else None, ".3f"),
                               f"`{best.config.label}`" if best else "-",
                               _f(best.row["est_ms_per_token"] if best else None, ".3f"),
@@ -172,30 +181,34 @@ def render_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
           "predictor) and of the bound policy's own replay; *gap closed* = (LRU - best) / (LRU - bound row) "
           "(n/a where LRU already matches the bound row; above 100% a prefetching configuration beat the "
           "demand-only bound policy's replay, never the lower bound); *lower bound* from `moecache.sim.bound`.", ""]
-    w += _table(["trace", "scope", "capacity (slots)", "LRU ms/token", "best online", "ms/token", "hit",
+    fcol = ["format"] if suite.multi_format else []
+    w += _table(["trace", "scope", "capacity (slots)"] + fcol + ["LRU ms/token", "best online", "ms/token", "hit",
                  "gap closed", f"{suite.bound.label} ms/token", "lower bound ms/token"], _summary(suite, heads))
+    if suite.multi_format:
+        w += ["", "Formats: a capacity is a share of the bf16 expert memory (slots: experts that memory holds in the "
+              "format); copies move the compressed bytes; every expert keeps the bf16 compute time plus the "
+              "expansion (`moecache.cost.hardware.with_format`; its device throughput is an assumption)."]
     w += ["", "## Headline", "",
           "Per trace, scope and capacity: LRU, the best online demand-only policy, the best online configuration "
           "with a predictor (best = least estimated ms/token) and the bound.", ""]
     for t in suite.traces:
         w += [f"### {t.name}", ""]
         lines = []
-        for scope in suite.scopes:
-            for cap in suite.capacities:
-                for h in heads.get((t.name, scope, cap), []):
-                    lines.append([scope, f"{cap} ({h.row['capacity']})", h.role, f"`{h.config.label}`"]
-                                 + _metric_cells(h.row))
-        w += _table(["scope", "capacity (slots)", "row", "configuration"] + _METRIC_HEADS, lines) + [""]
+        for scope, cap, fmt in _cells(suite):
+            for h in heads.get((t.name, scope, cap, fmt), []):
+                lines.append([scope, f"{cap} ({h.row['capacity']})"] + _fmt_col(suite, fmt)
+                             + [h.role, f"`{h.config.label}`"] + _metric_cells(h.row))
+        w += _table(["scope", "capacity (slots)"] + fcol + ["row", "configuration"] + _METRIC_HEADS, lines) + [""]
     w += ["## Every row", ""]
     for t in suite.traces:
-        sub = [row for r, row in zip(plan.runs, rows) if r.config.trace == t.name]
+        sub = [(r, row) for r, row in zip(plan.runs, rows) if r.config.trace == t.name]
         w += [f"<details><summary>{t.name}: {len(sub)} rows</summary>", ""]
-        w += _table(["scope", "capacity (slots)", "policy", "predictor", "D"] + _METRIC_HEADS
+        w += _table(["scope", "capacity (slots)"] + fcol + ["policy", "predictor", "D"] + _METRIC_HEADS
                     + ["stall ms", "prefetch precision", "recall", "engine"],
-                    [[row["scope"], f"{row['capacity_label']} ({row['capacity']})", row["policy"], row["predictor"],
-                      str(row["depth"])] + _metric_cells(row)
+                    [[row["scope"], f"{row['capacity_label']} ({row['capacity']})"] + _fmt_col(suite, r.config.fmt)
+                     + [row["policy"], row["predictor"], str(row["depth"])] + _metric_cells(row)
                      + [_f(row["stall_ms_per_token"], ".3f"), _f(row["prefetch_precision"], ".3f"),
-                        _f(row["prefetch_recall"], ".3f"), row["engine"]] for row in sub])
+                        _f(row["prefetch_recall"], ".3f"), row["engine"]] for r, row in sub])
         w += ["", "</details>", ""]
     w += ["## Skipped combinations", "",
           "Every combination of the grid that was not run, by reason (all of them are listed in `skipped.csv`).", ""]
@@ -218,23 +231,27 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def render_csv(rows: list[dict[str, Any]]) -> str:
+def render_csv(rows: list[dict[str, Any]], multi_format: bool = False) -> str:
+    """Every row; with formats in the grid, an ``expert_format`` column follows ``capacity``."""
+    cols = CSV_COLUMNS if not multi_format else CSV_COLUMNS[:5] + ("expert_format",) + CSV_COLUMNS[5:]
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(CSV_COLUMNS)
+    wr.writerow(cols)
     for row in rows:
-        wr.writerow([_csv_value(row.get(c)) for c in CSV_COLUMNS])
+        wr.writerow([_csv_value(row.get(c, "bf16" if c == "expert_format" else None)) for c in cols])
     return buf.getvalue()
 
 
 def render_skipped(plan: Plan) -> str:
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(("trace", "scope", "capacity", "policy", "predictor", "depth", "reason"))
+    multi = plan.suite.multi_format
+    wr.writerow(("trace", "scope", "capacity") + (("expert_format",) if multi else ())
+                + ("policy", "predictor", "depth", "reason"))
     for s in plan.skipped:
         c = s.config
-        wr.writerow((c.trace, c.scope, c.capacity, c.policy.label, NONE if c.predictor is None else c.predictor.label,
-                     c.depth, s.reason))
+        wr.writerow((c.trace, c.scope, c.capacity) + ((format_label(c.fmt),) if multi else ())
+                    + (c.policy.label, NONE if c.predictor is None else c.predictor.label, c.depth, s.reason))
     return buf.getvalue()
 
 
@@ -247,9 +264,11 @@ def plot_panels(plan: Plan, rows: list[dict[str, Any]], column: str) -> list[Any
         series: dict[tuple[str, str], list[float | None]] = {}
         for scope in suite.scopes:
             for ci, cap in enumerate(suite.capacities):
-                for h in heads.get((t.name, scope, cap), []):
-                    vals = series.setdefault((h.role, scope), [None] * len(suite.capacities))
-                    vals[ci] = h.row[column]
+                for fmt in suite.formats:
+                    where = f"{scope}, {format_label(fmt)}" if suite.multi_format else scope
+                    for h in heads.get((t.name, scope, cap, fmt), []):
+                        vals = series.setdefault((h.role, where), [None] * len(suite.capacities))
+                        vals[ci] = h.row[column]
         panels.append(Panel(title=t.name, x=list(suite.capacities), series=series))
     return panels
 
@@ -257,7 +276,7 @@ def plot_panels(plan: Plan, rows: list[dict[str, Any]], column: str) -> list[Any
 def write_outputs(out: str, plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
     """Write the deterministic result files (everything but meta.json); returns their paths."""
     full = with_ratios(plan, rows)
-    files = {"results.md": render_markdown(plan, full), "results.csv": render_csv(full),
+    files = {"results.md": render_markdown(plan, full), "results.csv": render_csv(full, plan.suite.multi_format),
              "skipped.csv": render_skipped(plan)}
     written = []
     for name, text in files.items():

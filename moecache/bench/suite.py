@@ -1,7 +1,7 @@
 """The policy benchmark suite: ``moecache bench --suite CONFIG -o DIR``.
 
-A suite replays a grid of configurations (traces x scopes x capacities x policies x predictors x
-prefetch depths) through the simulator and writes tables and plots of demand hit rate, ready rate,
+A suite replays a grid of configurations (traces x scopes x capacities x expert formats x policies x
+predictors x prefetch depths) through the simulator and writes tables and plots of demand hit rate, ready rate,
 bytes per token and estimated ms per token, each also as a ratio to its bound.
 
 **Config**: ``moecache.bench.config`` (TOML or JSON; relative paths start at the config
@@ -71,9 +71,9 @@ from ..errors import ConfigError
 from ..policies import new_policy
 from ..sim.engine_cpp import ENGINES, choose_engine
 from ..sim.simulator import simulate
-from .config import NONE, Settings, Suite, TraceSpec, load_config
+from .config import BF16, NONE, Settings, Suite, TraceSpec, format_label, load_config
 from .journal import JOURNAL, DirLock, Journal
-from .plan import Config, Plan, plan_suite, prepare
+from .plan import Config, Plan, format_hardware, plan_suite, prepare
 from .plots import require_matplotlib
 from .report import write_outputs
 
@@ -103,8 +103,11 @@ def run_task(task: Task) -> tuple[str, dict[str, Any], float]:
     pred = prep.predictor(cfg.predictor)
     engine = choose_engine(task.engine, policy, pred, cfg.depth, prefetch=st.prefetch_rule, miss_rule=st.miss_rule)
     res = simulate(s, policy, pred, depth=cfg.depth, prefetch=st.prefetch_rule, budget=st.prefetch_budget,
-                   hardware=prep.hardware, miss_rule=st.miss_rule, capacity_label=cfg.capacity, engine=engine)
+                   hardware=format_hardware(prep.hardware, cfg.fmt), miss_rule=st.miss_rule,
+                   capacity_label=cfg.capacity, engine=engine)
     row = res.row()
+    if cfg.fmt != BF16:
+        row["expert_format"] = format_label(cfg.fmt)
     row["policy_detail"], row["predictor_detail"] = row["policy"], row["predictor"]
     row.update(policy=cfg.policy.label, predictor=NONE if cfg.predictor is None else cfg.predictor.label,
                depth=cfg.depth, fit=prep.fit_note, engine=engine, key=task.key)

@@ -143,6 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..cost import MISS_RULES, default_profile, load_profile
     from ..sim import PREFETCH_RULES, Schedule, format_table, parse_capacities, resolve_capacity, simulate
     from ..cost.hardware import slots_for_format, with_format
+    from ..miss_precision import resolve_rule, slots_with_landing
     from ..quant import resolve_format
     from ..sim.engine_cpp import choose_engine
     from ..trace import count_ids, open_trace
@@ -174,10 +175,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     depth = args.prefetch_depth if args.prefetch_depth is not None else (1 if pred_cls else 0)
     if depth and pred_cls is None:
         raise ConfigError(f"--prefetch-depth {depth} needs --predictor NAME (see --list)")
-    fmt = resolve_format(args.expert_dtype, args.group_size)
+    low_rule = resolve_rule(args.low_precision_misses, args.low_precision_below,
+                            args.group_size) if args.low_precision_misses else None
+    fmt = resolve_format(args.expert_dtype, None if low_rule is not None else args.group_size)
     if fmt is None and args.expert_dtype.lower() not in ("bf16", "bfloat16", "auto"):
         raise ConfigError(f"--expert-dtype {args.expert_dtype}: the timing model's experts are bf16; "
                           "use bf16, int8 or int4")
+    if low_rule is not None and fmt is not None:
+        raise ConfigError(f"--low-precision-misses copies a lower-precision version of bf16 experts; the experts are "
+                          f"already {fmt.describe()}: drop --expert-dtype {args.expert_dtype} or --low-precision-misses")
+    if low_rule is not None and args.miss_rule != "copy":
+        raise ConfigError(f"--low-precision-misses chooses how a miss is copied; it runs with --miss-rule copy, "
+                          f"not {args.miss_rule!r}")
+    if low_rule is not None and args.sim_engine == "cpp":
+        from ..sim.engines import PRECISION_WHY
+        raise ConfigError(f"--sim-engine cpp cannot run --low-precision-misses: {PRECISION_WHY}; use --sim-engine "
+                          "python or auto")
     scopes = _scopes(args.scope)
     caps = parse_capacities(args.capacity)
     needs_fit = any(POLICIES.get(n).needs_fit for n, _ in policies) or bool(pred_cls and pred_cls.needs_fit)
@@ -205,6 +218,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hw = load_profile(args.hardware, bpe) if args.hardware else default_profile(bpe)
         hw = with_format(hw, fmt, args.pool_mode)
         sched = Schedule(trace, decode_stream=args.decode_stream, name=name)
+        if low_rule is not None and not sched.has_weights:
+            raise ConfigError(f"--low-precision-misses needs gate weights and trace {name} records none; "
+                              "use a trace recorded with weights, or leave --low-precision-misses out")
+        # The low copies' landing (top_k rows, as the runtime builds it) comes out of the same memory.
+        low_bytes = with_format(hw, low_rule.fmt, "expanded").copy_bytes if low_rule is not None else 0
         predictor = None
         if pred_cls is not None:
             L, E, K = _dims(trace)
@@ -216,7 +234,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for cap in caps:
                 slots = resolve_capacity(cap, *_dims(trace), scope)
                 L_, E_, _k = _dims(trace)
-                slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, hw, args.pool_mode))
+                if low_rule is not None:
+                    slots = max(_k, slots_with_landing(slots, L_ if scope == "layer" else 1, _k, hw.bytes_per_expert,
+                                                       low_bytes))
+                else:
+                    slots = max(_k, slots_for_format(slots, E_ if scope == "layer" else L_ * E_, hw, args.pool_mode))
                 for pname, params in policies:
                     plans.append((sched, hw, predictor, counts, fit_note, scope, cap, slots, pname, params))
 
@@ -231,9 +253,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if policy.needs_fit:
             policy.fit(counts)
         pred = copy.deepcopy(predictor) if predictor is not None else None
-        engine = choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
+        engine = "python" if low_rule is not None else \
+            choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
-                       hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine)
+                       hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine,
+                       miss_precision=low_rule)
         row = res.row()
         row["fit"] = fit_note
         row["engine"] = engine
@@ -328,6 +352,13 @@ def register(sub) -> None:
     p.add_argument("--pool-mode", default="compressed", choices=("compressed", "expanded"),
                    help="with --expert-dtype: the GPU pool holds compressed experts (each expanded when a kernel "
                         "reads it) or dense ones (expanded once per copy; each slot also keeps its compressed landing)")
+    p.add_argument("--low-precision-misses", metavar="FMT", choices=("int8", "int4"),
+                   help="per-miss precision (HOBBIT): a miss whose gate share is below --low-precision-below is "
+                        "copied as an int8/int4 copy (group size --group-size) and expanded into its slot; a reused "
+                        "low copy is upgraded to bf16. Needs a trace with gate weights; runs on the Python engine")
+    p.add_argument("--low-precision-below", type=float, default=0.5, metavar="SHARE",
+                   help="with --low-precision-misses: the gate share below which a miss is copied low (the expert's "
+                        "weight over its token's top-k sum, times top_k: 1.0 = an even split; default 0.5)")
     p.add_argument("--sim-engine", default="auto", choices=SIM_ENGINES,
                    help="simulator engine: cpp (csrc/sim/, identical results), python (the reference) or auto "
                         "(default: cpp where built and the configuration is supported, else python); "

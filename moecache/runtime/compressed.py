@@ -22,6 +22,8 @@ experts win).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -111,3 +113,22 @@ class Expander:
 
     def close(self) -> None:
         self.compute.close()
+
+
+class LowPrecisionCopies:
+    """The per-miss precision rule's second copy (``moecache.miss_precision``): every expert once more in the
+    rule's low format in a host store of its own, a landing of ``top_k`` rows of that format on the pool's
+    device, and a copy engine from the one to the other. A miss served low lands in the landing and is expanded
+    into its (dense) pool slot before the kernel; the runtime (``Runtime._copy_low``) does both."""
+
+    def __init__(self, rule: Any, codec: ExpertCodec, store: Any, landing: SlotPool, engine: Any):
+        self.rule = rule
+        self.below = float(rule.below)
+        self.codec = codec
+        self.store = store
+        self.landing = landing
+        self.engine = engine
+
+    def close(self) -> None:
+        self.engine.close()
+        self.landing.close()

@@ -53,9 +53,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import miss_precision
 from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
 from ..cost.hardware import default_profile
 from ..errors import ConfigError
+from ..miss_precision import LOW, UPGRADE, gate_shares
 from ..sim.prefetch import PREFETCH_RULES
 from .engine import CopyEngine
 from .experts import SlotIndexer, call_mode, make_shell
@@ -144,6 +146,11 @@ class Runtime:
         self.expander: Any = None
         #: Bytes one copy moves (the host store's row).
         self.copy_bytes = store.layout.slot_bytes
+        #: Per-miss precision (``LowPrecisionCopies``, set by ``offload``), else None; ``_shares``: this layer
+        #: call's gate shares (expert -> share); ``low_keys``: keys resident as their low copy.
+        self.low: Any = None
+        self._shares: dict[int, float] = {}
+        self.low_keys: set[int] = set()
         #: The prefetch admission rule (``moecache.admission.ADMISSIONS``).
         self.admission = "cost"
         #: Host-clock model of the copy engine: when the copies queued so far end (perf_counter seconds).
@@ -228,6 +235,8 @@ class Runtime:
         if self.pending:
             self._settle_prefetches(li, keys)
         on_cpu = self._misses_on_cpu(keys, counts) if self.hybrid is not None and call is None else None
+        if self.low is not None:  # the rule reads the gate weights: a second small copy to the host
+            self._shares = gate_shares(ids, weights.detach().float().cpu().numpy())
         if call is not None:
             t2 = time.perf_counter()
             out = self._family_call(li, call, ids, experts, counts)
@@ -269,13 +278,25 @@ class Runtime:
         copy_slots: list[int] = []
         copy_keys: list[int] = []
         ready = 0
-        for key, n in zip(keys, counts):
-            if not accessed:
+        low_slots: list[int] = []
+        low_keys: list[int] = []
+        rule = self.low
+        if not accessed:  # every need first, then the misses placed: the simulator's order (engine_python)
+            for key, n in zip(keys, counts):
                 self.policy.access(key, n)
+        for key, n in zip(keys, counts):
             s = int(self.slot_of[key])
             if s >= 0:
                 c.hits += 1
-                if s in self.ready_slots:
+                if rule is not None and miss_precision.copy_precision(
+                        key in self.low_keys, self._shares.get(key % self.E, 1.0), rule.below) == UPGRADE:
+                    # Reused while low: the full copy replaces it before the kernel reads the slot.
+                    self.low_keys.discard(key)
+                    self.ready_slots.discard(s)
+                    copy_slots.append(s)
+                    copy_keys.append(key)
+                    c.upgrades += 1
+                elif s in self.ready_slots:
                     ready += 1
                 else:
                     unsure.append(s)
@@ -290,8 +311,13 @@ class Runtime:
             else:
                 c.misses += 1
                 s = self._place(key, protected)
-                copy_slots.append(s)
-                copy_keys.append(key)
+                if rule is not None and miss_precision.copy_precision(
+                        None, self._shares.get(key % self.E, 1.0), rule.below) == LOW:
+                    low_slots.append(s)
+                    low_keys.append(key)
+                else:
+                    copy_slots.append(s)
+                    copy_keys.append(key)
             slots.append(s)
         if unsure:
             done = self.engine.ready(unsure)
@@ -305,7 +331,31 @@ class Runtime:
         if copy_slots or unsure:
             self.engine.demand(copy_slots, copy_keys, unsure + copy_slots)
             self._copied(copy_slots)
+        if low_slots:
+            self._copy_low(low_slots, low_keys)
         return slots
+
+    def _copy_low(self, slots: list[int], keys: list[int]) -> None:
+        """Misses served low: their low rows copied into the landing (``top_k`` rows; more misses go through it
+        that many at a time), each batch expanded into its pool slots before the kernel reads them."""
+        low = self.low
+        cap = low.landing.num_slots
+        self.engine.wait(slots)  # any earlier copy into these pool slots is complete before they are rewritten
+        for start in range(0, len(slots), cap):
+            part, part_keys = slots[start:start + cap], keys[start:start + cap]
+            n = len(part)
+            land = list(range(n))
+            low.engine.demand(land, part_keys, land)
+            dense = torch.empty((n, self.pool.layout.slot_numel), dtype=self.pool.data.dtype, device=self.pool.device)
+            low.codec.expand_rows(low.landing.data[:n], dense)
+            self.pool.data[torch.as_tensor(part, device=self.pool.device)] = dense
+            low.engine.mark_used(land)  # the next low copies into the landing wait for this expansion
+        self.ready_slots.update(slots)
+        self.low_keys.update(keys)
+        c = self.counters
+        c.copies += len(slots)
+        c.low_copies += len(slots)
+        c.bytes_copied += len(slots) * low.codec.slot_bytes
 
     def preload(self, keys: list[int]) -> list[int]:
         """Copy the experts ``keys`` (global: ``layer * E + expert``) into the pool now, a placement chosen
@@ -361,6 +411,7 @@ class Runtime:
         self.counters.evictions += 1
         self.unused_prefetch.discard(key)
         self.streamed.discard(key)
+        self.low_keys.discard(key)
         if self.pending.pop(key, None) is not None:
             self.engine.cancel(s)  # its copy may still be queued: the slot is about to be refilled
 

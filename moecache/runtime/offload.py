@@ -39,7 +39,8 @@ from ..predictors import PREDICTORS, Predictor
 from .compiled import (DEFAULT_MAX_CACHE_LEN, CompiledStack, allocated_kv_bytes, kv_cache_bytes, register_experts,
                        resolve_compile, unregister_experts)
 from ..quant import FLOAT_FORMATS, QUANT_FORMATS, ExpertCodec, resolve_format
-from .compressed import POOL_MODES, Expander, choose_pool_mode
+from ..miss_precision import DEFAULT_BELOW, resolve_rule
+from .compressed import POOL_MODES, Expander, LowPrecisionCopies, choose_pool_mode
 from .core import DEFAULT_MIN_PROB, LayerInfo, Runtime
 from .engine import COPY_ENGINES, make_engine
 from .experts import EXPERT_KERNELS
@@ -199,6 +200,28 @@ def _codec_for(expert_dtype: Any, group_size: Any, layout: SlotLayout, adapter: 
         raise ConfigError(f"scratch_experts must be a positive number of experts, got {scratch_experts!r}")
     transposed = bool(getattr(adapter.layout, "transposed", False))
     return ExpertCodec(layout, fmt, transposed, blocks[0].name + "." + adapter.experts_attr)
+
+
+def _low_codec_for(rule: Any, codec: ExpertCodec | None, layout: SlotLayout, adapter: FamilyAdapter,
+                   blocks: list[MoeBlock], hybrid_cfg: Any, host_store: HostStore | None, backend: Any) -> ExpertCodec:
+    """The low copy's row layout for ``low_precision_misses`` (``moecache.miss_precision``), after the checks of
+    what the rule cannot run with."""
+    if codec is not None:
+        raise ConfigError(f"low_precision_misses copies a lower-precision version of full-precision experts; the "
+                          f"experts are already {codec.fmt.describe()}: use expert_dtype='auto' with it")
+    if host_store is not None:
+        raise ConfigError("low_precision_misses builds its low copy from the model's expert weights; it cannot take "
+                          "a filled host_store (nor from_pretrained yet): offload a loaded model without host_store")
+    if hybrid_cfg is not None:
+        raise ConfigError("low_precision_misses chooses how a miss is copied; hybrid execution runs misses on the "
+                          "CPU: use one or the other")
+    if backend is not None:
+        raise ConfigError("low_precision_misses is not supported with compile=True yet; offload with compile=False")
+    if adapter.layout.kernel != "transformers":
+        raise ConfigError(f"low_precision_misses: {adapter.name} experts run through the {adapter.layout.kernel!r} "
+                          "kernel, whose layout the low copy cannot hold yet")
+    transposed = bool(getattr(adapter.layout, "transposed", False))
+    return ExpertCodec(layout, rule.fmt, transposed, blocks[0].name + "." + adapter.experts_attr)
 
 
 def cpu_kernel_supports(fmt: Any) -> bool:
@@ -362,6 +385,9 @@ class OffloadHandle:
         rt.pool.close()
         if rt.expander is not None:
             rt.expander.close()
+        if rt.low is not None:
+            rt.low.close()
+            rt.low.store.close()
         if self.own_store:
             rt.store.close()
         rt.layers = []
@@ -446,6 +472,8 @@ class OffloadPlan:
     scratch_experts: int | None = None
     slot_bytes: int = 0  # device bytes per pool slot (compressed row, or dense + landing)
     importance: Any = None
+    low_rule: Any = None  # moecache.miss_precision.MissPrecisionRule, else None
+    low_codec: ExpertCodec | None = None  # the low copy's row layout
 
 
 def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
@@ -457,7 +485,8 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        max_cache_len: Any = None, max_batch_size: Any = None,
                        stream_prefill: Any = False, expert_dtype: Any = "auto",
                        group_size: Any = None, pool_mode: Any = "auto", scratch_experts: Any = None,
-                       importance: Any = None) -> OffloadPlan:
+                       importance: Any = None, low_precision_misses: Any = None,
+                       low_precision_below: Any = DEFAULT_BELOW) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
 
@@ -505,8 +534,16 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     pool_mode = V.choice("pool_mode", pool_mode, ["auto", *POOL_MODES])
     if host_store is not None and not isinstance(host_store, HostStore):
         raise ConfigError(f"host_store is a {type(host_store).__name__}; pass a moecache HostStore or None")
-    codec = _codec_for(expert_dtype, group_size, layout, adapter, blocks, hybrid_cfg, host_store, scratch_experts)
+    low_rule = resolve_rule(low_precision_misses, low_precision_below, group_size)
+    if low_rule is not None and isinstance(expert_dtype, str) and expert_dtype.lower() in QUANT_FORMATS:
+        raise ConfigError(f"low_precision_misses copies a lower-precision version of full-precision experts; the "
+                          f"experts would already be {expert_dtype}: use expert_dtype='auto' with it")
+    codec = _codec_for(expert_dtype, None if low_rule is not None else group_size, layout, adapter, blocks,
+                       hybrid_cfg, host_store, scratch_experts)
     store_layout = layout if codec is None else codec
+    low_codec = None
+    if low_rule is not None:
+        low_codec = _low_codec_for(low_rule, codec, layout, adapter, blocks, hybrid_cfg, host_store, backend)
     dev = V.device("device", device)
     engine = V.choice("engine", engine, ["auto", *COPY_ENGINES.names()])
     if (gpu_memory is None) == (cache_slots is None):
@@ -554,7 +591,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
         gpu_memory = mplan.budget
         kv_bytes = max(0, kv_bytes - mplan.kv_cache)  # the plan reserved its own estimate of the same cache
     mode = scratch_n = None
-    if codec is None:
+    if low_codec is not None:
+        slot_bytes, fixed = layout.slot_bytes, k * low_codec.slot_bytes  # dense slots + the low copies' landing
+    elif codec is None:
         slot_bytes, fixed = layout.slot_bytes, 0
     else:
         mode = choose_pool_mode(pool_mode, total=L * E, cache_slots=cache_slots, codec=codec,
@@ -569,7 +608,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     pol = _make_policy(policy, slots, L, E, k, policy_params)
     if host_memory is not None and host_store is None:
         on_host = non_expert + fixed + slots * slot_bytes if dev.type == "cpu" else 0
-        memplan.check_host_memory(experts=L * E * store_layout.slot_bytes, other=on_host, host_memory=host_memory)
+        low_host = 0 if low_codec is None else L * E * low_codec.slot_bytes  # the second (low) copy
+        memplan.check_host_memory(experts=L * E * store_layout.slot_bytes + low_host, other=on_host,
+                                  host_memory=host_memory)
     on_meta = any(r.param.device.type == "meta" for b in blocks for r in layout.param_refs(b.experts, E))
     if on_meta and host_store is None:
         raise ConfigError("the model's expert weights are on the meta device (not loaded); load the checkpoint "
@@ -579,7 +620,8 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        prefetch_width, min_prob, engine, allocator, host_store, own_store, hybrid_cfg, mplan,
                        backend=backend, max_cache_len=max_cache_len, max_batch_size=max_batch_size,
                        kv_bytes=kv_bytes, stream_tokens=stream_tokens, codec=codec, pool_mode=mode,
-                       scratch_experts=scratch_n, slot_bytes=slot_bytes, importance=importance)
+                       scratch_experts=scratch_n, slot_bytes=slot_bytes, importance=importance,
+                       low_rule=low_rule, low_codec=low_codec)
 
 
 def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
@@ -620,7 +662,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             compile: bool | str = False, max_cache_len: int | None = None, max_batch_size: int | None = None,
             stream_prefill: bool | int = False, expert_dtype: str | None = "auto",
             group_size: int | None = None, pool_mode: str = "auto", scratch_experts: int | None = None,
-            importance: dict | None = None) -> OffloadHandle:
+            importance: dict | None = None, low_precision_misses: str | None = None,
+            low_precision_below: float = DEFAULT_BELOW) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -655,6 +698,12 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       (``moecache.runtime.compressed``); ``scratch_experts``: the dense scratch of the compressed pool
       (default ``min(num_experts, 4 * top_k)``); ``importance``: calibration weights for the quantizer
       (``moecache.quant.collect_importance``).
+    * ``low_precision_misses``: None, "int4" or "int8" (HOBBIT-style, ``moecache.miss_precision``): a demand
+      miss whose gate share is below ``low_precision_below`` (the expert's weight over its token's top-k sum,
+      times top_k; 1.0 = an even split; default 0.5) is copied as that lower-precision copy (``group_size``
+      applies to it) and expanded into its slot; reused, it is upgraded to the full copy. Lossy. Costs a second
+      host copy of every expert in that format (``stats()["config"]["low_copy_host_bytes"]``) and, on the device,
+      a landing of ``top_k`` rows in that format (out of the budget); needs full-precision experts (``expert_dtype`` "auto"), no hybrid, no compile.
 
     Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
     put back as it was (expert weights restored from the host store) before the error propagates.
@@ -667,7 +716,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                               host_memory=host_memory, compile=compile, max_cache_len=max_cache_len,
                               max_batch_size=max_batch_size, stream_prefill=stream_prefill,
                               expert_dtype=expert_dtype, group_size=group_size, pool_mode=pool_mode,
-                              scratch_experts=scratch_experts, importance=importance)
+                              scratch_experts=scratch_experts, importance=importance,
+                              low_precision_misses=low_precision_misses, low_precision_below=low_precision_below)
     with V.Undo() as undo:
         handle = _apply(model, plan, undo)
     return handle
@@ -685,7 +735,13 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     if plan.host_store is None:
         undo.push(store.close)
     saved: list[_Saved] = []
+    low_store = None
+    if plan.low_codec is not None:  # the second copy, packed from the weights before they are released
+        low_store = HostStore(plan.low_codec, L, E, plan.allocator)
+        undo.push(low_store.close)
     for i, b in enumerate(blocks):
+        if low_store is not None:
+            plan.low_codec.pack(b.experts, E, low_store.layer_views(i))
         if plan.host_store is None:
             if codec is None:
                 store.fill_layer(i, b.experts)
@@ -706,6 +762,12 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     if codec is not None:
         runtime.set_expander(Expander(codec, plan.pool_mode, pool, E, plan.scratch_experts))
         undo.push(runtime.expander.close)
+    if low_store is not None:
+        landing = SlotPool(plan.low_codec, k, dev)
+        undo.push(landing.close)
+        low_engine = make_engine(plan.engine, low_store, landing)
+        undo.push(low_engine.close)
+        runtime.low = LowPrecisionCopies(plan.low_rule, plan.low_codec, low_store, landing, low_engine)
     kernel = EXPERT_KERNELS.get(adapter.layout.kernel)
     kernel_hooks: list[Any] = []
     undo.push(lambda: [h.remove() for h in kernel_hooks])
@@ -727,7 +789,8 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         "family": adapter.name, "device": str(dev), "engine": copy_engine.name, "policy": pol.describe(),
         "predictor": None if pred is None else pred.name, "prefetch_depth": runtime.prefetch_depth,
         "slots": plan.slots, "total_experts": L * E, "moe_layers": L, "num_experts": E, "top_k": k,
-        "slot_bytes": plan.slot_bytes, "pool_bytes": pool.nbytes + (0 if codec is None else runtime.expander.nbytes),
+        "slot_bytes": plan.slot_bytes, "pool_bytes": pool.nbytes + (0 if codec is None else runtime.expander.nbytes)
+        + (0 if runtime.low is None else runtime.low.landing.nbytes),
         "gpu_budget_bytes": plan.budget,
         "expert_format": _dtype_name(layout.dtype) if codec is None else codec.fmt.describe(),
         "pool_mode": plan.pool_mode, "scratch_experts": plan.scratch_experts if plan.pool_mode == "compressed" else None,
@@ -740,6 +803,9 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         "compile": plan.backend, "kv_cache_bytes": plan.kv_bytes, "stream_prefill": plan.stream_tokens,
         "max_cache_len": plan.max_cache_len if plan.backend else None,
         "max_batch_size": plan.max_batch_size if plan.backend else None,
+        "low_precision_misses": None if plan.low_rule is None else plan.low_rule.describe(),
+        "low_copy_bytes_per_expert": None if plan.low_codec is None else plan.low_codec.slot_bytes,
+        "low_copy_host_bytes": 0 if low_store is None else low_store.nbytes,
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
     handle.own_store = plan.own_store or plan.host_store is None

@@ -16,6 +16,9 @@ Definitions (one *access* = one expert needed by one MoE layer forward, however 
   next layer's experts during a long prompt, ``moecache.runtime.core``); ``prefill_stream_useful``:
   those its layer used; queued ones its layer did not pick are counted in ``prefetch_cancelled``.
 * ``bytes_copied``: host-to-pool bytes of every copy issued (one expert each).
+* per-miss precision (``offload(..., low_precision_misses=...)``, ``moecache.miss_precision``): ``low_copies``
+  counts misses copied as the low-precision copy, ``upgrades`` low copies replaced by the full one on reuse
+  (each also in ``copies``); ``config["low_copy_host_bytes"]`` is the host memory of the second copy.
 * ``stall_s``: time the computation waited for copies (CUDA events around the waits on the GPU;
   host time blocked on the CPU).
 * ``host_s``: host time spent in the runtime's per-layer code, excluding the routing sync, the
@@ -72,6 +75,8 @@ class RuntimeCounters:
     cpu_tokens: int = 0
     cpu_ms: float = 0.0
     cpu_wait_s: float = 0.0
+    low_copies: int = 0  # misses copied as the low-precision copy (moecache.miss_precision)
+    upgrades: int = 0    # low copies replaced by the full one when reused
     extra: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -105,6 +110,7 @@ def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dic
         "decode_tokens_per_s": _ratio(c.decode_tokens, c.decode_s),
         "decisions": {"copy": c.decide_copy, "cpu": c.decide_cpu}, "cpu_experts": c.cpu_experts,
         "cpu_tokens": c.cpu_tokens, "cpu_ms": c.cpu_ms, "cpu_wait_ms": c.cpu_wait_s * 1e3,
+        "low_copies": c.low_copies, "upgrades": c.upgrades,
     }
     out.update(c.extra)
     out["config"] = dict(config)
@@ -144,6 +150,10 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"calls, {comp['captures'] + comp['recaptures']} CUDA graphs captured, {comp['replays']} replays, "
                      f"{comp['compiled_calls']} compiled decode calls, static KV cache "
                      f"{cfg.get('kv_cache_bytes', 0) / 2**20:.1f} MiB")
+    if cfg.get("low_precision_misses"):
+        lines.append(f"low-precision misses ({cfg['low_precision_misses']}): {s['low_copies']} misses copied low, "
+                     f"{s['upgrades']} upgraded on reuse; the second (low) host copy costs "
+                     f"{cfg['low_copy_host_bytes'] / 2**20:.1f} MiB of host memory")
     if s.get("prefill_streamed"):
         lines.append(f"streaming prefill: {s['prefill_streamed']} experts queued ahead, "
                      f"{s['prefill_stream_useful']} used")

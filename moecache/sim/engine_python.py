@@ -40,7 +40,9 @@ import numpy as np
 from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule, Timeline
+from .. import miss_precision
 from ..errors import ConfigError
+from ..miss_precision import LOW, UPGRADE, gate_shares
 from ..policies.base import Policy
 from .prefetch import PREFETCH_RULES
 from .results import SimResult, describe_predictor
@@ -75,9 +77,11 @@ def check_config(schedule: Schedule, policy: Policy, predictor: Any, depth: int)
 def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                   predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                   admission: str = "cost", capacity_label: str | None = None,
-                  record: list[tuple[int, int, int, str]] | None = None) -> SimResult:
+                  record: list[tuple[int, int, int, str]] | None = None, precision: Any = None) -> SimResult:
     """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
-    as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved."""
+    as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved.
+    ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` where misses may be copied low
+    (``moecache.miss_precision``), else None."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
     gated = check_admission(admission) == "cost"
     decide, asks_policy = rule.decide, rule.asks_policy
@@ -112,6 +116,11 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     accesses = hits = ready = needs = loads = cpu_runs = 0
     prefetches = pf_used = pf_wasted = pf_skipped = pf_refused = 0
     rows_seen = -1
+    # Per-miss precision: keys resident as a low copy, the rule's threshold and the low copy's time.
+    low_res: set[int] = set()
+    below = precision[0].below if precision is not None else 0.0
+    low_copy_ms = precision[1] if precision is not None else 0.0
+    low_loads = upgrades = 0
 
     for u in range(schedule.num_units):
         rows = schedule.rows(u)
@@ -150,6 +159,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
             # -- demand ------------------------------------------------------------------------
             if keys:
                 needs += len(keys)
+                shares = gate_shares(schedule.unit_ids(u)[:, l, :], schedule.unit_weights(u)[:, l, :]) if precision is not None \
+                    else None
                 hit_list: list[tuple[int, int]] = []
                 miss_list: list[tuple[int, int]] = []
                 for key, c in zip(keys, counts):
@@ -164,8 +175,14 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             pf_unused.discard(key)
                             pf_used += 1
                         hit_list.append((key, c))
+                        upgrade = shares is not None and miss_precision.copy_precision(
+                            key in low_res, shares[key - l * E], below) == UPGRADE
+                        if upgrade:  # the full copy replaces the low one before the kernel reads it
+                            low_res.discard(key)
+                            ready_at[key] = tl.issue_copy(h, copy_ms)
+                            upgrades += 1
                         if record is not None:
-                            record.append((g, key, c, "hit"))
+                            record.append((g, key, c, "upgrade" if upgrade else "hit"))
                     else:
                         miss_list.append((key, c))
                 if not miss_list:
@@ -188,16 +205,22 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 continue
                             admitted = admit(key, protected) if asks_policy else True
                             copied = decide(tl, h, copy_ms, g_ms, cpu_of(c), admitted)
+                            low = copied and shares is not None and miss_precision.copy_precision(
+                                None, shares[key - l * E], below) == LOW
                             if record is not None:
-                                record.append((g, key, c, "copy" if copied else "cpu"))
+                                record.append((g, key, c, ("copy_low" if low else "copy") if copied else "cpu"))
                             if copied:
                                 for v in insert(key, protected):
+                                    low_res.discard(v)
                                     if v in pf_unused:
                                         pf_unused.discard(v)
                                         pf_wasted += 1
                                 h = h + copy_host
                                 hx = hx + copy_host
-                                end = tl.issue_copy(h, copy_ms)
+                                if low:
+                                    low_res.add(key)
+                                    low_loads += 1
+                                end = tl.issue_copy(h, low_copy_ms if low else copy_ms)
                                 ready_at[key] = end
                                 loads += 1
                                 jobs.append((end, key, g_ms))
@@ -263,6 +286,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 pf_refused += 1
                                 continue
                         for v in insert(key, prot):
+                            low_res.discard(v)
                             if v in pf_unused:
                                 pf_unused.discard(v)
                                 pf_wasted += 1
@@ -281,7 +305,10 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         hits=hits, ready=ready, needs=needs, loads=loads, cpu_runs=cpu_runs, prefetches=prefetches,
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
-        extra={"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-        if depth else {},
+        extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
+               if depth else {}) | (
+            {"low_precision_misses": precision[0].describe(), "low_copies": low_loads, "upgrades": upgrades,
+             "low_copy_bytes": precision[2]}
+            if precision is not None else {}),
     )
     return res

@@ -10,7 +10,8 @@ Units of counting:
   Prefetch figures count needs and copies: ``prefetch_precision = used / prefetches`` (a prefetch is
   used when a demand access finds it before it is evicted), ``prefetch_recall = used / (used +
   demand loads)`` (the share of the needs that required a load which a prefetch had covered);
-* ``bytes_per_token = (demand copies + prefetch copies) * bytes_per_expert / tokens``;
+* ``bytes_per_token = (demand copies + prefetch copies) * bytes_per_expert / tokens``; with the per-miss
+  precision rule (``moecache.miss_precision``) low copies count ``low_copy_bytes`` and upgrades a full copy;
   ``wasted_bytes_per_token`` counts prefetches evicted before any use;
 * ``est_ms_per_token`` and ``stall_ms_per_token`` come from the timing model, ``bound_ms_per_token``
   from ``moecache.sim.bound`` and ``ratio = est / bound`` (>= 1).
@@ -90,7 +91,13 @@ class SimResult:
 
     @property
     def bytes_per_token(self) -> float:
-        return (self.loads + self.prefetches) * self.bytes_per_expert / self.tokens if self.tokens else 0.0
+        if not self.tokens:
+            return 0.0
+        low = self.extra.get("low_copies", 0)
+        if low or self.extra.get("upgrades", 0):  # per-miss precision: low copies are smaller, upgrades full
+            full = self.loads - low + self.prefetches + self.extra["upgrades"]
+            return (full * self.bytes_per_expert + low * self.extra["low_copy_bytes"]) / self.tokens
+        return (self.loads + self.prefetches) * self.bytes_per_expert / self.tokens
 
     @property
     def wasted_bytes_per_token(self) -> float:

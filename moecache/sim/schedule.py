@@ -71,6 +71,10 @@ class Schedule:
         self._multi: dict[int, list[tuple[list[int], list[int]]]] = {}
         self._future: Future | None = None
         self._bounds: dict = {}
+        #: Gate weights in replay order, ``(tokens, layers, top_k)``, read on first use (None: the trace has none).
+        self.has_weights = bool(meta.has_weights)
+        self._weights: np.ndarray | None = None
+        self._weights_src: Any = (trace, order) if self.has_weights else None
 
     @property
     def num_steps(self) -> int:
@@ -110,6 +114,17 @@ class Schedule:
                 cached.append(((keys + l * E).tolist(), counts.tolist()))
             self._multi[u] = cached
         return cached
+
+    def unit_weights(self, u: int) -> np.ndarray:
+        """``(rows, layers, top_k)`` gate weights of unit ``u`` (the trace must have them: ``has_weights``)."""
+        if self._weights is None:
+            if self._weights_src is None:
+                raise ConfigError("this trace records no gate weights; the per-miss precision rule needs them "
+                                  "(record the trace with weights, or leave --low-precision-misses out)")
+            trace, order = self._weights_src
+            self._weights = np.ascontiguousarray(np.asarray(trace.weights)[order], dtype=np.float32)
+            self._weights_src = None
+        return self._weights[self.unit_start[u]:self.unit_start[u + 1]]
 
     @property
     def future(self) -> "Future":

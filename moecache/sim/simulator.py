@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..admission import check_admission
-from ..cost.hardware import HardwareProfile, default_profile
+from ..cost.hardware import HardwareProfile, default_profile, with_format
 from ..cost.timing import MISS_RULES, MissRule
 from ..errors import ConfigError
 from ..policies.base import Policy
@@ -23,7 +23,8 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
              prefetch: str = "topk", budget: int | None = None, admission: str = "cost",
              hardware: HardwareProfile | None = None,
              miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
-             record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto") -> SimResult:
+             record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto",
+             miss_precision: Any = None) -> SimResult:
     """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
 
     ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
@@ -35,6 +36,10 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     ``engine_python``), ``cpp`` (the same replay in csrc/sim/, identical rows; see
     ``engine_cpp``) or ``auto`` (cpp where built and supported). ``admission``: the prefetch
     admission rule (``moecache.admission``: ``cost``, the default, or ``none``).
+    ``miss_precision``: a ``moecache.miss_precision.MissPrecisionRule``: misses with a small gate share are
+    copied in its lower-precision format (landing row + expansion, as the runtime does) and upgraded when
+    reused; outcomes ``"copy_low"`` and ``"upgrade"`` in ``record``. Needs a trace with gate weights, the
+    "copy" miss rule and full-precision experts; runs on the Python engine (``engines.PRECISION_WHY``).
     """
     check_config(schedule, policy, predictor, depth)
     rule = MISS_RULES.get(miss_rule)
@@ -44,9 +49,31 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     if budget is not None and budget < 1:
         raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
     hw = hardware or default_profile(schedule.meta.bytes_per_expert)
+    precision = None
+    bound_hw = hw
+    if miss_precision is not None:
+        precision, bound_hw = precision_costs(miss_precision, schedule, hw, miss_rule)
     res = run_engine(schedule, policy, hw, rule, engine=engine, predictor=predictor, depth=depth, prefetch=prefetch,
-                     budget=budget, admission=admission, capacity_label=capacity_label, record=record)
-    return _with_bound(res, schedule, policy, hw, rule, bound)
+                     budget=budget, admission=admission, capacity_label=capacity_label, record=record,
+                     precision=precision)
+    return _with_bound(res, schedule, policy, bound_hw, rule, bound)
+
+
+def precision_costs(rule: Any, schedule: Schedule, hw: HardwareProfile, miss_rule: str
+                    ) -> tuple[tuple[Any, float, int], HardwareProfile]:
+    """The per-miss precision rule's ``(rule, low copy time, low copy bytes)`` for the replay, and the profile the lower bound
+    reads (the low copy's: every load costs at least that much), after checking the configuration."""
+    if not schedule.has_weights:
+        raise ConfigError("the per-miss precision rule needs gate weights and this trace records none; use a trace "
+                          "recorded with weights, or leave --low-precision-misses out")
+    if miss_rule != "copy":
+        raise ConfigError(f"the per-miss precision rule chooses how a miss is copied; it runs with --miss-rule copy, "
+                          f"not {miss_rule!r}")
+    if hw.copy_bytes_per_expert is not None:
+        raise ConfigError(f"low-precision misses copy a lower-precision version of full-precision experts; the "
+                          f"experts here are already {hw.expert_format}: drop --expert-dtype or --low-precision-misses")
+    low_hw = with_format(hw, rule.fmt, "expanded")
+    return (rule, low_hw.copy_ms, low_hw.copy_bytes), low_hw
 
 
 def _with_bound(res: SimResult, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule,
