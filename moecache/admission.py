@@ -2,7 +2,7 @@
 (``moecache.runtime.core``) and the simulator (``moecache.sim.engine_python``; csrc/sim/driver.cpp
 implements the same arithmetic in the same order, and the differential tests compare the two with ==).
 
-A prefetch rule (``moecache.sim.prefetch``) ranks the experts wanted for a target layer; each candidate
+A prefetch rule (``moecache.prefetch_rules``) ranks the experts wanted for a target layer; each candidate
 that is not resident then passes this rule or is not issued. The rule weighs, in milliseconds:
 
 * ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the

@@ -58,7 +58,7 @@ from ..admission import admit_prefetch, candidate_probability, check_admission, 
 from ..cost.hardware import default_profile
 from ..errors import ConfigError
 from ..miss_precision import LOW, UPGRADE, gate_shares
-from ..sim.prefetch import PREFETCH_RULES
+from ..prefetch_rules import PREFETCH_RULES
 from .engine import CopyEngine
 from .experts import SlotIndexer, call_mode, make_shell
 from .hoststore import HostStore
