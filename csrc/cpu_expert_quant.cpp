@@ -382,6 +382,19 @@ MC_Q2 inline __m256 lut16(__m256 lo, __m256 hi, __m256i idx) {
                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+// Adds each accumulator's lane sum to its (row, token) partial result.
+template <int RB, int TB>
+MC_Q2 inline void add_row_sums(const __m256 (&acc)[RB][TB], float* part, int64_t ps) {
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) {
+      const __m256 v = acc[r][t];
+      __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 0x55));
+      part[r * ps + t] += _mm_cvtss_f32(q);
+    }
+}
+
 MC_Q2 inline void prefetch_row2(const QRow& row, int64_t qbyte, int64_t gi, int sbytes) {
   if ((qbyte & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row.q + qbyte + QPREFETCH), _MM_HINT_T0);
   if ((gi & 31) == 0) {
@@ -435,14 +448,7 @@ MC_Q2 void q4_avx2(const QSpec& s, const QRow* rows, const float* x, int64_t xs,
       }
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) {
-      const __m256 v = acc[r][t];
-      __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-      q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 0x55));
-      part[r * ps + t] += _mm_cvtss_f32(q);
-    }
+  add_row_sums<RB, TB>(acc, part, ps);
 }
 
 template <int RB, int TB, int RMODE>
@@ -485,14 +491,7 @@ MC_Q2 void q8_avx2(const QSpec& s, const QRow* rows, const float* x, int64_t xs,
       }
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) {
-      const __m256 v = acc[r][t];
-      __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-      q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 0x55));
-      part[r * ps + t] += _mm_cvtss_f32(q);
-    }
+  add_row_sums<RB, TB>(acc, part, ps);
 }
 
 // ---- dispatch: (format, rounding) -> a kernel template; rows in blocks of RBMAX, 2, 1 ---------------
