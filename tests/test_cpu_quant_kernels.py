@@ -15,6 +15,7 @@ from moecache.runtime import cpu_kernel as ck
 from moecache.runtime import offload
 from moecache.runtime.layout import SlotLayout
 
+from .test_hybrid import _assert_close_run
 from .tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -218,15 +219,6 @@ def _model(family: str, dtype: torch.dtype):
     kw = {"moe_intermediate_size": 32} if family == "qwen3_moe" else {}
     return tiny_model(family, **kw).to(dtype)
 
-
-def _assert_close_run(out, ref, logit_tol: float, gap: float):
-    """Logits within ``logit_tol``; tokens equal while the reference's top-2 gap exceeds ``gap``."""
-    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
-        assert (a.float() - b.float()).abs().max().item() <= logit_tol, step
-        top2 = b.float().topk(2, dim=-1).values
-        if (top2[:, 0] - top2[:, 1]).min().item() <= gap:
-            return
-        assert torch.equal(a.argmax(-1), b.argmax(-1)), step
 
 
 @needs_ext
