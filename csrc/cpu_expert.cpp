@@ -393,6 +393,15 @@ struct Job {
   int64_t first1 = 0, first2 = 0;  // index of its first work item in phase 1 / phase 2
 };
 
+// One expert job's input, token count, output and zeroed activations (both task kinds).
+static void start_job(Job& jb, int64_t x, int64_t tokens, int64_t out, int64_t inter) {
+  if (tokens < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
+  jb.x = reinterpret_cast<const float*>(x);
+  jb.tokens = tokens;
+  jb.out = reinterpret_cast<float*>(out);
+  jb.act.assign(static_cast<size_t>(tokens * inter), 0.f);
+}
+
 // What a task of compressed experts shares: the format, the activation and the parts' offsets in an
 // expert's row (moecache.quant.ExpertCodec: the same for every expert of a layer).
 struct QTask {
@@ -472,14 +481,10 @@ class CpuExpertPool::Impl {
     const int64_t wbytes = t->bf16 ? 2 : 4;
     t->jobs.resize(n);
     for (size_t j = 0; j < n; ++j) {
-      if (tokens[j] < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
       Job& jb = t->jobs[j];
-      jb.x = reinterpret_cast<const float*>(x[j]);
-      jb.tokens = tokens[j];
+      start_job(jb, x[j], tokens[j], out[j], inter);
       jb.gate_up = reinterpret_cast<const void*>(gate_up[j]);
       jb.down = reinterpret_cast<const void*>(down[j]);
-      jb.out = reinterpret_cast<float*>(out[j]);
-      jb.act.assign(static_cast<size_t>(tokens[j] * inter), 0.f);
       // Phase 1 rows are (gate, up) pairs: two weight rows each.
       jb.rows1 = item_rows(inter, 2 * hidden * wbytes, jb.tokens * hidden * 4, 2, nthreads_);
       jb.rows2 = item_rows(hidden, inter * wbytes, jb.tokens * inter * 4, 4, nthreads_);
@@ -538,14 +543,10 @@ class CpuExpertPool::Impl {
     }
     t->jobs.resize(n);
     for (size_t j = 0; j < n; ++j) {
-      if (tokens[j] < 1) throw std::invalid_argument("every expert job needs >= 1 token row");
       Job& jb = t->jobs[j];
-      jb.x = reinterpret_cast<const float*>(x[j]);
-      jb.tokens = tokens[j];
+      start_job(jb, x[j], tokens[j], out[j], inter);
       jb.base = reinterpret_cast<const uint8_t*>(experts[j]);
       jb.gate_up = jb.down = nullptr;
-      jb.out = reinterpret_cast<float*>(out[j]);
-      jb.act.assign(static_cast<size_t>(tokens[j] * inter), 0.f);
       if (q.evenodd) {  // x in the order the kernels read it
         jb.xp.resize(static_cast<size_t>(tokens[j] * hidden));
         for (int64_t p = 0; p < tokens[j]; ++p)
