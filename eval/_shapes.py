@@ -285,6 +285,11 @@ def _blocks(model: nn.Module, family: str) -> list[Any]:
     return find_moe_blocks(model, get_family(family))
 
 
+def experts_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    """The routed-experts modules, one per MoE layer in order."""
+    return [b.experts for b in _blocks(model, family)]
+
+
 def experts_module_names(model: nn.Module, family: str) -> list[str]:
     """Qualified names of the experts modules, one per MoE layer in order."""
     from moecache.families import get_family

@@ -31,6 +31,10 @@ Configurations (``--configs``), all at ``--fraction`` (25%) of expert memory on 
   replay's routing ahead (``ReplayOracle``), so it measures the ceiling of prefetch on this machine
   (perfect predictions, the runtime's real copies and host work); such rows are reported but never
   chosen as (e).
+* (n) ``null experts``: the replay with every routed-experts module answering zeros at once, no
+  expert kernel: the measured time of everything around the experts (router, attention, shared
+  experts, lm_head, the replay's own work) at this shape and batch, which the timing model's
+  non-expert term needs (``eval/calibrate_timing.py`` reads it). Not a scheme; never in the bound.
 
 Measurement per configuration: set up, a short warm-up replay (``--warm-steps`` decode steps on a
 group of sequences not timed where the trace has one, else the first timed group), then the timed
@@ -89,7 +93,8 @@ sys.path.insert(0, HERE)
 from _shapes import build_model, get_shape, machine, prepare_trace, sync  # noqa: E402
 from e2e_harness import (CONFIG_KEYS, DEFAULT_CANDIDATES, HYBRID_BUILT, RUN_ORDER, SPEC_SYNTAX, WEIGHTS,  # noqa: E402
                          BatchPlan, Bench, Budget, Candidate, attach_bounds, fmt, make_best, measure_copy,
-                         plan_batches, public_rows, run_accelerate, run_fiddler, run_lru_layer, run_resident,
+                         plan_batches, public_rows, run_accelerate, run_fiddler, run_lru_layer, run_null_experts,
+                         run_resident,
                          write_markdown)
 from e2e_targets import check_targets  # noqa: E402
 
@@ -116,7 +121,8 @@ def parse_batches(text: str) -> list[int]:
 
 
 def runners(candidates: list[Candidate]) -> dict[str, Callable[[Bench, BatchPlan], list[dict[str, Any]]]]:
-    return {"a": run_resident, "b": run_accelerate, "c": run_lru_layer, "d": run_fiddler, "e": make_best(candidates)}
+    return {"a": run_resident, "b": run_accelerate, "c": run_lru_layer, "d": run_fiddler, "e": make_best(candidates),
+            "n": run_null_experts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON results (a .md is written next to it)")
     ap.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
     ap.add_argument("--fraction", type=float, default=0.25, help="share of expert memory on the GPU")
-    ap.add_argument("--configs", default="a,b,c,d,e", help="which of a,b,c,d,e (module docstring)")
+    ap.add_argument("--configs", default="a,b,c,d,e", help="which of a,b,c,d,e,n (module docstring)")
     ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
                     help="(e)'s candidates, comma-separated, each " + SPEC_SYNTAX + " (the old "
                     "policy[@layer]+predictor-dN+pP+wW+hybrid-MODE still parses, with a warning)")

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _shapes import (ModelShape, experts_module_names, host_expert_views, materialise_experts, peak,  # noqa: E402
+from _shapes import (ModelShape, experts_module_names, experts_modules, host_expert_views, materialise_experts, peak,  # noqa: E402
                      peak_reset, release_experts)
 
 from moecache.atomic import write_text_atomic  # noqa: E402
@@ -45,11 +45,12 @@ HYBRID_MODES = ("auto", "cpu", "copy", "true")
 #: pool, and prefetch with hybrid execution. The recorded runs name theirs (eval/results/e2e_*.md).
 DEFAULT_CANDIDATES = ("lru", "lru+learned:depth=1:min_prob=0.5", "lru+hybrid:rule=auto",
                       "lru:scope=layer+hybrid:rule=auto", "lru+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
-CONFIG_KEYS = ("a", "b", "c", "d", "e")
-#: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last.
-RUN_ORDER = ("a", "c", "d", "e", "b")
+CONFIG_KEYS = ("a", "b", "c", "d", "e", "n")
+#: Run order: (a) first (it picks the experts implementation of the others), accelerate's (b) last;
+#: (n), a measurement of the model around its experts rather than a scheme, before them all.
+RUN_ORDER = ("n", "a", "c", "d", "e", "b")
 #: Share of the time budget per configuration (per candidate for e); a: two implementations.
-WEIGHTS = {"a": 2.0, "b": 1.0, "c": 1.5, "d": 1.5, "e": 1.0}
+WEIGHTS = {"a": 2.0, "b": 1.0, "c": 1.5, "d": 1.5, "e": 1.0, "n": 0.5}
 
 
 # -- configuration specs ----------------------------------------------------------------------------
@@ -611,6 +612,36 @@ def run_resident(bench: Bench, plan: BatchPlan) -> list[dict[str, Any]]:
     return rows
 
 
+# -- (n) the model without its experts ------------------------------------------------------------
+
+def run_null_experts(bench: Bench, plan: BatchPlan) -> list[dict[str, Any]]:
+    """The decode step with every routed-experts module answering zeros at once: the same replay
+    (forced routing, router, attention, shared experts, norms, lm_head, the harness's own per-step
+    work) without any expert kernel. Its ms/step is the measured non-expert time of this shape at
+    this batch size, the input the timing model needs (``eval/calibrate_timing.py``); it is not a
+    scheme anyone would run, so it never enters the bound or the comparison."""
+    share = bench.budget.share(WEIGHTS["n"])
+    row: dict[str, Any] = {"config": "n", "label": "null experts"}
+    if share < bench.min_share_s:
+        return [{**row, "status": f"skipped: time budget spent ({share:.1f} s left for it)"}]
+    mods = experts_modules(bench.model, bench.shape.family)
+
+    def zeros(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+    try:
+        for m in mods:
+            m.forward = zeros  # an instance attribute: nn.Module.__call__ finds it before the class's
+        row.update(_timed(bench, plan, share, bench.tokens - 1))
+    except Exception as exc:  # noqa: BLE001  (a failing measurement must not end the run)
+        row.update(_error_row(exc))
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+    row["non_expert_ms_per_layer"] = (row["ms_per_step"] / bench.L) if row.get("ms_per_step") else None
+    return [row]
+
+
 # -- (b) accelerate ---------------------------------------------------------------------------------
 
 def device_map_for(model: nn.Module, targets: dict[str, Any], default: Any) -> dict[str, Any]:
@@ -831,7 +862,7 @@ def attach_bounds(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
     copy_ms = bench.copy["ms_per_expert"]
     for r in rows:
         units = r.pop("_units", None)
-        if not units or r.get("status") != "ok":
+        if not units or r.get("status") != "ok" or r["config"] == "n":  # (n) is a measurement, not a scheme
             continue
         sig = tuple((u.request, u.ids.shape[0], u.timed_decode) for u in units) + \
             (hash(np.concatenate([u.ids for u in units]).tobytes()),)

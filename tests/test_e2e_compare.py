@@ -327,6 +327,25 @@ def test_the_whole_script_runs_on_a_tiny_mixtral_shape(e2e, routing_dir, tmp_pat
     assert "command: `python eval/e2e_compare.py" in md
 
 
+def test_null_experts_measures_the_model_around_its_experts(e2e, routing_dir, tmp_path):
+    """(n) replays with every experts module answering zeros: no bound, a non-expert time per layer, and
+    the experts modules' own forward back afterwards (the resident run after it computes experts again)."""
+    out = tmp_path / "e2e.json"
+    rc = e2e.main(["--model", "mixtral", "--quick", "--layers", "2", "--tokens", "4", "--warm-steps", "1",
+                   "--configs", "a,n", "--out", str(out),
+                   "--trace", str(routing_dir / "mixtral-8x7b-instruct-v0.1-fp8__speculative-moe")])
+    assert rc == 0
+    rows = json.loads(out.read_text())["batches"]["1"]["rows"]
+    assert [r["config"] for r in rows][0] == "n"  # measured first, whatever the order asked
+    n = rows[0]
+    assert n["status"] == "ok" and n["decode_steps"] == 2 * 3 and "bound" not in n
+    assert n["non_expert_ms_per_layer"] == pytest.approx(n["ms_per_step"] / 2)
+    a = [r for r in rows if r["config"] == "a"]
+    assert a and all(r["status"] == "ok" and "bound" in r for r in a)
+    with pytest.raises(Exception, match="unknown"):
+        e2e.parse_configs("a,z")
+
+
 @pytest.mark.gpu
 def test_the_whole_script_on_the_gpu_with_a_tiny_shape(e2e, request, tmp_path):
     """The CUDA paths: pinned copy timing, bf16, accelerate's CPU offload, the copy engine, hybrid.
