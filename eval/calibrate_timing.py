@@ -41,6 +41,14 @@ the other batch size are held out):
    layer around the routing sync (relaunching the layer's work), added to ``layer_host_ms``, on the
    configurations without CPU execution; then ``hybrid_layer_ms`` on those with it.
 
+**Non-expert time.** Where a run measured the model without its experts (``e2e_compare.py``'s config
+``n``: every experts module answering zeros, the same replay), its ms/step over the MoE layers is that
+shape's non-expert time per layer at that batch size, and every configuration of that shape is
+simulated with it (``lookup``: batch sizes between two measurements interpolated, below the first flat,
+above the last the last segment extended);
+otherwise hardware.md's DeepSeek-V2-Lite batch-1 figure stands for every shape and batch. It is a
+measurement of the model, not a fitted term: held-out shapes keep it.
+
 The profile file states each value, the data and step it came from, and the held-out check.
 """
 
@@ -146,6 +154,20 @@ def load_repeats(paths: Iterable[str], results_dir: str = RESULTS) -> list[Repea
                 out.append(Repeat(os.path.relpath(p, results_dir), int(r.get("run") or 1), setup["model"], int(b),
                                   fraction, r["config"], r["label"], float(r["ms_per_step"]), r, setup,
                                   float(obj["copy"]["ms_per_expert"]), int(setup["moe_layers"])))
+    return out
+
+
+def measured_non_expert(repeats: list[Repeat]) -> dict[str, dict[int, dict[str, float]]]:
+    """Per model shape and batch size, the (n) rows' non-expert ms per MoE layer: median, min, max and
+    the number of repeats."""
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in repeats:
+        if r.config == "n":
+            by.setdefault((r.model, r.batch), []).append(r.ms_per_step / r.layers)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for (model, batch), xs in sorted(by.items()):
+        out.setdefault(model, {})[batch] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
+                                            "repeats": len(xs)}
     return out
 
 
@@ -442,7 +464,8 @@ class Configuration:
 def configurations(repeats: list[Repeat]) -> list[Configuration]:
     by: dict[tuple, list[Repeat]] = {}
     for r in repeats:
-        by.setdefault(r.key, []).append(r)
+        if r.config != "n":  # a measurement the others are simulated with (measured_non_expert), not one of them
+            by.setdefault(r.key, []).append(r)
     out = [Configuration(k, v, spec_of(v[0])) for k, v in by.items()]
     order = {"a": 0, "c": 1, "d": 2, "e": 3, "e*": 4, "b": 5}
     return sorted(out, key=lambda c: (c.model, c.batch, c.key[2], order.get(c.repeats[0].config, 9), c.key[3]))
@@ -452,8 +475,10 @@ class Simulator:
     """Simulated ms/step per configuration and profile, with the replays and fitted predictors cached
     (on disk under ``cache_dir`` too: fitting the learned predictor takes minutes on a small machine)."""
 
-    def __init__(self, builder: ReplayBuilder | None = None, cache_dir: str | None = None, progress: bool = True):
+    def __init__(self, builder: ReplayBuilder | None = None, cache_dir: str | None = None, progress: bool = True,
+                 non_expert: dict[str, dict[int, dict[str, float]]] | None = None):
         self.builder = builder or ReplayBuilder()
+        self.non_expert = non_expert or {}
         self.cache_dir = cache_dir
         self.progress = progress
         self._predictors: dict[tuple, Any] = {}
@@ -481,7 +506,14 @@ class Simulator:
         if conf.spec.kind == "unmodelled":
             return None
         rep = conf.longest
-        return simulate_step(rep, conf.spec, self.replay(conf), hw_of(rep))
+        return simulate_step(rep, conf.spec, self.replay(conf), self.profile(conf, hw_of(rep)))
+
+    def profile(self, conf: Configuration, hw: HardwareProfile) -> HardwareProfile:
+        """``hw`` with this shape's measured non-expert time where a run measured it."""
+        got = self.non_expert.get(conf.model)
+        if not got:
+            return hw
+        return replace(hw, non_expert_ms={b: v["median"] for b, v in got.items()})
 
 
 class _DiskFits(dict):
@@ -693,7 +725,8 @@ def label_of(c: Configuration) -> str:
 # -- the fidelity table ----------------------------------------------------------------------------------
 
 def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareProfile | None = None,
-         resident: tuple[float, float] | None = None, lru_host: float | None = None) -> str:
+         resident: tuple[float, float] | None = None, lru_host: float | None = None,
+         non_expert_measured: bool = False) -> str:
     """What the model leaves out for a row, from the row's own runtime stats (``resident``: the same model
     and batch's all-resident (simulated, measured median) ms/step; ``lru_host``: plain LRU's measured host
     ms per layer there)."""
@@ -701,12 +734,13 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareP
         return c.spec.why
     notes = []
     med = statistics.median(c.measured)
-    if c.batch > 1 and resident and (got["ms_per_step"] - med) * (resident[0] - resident[1]) > 0:
+    if c.batch > 1 and resident and not non_expert_measured and \
+            (got["ms_per_step"] - med) * (resident[0] - resident[1]) > 0:
         notes.append(f"all-resident at this batch simulates {resident[0]:.1f}, measured {resident[1]:.1f} ms/step: the "
                      "non-expert time is hardware.md's batch-1 figure, used for every batch size (no measurement above "
                      "batch 1)")
     rows = [r.row for r in c.repeats if "copies" in r.row]
-    if c.spec.kind == "resident":
+    if c.spec.kind == "resident" and not non_expert_measured:
         notes.append("all-resident HF experts kernels, no moecache host work: the model's non-expert time is "
                      "hardware.md's DeepSeek-V2-Lite-shape figure" + (" (not this shape's)" if c.model != "deepseek"
                                                                      else "") +
@@ -788,7 +822,7 @@ def fidelity(confs: list[Configuration], sim: Simulator, calibrated: Callable[[i
             row.update(inside_range=None, within_15pct=None, ok=None)
         hw = calibrated(int(c.longest.setup["expert_bytes"])) if cal is not None else None
         row["notes"] = _why(c, cal, bool(row.get("ok")), hw, resident.get((c.model, c.batch)),
-                            lru_host.get((c.model, c.batch)))
+                            lru_host.get((c.model, c.batch)), bool(sim.non_expert.get(c.model)))
         out.append(row)
         log(f"  [{i + 1}/{len(confs)}] {label_of(c):55s} measured {med:7.1f} [{lo:.1f}, {hi:.1f}]  simulated "
             f"{'-' if cal is None else format(cal['ms_per_step'], '7.1f')} (uncalibrated "
@@ -838,6 +872,14 @@ def write_table(out_base: str, rows: list[dict[str, Any]], meta: dict[str, Any])
         "(hardware.md, not fitted).",
         "",
     ]
+    ne = meta.get("non_expert_measured") or {}
+    lines.append("Non-expert time per MoE layer, measured (config n of `eval/e2e_compare.py`, median [min, max] of its "
+                 "repeats), used for every configuration of that shape: " + ("; ".join(
+                     f"{m} " + ", ".join(f"batch {b}: {v['median']:.3f} ms [{v['min']:.3f}, {v['max']:.3f}], "
+                                          f"{v['repeats']} repeats" for b, v in sorted(by.items(), key=lambda kv: int(kv[0])))
+                     for m, by in sorted(ne.items())) if ne else "none; hardware.md's DeepSeek-V2-Lite batch-1 figure "
+                     "stands for every shape and batch") + ".")
+    lines.append("")
     for name, part in (("Held out", summ["held_out"]), ("Training", summ["train"])):
         lines.append(f"- **{name}**: {part['ok']} of {part['modelled']} modelled configurations ok; median |error| "
                      f"against the measured median {_f(part['median_abs_error'], '.1%')} (uncalibrated "
@@ -952,14 +994,16 @@ def main(argv: list[str] | None = None) -> int:
         paths, excluded = result_files(args.results)
         if not paths:
             raise ConfigError(f"no end-to-end result files (e2e_*.json) under {args.results}")
-        confs = configurations(load_repeats(paths, args.results))
+        repeats = load_repeats(paths, args.results)
+        non_expert = measured_non_expert(repeats)
+        confs = configurations(repeats)
         if args.model:
             confs = [c for c in confs if c.model == args.model]
         if args.only:
             confs = [c for c in confs if args.only in c.key[3]]
         if (args.model or args.only) and not confs:
             raise ConfigError(f"--model {args.model!r} --only {args.only!r} match no configuration")
-        sim = Simulator(ReplayBuilder(args.routing), args.cache or None)
+        sim = Simulator(ReplayBuilder(args.routing), args.cache or None, non_expert=non_expert)
         files = [os.path.relpath(p, args.results) for p in paths]
         if args.freeze:
             terms, record = fit_terms(confs, sim, args.results)
@@ -982,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = "python eval/calibrate_timing.py" + (" --freeze" if args.freeze else "")
         write_table(out, rows, {"command": cmd, "machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
                                 "profile": prof, "files": files, "excluded": excluded,
-                                "tolerance": TOLERANCE, "train": [list(t) for t in sorted(TRAIN)]})
+                                "tolerance": TOLERANCE, "train": [list(t) for t in sorted(TRAIN)],
+                                "non_expert_measured": non_expert})
         print(f"wrote {out}.md and {out}.json")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -314,6 +314,33 @@ def test_fidelity_command_runs_on_the_committed_runs(routing_dir, tmp_path):
     assert "| mixtral | 1 |" in out.with_suffix(".md").read_text()
 
 
+def test_measured_non_expert_time_replaces_the_profile_figure():
+    """Config n rows (the model without its experts) give each shape's non-expert time per layer and batch;
+    the simulator uses them for that shape only, and they are not configurations of the table."""
+    ct = _calibrate()
+
+    def rep(model, batch, config, ms, layers=4):
+        return ct.Repeat("f.json", 1, model, batch, 0.25, config, "x" if config == "n" else "lru", ms, {}, {}, 0.3,
+                         layers)
+
+    reps = [rep("deepseek", 1, "n", 8.0), rep("deepseek", 1, "n", 12.0), rep("deepseek", 1, "n", 10.0),
+            rep("deepseek", 8, "n", 20.0), rep("deepseek", 1, "e", 50.0)]
+    ne = ct.measured_non_expert(reps)
+    assert ne == {"deepseek": {1: {"median": 2.5, "min": 2.0, "max": 3.0, "repeats": 3},
+                               8: {"median": 5.0, "min": 5.0, "max": 5.0, "repeats": 1}}}
+    confs = ct.configurations(reps)
+    assert [c.repeats[0].config for c in confs] == ["e"]
+    sim = ct.Simulator(non_expert=ne, progress=False)
+    hw = default_profile(1 << 24)
+    got = sim.profile(confs[0], hw)
+    launch = hw.expert_launch_ms
+    assert got.non_expert(1) == pytest.approx(2.5 + launch) and got.non_expert(8) == pytest.approx(5.0 + launch)
+    assert got.non_expert(4) == pytest.approx(2.5 + 3 * 2.5 / 7 + launch)  # interpolated between the two
+    assert got.copy_ms == hw.copy_ms and got.host_terms() == hw.host_terms()  # nothing else changes
+    other = ct.Configuration(("mixtral", 1, 0.25, "lru"), [rep("mixtral", 1, "e", 9.0)], confs[0].spec)
+    assert sim.profile(other, hw) is hw  # no measurement for this shape: the profile's own figure
+
+
 def test_fidelity_command_bad_input(tmp_path, capsys):
     ct = _calibrate()
     assert ct.main(["--results", str(tmp_path)]) == 2
