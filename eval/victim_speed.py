@@ -1,15 +1,23 @@
-"""Victim search of ``activation`` and ``predicted``: the order structure against the pool scan.
+"""Victim search of ``activation`` and ``predicted``: ordered structures against the pool scan.
 
-    python eval/victim_speed.py [--trace build/suite_traces/deepseek-v2-lite] [--seqs 20] [--repeats 3]
-                                [--out-dir eval/results]
+    python eval/victim_speed.py [--trace build/suite_traces/deepseek-v2-lite] [--seqs 10] [--cpp-seqs 200]
+                                [--repeats 3] [--engines python,cpp] [--out-dir eval/results]
 
-Replays the first ``--seqs`` prompts of the DeepSeek-V2-Lite trace token by token (decode stream) on
-the Python reference engine (the policy objects the runtime uses), at 25% of expert memory in layer
-and global scope, ``predicted`` with the ``temporal`` predictor one layer ahead. Each configuration
-runs with the policy as shipped (``WaitOrder``: per-layer sorted residents) and with the reference
-scan of the whole pool (``victim_scan``; its order structure switched off), interleaved, ``--repeats``
-times; the two runs' result rows must be equal (checked). Reports accesses per second (median and
-range) and the policy's host time per eviction. Writes ``victim_speed.json`` and ``.md``.
+Replays prompts of the DeepSeek-V2-Lite trace token by token (decode stream) at 25% of expert memory
+in layer and global scope, ``predicted`` with the ``temporal`` predictor one layer ahead, on two engines:
+
+* ``python``: the reference engine (the policy objects the runtime uses), the first ``--seqs`` prompts;
+  the policy as shipped (``WaitOrder``: per-layer sorted residents) against the reference scan of the
+  whole pool (``victim_scan``; its order structure switched off);
+* ``cpp``: the C++ core, the first ``--cpp-seqs`` prompts; its per-layer sorted lists against its pool
+  scan (``engine_cpp.TUNING["wait_scan_max"]`` forces either layout; by default the core keeps global
+  pools of more than 32 slots sorted and scans the others).
+
+Each configuration runs both variants, interleaved, ``--repeats`` times (the C++ core after one warm-up
+call); the two variants' result rows
+must be equal (checked). Reports accesses per second (median and range), the 1-minute load average
+before each repeat (other jobs share the machine) and the thread count. Writes ``victim_speed.json``
+and ``.md``.
 """
 
 from __future__ import annotations
@@ -17,9 +25,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ["MOECACHE_DISABLE_EXT"] = "1"  # the Python engine: the policy objects of the runtime
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -29,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("python", "cpp")
 
 
 class _NoOrder:
@@ -59,77 +68,146 @@ def scan_variant(cls):
     return Scan
 
 
+@contextlib.contextmanager
+def _variant(engine: str, variant: str):
+    """The Python engine with the extension disabled; the C++ core with its layout forced."""
+    from moecache._ext import ENV_DISABLE
+    from moecache.sim import engine_cpp
+
+    old_env, old_tuning = os.environ.get(ENV_DISABLE), dict(engine_cpp.TUNING)
+    if engine == "python":
+        os.environ[ENV_DISABLE] = "1"
+    else:
+        engine_cpp.TUNING["wait_scan_max"] = 0 if variant == "order" else 1 << 40
+    try:
+        yield
+    finally:
+        engine_cpp.TUNING.update(old_tuning)
+        if old_env is None:
+            os.environ.pop(ENV_DISABLE, None)
+        else:
+            os.environ[ENV_DISABLE] = old_env
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", type=Path, default=ROOT / "build" / "suite_traces" / "deepseek-v2-lite")
-    ap.add_argument("--seqs", type=int, default=20)
+    ap.add_argument("--seqs", type=int, default=10, help="prompts replayed by the Python engine")
+    ap.add_argument("--cpp-seqs", type=int, default=200, help="prompts replayed by the C++ core")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default="python,cpp", help="comma-separated: python, cpp")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "eval" / "results")
     args = ap.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise SystemExit(f"victim_speed: unknown engine(s) {bad or args.engines!r}; use python, cpp or both")
+    if args.repeats < 1 or args.seqs < 1 or args.cpp_seqs < 1:
+        raise SystemExit("victim_speed: --repeats, --seqs and --cpp-seqs must be >= 1")
     if not args.trace.exists():
         print(f"skip: no trace at {args.trace} (build it with eval/suite_traces.py)")
         return 0
+    from moecache._ext import extension
     from moecache.policies import POLICIES
     from moecache.predictors import PREDICTORS
     from moecache.sim import Schedule, resolve_capacity, simulate
     from moecache.trace import open_trace
 
-    trace = open_trace(args.trace)
-    trace = trace.select_sequences(trace.sequences()[: args.seqs])
-    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    sched = Schedule(trace, decode_stream=True, name="deepseek-v2-lite")
-    configs = [(name, scope) for name in ("activation", "predicted") for scope in ("layer", "global")]
+    if "cpp" in engines and (extension() is None or not hasattr(extension(), "sim_replay")):
+        raise SystemExit("victim_speed: the C++ core (moecache._C) is not built; build it or pass --engines python")
+    full = open_trace(args.trace)
+    seqs = {"python": args.seqs, "cpp": args.cpp_seqs}
+    scheds = {}
+    for e in engines:
+        trace = full.select_sequences(full.sequences()[: seqs[e]])
+        scheds[e] = Schedule(trace, decode_stream=True, name="deepseek-v2-lite")
+    L, E, K = full.meta.num_layers, full.meta.num_experts, full.meta.top_k
+    if "cpp" in engines:  # warm-up: the first C++ call loads torch and the extension
+        warm = Schedule(full.select_sequences(full.sequences()[:1]), decode_stream=True, name="warm-up")
+        for name in ("activation", "predicted"):
+            pred = PREDICTORS.get("temporal")(L, E, K) if name == "predicted" else None
+            simulate(warm, POLICIES.get(name)(resolve_capacity("25%", L, E, K, "global"), L, E, top_k=K,
+                                              scope="global"), pred, depth=1 if pred else 0, bound=False, engine="cpp")
+    configs = [(e, name, scope) for e in engines for name in ("activation", "predicted") for scope in ("layer", "global")]
     times: dict[tuple, dict[str, list[float]]] = {c: {"order": [], "scan": []} for c in configs}
-    evictions: dict[tuple, int] = {}
-    accesses = 0
-    for _ in range(args.repeats):
-        for name, scope in configs:
+    loads: list[float] = []
+    result: dict[tuple, dict] = {}
+    for rep in range(args.repeats):
+        loads.append(_load())
+        for engine, name, scope in configs:
             rows = {}
             for variant in ("order", "scan"):
                 cls = POLICIES.get(name)
-                cls = cls if variant == "order" else scan_variant(cls)
+                if engine == "python" and variant == "scan":
+                    cls = scan_variant(cls)
                 cap = resolve_capacity("25%", L, E, K, scope)
                 pol = cls(cap, L, E, top_k=K, scope=scope)
                 pred = PREDICTORS.get("temporal")(L, E, K) if name == "predicted" else None
-                t0 = time.perf_counter()
-                res = simulate(sched, pol, pred, depth=1 if pred else 0, bound=False, engine="python")
-                times[(name, scope)][variant].append(time.perf_counter() - t0)
+                with _variant(engine, variant):
+                    t0 = time.perf_counter()
+                    res = simulate(scheds[engine], pol, pred, depth=1 if pred else 0, bound=False, engine=engine)
+                    times[(engine, name, scope)][variant].append(time.perf_counter() - t0)
                 row = res.row()
                 row.pop("policy", None)
                 rows[variant] = row
-                accesses = res.accesses
-                evictions[(name, scope)] = res.loads + res.prefetches
+                result[(engine, name, scope)] = {"accesses": res.accesses, "loads": res.loads,
+                                                 "prefetches": res.prefetches, "capacity": cap}
             if rows["order"] != rows["scan"]:
-                raise SystemExit(f"{name} {scope}: the order structure and the scan disagree")
-            print(name, scope, {v: round(t[-1], 2) for v, t in times[(name, scope)].items()}, file=sys.stderr)
+                raise SystemExit(f"{engine} {name} {scope}: the order structure and the scan disagree")
+            print(f"repeat {rep + 1}: {engine} {name} {scope}",
+                  {v: round(t[-1], 3) for v, t in times[(engine, name, scope)].items()}, file=sys.stderr)
+    loads.append(_load())
     out_rows = []
-    for (name, scope), t in times.items():
-        r = {"policy": name, "scope": scope, "needs": sched.tokens * L, "accesses": accesses}
+    for key, t in times.items():
+        engine, name, scope = key
+        info = result[key]
+        acc = info["accesses"]
+        r = {"engine": engine, "policy": name, "scope": scope, "prompts": seqs[engine],
+             "needs": scheds[engine].tokens * L, **info}
         for v in ("order", "scan"):
             med = statistics.median(t[v])
-            r[v] = {"median_s": med, "min_s": min(t[v]), "max_s": max(t[v]),
-                    "accesses_per_s": accesses / med}
+            r[v] = {"median_s": med, "min_s": min(t[v]), "max_s": max(t[v]), "runs_s": t[v],
+                    "accesses_per_s": acc / med}
         r["speedup"] = r["scan"]["median_s"] / r["order"]["median_s"]
         out_rows.append(r)
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPU cores, shared), "
-                      f"Python {platform.python_version()}, one thread",
+                      f"Python {platform.python_version()}",
+           "threads": "one: each replay runs in one thread (the C++ core single-threaded, OPENBLAS_NUM_THREADS=1)",
+           "load_average_1min": loads,
            "command": "python eval/victim_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "trace": f"DeepSeek-V2-Lite, first {args.seqs} prompts ({sched.tokens} tokens), decode stream",
+           "trace": "DeepSeek-V2-Lite, decode stream, 25% of expert memory",
            "repeats": args.repeats, "rows": out_rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "victim_speed.json").write_text(json.dumps(out, indent=1))
-    md = ["# Victim search: order structure vs pool scan (activation, predicted; Python engine)", "",
-          f"- date: {out['date']}; machine: {out['machine']}", f"- command: `{out['command']}`",
-          f"- {out['trace']}, 25% of expert memory; predicted with temporal, prefetch depth 1. "
-          f"Median of {args.repeats} interleaved repeats, range in brackets; result rows identical (checked).", "",
-          "| policy | scope | order: accesses/s | scan: accesses/s | speedup |", "| --- | --- | --- | --- | --- |"]
+    tmp = args.out_dir / "victim_speed.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.out_dir / "victim_speed.json")
+    md = ["# Victim search: ordered structures vs pool scan (activation, predicted)", "",
+          f"- date: {out['date']}; machine: {out['machine']}; {out['threads']}",
+          f"- command: `{out['command']}`",
+          f"- 1-minute load average before each repeat and at the end: {', '.join(f'{x:.2f}' for x in loads)}",
+          f"- {out['trace']}; predicted with temporal, prefetch depth 1. Median of {args.repeats} interleaved "
+          "repeats, range in brackets; both variants' result rows identical (checked).",
+          "- order: Python `WaitOrder` / C++ per-layer sorted lists; scan: every unprotected resident of the pool "
+          "scored per eviction. The C++ core's default is the sorted lists for global pools of more than 32 "
+          "slots and the scan for layer-scope pools.", "",
+          "| engine | policy | scope | prompts | accesses | order: accesses/s | scan: accesses/s | speedup |",
+          "| --- | --- | --- | ---: | ---: | --- | --- | ---: |"]
     for r in out_rows:
-        o, s = r["order"], r["scan"]
-        md.append(f"| {r['policy']} | {r['scope']} | {o['accesses_per_s']:,.0f} [{r['accesses'] / o['max_s']:,.0f}-"
-                  f"{r['accesses'] / o['min_s']:,.0f}] | {s['accesses_per_s']:,.0f} [{r['accesses'] / s['max_s']:,.0f}-"
-                  f"{r['accesses'] / s['min_s']:,.0f}] | {r['speedup']:.2f}x |")
-    (args.out_dir / "victim_speed.md").write_text("\n".join(md) + "\n")
+        o, s, a = r["order"], r["scan"], r["accesses"]
+        md.append(f"| {r['engine']} | {r['policy']} | {r['scope']} | {r['prompts']} | {a:,} | "
+                  f"{o['accesses_per_s']:,.0f} [{a / o['max_s']:,.0f}-{a / o['min_s']:,.0f}] | "
+                  f"{s['accesses_per_s']:,.0f} [{a / s['max_s']:,.0f}-{a / s['min_s']:,.0f}] | {r['speedup']:.2f}x |")
+    tmp = args.out_dir / "victim_speed.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, args.out_dir / "victim_speed.md")
     print("\n".join(md))
     return 0
 

@@ -160,11 +160,11 @@ def traces(draw):
 
 @contextlib.contextmanager
 def tuning(heap: bool):
-    """``heap``: force the C++ score policies' heap layout with parking (small traces would
-    otherwise always use the scan layout)."""
+    """``heap``: force the C++ score policies' heap layout with parking, and activation / predicted's
+    per-layer sorted lists (small traces would otherwise always use the scan layouts)."""
     old = dict(engine_cpp.TUNING)
     if heap:
-        engine_cpp.TUNING.update(scan_max=0, park_min=0)
+        engine_cpp.TUNING.update(scan_max=0, park_min=0, wait_scan_max=0)
     try:
         yield
     finally:
@@ -294,6 +294,80 @@ def test_real_trace_prefixes_with_predictors_identical(routing_dir, which, token
         exercised += ref["prefetches"] + ref["prefetch_refused"] > 0
     # the prefetch paths were exercised: copies issued and refused by the admission rule
     assert exercised >= len(REAL_PRED_CASES) - 2 and prefetched >= 1 and refused >= 1
+
+
+@contextlib.contextmanager
+def wait_layout(sorted_lists: bool):
+    """activation / predicted in the C++ core: per-layer sorted lists (True) or the pool scan (False),
+    in either scope, whatever the pool's size."""
+    old = dict(engine_cpp.TUNING)
+    engine_cpp.TUNING.update(wait_scan_max=0 if sorted_lists else 1 << 40)
+    try:
+        yield
+    finally:
+        engine_cpp.TUNING.update(old)
+
+
+#: (policy, parameters, predictor, prefetch depth): activation, and predicted with a C++ predictor
+#: (temporal) and a streamed one (oracle), with and without prefetch.
+WAIT_CASES = [("activation", {}, None, 0), ("activation", {"alpha": 2.0, "half_life": 0}, None, 0),
+              ("predicted", {}, "temporal", 1), ("predicted", {"half_life": 3.0}, "oracle", 0)]
+
+
+def _wait_run(trace, name, params, pname, depth, cap, scope, decode, engine, hw):
+    pol = _policy(name, params, cap, trace, scope)
+    pred = _predictor(pname, {}, trace, [trace.meta.num_layers]) if pname else None
+    log: list = []
+    ctx = ext_disabled() if engine == "python" else contextlib.nullcontext()
+    with ctx:
+        r = simulate(Schedule(trace, decode_stream=decode, name="t"), pol, pred, engine=engine, hardware=hw,
+                     bound=False, depth=depth, record=log)
+    return r.row(), log
+
+
+@pytest.mark.parametrize("which", ["deepseek", "mixtral"])
+def test_wait_order_layouts_equal_reference_on_real_traces(routing_dir, which):
+    # both layouts of activation / predicted give the Python reference's rows and need logs (every
+    # victim), in both scopes, with small and large pools (small: many evictions; large: few)
+    trace = _real(routing_dir, which)
+    if which == "mixtral":
+        trace = trace.select(slice(0, 80))
+    m = trace.meta
+    hw = default_profile(m.bytes_per_expert)
+    for i, (name, params, pname, depth) in enumerate(WAIT_CASES):
+        for scope in ("layer", "global"):
+            total = m.num_experts if scope == "layer" else m.num_layers * m.num_experts
+            for frac in (0.15, 0.6):
+                cap = max(m.top_k, int(total * frac))
+                decode = (i + int(frac > 0.5)) % 2 == 0
+                args = (trace, name, params, pname, depth, cap, scope, decode)
+                ref = _wait_run(*args, "python", hw)
+                case = (name, params, pname, scope, cap, decode)
+                assert ref[0]["loads"] > cap, case  # victims were chosen
+                for sorted_lists in (True, False):
+                    with wait_layout(sorted_lists):
+                        assert _wait_run(*args, "cpp", hw) == ref, (case, sorted_lists)
+
+
+def test_wait_order_layouts_agree_on_longer_real_trace(routing_dir):
+    # the C++ core alone on a longer DeepSeek-V2-Lite prefix (too long for the Python reference):
+    # sorted lists and pool scan choose the same victims, every capacity from top_k to most of the pool
+    base = routing_dir / "deepseek-v2-lite-chat__moe-beyond" / "training_data_eamc"
+    _src, imported, _d = read_sources([str(f) for f in sorted(base.glob("*.csv"))[:2]])
+    trace = Trace(imported[0].meta, imported[0].block)
+    trace = trace.select_sequences(trace.sequences()[:40])
+    m = trace.meta
+    hw = default_profile(m.bytes_per_expert)
+    for name, params, pname, depth in WAIT_CASES:
+        for scope, caps in (("layer", (m.top_k, 13, 40)), ("global", (m.top_k, 33, 200, 1200))):
+            for cap in caps:
+                for decode in (True, False):
+                    runs = []
+                    for sorted_lists in (True, False):
+                        with wait_layout(sorted_lists):
+                            runs.append(_wait_run(trace, name, params, pname, depth, cap, scope, decode, "cpp", hw))
+                    assert runs[0] == runs[1], (name, pname, scope, cap, decode)
+                    assert runs[0][0]["loads"] > cap
 
 
 def test_golden_mixtral_hits(routing_dir):

@@ -35,6 +35,8 @@ inline torch::Tensor check_1d(const torch::Tensor& t, torch::ScalarType type, co
 //   depth, score_depth, prefetch_rule, budget, admission   int
 //   layer_host_ms, copy_host_ms, predictor_host_ms, prefetch_host_ms, hybrid_layer_ms, slowdown   float
 //                                          the hardware profile's calibrated terms (slowdown: 1 + copy_slowdown)
+//   wait_scan_max int                      activation / predicted: pools of at most this many slots scan
+//                                          (default: see Tuning; the tests force either layout)
 struct __attribute__((visibility("hidden"))) Options {  // (hidden, as the dict it holds)
   pybind11::dict d;
   bool has(const char* k) const { return d.contains(k); }
@@ -175,6 +177,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   Tuning tune;
   if (scan_max >= 0) tune.scan_max = scan_max;
   if (park_min >= 0) tune.park_min = park_min;
+  tune.wait_scan_max = opt.i("wait_scan_max", -1);
   Output out;
   {
     pybind11::gil_scoped_release nogil;

@@ -505,7 +505,7 @@ void run_sim(const Input& in, int64_t L, int64_t E, int64_t K, int64_t capacity,
     case P_ACTIVATION:
     case P_PREDICTED: {
       ActivationPolicy p(c, policy == P_PREDICTED, pol_args.g, pol_args.alpha, pol_args.pow_acc, pol_args.pow_rank,
-                         pol_args.pow_len);
+                         pol_args.pow_len, tune);
       run_replay(in, c, p, out, pr);
       break;
     }

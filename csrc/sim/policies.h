@@ -121,9 +121,13 @@ struct Prio {
 // force either layout on small traces (the answers never depend on them).
 constexpr int64_t SCAN_MAX = 64;  // pools of at most this many slots are scanned
 constexpr int64_t PARK_MIN = 17;  // waves of at least this many keys park their protected keys
+// activation / predicted (ActivationPolicy): global pools of at most this many slots are scanned;
+// layer-scope pools always are, unless wait_scan_max (>= 0) sets one threshold for both scopes.
+constexpr int64_t WAIT_SCAN_MAX = 32;
 
 struct Tuning {
   int64_t scan_max = SCAN_MAX, park_min = PARK_MIN;
+  int64_t wait_scan_max = -1;  // -1: the default layouts above
 };
 
 struct Heaps {
@@ -548,10 +552,28 @@ struct BeladyPolicy : NoRequestHooks {  // belady.py; with bypass = true, belady
 };
 
 // activation.py; with predicted = true, predicted.py (the next-token probability p1 comes from the
-// predictor through on_scores). No order structure: a victim scans the pool's residents, as the
-// reference does (vectorised there). Powers g**n come as tables made by the reference's own calls:
+// predictor through on_scores). Powers g**n come as tables made by the reference's own calls:
 // ``pow_acc[n]`` = Python's ``g ** n`` (on_access), ``pow_rank[n]`` = numpy's ``g ** float(n)``
 // (probability), which may differ in the last bit from libm's pow.
+//
+// A key's wait is T = d + X (policies/_expected.py): d, the distance of its layer from the layer being
+// served, is the same for every key of a layer; X = L * (1 - p1) / p changes only with its layer's
+// state (begin_layer, an access, scores, a new request: each bumps the layer's version). Two layouts
+// with the same victims (both equal the reference's scan; policies/_wait_order.py is the Python twin
+// of the second):
+//
+// * small pools and, by default, every layer-scope pool: a victim scans the pool's residents, each X
+//   cached with the version of its layer's state it was computed from (a layer-scope pool is one layer:
+//   its sorted list would trade a few scans per step for a sort per step, which is slower);
+// * larger pools: per layer, its residents sorted by (X descending, last ascending, key ascending),
+//   rebuilt at the first victim search after the layer's state changed (at most once per layer step)
+//   and kept current by insertions (binary search) and evictions in between; the X and key of each
+//   list's first entry sit in flat arrays. A victim takes d + X of each layer's first unprotected entry
+//   (the first entry, unless it is protected), then walks the runs of the layers that tie for the
+//   largest T and picks by (last, key) as the scan does: d + X never increases along a list, so every
+//   key whose T equals the largest lies in one run from its layer's first unprotected entry. Per victim
+//   O(layers of the pool + protected keys passed); per layer step one O(m log m) sort of the layer's m
+//   residents.
 struct ActivationPolicy {
   Core& c;
   bool predicted;
@@ -562,46 +584,99 @@ struct ActivationPolicy {
   std::vector<double> a, N, p1;
   std::vector<int64_t> a_step, step, h, H, last;
   int64_t layer = 0;
-  // A key's wait is d + X, d the layer distance (changes every step), X = L * (1 - p1) / p (changes
-  // only with its layer's state). X is cached per key with the version of its layer's state it was
-  // computed from; every change of a layer's state (begin_layer, an access, scores) bumps the version.
+  // X per key with the version of its layer's state it was computed from (ver[l], bumped on change).
   std::vector<double> x_cache;
   std::vector<uint64_t> x_ver, ver;
-  std::vector<int32_t> layer_of;  // key / E, without a division per key in the victim scan
-  std::vector<double> dist;        // per layer: d = ((layer - current - 1) mod L) + 1 of this scan
+  std::vector<int32_t> layer_of;  // key / E, without a division per key in the victim search
+  std::vector<double> dist;        // per layer: d = ((layer - current - 1) mod L) + 1 while serving dist_layer
+  int64_t dist_layer = -1;
+  bool scan;  // the scan layout (small pools)
+
+  // ---- the sorted layout ----
+  struct Entry {
+    double x;
+    int64_t last, key;
+  };
+  // Victim order: larger X first, then the least recent, then the lowest key; a NaN X (which the
+  // reference never produces) sorts after every number, so that this stays a strict weak order.
+  struct Before {
+    bool operator()(const Entry& e, const Entry& o) const {
+      if (e.x > o.x) return true;
+      if (e.x < o.x) return false;
+      const bool en = e.x != e.x, on = o.x != o.x;
+      if (en != on) return on;
+      if (e.last != o.last) return e.last < o.last;
+      return e.key < o.key;
+    }
+  };
+  std::vector<std::vector<Entry>> order;   // per layer: its residents in victim order
+  std::vector<uint64_t> built;             // per layer: ver[l] its list was built at (current iff == ver[l])
+  std::vector<double> top_x;               // per layer: X of its list's first entry (-inf: empty list)
+  std::vector<int64_t> top_key;            // per layer: that entry's key (-1: empty list)
+  std::vector<std::vector<int64_t>> lmem;  // per layer: its residents (unordered), for rebuilds
+  std::vector<int64_t> lpos;               // index of a resident key in lmem[its layer]
+  std::vector<uint8_t> dirty;              // per layer: its version moved since its list was built
+  std::vector<int64_t> dirty_list;         // those layers (global scope: rebuilt before a victim search)
+  std::vector<double> t_first;             // scratch of a victim search: per layer, T of its first free entry
+  std::vector<int64_t> i_first;            // ... and that entry's index (-1: none)
+
   ActivationPolicy(Core& c_, bool predicted_, double g_, double alpha_, const double* pow_acc_,
-                   const double* pow_rank_, int64_t pow_len_)
+                   const double* pow_rank_, int64_t pow_len_, const Tuning& t_)
       : c(c_), predicted(predicted_), g(g_), alpha(alpha_), kd(static_cast<double>(c_.K)), pow_acc(pow_acc_),
         pow_rank(pow_rank_), pow_len(pow_len_), a(c_.LE, 0.0), N(c_.L, 0.0),
         p1(c_.LE, static_cast<double>(c_.K) / static_cast<double>(c_.E)), a_step(c_.LE, 0), step(c_.L, 0),
         h(c_.LE, 0), H(c_.L, 0), last(c_.LE, 0), x_cache(c_.LE, 0.0), x_ver(c_.LE, 0), ver(c_.L, 1),
-        layer_of(c_.LE), dist(c_.L) {
+        layer_of(c_.LE), dist(c_.L),
+        scan(t_.wait_scan_max >= 0 ? c_.cap <= t_.wait_scan_max : !c_.global || c_.cap <= WAIT_SCAN_MAX) {
     for (int64_t k = 0; k < c.LE; ++k) layer_of[k] = static_cast<int32_t>(k / c.E);
+    if (!scan) {
+      order.resize(c.L);
+      built.assign(c.L, 0);
+      top_x.assign(c.L, -std::numeric_limits<double>::infinity());
+      top_key.assign(c.L, -1);
+      lmem.resize(c.L);
+      lpos.assign(c.LE, 0);
+      dirty.assign(c.L, 0);
+      t_first.assign(c.L, 0.0);
+      i_first.assign(c.L, -1);
+      for (int64_t l = 0; l < c.L; ++l) mark(l);
+    }
   }
 
   int64_t power_index(int64_t n) const {
     if (n < 0 || n >= pow_len) throw std::runtime_error("sim_replay: activation power table too short");
     return n;
   }
+  // Layer l's state changed: every X of its keys may have moved.
+  void bump(int64_t l) {
+    ++ver[l];
+    if (!scan) mark(l);
+  }
+  void mark(int64_t l) {
+    if (!dirty[l]) {
+      dirty[l] = 1;
+      dirty_list.push_back(l);
+    }
+  }
   void begin_request() {
     std::fill(a.begin(), a.end(), 0.0);
     std::fill(N.begin(), N.end(), 0.0);
-    for (auto& v : ver) ++v;
+    for (int64_t l = 0; l < c.L; ++l) bump(l);
   }
   void begin_layer(int64_t l) {
     layer = l;
     ++step[l];
     N[l] = N[l] * g;
-    ++ver[l];
+    bump(l);
   }
   void on_scores(int64_t l, const double* probs) {
     if (!predicted) return;
     std::copy(probs, probs + c.E, p1.begin() + l * c.E);
-    ++ver[l];
+    bump(l);
   }
   void on_access(int64_t key, int64_t cnt) {
     const int64_t l = key / c.E, s = step[l];
-    ++ver[l];
+    bump(l);
     a[key] = a[key] * pow_acc[power_index(s - a_step[key])] + static_cast<double>(cnt);
     a_step[key] = s;
     N[l] = N[l] + static_cast<double>(cnt) / kd;
@@ -611,8 +686,38 @@ struct ActivationPolicy {
   }
   void on_insert(int64_t key) {
     if (last[key] < c.clock) last[key] = c.clock;  // arrival counts as recency (for ties), not as use
+    if (scan) return;
+    const int64_t l = layer_of[key];
+    auto& m = lmem[l];
+    lpos[key] = static_cast<int64_t>(m.size());
+    m.push_back(key);
+    if (built[l] == ver[l]) {  // a current list: the key goes to its place (else the rebuild takes it)
+      const Entry e{x_of(key), last[key], key};
+      auto& v = order[l];
+      const auto it = v.insert(std::upper_bound(v.begin(), v.end(), e, Before()), e);
+      if (it == v.begin()) refresh_top(l);
+    }
   }
-  void on_evict(int64_t) {}
+  void on_evict(int64_t key) {
+    if (scan) return;
+    const int64_t l = layer_of[key];
+    auto& m = lmem[l];
+    const int64_t i = lpos[key], moved = m.back();
+    m[i] = moved;
+    lpos[moved] = i;
+    m.pop_back();
+    if (built[l] == ver[l]) {
+      auto& v = order[l];
+      for (auto it = v.begin(); it != v.end(); ++it) {
+        if (it->key == key) {
+          const bool was_first = it == v.begin();
+          v.erase(it);
+          if (was_first) refresh_top(l);
+          break;
+        }
+      }
+    }
+  }
   bool admit(int64_t) { return true; }
   void begin_step(const int64_t*, int64_t) {}
   void park(const int64_t*, int64_t) {}
@@ -626,7 +731,7 @@ struct ActivationPolicy {
     return (ak + alpha * q) / (N[l] + alpha);
   }
   static double clip(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
-  // _expected.expected_wait = d + X for one key; X as the reference computes it (then d + X).
+  // _expected.wait_beyond: X of one key as the reference computes it (the wait is then d + X).
   double x_of(int64_t key) {
     const int64_t l = layer_of[key];
     if (x_ver[key] != ver[l]) {
@@ -637,13 +742,103 @@ struct ActivationPolicy {
     }
     return x_cache[key];
   }
-  // _expected.pick_largest: the largest wait; ties to the smallest last use, then the lowest key.
-  int64_t victim(int64_t pool) {
+  void set_dist() {
+    if (dist_layer == layer) return;
     for (int64_t l = 0; l < c.L; ++l) {
       int64_t m = (l - layer - 1) % c.L;
       if (m < 0) m += c.L;  // Python's modulo
       dist[l] = static_cast<double>(m + 1);
     }
+    dist_layer = layer;
+  }
+  void refresh_top(int64_t l) {
+    const auto& v = order[l];
+    top_x[l] = v.empty() ? -std::numeric_limits<double>::infinity() : v[0].x;
+    top_key[l] = v.empty() ? -1 : v[0].key;
+  }
+  // Make layer l's list current (an empty layer gets an empty current list, so later insertions are placed).
+  void ensure(int64_t l) {
+    if (built[l] == ver[l]) return;
+    auto& v = order[l];
+    v.clear();
+    for (int64_t k : lmem[l]) v.push_back(Entry{x_of(k), last[k], k});
+    std::sort(v.begin(), v.end(), Before());
+    built[l] = ver[l];
+    refresh_top(l);
+  }
+  // Index of the first unprotected entry of layer l's (current) list, -1 if none.
+  int64_t first_free(int64_t l) const {
+    const auto& v = order[l];
+    for (int64_t i = 0, n = static_cast<int64_t>(v.size()); i < n; ++i)
+      if (!c.is_prot(v[i].key)) return i;
+    return -1;
+  }
+  // Among layer l's entries from index i on (i its first free one), the best (last, key) of the
+  // unprotected ones whose T equals t_max; updates best / best_last.
+  void walk_run(int64_t l, int64_t i, double t_max, int64_t& best, int64_t& best_last) const {
+    const auto& v = order[l];
+    const double d = dist[l];
+    for (int64_t n = static_cast<int64_t>(v.size()); i < n; ++i) {
+      const Entry& e = v[i];
+      if (c.is_prot(e.key)) continue;
+      if (!(d + e.x == t_max)) break;
+      if (best < 0 || e.last < best_last || (e.last == best_last && e.key < best)) {
+        best = e.key;
+        best_last = e.last;
+      }
+    }
+  }
+  // _expected.pick_largest: the largest wait; ties to the smallest last use, then the lowest key.
+  int64_t victim(int64_t pool) {
+    set_dist();
+    if (scan) return victim_scan(pool);
+    int64_t best = -1, best_last = 0;
+    if (!c.global) {  // one layer: its first free entry has the largest T; its run holds the ties
+      ensure(pool);
+      const int64_t i = first_free(pool);
+      if (i >= 0) walk_run(pool, i, dist[pool] + order[pool][i].x, best, best_last);
+      return best;
+    }
+    for (int64_t l : dirty_list) {
+      ensure(l);
+      dirty[l] = 0;
+    }
+    dirty_list.clear();
+    double t_max = -std::numeric_limits<double>::infinity();
+    int64_t arg = -1, ties = 0;
+    for (int64_t l = 0; l < c.L; ++l) {
+      const int64_t k = top_key[l];
+      if (k < 0) continue;
+      int64_t i = 0;
+      double t = dist[l] + top_x[l];
+      if (c.is_prot(k)) {
+        i = first_free(l);
+        if (i < 0) {
+          i_first[l] = -1;
+          continue;
+        }
+        t = dist[l] + order[l][i].x;
+      }
+      i_first[l] = i;
+      t_first[l] = t;
+      if (t > t_max) {
+        t_max = t;
+        arg = l;
+        ties = 1;
+      } else if (t == t_max) {
+        ++ties;
+      }
+    }
+    if (arg < 0) return -1;
+    if (ties == 1) {
+      walk_run(arg, i_first[arg], t_max, best, best_last);
+      return best;
+    }
+    for (int64_t l = arg; l < c.L; ++l)  // (no layer before arg reached t_max)
+      if (top_key[l] >= 0 && i_first[l] >= 0 && t_first[l] == t_max) walk_run(l, i_first[l], t_max, best, best_last);
+    return best;
+  }
+  int64_t victim_scan(int64_t pool) {
     int64_t best = -1;
     double best_w = 0.0;
     for (int64_t k : c.mem[pool]) {

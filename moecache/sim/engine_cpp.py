@@ -64,10 +64,12 @@ CORE_VERSION = 3
 #: A streamed predictor's chunk: at most this many doubles (steps x slots x experts; 512 KiB).
 STREAM_CHUNK_DOUBLES = 1 << 16
 
-#: Layout thresholds of the C++ score-policy order structure (-1: the core's defaults, scan pools of
-#: up to 64 slots, park the protected keys of waves of 17+ keys). Results never depend on them; the
-#: tests set them to 0 to force the heap layout and parking on small traces.
-TUNING = {"scan_max": -1, "park_min": -1}
+#: Layout thresholds of the C++ order structures (-1: the core's defaults). ``scan_max``, ``park_min``:
+#: the score-policy heaps scan pools of up to 64 slots and park the protected keys of waves of 17+ keys;
+#: ``wait_scan_max``: activation / predicted scan layer-scope pools and global pools of up to 32 slots
+#: and keep larger ones sorted per layer (>= 0: pools of up to this many slots scan, in either scope).
+#: Results never depend on them; the tests set them to 0 to force the ordered layouts on small traces.
+TUNING = {"scan_max": -1, "park_min": -1, "wait_scan_max": -1}
 
 
 def ported_policies() -> list[str]:
@@ -293,6 +295,8 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     extra.update(layer_host_ms=hw.layer_host_ms, copy_host_ms=hw.copy_host_ms + evict,
                  predictor_host_ms=hw.predictor_host(getattr(predictor, "name", None)),
                  prefetch_host_ms=hw.prefetch_host_ms + evict, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown)
+    if TUNING["wait_scan_max"] >= 0:
+        extra["wait_scan_max"] = int(TUNING["wait_scan_max"])
     extra = {k: t(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     empty_u8 = torch.zeros(0, dtype=torch.uint8)
     empty_i64 = torch.zeros(0, dtype=torch.int64)
