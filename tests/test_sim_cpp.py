@@ -506,6 +506,18 @@ class _Subtemporal:
         return Sub(m.num_layers, m.num_experts, m.top_k).fit(trace)
 
 
+def test_streamed_predictor_without_slots_equals_reference():
+    # a streamed predictor with nothing to stream (prefetch depth 0, a policy without scores) still runs
+    # and costs its host time per layer, as in the reference (it divided by zero slots before)
+    trace = _toy()
+    hw = _profile(predictor_host_ms=0.25)
+    (ref, ref_log), (got, got_log) = both(trace, "activation", {}, 3, "layer", "copy", hw=hw, pred=("oracle", {}),
+                                          depth=0)
+    assert got == ref and got_log == ref_log
+    (plain, _), _cpp = both(trace, "activation", {}, 3, "layer", "copy", hw=hw)
+    assert ref["hits"] == plain["hits"] and ref["time_ms"] > plain["time_ms"]
+
+
 def test_streamed_subclass_equals_native_and_reference():
     trace = _toy()
     rows = []

@@ -176,7 +176,8 @@ class _PredictionStream:
         self.depth, self.score_depth = depth, score_depth
         slots = depth + (1 if score_depth else 0)
         E = schedule.num_experts
-        steps = max(1, min(schedule.num_steps, STREAM_CHUNK_DOUBLES // (slots * E)))
+        # (no slots: a predictor that only runs, depth 0 and a policy without scores; its host time still counts)
+        steps = max(1, min(schedule.num_steps, STREAM_CHUNK_DOUBLES // max(1, slots * E)))
         self.buf = np.zeros((steps, slots, E), np.float64)
         self.error: BaseException | None = None
         self._steps = self._iterate()
