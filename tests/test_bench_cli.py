@@ -158,3 +158,42 @@ def test_old_engine_flag_still_works_with_a_warning(tmp_path, capsys):
     # the old flag keeps the new one's choices (main: status 2, one line)
     assert main(["bench", path, "--engine", "fast"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# -- golden counts of activation / predicted on a real prompt -------------------------------------
+
+# DeepSeek-V2-Lite-Chat, the first prompt file of the moe-beyond set (one prefill prompt, 26 MoE layers,
+# top-6 of 64), token by token; its leading 20% fits the temporal predictor, 35 tokens are scored (5,460
+# accesses). `moecache bench --policies activation,predicted:half_life=0 --predictor temporal
+# --capacity 10%,40% --scope layer,global --decode-stream`: (hits, loads, prefetches) per (policy, scope,
+# slots). Global pools of 166 and 666 slots take the C++ core's sorted lists, layer pools its scan. A
+# change here is a change of behaviour: explain it in the commit.
+GOLDEN_BENCH = {
+    ("activation", "layer", 6): (1794, 3666, 0), ("predicted", "layer", 6): (1726, 3734, 667),
+    ("activation", "layer", 26): (3296, 2164, 0), ("predicted", "layer", 26): (3341, 2119, 100),
+    ("activation", "global", 166): (1353, 4107, 133), ("predicted", "global", 166): (1942, 3518, 1999),
+    ("activation", "global", 666): (3185, 2275, 0), ("predicted", "global", 666): (3301, 2159, 292),
+}
+
+
+def test_golden_counts_activation_predicted(routing_dir, tmp_path, capsys):
+    from moecache.trace import Trace
+    from moecache.trace.importers import read_sources
+
+    src = sorted((routing_dir / "deepseek-v2-lite-chat__moe-beyond" / "training_data_eamc").glob("*.csv"))[:1]
+    _s, imported, _d = read_sources([str(f) for f in src])
+    path = Trace(imported[0].meta, imported[0].block).save(tmp_path / "ds")
+    argv = [str(path), "--policies", "activation,predicted:half_life=0", "--predictor", "temporal",
+            "--capacity", "10%,40%", "--decode-stream", "--json", "--quiet", "--jobs", "1"]
+    code, out, _ = run(capsys, *argv, "--scope", "layer,global")
+    assert code == 0
+    rows = json.loads(out)
+    got = {(r["policy"].split("(")[0], r["scope"], r["capacity"]): (r["hits"], r["loads"], r["prefetches"])
+           for r in rows}
+    assert got == GOLDEN_BENCH
+    assert {r["engine"] for r in rows} == {"cpp"} and {r["tokens"] for r in rows} == {35}
+    # the Python reference engine gives the same rows (global scope: where the order structures differ most)
+    code, out, _ = run(capsys, *argv, "--scope", "global", "--sim-engine", "python")
+    assert code == 0
+    ref = json.loads(out)
+    assert [dict(r, engine=None) for r in ref] == [dict(r, engine=None) for r in rows if r["scope"] == "global"]
