@@ -2,6 +2,7 @@
 
     python eval/victim_speed.py [--trace build/suite_traces/deepseek-v2-lite] [--seqs 10] [--cpp-seqs 200]
                                 [--repeats 3] [--engines python,cpp] [--out-dir eval/results]
+    python eval/victim_speed.py --render      # rewrite victim_speed.md from victim_speed.json
 
 Replays prompts of the DeepSeek-V2-Lite trace token by token (decode stream) at 25% of expert memory
 in layer and global scope, ``predicted`` with the ``temporal`` predictor one layer ahead, on two engines:
@@ -11,7 +12,8 @@ in layer and global scope, ``predicted`` with the ``temporal`` predictor one lay
   whole pool (``victim_scan``; its order structure switched off);
 * ``cpp``: the C++ core, the first ``--cpp-seqs`` prompts; its per-layer sorted lists against its pool
   scan (``engine_cpp.TUNING["wait_scan_max"]`` forces either layout; by default the core keeps global
-  pools of more than 32 slots sorted and scans the others).
+  pools of more than 32 slots sorted and scans the others); and a sweep of ``activation`` over pool
+  sizes (``--sweep-layer``, ``--sweep-global``), the measurement behind those defaults.
 
 Each configuration runs both variants, interleaved, ``--repeats`` times (the C++ core after one warm-up
 call); the two variants' result rows
@@ -96,6 +98,56 @@ def _load() -> float:
         return float("nan")
 
 
+def _slots(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of slot counts, e.g. 16,32") from None
+    if any(n < 1 for n in out):
+        raise argparse.ArgumentTypeError(f"slot counts must be >= 1, got {text!r}")
+    return out
+
+
+def render(out: dict) -> str:
+    """The Markdown report of a run (``out`` as written to victim_speed.json)."""
+    loads = out["load_average_1min"]
+    md = ["# Victim search: ordered structures vs pool scan (activation, predicted)", "",
+          f"- date: {out['date']}; machine: {out['machine']}; {out['threads']}",
+          f"- command: `{out['command']}`",
+          f"- 1-minute load average before each repeat and at the end: {', '.join(f'{x:.2f}' for x in loads)}",
+          f"- {out['trace']}; predicted with temporal, prefetch depth 1. Median of {out['repeats']} interleaved "
+          "repeats, range in brackets; both variants' result rows identical (checked).",
+          "- order: Python `WaitOrder` / C++ per-layer sorted lists; scan: every unprotected resident of the pool "
+          "scored per eviction. The C++ core's default is the sorted lists for global pools of more than 32 "
+          "slots and the scan for layer-scope pools. saved/eviction: (scan - order) median time over the "
+          "replay's evictions (its copies, demand and prefetch, less the slots they first filled; prefetches "
+          "refused by the admission rule searched a victim too and are not counted).", "",
+          "| engine | policy | scope | prompts | accesses | order: accesses/s | scan: accesses/s | speedup "
+          "| saved/eviction |",
+          "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    for r in out["rows"]:
+        if r.get("sweep"):
+            continue
+        o, s, a = r["order"], r["scan"], r["accesses"]
+        evictions = r["loads"] + r["prefetches"] - r["slots"]  # every insert once the pools are full
+        saved = (s["median_s"] - o["median_s"]) / evictions * 1e6 if evictions > 0 else float("nan")
+        md.append(f"| {r['engine']} | {r['policy']} | {r['scope']} | {r['prompts']} | {a:,} | "
+                  f"{o['accesses_per_s']:,.0f} [{a / o['max_s']:,.0f}-{a / o['min_s']:,.0f}] | "
+                  f"{s['accesses_per_s']:,.0f} [{a / s['max_s']:,.0f}-{a / s['min_s']:,.0f}] | {r['speedup']:.2f}x "
+                  f"| {saved:.2f} us |")
+    sweep = [r for r in out["rows"] if r.get("sweep")]
+    if sweep:
+        md += ["", f"Layout sweep (C++ core, activation, {sweep[0]['prompts']} prompts; where the default "
+               "thresholds come from):", "",
+               "| scope | slots per pool | order: median s | scan: median s | speedup of order |",
+               "| --- | ---: | ---: | ---: | ---: |"]
+        for r in sweep:
+            md.append(f"| {r['scope']} | {r['capacity']} | {r['order']['median_s']:.3f} "
+                      f"[{r['order']['min_s']:.3f}-{r['order']['max_s']:.3f}] | {r['scan']['median_s']:.3f} "
+                      f"[{r['scan']['min_s']:.3f}-{r['scan']['max_s']:.3f}] | {r['speedup']:.2f}x |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", type=Path, default=ROOT / "build" / "suite_traces" / "deepseek-v2-lite")
@@ -103,8 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpp-seqs", type=int, default=200, help="prompts replayed by the C++ core")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="python,cpp", help="comma-separated: python, cpp")
+    ap.add_argument("--sweep-layer", type=_slots, default=[8, 16, 32, 48],
+                    help="C++ core, activation: layer-scope pool sizes (slots per layer) of the layout sweep")
+    ap.add_argument("--sweep-global", type=_slots, default=[16, 32, 64, 128],
+                    help="C++ core, activation: global pool sizes (slots) of the layout sweep")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "eval" / "results")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite victim_speed.md from the victim_speed.json in --out-dir")
     args = ap.parse_args(argv)
+    if args.render:
+        src = args.out_dir / "victim_speed.json"
+        if not src.is_file():
+            raise SystemExit(f"victim_speed: no {src} to render; run the benchmark first")
+        md = render(json.loads(src.read_text()))
+        tmp = args.out_dir / "victim_speed.md.tmp"
+        tmp.write_text(md)
+        os.replace(tmp, args.out_dir / "victim_speed.md")
+        print(md, end="")
+        return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
@@ -135,41 +203,47 @@ def main(argv: list[str] | None = None) -> int:
             pred = PREDICTORS.get("temporal")(L, E, K) if name == "predicted" else None
             simulate(warm, POLICIES.get(name)(resolve_capacity("25%", L, E, K, "global"), L, E, top_k=K,
                                               scope="global"), pred, depth=1 if pred else 0, bound=False, engine="cpp")
-    configs = [(e, name, scope) for e in engines for name in ("activation", "predicted") for scope in ("layer", "global")]
+    # (engine, policy, scope, slots per pool, part of the slot sweep)
+    configs = [(e, name, scope, resolve_capacity("25%", L, E, K, scope), False)
+               for e in engines for name in ("activation", "predicted") for scope in ("layer", "global")]
+    if "cpp" in engines:
+        configs += [("cpp", "activation", scope, n, True) for scope, slots in (("layer", args.sweep_layer),
+                                                                               ("global", args.sweep_global))
+                    for n in slots]
     times: dict[tuple, dict[str, list[float]]] = {c: {"order": [], "scan": []} for c in configs}
     loads: list[float] = []
     result: dict[tuple, dict] = {}
     for rep in range(args.repeats):
         loads.append(_load())
-        for engine, name, scope in configs:
+        for config in configs:
+            engine, name, scope, cap, _sweep = config
             rows = {}
             for variant in ("order", "scan"):
                 cls = POLICIES.get(name)
                 if engine == "python" and variant == "scan":
                     cls = scan_variant(cls)
-                cap = resolve_capacity("25%", L, E, K, scope)
                 pol = cls(cap, L, E, top_k=K, scope=scope)
                 pred = PREDICTORS.get("temporal")(L, E, K) if name == "predicted" else None
                 with _variant(engine, variant):
                     t0 = time.perf_counter()
                     res = simulate(scheds[engine], pol, pred, depth=1 if pred else 0, bound=False, engine=engine)
-                    times[(engine, name, scope)][variant].append(time.perf_counter() - t0)
+                    times[config][variant].append(time.perf_counter() - t0)
                 row = res.row()
                 row.pop("policy", None)
                 rows[variant] = row
-                result[(engine, name, scope)] = {"accesses": res.accesses, "loads": res.loads,
-                                                 "prefetches": res.prefetches, "capacity": cap}
+                result[config] = {"accesses": res.accesses, "loads": res.loads, "prefetches": res.prefetches,
+                                  "capacity": cap, "slots": cap * (L if scope == "layer" else 1)}
             if rows["order"] != rows["scan"]:
-                raise SystemExit(f"{engine} {name} {scope}: the order structure and the scan disagree")
-            print(f"repeat {rep + 1}: {engine} {name} {scope}",
-                  {v: round(t[-1], 3) for v, t in times[(engine, name, scope)].items()}, file=sys.stderr)
+                raise SystemExit(f"{engine} {name} {scope} {cap} slots: the order structure and the scan disagree")
+            print(f"repeat {rep + 1}: {engine} {name} {scope} {cap} slots",
+                  {v: round(t[-1], 3) for v, t in times[config].items()}, file=sys.stderr)
     loads.append(_load())
     out_rows = []
-    for key, t in times.items():
-        engine, name, scope = key
-        info = result[key]
+    for config, t in times.items():
+        engine, name, scope, cap, sweep = config
+        info = result[config]
         acc = info["accesses"]
-        r = {"engine": engine, "policy": name, "scope": scope, "prompts": seqs[engine],
+        r = {"engine": engine, "policy": name, "scope": scope, "sweep": sweep, "prompts": seqs[engine],
              "needs": scheds[engine].tokens * L, **info}
         for v in ("order", "scan"):
             med = statistics.median(t[v])
@@ -189,26 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out_dir / "victim_speed.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, args.out_dir / "victim_speed.json")
-    md = ["# Victim search: ordered structures vs pool scan (activation, predicted)", "",
-          f"- date: {out['date']}; machine: {out['machine']}; {out['threads']}",
-          f"- command: `{out['command']}`",
-          f"- 1-minute load average before each repeat and at the end: {', '.join(f'{x:.2f}' for x in loads)}",
-          f"- {out['trace']}; predicted with temporal, prefetch depth 1. Median of {args.repeats} interleaved "
-          "repeats, range in brackets; both variants' result rows identical (checked).",
-          "- order: Python `WaitOrder` / C++ per-layer sorted lists; scan: every unprotected resident of the pool "
-          "scored per eviction. The C++ core's default is the sorted lists for global pools of more than 32 "
-          "slots and the scan for layer-scope pools.", "",
-          "| engine | policy | scope | prompts | accesses | order: accesses/s | scan: accesses/s | speedup |",
-          "| --- | --- | --- | ---: | ---: | --- | --- | ---: |"]
-    for r in out_rows:
-        o, s, a = r["order"], r["scan"], r["accesses"]
-        md.append(f"| {r['engine']} | {r['policy']} | {r['scope']} | {r['prompts']} | {a:,} | "
-                  f"{o['accesses_per_s']:,.0f} [{a / o['max_s']:,.0f}-{a / o['min_s']:,.0f}] | "
-                  f"{s['accesses_per_s']:,.0f} [{a / s['max_s']:,.0f}-{a / s['min_s']:,.0f}] | {r['speedup']:.2f}x |")
+    md = render(out)
     tmp = args.out_dir / "victim_speed.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
+    tmp.write_text(md)
     os.replace(tmp, args.out_dir / "victim_speed.md")
-    print("\n".join(md))
+    print(md, end="")
     return 0
 
 

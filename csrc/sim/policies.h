@@ -122,7 +122,8 @@ struct Prio {
 constexpr int64_t SCAN_MAX = 64;  // pools of at most this many slots are scanned
 constexpr int64_t PARK_MIN = 17;  // waves of at least this many keys park their protected keys
 // activation / predicted (ActivationPolicy): global pools of at most this many slots are scanned;
-// layer-scope pools always are, unless wait_scan_max (>= 0) sets one threshold for both scopes.
+// layer-scope pools always are, unless wait_scan_max (>= 0) sets one threshold for both scopes
+// (defaults from the layout sweep of eval/victim_speed.py).
 constexpr int64_t WAIT_SCAN_MAX = 32;
 
 struct Tuning {
