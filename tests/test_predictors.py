@@ -678,17 +678,26 @@ def _hidden_state_reference(pred, ids: np.ndarray, hid: np.ndarray, layer: int, 
         y = np.concatenate([hid[src, target], multi_hot(ids[src, target], E)]).astype(np.float32)
         z = z + (y @ pred.w_fused[target][:, (D + d) * U:(D + d + 1) * U] + pred.by[d, layer])
     logits = np.maximum(z, 0.0) @ pred.w2[d, layer] + pred.b2[d, layer]
+    if pred.linear_skip:  # the linear skip: its columns follow the perceptrons' in the fused matrix
+        c = 2 * D * U
+        logits = logits + x @ pred.w_fused[layer][:, c + d * E:c + (d + 1) * E]
+        if src >= 0:
+            logits = logits + y @ pred.w_fused[target][:, c + (D + d) * E:c + (D + d + 1) * E] + pred.b2y[d, layer]
+    else:
+        assert pred.w_fused.shape[2] == 2 * D * U and pred.b2y is None
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
-def test_hidden_state_fast_path_matches_formula_and_batches(tmp_path):
+@pytest.mark.parametrize("linear_skip", [True, False])
+def test_hidden_state_fast_path_matches_formula_and_batches(tmp_path, linear_skip):
     """On a synthetic trace: recall far above the prior; the online state (own part, the stored part of the
-    target layer) gives the documented formula; batch 1 equals each row of a batched call bit for bit; a
-    saved and loaded predictor says exactly the same."""
+    target layer) gives the documented formula, with and without the linear skip; batch 1 equals each row
+    of a batched call bit for bit; a saved and loaded predictor says exactly the same."""
     trace = _synthetic_hidden_trace()
     fit_mask = trace.seq < 6
     fit, score = trace.select(fit_mask), trace.select(~fit_mask)
-    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=40, hidden_units=32, lr=1e-2).fit(fit)
+    pred = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=40, hidden_units=32, lr=1e-2,
+                                          linear_skip=linear_skip).fit(fit)
     prior = PREDICTORS.get("prior")(3, 8, 2).fit(fit)
     got = {r.depth: r for r in measure_recall(pred, score, (1, 2), hidden=np.asarray(score.hidden, np.float32))}
     base = {r.depth: r for r in measure_recall(prior, score, (1, 2))}
@@ -716,6 +725,37 @@ def test_hidden_state_fast_path_matches_formula_and_batches(tmp_path):
         for d in (1, 2):
             ref = pred.normalise(_hidden_state_reference(pred, ids[0], hid[0], l, d, t)[None])[0]
             np.testing.assert_allclose(outs["single"][step, d - 1, 0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_state_skip_option_and_saves_from_before_it(tmp_path):
+    """``linear_skip`` must be a bool (one-line error before anything is built); the skip is learned (its
+    columns are not zero); a save from before the skip (no ``linear_skip`` param, no ``b2y``) loads as
+    ``linear_skip=False`` and predicts exactly as before."""
+    import json
+
+    with pytest.raises(ConfigError, match="linear_skip must be True or False"):
+        PREDICTORS.get("hidden_state")(3, 8, 2, linear_skip="yes")
+    fit = _synthetic_hidden_trace(seqs=4, tokens=20)
+    skip = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=3, hidden_units=8).fit(fit)
+    D, U = skip.max_depth, skip.hidden_units
+    assert skip.params["linear_skip"] and skip.w_fused.shape[2] == 2 * D * (U + 8)
+    assert np.abs(skip.w_fused[:, :, 2 * D * U:]).max() > 0 and np.abs(skip.b2y).max() > 0
+    old = PREDICTORS.get("hidden_state")(3, 8, 2, epochs=3, hidden_units=8, linear_skip=False).fit(fit)
+    old.save(tmp_path / "old")
+    head = json.loads((tmp_path / "old" / "predictor.json").read_text())
+    del head["params"]["linear_skip"]  # as an older moecache wrote it
+    (tmp_path / "old" / "predictor.json").write_text(json.dumps(head))
+    back = Predictor.load(tmp_path / "old")
+    assert back.linear_skip is False and back.params["linear_skip"] is False and back.b2y is None
+    ids, hid = np.asarray(fit.ids), np.asarray(fit.hidden, np.float32)
+    for p in (old, back):
+        p.reset()
+    for t in range(5):
+        for l in range(3):
+            for p in (old, back):
+                p.observe(l, ids[t, l][None], hid[t, l][None])
+            for d in (1, 2):
+                np.testing.assert_array_equal(back.predict(l, d), old.predict(l, d))
 
 
 def test_hidden_state_reads_torch_tensors_without_torch_ops():
