@@ -129,6 +129,7 @@ class HiddenStatePredictor(StreamPredictor):
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, trace: Any) -> "HiddenStatePredictor":
         import torch
+        from tqdm.auto import tqdm
 
         check_trace(trace, self.num_layers, self.num_experts, self.top_k, "hidden_state.fit")
         hidden = getattr(trace, "hidden", None)
@@ -173,6 +174,8 @@ class HiddenStatePredictor(StreamPredictor):
         sx = np.zeros((D, L, F, E), np.float32)
         sy = np.zeros((D, L, F, E), np.float32)
         b2y = np.zeros((D, L, E), np.float32)
+        # a bar on a terminal only (disable=None: quiet in logs and pipes); one tick per depth's epoch
+        bar = tqdm(total=D * self.epochs, unit="epoch", desc="hidden_state fit", leave=False, disable=None)
         for d in range(1, D + 1):
             samples = []
             for l in range(L):
@@ -215,10 +218,11 @@ class HiddenStatePredictor(StreamPredictor):
                 perm = torch.randperm(m, generator=gen)
                 for s in range(steps):
                     b = perm[s * self.batch:(s + 1) * self.batch]
-                    z = torch.relu(torch.bmm(Xt[:, b], W1) + B1 + Vt[:, b] * BY)
+                    xb = Xt[:, b]
+                    z = torch.relu(torch.bmm(xb, W1) + B1 + Vt[:, b] * BY)
                     logits = torch.bmm(z, W2) + B2
                     if WS is not None:  # the y half of the input is zero where y_t is absent: no skip from it
-                        logits = logits + torch.bmm(Xt[:, b], WS)
+                        logits = logits + torch.bmm(xb, WS)
                     y = Yt[:, b]
                     listwise = -(torch.log_softmax(logits, dim=2) * y).sum(dim=2).mean() / self.top_k
                     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + 0.25 * listwise
@@ -226,6 +230,7 @@ class HiddenStatePredictor(StreamPredictor):
                     loss.backward()
                     opt.step()
                     sched.step()
+                bar.update(1)
             W1n = W1.detach().numpy()
             WSn = None if WS is None else WS.detach().numpy()
             w2[d - 1] = W2.detach().numpy()
@@ -243,6 +248,7 @@ class HiddenStatePredictor(StreamPredictor):
                         Sp = WSn[l, part * F:(part + 1) * F]
                         s_w[d - 1, l] = Sp * scale[:, None]
                         s_bias[d - 1, l] -= shift @ Sp
+        bar.close()
         self._set_weights(wx, wy, b1, by, w2, b2, (sx, sy, b2y) if self.linear_skip else None)
         self.fitted = True
         return self
