@@ -22,7 +22,7 @@ The skip lets the linear part of the map (the next router read through this laye
 stream, the target layer's last routing) be learned directly, so the hidden units only carry the
 rest; ``linear_skip=False`` drops it (``Sx = Sy = 0``).
 
-trained with binary cross-entropy on the 0/1 "selected" targets plus a listwise term (the softmax
+The network is trained with binary cross-entropy on the 0/1 "selected" targets plus a listwise term (the softmax
 cross-entropy of the selected set, which ranks the top-k), Adam with a one-cycle schedule,
 ``epochs`` passes over at most ``max_samples`` samples per ``(d, l)``, seeded, so a fit is
 repeatable on one machine.
