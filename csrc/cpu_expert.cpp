@@ -385,6 +385,10 @@ struct Job {
   int64_t tokens;
   const uint8_t* base = nullptr;  // compressed experts: the expert's row in the host store
   std::vector<float> xp;          // x in even/odd order, where the compressed kernels read it so
+  // The fast mode's quantized token rows (cpu_expert_quant.h): x's and act's int16 codes (per token
+  // qfast_x_len(H) / qfast_x_len(I)), per group scales and sx * sum(codes).
+  std::vector<int16_t> xq, aq;
+  std::vector<float> xsx, xzx, asx, azx;
   const void* gate_up;
   const void* down;
   float* out;
@@ -409,6 +413,7 @@ struct QTask {
   int act = 0;                  // 0: silu(gate) * up, gate rows 0..I-1, up rows I..2I-1; 1: GPT-OSS (below)
   float alpha = 1.f, limit = 0.f;
   bool evenodd = false;         // the kernels read x (and act) in even/odd order
+  bool fast = false;            // integer dot products on int16-quantized activations (qfast kernels)
   int64_t off[8] = {};          // gate_up q, scale, zero, bias; down q, scale, zero, bias (-1: absent)
   int64_t q_stride[2] = {}, s_stride[2] = {}, z_stride[2] = {};  // per row: [gate_up, down]
 };
@@ -452,7 +457,8 @@ inline int64_t item_rows(int64_t total_rows, int64_t row_bytes, int64_t x_bytes,
 class CpuExpertPool::Impl {
  public:
   Impl(int64_t threads, const std::string& kernel)
-      : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)), qk_(quant_kernels_for(quant_isa(isa_), bf16_hw(isa_))) {
+      : isa_(choose_isa(kernel, cpu_features())), k_(kernels_for(isa_)), qk_(quant_kernels_for(quant_isa(isa_), bf16_hw(isa_))),
+        qfk_(quant_fast_kernels_for(quant_isa(isa_), vnni_hw(isa_))) {
     if (threads < 1) {
       const int64_t hw = static_cast<int64_t>(std::thread::hardware_concurrency());
       threads = std::max<int64_t>(1, hw - 1);
@@ -500,7 +506,7 @@ class CpuExpertPool::Impl {
   int64_t submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16, int64_t act,
                        double alpha, double limit, const std::vector<int64_t>& offsets, const std::vector<int64_t>& x,
                        const std::vector<int64_t>& tokens, const std::vector<int64_t>& experts,
-                       const std::vector<int64_t>& out) {
+                       const std::vector<int64_t>& out, bool fast) {
     if (hidden < 1 || inter < 1) throw std::invalid_argument("hidden and intermediate sizes must be >= 1");
     if (fmt < Q_INT8 || fmt > Q_MXFP4) throw std::invalid_argument("fmt must be 0 (int8), 1 (int4) or 2 (mxfp4)");
     if (fmt == Q_MXFP4 ? group != 32 : (group != 32 && group != 64 && group != 128))
@@ -529,7 +535,8 @@ class CpuExpertPool::Impl {
     q.act = static_cast<int>(act);
     q.alpha = static_cast<float>(alpha);
     q.limit = static_cast<float>(limit);
-    q.evenodd = quant_x_evenodd(qk_, q.spec);
+    q.fast = fast;
+    q.evenodd = !fast && quant_x_evenodd(qk_, q.spec);
     t->bf16 = compute_bf16;  // the biases' dtype (the compute dtype)
     for (int i = 0; i < 8; ++i) q.off[i] = offsets[i];
     const int64_t ins[2] = {hidden, inter};
@@ -554,6 +561,19 @@ class CpuExpertPool::Impl {
       }
       jb.rows1 = item_rows(inter, 2 * row_bytes[0], jb.tokens * hidden * 4, 2, nthreads_);
       jb.rows2 = item_rows(hidden, row_bytes[1], jb.tokens * inter * 4, 4, nthreads_);
+      if (fast) {  // x quantized once; a phase-1 item owns whole groups of act, which it quantizes
+        const int64_t G = group, xl = qfast_x_len(hidden), al = qfast_x_len(inter);
+        jb.rows1 = std::min(inter, (jb.rows1 + G - 1) / G * G);
+        jb.xq.assign(static_cast<size_t>(tokens[j] * xl), 0);
+        jb.xsx.resize(static_cast<size_t>(tokens[j] * (hidden / G)));
+        jb.xzx.resize(jb.xsx.size());
+        for (int64_t p = 0; p < tokens[j]; ++p)
+          qfast_quantize(q.spec, jb.x + p * hidden, 0, hidden / G, jb.xq.data() + p * xl, jb.xsx.data() + p * (hidden / G),
+                         jb.xzx.data() + p * (hidden / G));
+        jb.aq.assign(static_cast<size_t>(tokens[j] * al), 0);
+        jb.asx.resize(static_cast<size_t>(tokens[j] * (inter / G)));
+        jb.azx.resize(jb.asx.size());
+      }
       jb.first1 = t->items1;
       jb.first2 = t->items2;
       t->items1 += (inter + jb.rows1 - 1) / jb.rows1;
@@ -634,7 +654,8 @@ class CpuExpertPool::Impl {
   }
 
   std::string kernel() const { return ISA_NAMES[isa_]; }
-  std::string quant_kernel() const {
+  std::string quant_kernel(bool fast) const {
+    if (fast) return std::string(qfk_.name) + "-int16";
     return std::string(ISA_NAMES[quant_isa(isa_)]) + (qk_.bf16_hw ? "+bf16" : "");
   }
   int64_t threads() const { return nthreads_; }
@@ -824,6 +845,15 @@ class CpuExpertPool::Impl {
 #endif
     return isa;
   }
+  static bool vnni_hw(Isa isa) {
+#ifdef MOECACHE_X86
+    __builtin_cpu_init();
+    return isa == AVX512 && __builtin_cpu_supports("avx512vnni");
+#else
+    (void)isa;
+    return false;
+#endif
+  }
   static bool bf16_hw(Isa isa) {
 #ifdef MOECACHE_X86
     __builtin_cpu_init();
@@ -878,12 +908,38 @@ class CpuExpertPool::Impl {
     }
   }
 
+  // dots_q for the fast mode: x holds the P token rows' quantized forms.
+  void dots_qf(const QSpec& spec, const QRow* rows, int64_t nrows, int64_t n, const QxTok* x, int64_t P,
+               float* part) const {
+    std::fill(part, part + nrows * P, 0.f);
+    for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+      const int64_t k1 = std::min(n, k0 + CHUNK);
+      for (int64_t i0 = 0; i0 < nrows; i0 += qfk_.rb) {
+        const int rb = static_cast<int>(std::min<int64_t>(qfk_.rb, nrows - i0));
+        for (int64_t p0 = 0; p0 < P; p0 += qfk_.tb) {
+          const int tb = static_cast<int>(std::min<int64_t>(qfk_.tb, P - p0));
+          qfk_.block(spec, rows + i0, rb, x + p0, tb, k0, k1, part + i0 * P + p0, P);
+        }
+      }
+    }
+  }
+
+  // The quantized token rows of a job's x (phase 1) or act (phase 2), for dots_qf.
+  static void qx_rows(const QTask& q, const Job& jb, bool act, int64_t n, std::vector<QxTok>& out) {
+    const int64_t len = qfast_x_len(n), groups = n / q.spec.group;
+    out.resize(static_cast<size_t>(jb.tokens));
+    for (int64_t p = 0; p < jb.tokens; ++p)
+      out[p] = act ? QxTok{jb.aq.data() + p * len, jb.asx.data() + p * groups, jb.azx.data() + p * groups}
+                   : QxTok{jb.xq.data() + p * len, jb.xsx.data() + p * groups, jb.xzx.data() + p * groups};
+  }
+
   // run() for compressed experts: the same two phases, on compressed rows, with the task's activation.
   bool run_quant(Task& t) {
     const QTask& q = t.q;
     const int64_t H = t.H, I = t.I;
     thread_local std::vector<float> part;
     thread_local std::vector<QRow> rows;
+    thread_local std::vector<QxTok> qx;
     for (int64_t it; (it = t.next1.fetch_add(1, std::memory_order_relaxed)) < t.items1;) {
       Job& jb = t.jobs[job_of(t, it, false)];
       const int64_t r0 = (it - jb.first1) * jb.rows1, r1 = std::min(I, r0 + jb.rows1), nr = r1 - r0, P = jb.tokens;
@@ -894,7 +950,12 @@ class CpuExpertPool::Impl {
         rows[2 * i + 1] = qrow(q, jb.base, 0, q.act == 1 ? 2 * r + 1 : I + r);
       }
       part.resize(static_cast<size_t>(2 * nr * P));
-      dots_q(q.spec, rows.data(), 2 * nr, H, q.evenodd ? jb.xp.data() : jb.x, H, P, part.data());
+      if (q.fast) {
+        qx_rows(q, jb, false, H, qx);
+        dots_qf(q.spec, rows.data(), 2 * nr, H, qx.data(), P, part.data());
+      } else {
+        dots_q(q.spec, rows.data(), 2 * nr, H, q.evenodd ? jb.xp.data() : jb.x, H, P, part.data());
+      }
       float* act = jb.act.data();
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t r = r0 + i;
@@ -914,6 +975,12 @@ class CpuExpertPool::Impl {
           act[p * I + col] = a;
         }
       }
+      if (q.fast) {  // the item's rows are whole groups of act: quantize them for phase 2
+        const int64_t G = q.spec.group, len = qfast_x_len(I), groups = I / G;
+        for (int64_t p = 0; p < P; ++p)
+          qfast_quantize(q.spec, act + p * I, r0 / G, r1 / G, jb.aq.data() + p * len, jb.asx.data() + p * groups,
+                         jb.azx.data() + p * groups);
+      }
       t.done1.fetch_add(1, std::memory_order_acq_rel);
     }
     if (t.next2.load(std::memory_order_relaxed) >= t.items2) return false;
@@ -924,7 +991,12 @@ class CpuExpertPool::Impl {
       rows.resize(static_cast<size_t>(nr));
       for (int64_t i = 0; i < nr; ++i) rows[i] = qrow(q, jb.base, 1, r0 + i);
       part.resize(static_cast<size_t>(nr * P));
-      dots_q(q.spec, rows.data(), nr, I, jb.act.data(), I, P, part.data());
+      if (q.fast) {
+        qx_rows(q, jb, true, I, qx);
+        dots_qf(q.spec, rows.data(), nr, I, qx.data(), P, part.data());
+      } else {
+        dots_q(q.spec, rows.data(), nr, I, jb.act.data(), I, P, part.data());
+      }
       for (int64_t i = 0; i < nr; ++i) {
         const float b = bias_at(t, jb.base, 1, r0 + i);
         for (int64_t p = 0; p < P; ++p) jb.out[p * H + r0 + i] = part[i * P + p] + b;
@@ -937,6 +1009,7 @@ class CpuExpertPool::Impl {
   Isa isa_;
   Kernels k_;
   QKernels qk_;
+  QFastKernels qfk_;
   int nthreads_ = 1;
   std::vector<std::thread> workers_;
   std::mutex mu_;
@@ -962,11 +1035,11 @@ CpuExpertPool::~CpuExpertPool() = default;
 int64_t CpuExpertPool::submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16,
                                     int64_t act, double alpha, double limit, const std::vector<int64_t>& offsets,
                                     const std::vector<int64_t>& x, const std::vector<int64_t>& tokens,
-                                    const std::vector<int64_t>& experts, const std::vector<int64_t>& out) {
+                                    const std::vector<int64_t>& experts, const std::vector<int64_t>& out, bool fast) {
   return impl_->submit_quant(hidden, inter, fmt, group, compute_bf16, act, alpha, limit, offsets, x, tokens, experts,
-                             out);
+                             out, fast);
 }
-std::string CpuExpertPool::quant_kernel() const { return impl_->quant_kernel(); }
+std::string CpuExpertPool::quant_kernel(bool fast) const { return impl_->quant_kernel(fast); }
 int64_t CpuExpertPool::submit(int64_t hidden, int64_t inter, int64_t wtype, const std::vector<int64_t>& x,
                               const std::vector<int64_t>& tokens, const std::vector<int64_t>& gate_up,
                               const std::vector<int64_t>& down, const std::vector<int64_t>& out) {

@@ -33,12 +33,15 @@ class CpuExpertPool {
   // silu(gate) * up with gate rows 0..I-1 and up rows I..2I-1 of gate_up; act 1 (GPT-OSS): gate row
   // 2i, up row 2i + 1, gate = min(gate, limit), up = clamp(up, -limit, limit),
   // (up + 1) * gate * sigmoid(alpha * gate). Biases are added to gate_up's and down's outputs.
+  // fast: the fast mode (integer dot products on int16-quantized activations, cpu_expert_quant.h),
+  // else the exact one (every weight dequantized and rounded to the compute dtype).
   int64_t submit_quant(int64_t hidden, int64_t inter, int64_t fmt, int64_t group, bool compute_bf16, int64_t act,
                        double alpha, double limit, const std::vector<int64_t>& offsets, const std::vector<int64_t>& x,
                        const std::vector<int64_t>& tokens, const std::vector<int64_t>& experts,
-                       const std::vector<int64_t>& out);
-  // The instruction set the compressed kernels run ("avx512+bf16", "avx512", "avx2", "portable").
-  std::string quant_kernel() const;
+                       const std::vector<int64_t>& out, bool fast);
+  // The instruction set the compressed kernels run: exact mode "avx512+bf16", "avx512", "avx2",
+  // "portable"; fast mode "avx512-vnni-int16", "avx512-int16", "avx2-int16", "portable-int16".
+  std::string quant_kernel(bool fast) const;
   // Block until task ``ticket`` finished; its wall time in ms.
   double wait(int64_t ticket);
   // Wake the workers for a task about to be submitted.

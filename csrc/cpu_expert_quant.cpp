@@ -14,9 +14,9 @@
 //     AVX512_BF16 two vectors at once (vcvtne2ps2bf16, round to nearest even, and x in even/odd order to
 //     match its interleaved result), else with integer operations (the same rounding). For fp32 models
 //     (AVX-512) int8 is factorised per group instead (q8f_avx512): no per-weight scale FMA.
-// VNNI and AMX are not used: they multiply int8 or bf16 activations, and rounding the activations would
-// change the stated arithmetic; at one token per expert the cost is producing each weight, not the
-// one multiply-add it takes.
+// VNNI and AMX are not used here: they multiply integer or bf16 activations, and rounding the
+// activations would change the stated arithmetic. The fast mode (cpu_expert_qfast.cpp) does round them
+// (to int16) and uses VNNI.
 //
 // Summation order (the factorised int8 kernel: per group, then folded in; see q8f_avx512): per row and
 // token, one fp32 accumulator (one vector, 16 lanes on AVX-512, 8 on

@@ -57,4 +57,52 @@ inline int64_t evenodd_pos(int64_t i) {
 // fp16 bits -> float (exact, denormals included).
 float half_to_float(uint16_t h);
 
+// ---- the fast mode (csrc/cpu_expert_qfast.cpp): integer dot products on quantized activations ------
+// Each token row is quantized once, per group of the weights' group size (MXFP4: 32): int16 codes
+// xq = round(x / sx) with sx = max|x over the group| / 32767, so |xq| <= 32767. A row then is
+//   sum_g sw_g * sx_g * (sum_k q_k xq_k - z_g * sum_k xq_k)        (int8 / int4: w = (q - z) * sw)
+//   sum_g (2^(e_g - 127) / 2) * sx_g * sum_k (2 FP4[code_k]) xq_k  (MXFP4: 2 FP4 is an integer in -12..12)
+// with the inner sums exact in int32, so the only departures from the weights as moecache.quant states
+// them in fp32 are the activations' rounding (relative 2^-16 of a group's largest) and fp32 sums.
+// The weights are not rounded to bf16 (the exact mode's reference does that).
+
+// One token row's quantized form: xq in the layout the kernels read (qfast_x_pos), per group its
+// scale sx and sx * sum(xq) (the zero points' term).
+struct QxTok {
+  const int16_t* xq;
+  const float* sx;
+  const float* zx;
+};
+
+// part[r * ps + t] += row r . token t over [k0, k1) (multiples of 64; k1 may be the row's end). The
+// summation order depends on neither rb nor tb.
+using QFastFn = void (*)(const QSpec& spec, const QRow* rows, int rb, const QxTok* x, int tb, int64_t k0, int64_t k1,
+                         float* part, int64_t ps);
+
+struct QFastKernels {
+  QFastFn block = nullptr;
+  int rb = 4, tb = 2;
+  const char* name = "portable";  // "avx512-vnni", "avx512", "avx2", "portable"
+};
+
+// isa: 0 portable, 1 AVX2+FMA, 2 AVX-512F+BW+VL (as quant_kernels_for); vnni: the CPU has AVX512_VNNI.
+QFastKernels quant_fast_kernels_for(int isa, bool vnni);
+
+// Length of one token's xq buffer for n inputs: n rounded up to 64 (the padding stays zero).
+inline int64_t qfast_x_len(int64_t n) { return (n + 63) & ~int64_t{63}; }
+
+// Position of input i in xq. int4 with groups of 32, per 64 inputs (groups a, b): a[0..15], b[0..15],
+// a[16..31], b[16..31] (the low nibbles of both groups' bytes, then the high ones); MXFP4, per 64
+// inputs: a's even elements, b's even, a's odd, b's odd; every other format: natural order.
+inline int64_t qfast_x_pos(const QSpec& s, int64_t i) {
+  const bool lohi = s.fmt == Q_INT4 && s.group == 32, evenodd = s.fmt == Q_MXFP4;
+  if (!lohi && !evenodd) return i;
+  const int64_t b = i & ~int64_t{63}, g = (i >> 5) & 1, k = i & 31;
+  if (lohi) return b + (k < 16 ? 0 : 32) + 16 * g + (k & 15);
+  return b + ((k & 1) ? 32 : 0) + 16 * g + (k >> 1);
+}
+
+// Quantizes groups [g0, g1) of one token row x (natural order) into xq (qfast_x_pos layout), sx, zx.
+void qfast_quantize(const QSpec& s, const float* x, int64_t g0, int64_t g1, int16_t* xq, float* sx, float* zx);
+
 }  // namespace moecache_cpu

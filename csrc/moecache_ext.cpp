@@ -98,8 +98,8 @@ void register_cpu_expert(pybind11::module& m) {
       .def("submit_quant", &CpuExpertPool::submit_quant, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
            py::arg("inter"), py::arg("fmt"), py::arg("group"), py::arg("compute_bf16"), py::arg("act"),
            py::arg("alpha"), py::arg("limit"), py::arg("offsets"), py::arg("x"), py::arg("tokens"), py::arg("experts"),
-           py::arg("out"))
-      .def("quant_kernel", &CpuExpertPool::quant_kernel)
+           py::arg("out"), py::arg("fast") = false)
+      .def("quant_kernel", &CpuExpertPool::quant_kernel, py::arg("fast") = false)
       .def("wait", &CpuExpertPool::wait, py::call_guard<py::gil_scoped_release>(), py::arg("ticket"))
       .def("ready", &CpuExpertPool::ready, py::arg("ticket"))
       .def("prewake", &CpuExpertPool::prewake, py::call_guard<py::gil_scoped_release>())

@@ -11,7 +11,9 @@ submits a layer's CPU experts: ``bf16`` (the dense kernel), ``int8 g64``, ``int4
 the dense kernel on the concatenated SiLU layout of the same size (the dense kernel does not take
 GPT-OSS's transposed layout; the bytes read are the same). ``int8 g64 (fp32 compute)`` and ``int4 g64 (fp32
 compute)`` run the same rows for an fp32 model (no rounding of the weights to bf16; int8 then takes the
-factorised per-group form), SiLU shapes only (GPT-OSS's biases are stored in the compute dtype).
+factorised per-group form), SiLU shapes only (GPT-OSS's biases are stored in the compute dtype). Every
+compressed format also runs in the fast mode (``... fast``: ``submit_quant(..., fast=True)``, int16
+activations and integer dot products; ``moecache.runtime.cpu_kernel.QUANT_MODES``) on the same rows.
 
 Each format's experts rotate over a set of at least ``--rotate-mb`` MiB, so every call reads its experts
 from memory, not from the caches. Repeats are interleaved (each repeat runs every format once, and one
@@ -55,6 +57,8 @@ QUICK = {"deepseek": (256, 128, 6, False), "mixtral": (512, 256, 2, False), "gpt
 FORMATS = [("bf16", 0), ("int8", 64), ("int4", 64), ("int4", 128), ("mxfp4", 32)]
 #: formats also run (from memory) with an fp32 compute dtype: no rounding of the weights to bf16
 FP32_ROWS, FP32 = ("int8", "int4"), " (fp32 compute)"
+#: suffix of the fast-mode rows
+FAST = " fast"
 ALPHA, LIMIT = 1.702, 7.0
 
 
@@ -122,10 +126,12 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
         n = max(2 * k, -(-rotate // codec.slot_numel))
         codec, rows = compressed_rows(H, I, gpt_oss, fmt, g, n, seed=hash((fmt, g)) % 1000)
         label = f"{fmt} g{g}" if fmt != "mxfp4" else "mxfp4"
-        fmts[label] = (codec, rows, ck.quant_offsets(codec), True, codec)
-        if fmt in FP32_ROWS and g == 64 and not gpt_oss:  # the same rows with an fp32 compute dtype
+        # (codec, rows, offsets, bf16 compute, reference codec, fast mode, where in the rotation set it starts)
+        fmts[label] = (codec, rows, ck.quant_offsets(codec), True, codec, False, 0)
+        fmts[label + FAST] = (codec, rows, ck.quant_offsets(codec), True, codec, True, n // 3)
+        if fmt in FP32_ROWS and g == 64 and not gpt_oss and not args.no_fp32:  # an fp32 compute dtype
             codec32, _ = compressed_rows(H, I, gpt_oss, fmt, g, 0, 0, torch.float32)
-            fmts[label + FP32] = (codec, rows, ck.quant_offsets(codec), False, codec32)
+            fmts[label + FP32] = (codec, rows, ck.quant_offsets(codec), False, codec32, False, 2 * n // 3)
     print(f"[{name}] built rotation sets in {time.perf_counter() - t0:.1f} s", flush=True)
     x = torch.randn(k, H, generator=gen).bfloat16().float()  # a bf16 model's hidden rows
     out = torch.empty(k, H)
@@ -141,12 +147,11 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
             es = [(j * k + i) % n_bf16 for i in range(k)]
             t = pool.submit(H, I, 1, xs, [1] * k, [gu[e].data_ptr() for e in es], [dn[e].data_ptr() for e in es], outs)
         else:
-            codec, rows, offs, bf16, _ = fmts[fmt]
-            # the fp32-compute rows read the other half of the shared rotation set (not what the bf16 row just read)
-            base = 0 if bf16 else rows.shape[0] // 2
+            codec, rows, offs, bf16, _, fast, base = fmts[fmt]
+            # the variants of one format read other thirds of their shared rotation set (not what the last one read)
             es = [(base + j * k + i) % rows.shape[0] for i in range(k)]
             t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16, act, ALPHA,
-                                  LIMIT, offs, xs, [1] * k, [rows[e].data_ptr() for e in es], outs)
+                                  LIMIT, offs, xs, [1] * k, [rows[e].data_ptr() for e in es], outs, fast)
         pool.wait(t)
         turn[fmt] = j + 1
         return 1e3 * (time.perf_counter() - t0)
@@ -173,15 +178,15 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
         for f in names:
             if f.endswith(FP32):  # measured below, with its bf16 twin's rows
                 continue
-            for bf16 in ((True,) if f == "bf16" else (True, False)):
+            for bf16 in ((True,) if f == "bf16" or f.endswith(FAST) or args.no_fp32 else (True, False)):
                 if f == "bf16":
                     t = pool.submit(H, I, 1, [x[:1].data_ptr()], [1], [gu[0].data_ptr()], [dn[0].data_ptr()],
                                     [out[:1].data_ptr()])
                 else:
-                    codec, rows, offs, _, _ = fmts[f]
+                    codec, rows, offs, _, _, fast, _ = fmts[f]
                     t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16,
                                           act, ALPHA, LIMIT, offs, [x[:1].data_ptr()], [1], [rows[0].data_ptr()],
-                                          [out[:1].data_ptr()])
+                                          [out[:1].data_ptr()], fast)
                 hot_ms.setdefault((f, bf16), []).append(pool.wait(t))
     weights = 3 * H * I
     for (f, bf16), v in hot_ms.items():
@@ -198,9 +203,9 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
             ref = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ dn[0].double().t()
             del h
         else:
-            codec, rows, offs, bf16, ref_codec = fmts[f]
+            codec, rows, offs, bf16, ref_codec, fast, _ = fmts[f]
             t = pool.submit_quant(H, I, ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size, bf16, act, ALPHA,
-                                  LIMIT, offs, [x.data_ptr()], [k], [rows[0].data_ptr()], [e_out.data_ptr()])
+                                  LIMIT, offs, [x.data_ptr()], [k], [rows[0].data_ptr()], [e_out.data_ptr()], fast)
             pool.wait(t)
             ref = ck.reference_ffn(ref_codec, rows[0], x, act, ALPHA, LIMIT)
         d = (e_out.double() - ref).abs().max().item()
@@ -217,7 +222,8 @@ def bench_shape(C, name: str, H: int, I: int, k: int, gpt_oss: bool, args) -> di
                        **errors[f]}
     result = {"shape": name, "hidden": H, "intermediate": I, "experts_per_call": k, "gpt_oss_math": gpt_oss,
               "skipped": [f"{f}: its group size does not divide {H} / {I}" for f in skipped],
-              "kernel": pool.kernel(), "quant_kernel": pool.quant_kernel(), "threads": pool.threads(),
+              "kernel": pool.kernel(), "quant_kernel": pool.quant_kernel(), "quant_kernel_fast": pool.quant_kernel(True),
+              "threads": pool.threads(),
               "rotation_experts": {"bf16": n_bf16, **{f: fmts[f][1].shape[0] for f in fmts}},
               "host_read_gbps": {"median": host, "min": min(read_gbps), "max": max(read_gbps)},
               "formats": rows_out, "in_cache_one_expert": hot}
@@ -251,7 +257,8 @@ def write_md(res: dict, path: Path) -> None:
         h = s["host_read_gbps"]
         lines += [f"## {s['shape']}: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['experts_per_call']} "
                   f"experts per call{', GPT-OSS biases and clamp' if s['gpt_oss_math'] else ''}", "",
-                  f"Kernels {s['kernel']} (bf16) / {s['quant_kernel']} (compressed), {s['threads']} thread(s); host "
+                  f"Kernels {s['kernel']} (bf16) / {s['quant_kernel']} (compressed) / {s['quant_kernel_fast']} (compressed, "
+                  f"fast), {s['threads']} thread(s); host "
                   f"read {h['median']:.1f} GB/s (range {h['min']:.1f}-{h['max']:.1f}) with the same threads.", "",
                   "| format | ms (median) | range | speed-up vs bf16 | MB per call | effective GB/s | of host read "
                   "| max abs err | max rel err |", "|---|---|---|---|---|---|---|---|---|"]
@@ -280,6 +287,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(ROOT / "eval" / "results"))
     p.add_argument("--name", default="quant_cpu_kernels", help="output file stem")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run; not a measurement)")
+    p.add_argument("--no-fp32", action="store_true", help="skip the fp32-compute rows (a shorter run)")
     args = p.parse_args()
     C = extension()
     if C is None:

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from moecache._ext import extension
+from moecache.errors import ConfigError
 from moecache.quant import ExpertCodec, ExpertFormat, quantize_dequantize_
 from moecache.runtime import cpu_kernel as ck
 from moecache.runtime import offload
+from moecache.runtime.hybrid import HybridConfig
 from moecache.runtime.layout import SlotLayout
 
 from .test_hybrid import _assert_close_run
@@ -84,7 +88,7 @@ def _offsets_of(codec: ExpertCodec) -> dict:
 
 
 def run_pool(kernel: str, codec: ExpertCodec, rows: torch.Tensor, xs: list[torch.Tensor], experts: list[int],
-             act: int, threads: int = 1) -> tuple[list[torch.Tensor], str]:
+             act: int, threads: int = 1, fast: bool = False) -> tuple[list[torch.Tensor], str]:
     """One task of ``len(xs)`` expert jobs through ``CpuExpertPool.submit_quant``; outputs and the kernel name."""
     pool = extension().CpuExpertPool(threads, kernel)
     k = _offsets_of(codec)
@@ -93,9 +97,9 @@ def run_pool(kernel: str, codec: ExpertCodec, rows: torch.Tensor, xs: list[torch
         t = pool.submit_quant(k["H"], k["I"], ck.QUANT_FORMAT_CODES[codec.fmt.name], codec.fmt.group_size,
                               codec.dense.dtype == torch.bfloat16, act, ALPHA, LIMIT, k["offsets"],
                               [x.data_ptr() for x in xs], [x.shape[0] for x in xs],
-                              [rows[e].data_ptr() for e in experts], [o.data_ptr() for o in outs])
+                              [rows[e].data_ptr() for e in experts], [o.data_ptr() for o in outs], fast)
         pool.wait(t)
-        return outs, pool.quant_kernel()
+        return outs, pool.quant_kernel(fast)
     finally:
         pool.close()
 
@@ -151,6 +155,86 @@ def test_tokens_and_threads_do_not_change_the_bits(fmt, group):
     (together,), _ = run_pool(kernel, codec, rows, [x], [1], ck.ACT_SILU, threads=3)
     alone, _ = run_pool(kernel, codec, rows, [x[i:i + 1] for i in range(9)], [1] * 9, ck.ACT_SILU, threads=1)
     assert torch.equal(together, torch.cat(alone))
+
+
+# -- the fast mode (int16 activations, integer dot products) ----------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_fast_mode_within_its_tolerance_on_every_isa(fmt, group):
+    """The fast mode against the exact reference (weights rounded to the compute dtype) within
+    its tolerance (``quant_fast_rtol``), fp32 and bf16, SiLU and GPT-OSS, 1 and 5 tokens, on every instruction set (an odd
+    number of groups: the last of a pair of 32-groups runs alone); and the instruction sets agree with the
+    portable one within 1e-4 (the same integer sums, scaled in another order: fp32 rounding, which can move
+    an intermediate activation across an int16 rounding boundary)."""
+    H, I = 3 * group, 2 * group
+    for dtype in (torch.float32, torch.bfloat16):
+        for gpt_oss in (False, True):
+            codec, rows = make_store(H, I, fmt, group, dtype, gpt_oss, seed=group + (7 if gpt_oss else 0))
+            act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
+            gen = torch.Generator().manual_seed(1)
+            xs = [torch.randn(1, H, generator=gen), torch.randn(5, H, generator=gen)]
+            refs = [ck.reference_ffn(codec, rows[e], x, act, ALPHA, LIMIT) for x, e in zip(xs, [1, 0])]
+            portable = None
+            for kernel in _isas():
+                outs, name = run_pool(kernel, codec, rows, xs, [1, 0], act, fast=True)
+                assert name.startswith(kernel) and name.endswith("-int16"), name
+                for out, ref in zip(outs, refs):
+                    assert 0 < _rel_err(out, ref) <= ck.quant_fast_rtol(fmt, dtype), (kernel, dtype, gpt_oss)
+                if portable is None:
+                    portable = outs
+                for out, p in zip(outs, portable):
+                    assert ((out - p).abs().max() / p.abs().max()).item() <= 1e-4, (kernel, dtype, gpt_oss)
+
+
+#: Expert shapes (H, I, GPT-OSS math) of the three families: DeepSeek-V2-Lite's and GPT-OSS-20B's whole;
+#: Mixtral's hidden size with its intermediate size cut to 1/14 (the float64 reference of a whole one is ~1 GB).
+FAMILY_SHAPES = {"deepseek": (2048, 1408, False), "mixtral": (4096, 1024, False), "gptoss": (2880, 2880, True)}
+
+
+@needs_ext
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(family=st.sampled_from(sorted(FAMILY_SHAPES)), fmt_group=st.sampled_from(FORMATS), tokens=st.integers(1, 3),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_fast_mode_tolerance_on_family_shapes(family, fmt_group, tokens, seed, scale):
+    """On the families' expert shapes (bf16 compute, the best instruction set), with activations of any
+    scale: the fast mode within its tolerance of the exact reference."""
+    fmt, group = fmt_group
+    H, I, gpt_oss = FAMILY_SHAPES[family]
+    if H % group or I % group:  # GPT-OSS's 2880 takes groups of 32 or 64
+        group = 32 if fmt != "int8" or H % 64 else 64
+    codec, rows = make_store(H, I, fmt, group, torch.bfloat16, gpt_oss, E=1, seed=seed)
+    act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(seed)) * scale
+    (out,), _ = run_pool(_isas()[-1], codec, rows, [x], [0], act, fast=True)
+    ref = ck.reference_ffn(codec, rows[0], x, act, ALPHA, LIMIT)
+    assert _rel_err(out, ref) <= ck.quant_fast_rtol(fmt, torch.bfloat16), (family, fmt, group)
+
+
+@needs_ext
+def test_fast_mode_tokens_and_threads_do_not_change_the_bits():
+    """As the exact mode: one token alone or among 7, 1 or 3 threads: the same bits."""
+    for fmt, group in [("int8", 64), ("int4", 32), ("int4", 128), ("mxfp4", 32)]:
+        codec, rows = make_store(384, 128, fmt, group, torch.bfloat16, False, seed=5)
+        x = torch.randn(7, 384, generator=torch.Generator().manual_seed(4))
+        for kernel in _isas():
+            (together,), _ = run_pool(kernel, codec, rows, [x], [1], ck.ACT_SILU, threads=3, fast=True)
+            alone, _ = run_pool(kernel, codec, rows, [x[i:i + 1] for i in range(7)], [1] * 7, ck.ACT_SILU, fast=True)
+            assert torch.equal(together, torch.cat(alone)), (fmt, group, kernel)
+
+
+@needs_ext
+def test_fast_mode_zero_and_extreme_activations():
+    """An all-zero token gives exactly zero (no bias); a token with one huge input keeps the others'
+    contribution within the tolerance of the reference only where the group holds them (per-group scales)."""
+    codec, rows = make_store(128, 64, "int4", 32, torch.float32, False, seed=2)
+    zero = torch.zeros(1, 128)
+    (out,), _ = run_pool(_isas()[-1], codec, rows, [zero], [0], ck.ACT_SILU, fast=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+    x[0, 5] = 1e4  # an outlier in the first group only
+    (out,), _ = run_pool(_isas()[-1], codec, rows, [x], [0], ck.ACT_SILU, fast=True)
+    assert _rel_err(out, ck.reference_ffn(codec, rows[0], x, ck.ACT_SILU)) <= ck.QUANT_FAST_RTOL
 
 
 @needs_ext
@@ -234,7 +318,8 @@ def test_hybrid_compressed_equals_quantize_dequantize_in_place(family, dtype, fm
     ref = quantize_dequantize_(_model(family, dtype), ExpertFormat(fmt, 32))
     expect = _gen(ref)
     m = _model(family, dtype)
-    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32, hybrid=rule)
+    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32,
+                hybrid=HybridConfig(rule=rule, quant_mode="exact"))
     got = _gen(m)
     s = h.stats()
     h.remove()
@@ -245,6 +330,26 @@ def test_hybrid_compressed_equals_quantize_dequantize_in_place(family, dtype, fm
         _assert_close_run(got, expect, logit_tol=1e-4, gap=1e-3)
     else:
         _assert_close_run(got, expect, logit_tol=0.05, gap=0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("family,dtype,fmt", [("mixtral", torch.float32, "int4"), ("gpt_oss", torch.bfloat16, "int8")])
+def test_hybrid_compressed_fast_mode_is_the_default(family, dtype, fmt):
+    """Without quant_mode, compressed experts run in the fast mode (the stats name its kernel); the model
+    stays close to the one quantized and dequantized in place: fp32 logits within 1e-2 (int16 activations,
+    weights not rounded), bf16 within 0.05, tokens equal where the gap is clear; a bad mode is refused."""
+    ref = quantize_dequantize_(_model(family, dtype), ExpertFormat(fmt, 32))
+    expect = _gen(ref)
+    m = _model(family, dtype)
+    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32, hybrid="cpu")
+    got = _gen(m)
+    s = h.stats()
+    h.remove()
+    assert s["cpu_experts"] > 0 and s["cpu_kernel"].endswith("-int16")
+    _assert_close_run(got, expect, logit_tol=1e-2 if dtype == torch.float32 else 0.05, gap=0.1)
+    with pytest.raises(ConfigError, match="quant_mode='fastest' is unknown; valid: fast, exact"):
+        offload(_model(family, dtype), cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32,
+                hybrid=HybridConfig(rule="cpu", quant_mode="fastest"))
 
 
 @needs_ext
@@ -294,7 +399,8 @@ def test_hybrid_auto_calibrates_on_compressed_rows(monkeypatch, tmp_path):
     ref = quantize_dequantize_(_model("gpt_oss", torch.float32), ExpertFormat("int4", 32))
     expect = _gen(ref, 3)
     m = _model("gpt_oss", torch.float32)
-    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype="int4", group_size=32, hybrid=True)
+    h = offload(m, cache_slots=4, device="cpu", engine="sync", expert_dtype="int4", group_size=32,
+                hybrid=HybridConfig(quant_mode="exact"))
     got = _gen(m, 3)
     s = h.stats()
     h.remove()

@@ -6,11 +6,19 @@ clamped SwiGLU); ``TorchKernel`` runs the model's own experts class on host view
 experts expanded from their compressed rows where the store is compressed) for anything else, or where
 the extension is missing or disabled. ``make_kernel`` picks one and says why.
 
-Compressed experts on the C++ kernel: every weight is dequantized as ``moecache.quant`` states it
-(fp32, rounded once to the compute dtype), the sums run in fp32 and the biases and the activation are
-applied in fp32; the output is rounded to the model dtype once, by the caller. Against the torch
-reference (``reference_ffn``: the same dequantized weights, float64 sums) the kernel's output is within
-``QUANT_RTOL`` of the output's largest magnitude (tests/test_cpu_quant_kernels.py)."""
+Compressed experts on the C++ kernel run in one of two modes (``QUANT_MODES``; ``HybridConfig.quant_mode``):
+
+* ``exact``: every weight is dequantized as ``moecache.quant`` states it (fp32, rounded once to the compute
+  dtype), the sums run in fp32 and the biases and the activation are applied in fp32; the output is
+  rounded to the model dtype once, by the caller. Against the torch reference (``reference_ffn``: the same
+  dequantized weights, float64 sums) the output is within ``QUANT_RTOL`` of its largest magnitude.
+* ``fast`` (the default): each token row (and the down projection's input) is quantized once to int16
+  per group of the weights' group size, and the kernel multiplies the weights' integer codes by it in
+  int32 (AVX512-VNNI where present), applying each group's scales once (csrc/cpu_expert_quant.h). The
+  weights are used as dequantized in fp32, not rounded to bf16. Against the same reference the output is
+  within ``quant_fast_rtol(format, compute dtype)`` of its largest magnitude.
+
+Both tolerances are asserted by tests/test_cpu_quant_kernels.py."""
 
 from __future__ import annotations
 
@@ -63,6 +71,20 @@ ACT_SILU, ACT_GPT_OSS = 0, 1
 #: Tolerance of the compressed C++ kernel against ``reference_ffn``: max |kernel - reference| over the
 #: output's max |reference| (fp32 sums in another order than float64 ones, over up to ~15k inputs).
 QUANT_RTOL = 1e-5
+#: The compressed kernel's modes (see the module docstring); the first is the default.
+QUANT_MODES = ("fast", "exact")
+#: Tolerances of the fast mode against ``reference_ffn`` (same measure as ``QUANT_RTOL``). Where the
+#: reference's weights are the fp32 dequantized ones (fp32 compute dtype, or MXFP4, exact in bf16), only
+#: the int16 activations differ (a relative 2^-16 of each group's largest, twice): ``QUANT_FAST_RTOL``.
+#: For int8/int4 with a bf16 compute dtype the reference rounds every weight to bf16 (up to 2^-9
+#: relative) and the fast mode does not: ``QUANT_FAST_BF16_RTOL``.
+QUANT_FAST_RTOL = 2e-4
+QUANT_FAST_BF16_RTOL = 1e-2
+
+
+def quant_fast_rtol(fmt: str, compute_dtype: torch.dtype) -> float:
+    """The fast mode's tolerance for ``fmt`` experts computed in ``compute_dtype`` (see above)."""
+    return QUANT_FAST_BF16_RTOL if compute_dtype == torch.bfloat16 and fmt != "mxfp4" else QUANT_FAST_RTOL
 
 
 def _matrix_shape(ki: Any) -> tuple[int, int]:
@@ -249,12 +271,16 @@ class CppQuantKernel(CppKernel):
     """``moecache._C.CpuExpertPool`` over the host store's compressed rows (read in place, dequantized in
     registers; ``csrc/cpu_expert_quant.cpp``)."""
 
-    def __init__(self, store: Any, threads: int, kernel: str, pin: bool, act: int, alpha: float, limit: float):
+    def __init__(self, store: Any, threads: int, kernel: str, pin: bool, act: int, alpha: float, limit: float,
+                 mode: str = QUANT_MODES[0]):
         C = extension()
         assert C is not None
+        if mode not in QUANT_MODES:
+            raise ConfigError(f"quant_mode={mode!r} is unknown; valid: {', '.join(QUANT_MODES)}")
         codec: ExpertCodec = store.layout
         self._pool = C.CpuExpertPool(int(threads), kernel)
-        self.name = self._pool.quant_kernel()
+        self.fast = mode == "fast"
+        self.name = self._pool.quant_kernel(self.fast)
         self.threads = int(self._pool.threads())
         kinds = {k.name: k for k in codec.kinds}
         self.H, self.I = _matrix_shape(kinds["down_proj"])
@@ -279,7 +305,7 @@ class CppQuantKernel(CppKernel):
             off += n
         ticket = self._pool.submit_quant(self.H, self.I, self.fmt, self.group, self.bf16, self.act, self.alpha,
                                          self.limit, self.offsets, xs, list(sizes),
-                                         [self._rows[layer][e] for e in experts], outs)
+                                         [self._rows[layer][e] for e in experts], outs, self.fast)
         return ticket, x32, out
 
 
@@ -331,9 +357,10 @@ class TorchKernel(CpuKernel):
 
 
 def make_kernel(kernel: str, threads: int | None, originals: Sequence[nn.Module], store: Any, num_experts: int,
-                pin: bool) -> tuple[CpuKernel, str | None]:
+                pin: bool, quant_mode: str = QUANT_MODES[0]) -> tuple[CpuKernel, str | None]:
     """The CPU kernel for this model (``kernel``: a ``CPU_KERNELS`` name; ``threads``: the C++ pool's
-    threads, default ``default_threads()``), and why it is the torch one (None when it is the C++ one)."""
+    threads, default ``default_threads()``; ``quant_mode``: a ``QUANT_MODES`` name, for compressed experts
+    on the C++ kernel), and why it is the torch one (None when it is the C++ one)."""
     codec = store.layout if isinstance(store.layout, ExpertCodec) else None
     act, alpha, limit = ACT_SILU, 0.0, 0.0
     if kernel == "torch":
@@ -346,6 +373,6 @@ def make_kernel(kernel: str, threads: int | None, originals: Sequence[nn.Module]
         why = swiglu_mismatch(originals[0], {k.name: k.shape for k in store.layout.kinds}, store.layout.dtype)
     if why is None:
         if codec is not None:
-            return CppQuantKernel(store, threads or default_threads(), kernel, pin, act, alpha, limit), None
+            return CppQuantKernel(store, threads or default_threads(), kernel, pin, act, alpha, limit, quant_mode), None
         return CppKernel(store, threads or default_threads(), kernel, pin), None
     return TorchKernel(originals, store, num_experts), why

@@ -70,7 +70,7 @@ from ..cost.timing import reuse_rate
 from ..errors import ConfigError
 from .calibration import (cached_calibration, calibrate, calibration_key, calibration_path, hidden_size,
                           save_calibration)
-from .cpu_kernel import CPU_KERNELS, ENV_KERNEL, CpuKernel, make_kernel
+from .cpu_kernel import CPU_KERNELS, ENV_KERNEL, QUANT_MODES, CpuKernel, make_kernel
 from .hybrid_rules import HYBRID_RULES, LayerQueues, OnlineCosts
 from .stats import RuntimeCounters
 
@@ -89,7 +89,11 @@ class HybridConfig:
     * ``kernel``: a ``CPU_KERNELS`` name (default ``$MOECACHE_CPU_KERNEL`` or ``auto``);
     * ``profile``: costs for ``auto`` instead of calibrating (a ``HardwareProfile`` or a JSON path);
     * ``cache_dir``: where calibrations are cached (default ``$MOECACHE_CACHE_DIR`` or
-      ``~/.cache/moecache``); ``recalibrate``: measure even when a cached calibration exists.
+      ``~/.cache/moecache``); ``recalibrate``: measure even when a cached calibration exists;
+    * ``quant_mode``: how the C++ kernel runs compressed experts, a ``QUANT_MODES`` name: ``fast``
+      (default; int16 activations, integer dot products, within ``QUANT_FAST_RTOL``) or ``exact`` (every
+      weight dequantized and rounded as ``moecache.quant`` states it, within ``QUANT_RTOL``). Dense
+      experts always run exact.
     """
 
     rule: str = "auto"
@@ -98,6 +102,7 @@ class HybridConfig:
     profile: HardwareProfile | str | None = None
     cache_dir: str | None = None
     recalibrate: bool = False
+    quant_mode: str = QUANT_MODES[0]
 
     @classmethod
     def resolve(cls, spec: Any) -> "HybridConfig | None":
@@ -118,7 +123,9 @@ class HybridConfig:
                               f"unknown; valid: {', '.join(CPU_KERNELS)}")
         if spec.threads is not None and int(spec.threads) < 1:
             raise ConfigError(f"hybrid threads must be >= 1, got {spec.threads}")
-        return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate)
+        if spec.quant_mode not in QUANT_MODES:
+            raise ConfigError(f"hybrid quant_mode={spec.quant_mode!r} is unknown; valid: {', '.join(QUANT_MODES)}")
+        return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate, spec.quant_mode)
 
 
 # -- the executor the runtime calls -----------------------------------------------------------------
@@ -321,7 +328,8 @@ def make_hybrid(spec: Any, runtime: Any) -> HybridExecutor | None:
         return None
     store, pool = runtime.store, runtime.pool
     originals = [layer.original for layer in runtime.layers]
-    kernel, why = make_kernel(cfg.kernel, cfg.threads, originals, store, runtime.E, pin=pool.device.type == "cuda")
+    kernel, why = make_kernel(cfg.kernel, cfg.threads, originals, store, runtime.E, pin=pool.device.type == "cuda",
+                              quant_mode=cfg.quant_mode)
     costs: HardwareProfile | None = None
     source = None
     if HYBRID_RULES.get(cfg.rule).needs_costs:
