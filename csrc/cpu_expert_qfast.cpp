@@ -96,6 +96,16 @@ void qf_portable(const QSpec& s, const QRow* rows, int rb, const QxTok* x, int t
 #ifdef MOECACHE_X86
 constexpr int64_t QF_PREFETCH = 1024;  // bytes ahead along each row's codes
 
+// RB times the spacing of rows[0] and rows[1]'s `part` when RB > 1 and the first RB rows are evenly spaced
+// (the next row block's same offset), else `fallback`.
+inline int64_t ahead(const QRow* rows, int rb, const uint8_t* QRow::*part, int64_t fallback) {
+  if (rb < 2 || rows[0].*part == nullptr) return fallback;
+  const int64_t d = rows[1].*part - rows[0].*part;
+  for (int r = 2; r < rb; ++r)
+    if (rows[r].*part - rows[r - 1].*part != d) return fallback;
+  return d > 0 && d <= (int64_t{1} << 20) ? d * rb : fallback;
+}
+
 // ---- AVX-512: with VNNI (vpdpwssd) and without (vpmaddwd + vpaddd) ----------------------------------
 #define QF_NAME qf_avx512_vnni
 #define QF_TARGET MC_F512V

@@ -15,6 +15,12 @@ SciPy excluded, as in training), ``--calib-chunks`` chunks of 512 bytes. Results
 ``eval/results/quant_quality.json`` (one key per format and chunk count), so formats can run as
 separate processes (each well under ten minutes on the 2-core VM).
 
+``--cpu-kernel exact|fast`` (``bpb`` only, compressed formats): instead of quantizing in place, the bf16
+model is offloaded with ``expert_dtype`` (moecache's own quantization: the clipping search on the plain
+weight error, no calibration) and one cache slot per layer, with every miss run by the C++ CPU kernel
+from the compressed rows in that ``quant_mode`` (``HybridConfig(rule="cpu")``): the fast mode's quality
+against the exact one on the same codes. Entries are keyed ``FORMAT@cpu-MODE``.
+
 ``agree``: greedy decoding of 256 tokens from 8 prompts (the first bytes of held-out chunks spread
 through the file), the fraction of generated tokens equal to the bf16 model's, position by position.
 """
@@ -103,6 +109,20 @@ def load_model(model_dir: Path, spec: str, calib_chunks: int):
     return model
 
 
+def offload_cpu_kernel(model, spec: str, mode: str, threads: int):
+    """``model`` offloaded with the format of ``spec`` (no ``-rtn``), one slot per layer, every miss on the C++
+    CPU kernel in ``mode``; returns the offload handle."""
+    from moecache.runtime import offload
+    from moecache.runtime.hybrid import HybridConfig
+
+    fmt, rtn = parse_format(spec)
+    if fmt is None or rtn:
+        raise SystemExit(f"--cpu-kernel takes compressed formats without -rtn (offload quantizes itself); got {spec!r}")
+    layers = model.config.num_hidden_layers
+    return offload(model, cache_slots=layers, device="cpu", engine="sync", expert_dtype=fmt.name,
+                   group_size=fmt.group_size, hybrid=HybridConfig(rule="cpu", threads=threads, quant_mode=mode))
+
+
 def bits_per_byte(model, data: bytes, chunks: int, batch: int, progress: bool) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
@@ -153,7 +173,11 @@ def main() -> int:
     ap.add_argument("--calib-chunks", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-kernel", choices=("exact", "fast"), default=None,
+                    help="bpb through the offloaded model's C++ CPU kernel in this quant_mode (see above)")
     args = ap.parse_args()
+    if args.cpu_kernel and args.what != "bpb":
+        ap.error("--cpu-kernel goes with bpb")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -168,11 +192,18 @@ def main() -> int:
     progress = sys.stderr.isatty()
     for spec in args.formats.split(","):
         t0 = time.perf_counter()
-        model = load_model(args.model, spec, args.calib_chunks)
+        handle = None
+        if args.cpu_kernel:
+            model = load_model(args.model, "bf16", 0)
+            handle = offload_cpu_kernel(model, spec, args.cpu_kernel, args.threads)
+        else:
+            model = load_model(args.model, spec, args.calib_chunks)
         t1 = time.perf_counter()
         fmt, rtn = parse_format(spec)
         method = "bf16" if fmt is None else ("round-to-nearest" if rtn else
                                              ("GPTQ" if args.calib_chunks else "clipping search"))
+        if handle is not None:
+            method = f"offload's clipping search, CPU kernel {args.cpu_kernel} mode"
         stamp = {"method": method, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.node(),
                  "threads": args.threads, "command": " ".join(sys.argv), "calib_chunks": args.calib_chunks,
                  "quantize_s": round(t1 - t0, 1)}
@@ -180,6 +211,12 @@ def main() -> int:
             bpb, n = bits_per_byte(model, data, chunks, args.batch, progress)
             stamp.update(bits_per_byte=bpb, predicted_bytes=n, chunks=chunks, start=args.start,
                          eval_s=round(time.perf_counter() - t1, 1))
+            if handle is not None:
+                st = handle.stats()
+                stamp.update(cpu_kernel=st["cpu_kernel"], cpu_experts=st["cpu_experts"],
+                             cpu_kernel_experts=st["cpu_kernel_experts"])
+                handle.remove()
+                spec = f"{spec}@cpu-{args.cpu_kernel}"
             _merge(f"bpb/{spec}/{args.start}+{chunks}", stamp)
             print(f"{spec}: {bpb:.5f} bits/byte over {n} bytes ({chunks} chunks) in {time.perf_counter() - t1:.0f} s")
         else:
