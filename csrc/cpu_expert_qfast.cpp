@@ -96,14 +96,16 @@ void qf_portable(const QSpec& s, const QRow* rows, int rb, const QxTok* x, int t
 #ifdef MOECACHE_X86
 constexpr int64_t QF_PREFETCH = 1024;  // bytes ahead along each row's codes
 
-// RB times the spacing of rows[0] and rows[1]'s `part` when RB > 1 and the first RB rows are evenly spaced
-// (the next row block's same offset), else `fallback`.
-inline int64_t ahead(const QRow* rows, int rb, const uint8_t* QRow::*part, int64_t fallback) {
-  if (rb < 2 || rows[0].*part == nullptr) return fallback;
+// How far ahead a row prefetches its `part`: where the first rb rows are evenly spaced by d bytes (as in an
+// expert's matrix) and rows are short (d < 2 * along), the next row block's same offset (rb * d: the
+// rows of this block are already being read); otherwise `along` bytes further along the row (a long row
+// is read chunk by chunk, and one block ahead would be too early for L1).
+inline int64_t ahead(const QRow* rows, int rb, const uint8_t* QRow::*part, int64_t along) {
+  if (rb < 2 || rows[0].*part == nullptr) return along;
   const int64_t d = rows[1].*part - rows[0].*part;
   for (int r = 2; r < rb; ++r)
-    if (rows[r].*part - rows[r - 1].*part != d) return fallback;
-  return d > 0 && d <= (int64_t{1} << 20) ? d * rb : fallback;
+    if (rows[r].*part - rows[r - 1].*part != d) return along;
+  return d > 0 && d < 2 * along ? d * rb : along;
 }
 
 // ---- AVX-512: with VNNI (vpdpwssd) and without (vpmaddwd + vpaddd) ----------------------------------
