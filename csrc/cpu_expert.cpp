@@ -912,6 +912,14 @@ class CpuExpertPool::Impl {
   void dots_qf(const QSpec& spec, const QRow* rows, int64_t nrows, int64_t n, const QxTok* x, int64_t P,
                float* part) const {
     std::fill(part, part + nrows * P, 0.f);
+    if (P <= qfk_.tb) {  // one register block of tokens: each row block's rows read start to end, in turn
+      for (int64_t i0 = 0; i0 < nrows; i0 += qfk_.rb) {
+        const int rb = static_cast<int>(std::min<int64_t>(qfk_.rb, nrows - i0));
+        for (int64_t k0 = 0; k0 < n; k0 += CHUNK)
+          qfk_.block(spec, rows + i0, rb, x, static_cast<int>(P), k0, std::min(n, k0 + CHUNK), part + i0 * P, P);
+      }
+      return;
+    }
     for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
       const int64_t k1 = std::min(n, k0 + CHUNK);
       for (int64_t i0 = 0; i0 < nrows; i0 += qfk_.rb) {
@@ -922,6 +930,13 @@ class CpuExpertPool::Impl {
         }
       }
     }
+  }
+
+  // Each row's `next`: for rows of fewer than 2 KiB of codes, the row one register block of `rb` rows later
+  // (the fast kernels prefetch it at the offset they read: the next block starts warm); longer rows
+  // prefetch along themselves (nullptr).
+  static void link_next(QRow* rows, int64_t n, int rb, int64_t row_bytes) {
+    for (int64_t i = 0; i < n; ++i) rows[i].next = row_bytes < 2048 && i + rb < n ? rows[i + rb].q : nullptr;
   }
 
   // The quantized token rows of a job's x (phase 1) or act (phase 2), for dots_qf.
@@ -951,6 +966,7 @@ class CpuExpertPool::Impl {
       }
       part.resize(static_cast<size_t>(2 * nr * P));
       if (q.fast) {
+        link_next(rows.data(), 2 * nr, qfk_.rb, q.q_stride[0]);
         qx_rows(q, jb, false, H, qx);
         dots_qf(q.spec, rows.data(), 2 * nr, H, qx.data(), P, part.data());
       } else {
@@ -992,6 +1008,7 @@ class CpuExpertPool::Impl {
       for (int64_t i = 0; i < nr; ++i) rows[i] = qrow(q, jb.base, 1, r0 + i);
       part.resize(static_cast<size_t>(nr * P));
       if (q.fast) {
+        link_next(rows.data(), nr, qfk_.rb, q.q_stride[1]);
         qx_rows(q, jb, true, I, qx);
         dots_qf(q.spec, rows.data(), nr, I, qx.data(), P, part.data());
       } else {
