@@ -932,11 +932,10 @@ class CpuExpertPool::Impl {
     }
   }
 
-  // Each row's `next`: for rows of fewer than 2 KiB of codes, the row one register block of `rb` rows later
-  // (the fast kernels prefetch it at the offset they read: the next block starts warm); longer rows
-  // prefetch along themselves (nullptr).
-  static void link_next(QRow* rows, int64_t n, int rb, int64_t row_bytes) {
-    for (int64_t i = 0; i < n; ++i) rows[i].next = row_bytes < 2048 && i + rb < n ? rows[i + rb].q : nullptr;
+  // Each row's `next`: the row one register block of `rb` rows later, which the fast kernels prefetch at the
+  // offset they read, so the next block's rows arrive while this one computes (the last block: none).
+  static void link_next(QRow* rows, int64_t n, int rb) {
+    for (int64_t i = 0; i < n; ++i) rows[i].next = i + rb < n ? rows[i + rb].q : nullptr;
   }
 
   // The quantized token rows of a job's x (phase 1) or act (phase 2), for dots_qf.
@@ -966,7 +965,7 @@ class CpuExpertPool::Impl {
       }
       part.resize(static_cast<size_t>(2 * nr * P));
       if (q.fast) {
-        link_next(rows.data(), 2 * nr, qfk_.rb, q.q_stride[0]);
+        link_next(rows.data(), 2 * nr, qfk_.rb);
         qx_rows(q, jb, false, H, qx);
         dots_qf(q.spec, rows.data(), 2 * nr, H, qx.data(), P, part.data());
       } else {
@@ -1008,7 +1007,7 @@ class CpuExpertPool::Impl {
       for (int64_t i = 0; i < nr; ++i) rows[i] = qrow(q, jb.base, 1, r0 + i);
       part.resize(static_cast<size_t>(nr * P));
       if (q.fast) {
-        link_next(rows.data(), nr, qfk_.rb, q.q_stride[1]);
+        link_next(rows.data(), nr, qfk_.rb);
         qx_rows(q, jb, true, I, qx);
         dots_qf(q.spec, rows.data(), nr, I, qx.data(), P, part.data());
       } else {

@@ -95,6 +95,7 @@ void qf_portable(const QSpec& s, const QRow* rows, int rb, const QxTok* x, int t
 
 #ifdef MOECACHE_X86
 constexpr int64_t QF_PREFETCH = 1024;  // bytes ahead along each row's codes
+#define QF_HINT _MM_HINT_T0
 
 // How far ahead a row prefetches its `part`: where the first rb rows are evenly spaced by d bytes (as in an
 // expert's matrix) and rows are short (d < 2 * along), the next row block's same offset (rb * d: the

@@ -22,7 +22,7 @@ struct QRow {
   const uint8_t* scale;
   const uint8_t* zero;  // nullptr for mxfp4
   // The fast kernels only: the codes of the row one register block later, which they prefetch at the
-  // offset they read (nullptr: they prefetch further along this row).
+  // offset they read (nullptr: they prefetch further along this row, or the rows after it).
   const uint8_t* next = nullptr;
 };
 
