@@ -16,9 +16,8 @@ Compressed experts on the C++ kernel run in one of two modes (``QUANT_MODES``; `
   per group of the weights' group size, and the kernel multiplies the weights' integer codes by it in
   int32 (AVX512-VNNI where present), applying each group's scales once (csrc/cpu_expert_quant.h). The
   weights are used as dequantized in fp32, not rounded to bf16. Against the same reference the output is
-  within ``quant_fast_rtol(format, compute dtype)`` of its largest magnitude. MXFP4 runs the exact kernel
-  in both modes: its weights are exact in bf16 and its 16-entry table costs no more than the integer path
-  (eval/results/quant_cpu_kernels.md), so the fast mode would lose exactness for nothing.
+  within ``quant_fast_rtol(format, compute dtype)`` of its largest magnitude (MXFP4 too: its codes are
+  small integers, 2 * e2m1, times the block's power of two).
 
 Both tolerances are asserted by tests/test_cpu_quant_kernels.py."""
 
@@ -281,7 +280,7 @@ class CppQuantKernel(CppKernel):
             raise ConfigError(f"quant_mode={mode!r} is unknown; valid: {', '.join(QUANT_MODES)}")
         codec: ExpertCodec = store.layout
         self._pool = C.CpuExpertPool(int(threads), kernel)
-        self.fast = mode == "fast" and codec.fmt.name != "mxfp4"  # MXFP4: the exact kernel (module docstring)
+        self.fast = mode == "fast"
         self.name = self._pool.quant_kernel(self.fast)
         self.threads = int(self._pool.threads())
         kinds = {k.name: k for k in codec.kinds}
