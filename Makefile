@@ -15,7 +15,7 @@ $(VPY):
 venv: $(VPY)
 
 # Stamp file: reinstall when the packaging files change.
-$(VENV)/.installed: $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/sim/*.cpp csrc/sim/*.h csrc/cuda/*.cu)
+$(VENV)/.installed: $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/sim/*.cpp csrc/sim/*.h csrc/cuda/*.cu)
 	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "setuptools>=77" wheel "pybind11>=2.11"
 	$(PIP) install -q --no-build-isolation -e ".[test,plot,ray]"

@@ -347,9 +347,21 @@ def test_hybrid_compressed_fast_mode_is_the_default(family, dtype, fmt):
     h.remove()
     assert s["cpu_experts"] > 0 and s["cpu_kernel"].endswith("-int16")
     _assert_close_run(got, expect, logit_tol=1e-2 if dtype == torch.float32 else 0.05, gap=0.1)
-    with pytest.raises(ConfigError, match="quant_mode='fastest' is unknown; valid: fast, exact"):
+    with pytest.raises(ConfigError, match="quant_mode='fastest' .from HybridConfig. is unknown; valid: fast, exact"):
         offload(_model(family, dtype), cache_slots=4, device="cpu", engine="sync", expert_dtype=fmt, group_size=32,
                 hybrid=HybridConfig(rule="cpu", quant_mode="fastest"))
+
+
+def test_quant_mode_from_the_environment(monkeypatch):
+    """``$MOECACHE_CPU_QUANT_MODE`` sets the mode where HybridConfig does not (CLI runs); a bad value is
+    refused naming the variable; HybridConfig's own value wins."""
+    assert HybridConfig.resolve("cpu").quant_mode == "fast"
+    monkeypatch.setenv(ck.ENV_QUANT_MODE, "exact")
+    assert HybridConfig.resolve("cpu").quant_mode == "exact"
+    assert HybridConfig.resolve(HybridConfig(rule="cpu", quant_mode="fast")).quant_mode == "fast"
+    monkeypatch.setenv(ck.ENV_QUANT_MODE, "quick")
+    with pytest.raises(ConfigError, match="quant_mode='quick' .from MOECACHE_CPU_QUANT_MODE. is unknown"):
+        HybridConfig.resolve("cpu")
 
 
 @needs_ext

@@ -74,6 +74,8 @@ ACT_SILU, ACT_GPT_OSS = 0, 1
 QUANT_RTOL = 1e-5
 #: The compressed kernel's modes (see the module docstring); the first is the default.
 QUANT_MODES = ("fast", "exact")
+#: Environment variable that sets the mode where ``HybridConfig.quant_mode`` is not given (CLI runs).
+ENV_QUANT_MODE = "MOECACHE_CPU_QUANT_MODE"
 #: Tolerances of the fast mode against ``reference_ffn`` (same measure as ``QUANT_RTOL``). Where the
 #: reference's weights are the fp32 dequantized ones (fp32 compute dtype, or MXFP4, exact in bf16), only
 #: the int16 activations differ (a relative 2^-16 of each group's largest, twice): ``QUANT_FAST_RTOL``.

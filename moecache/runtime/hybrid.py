@@ -70,7 +70,7 @@ from ..cost.timing import reuse_rate
 from ..errors import ConfigError
 from .calibration import (cached_calibration, calibrate, calibration_key, calibration_path, hidden_size,
                           save_calibration)
-from .cpu_kernel import CPU_KERNELS, ENV_KERNEL, QUANT_MODES, CpuKernel, make_kernel
+from .cpu_kernel import CPU_KERNELS, ENV_KERNEL, ENV_QUANT_MODE, QUANT_MODES, CpuKernel, make_kernel
 from .hybrid_rules import HYBRID_RULES, LayerQueues, OnlineCosts
 from .stats import RuntimeCounters
 
@@ -91,9 +91,9 @@ class HybridConfig:
     * ``cache_dir``: where calibrations are cached (default ``$MOECACHE_CACHE_DIR`` or
       ``~/.cache/moecache``); ``recalibrate``: measure even when a cached calibration exists;
     * ``quant_mode``: how the C++ kernel runs compressed experts, a ``QUANT_MODES`` name: ``fast``
-      (default; int16 activations, integer dot products, within ``QUANT_FAST_RTOL``) or ``exact`` (every
-      weight dequantized and rounded as ``moecache.quant`` states it, within ``QUANT_RTOL``). Dense
-      experts always run exact.
+      (int16 activations, integer dot products, within ``quant_fast_rtol``) or ``exact`` (every weight
+      dequantized and rounded as ``moecache.quant`` states it, within ``QUANT_RTOL``); default
+      ``$MOECACHE_CPU_QUANT_MODE`` or ``fast``. Dense experts always run exact.
     """
 
     rule: str = "auto"
@@ -102,7 +102,7 @@ class HybridConfig:
     profile: HardwareProfile | str | None = None
     cache_dir: str | None = None
     recalibrate: bool = False
-    quant_mode: str = QUANT_MODES[0]
+    quant_mode: str | None = None
 
     @classmethod
     def resolve(cls, spec: Any) -> "HybridConfig | None":
@@ -123,9 +123,11 @@ class HybridConfig:
                               f"unknown; valid: {', '.join(CPU_KERNELS)}")
         if spec.threads is not None and int(spec.threads) < 1:
             raise ConfigError(f"hybrid threads must be >= 1, got {spec.threads}")
-        if spec.quant_mode not in QUANT_MODES:
-            raise ConfigError(f"hybrid quant_mode={spec.quant_mode!r} is unknown; valid: {', '.join(QUANT_MODES)}")
-        return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate, spec.quant_mode)
+        mode = spec.quant_mode or os.environ.get(ENV_QUANT_MODE, "").strip().lower() or QUANT_MODES[0]
+        if mode not in QUANT_MODES:
+            raise ConfigError(f"hybrid quant_mode={mode!r} (from {'HybridConfig' if spec.quant_mode else ENV_QUANT_MODE}) "
+                              f"is unknown; valid: {', '.join(QUANT_MODES)}")
+        return cls(spec.rule, spec.threads, kernel, spec.profile, spec.cache_dir, spec.recalibrate, mode)
 
 
 # -- the executor the runtime calls -----------------------------------------------------------------
@@ -329,7 +331,7 @@ def make_hybrid(spec: Any, runtime: Any) -> HybridExecutor | None:
     store, pool = runtime.store, runtime.pool
     originals = [layer.original for layer in runtime.layers]
     kernel, why = make_kernel(cfg.kernel, cfg.threads, originals, store, runtime.E, pin=pool.device.type == "cuda",
-                              quant_mode=cfg.quant_mode)
+                              quant_mode=cfg.quant_mode or QUANT_MODES[0])
     costs: HardwareProfile | None = None
     source = None
     if HYBRID_RULES.get(cfg.rule).needs_costs:
