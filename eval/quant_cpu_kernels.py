@@ -1,6 +1,6 @@
 """CPU expert kernels on compressed experts against the bf16 kernel, at batch 1, on real expert shapes.
 
-    python eval/quant_cpu_kernels.py [--shapes deepseek,mixtral,gptoss] [--repeats 7] [--threads 1]
+    python eval/quant_cpu_kernels.py [--shapes deepseek,mixtral,gptoss] [--repeats 7] [--threads 1] [--no-fp32]
                                      [--rotate-mb 768] [--out-dir eval/results] [--quick]
 
 For each shape (DeepSeek-V2-Lite: hidden 2048, intermediate 1408, top-6; Mixtral-8x7B: 4096 x 14336,
