@@ -34,7 +34,7 @@ import re
 import sys
 import warnings
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ from .errors import ConfigError, UnsupportedModelError
 from .families import detect_family, find_moe_blocks, get_family
 from .runtime.hoststore import HostAllocator, HostStore
 from .runtime.layout import SlotLayout
-from .runtime.offload import OffloadHandle, check_supported, offload
+from .runtime.offload import OffloadHandle, check_offload_args, check_supported, offload
+from .predictors import PREDICTORS
 from .quant import ExpertCodec, resolve_format
 from .tensorfile import TensorFile
 
@@ -224,10 +225,13 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
                    experts_implementation: str | None, pin: bool | None,
                    progress: bool | None = None, host_memory: Any = "auto",
                    cache_slots: int | None = None, expert_dtype: Any = "auto",
-                   group_size: int | None = None) -> tuple[nn.Module, HostStore]:
+                   group_size: int | None = None,
+                   precheck: Callable[[nn.Module, HostStore], None] | None = None) -> tuple[nn.Module, HostStore]:
     """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store
     (compressed when ``expert_dtype`` asks, or when the checkpoint's experts are MXFP4: then kept as stored).
-    ``progress``: a bar over the tensors read (None: where stderr is a terminal)."""
+    ``progress``: a bar over the tensors read (None: where stderr is a terminal). ``precheck(model, store)``
+    runs on the meta-device model and the still empty store before any weight is read (``from_pretrained``
+    checks ``offload``'s arguments there, so a budget that cannot work fails before minutes of reading)."""
     stored = checkpoint_format(path)
     fmt = resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # refused before anything is read
     model = _build_meta_model(path, dtype, experts_implementation)
@@ -249,6 +253,12 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
     _check_host(model, blocks, layout, E, device, host_memory, cache_slots,
                 None if codec is None else codec.slot_bytes)
     store = HostStore(codec or layout, len(blocks), E, HostAllocator(pin))
+    if precheck is not None:
+        precheck(model, store)
+    # The whole store first, before any reading: its long-lived blocks are then not interleaved with the reading's
+    # short-lived buffers in the allocator's heap, whose freed gaps would stay resident (fragmentation).
+    for layer in range(len(blocks)):
+        store.allocate_layer(layer)
     experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
     kinds = set(layout.names)
     rules = _Rules(model)
@@ -380,11 +390,21 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                           "low_precision_misses=...)")
     stored = checkpoint_format(path)
     resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # bad input refused before any reading
+    def precheck(meta_model: nn.Module, store: HostStore) -> None:
+        # offload's own checks (budget, pool, policy ...) on the meta-device model, before anything is read.
+        kwargs = dict(offload_kwargs)
+        if isinstance(kwargs.get("predictor"), str) and kwargs["predictor"] != "none" and \
+                getattr(PREDICTORS.get(kwargs["predictor"]), "needs_model", False):
+            kwargs["predictor"] = None  # built from the router weights, which are not read yet: checked by offload
+        check_offload_args(meta_model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin,
+                           host_store=store, expert_dtype=expert_dtype, group_size=group_size,
+                           store_filled_later=True, **kwargs)
+
     try:
         model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
                                       experts_implementation=experts_implementation, pin=pin, progress=progress,
                                       host_memory=host_memory, cache_slots=cache_slots,
-                                      expert_dtype=expert_dtype, group_size=group_size)
+                                      expert_dtype=expert_dtype, group_size=group_size, precheck=precheck)
     except _ReadElsewhere as e:
         if stored == "mxfp4":
             raise UnsupportedModelError(f"{path}: MXFP4 experts are read by moecache's own loader only ({e})") from None

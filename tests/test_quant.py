@@ -71,6 +71,23 @@ def test_search_never_worse_than_round_to_nearest(name, g):
     assert ((w - d).abs().view(16, -1, g) <= step[..., None] * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("name,with_importance", [("int4", False), ("int8", True)])
+def test_row_blocks_give_the_same_parts_as_the_whole_matrix(monkeypatch, name, with_importance):
+    """Large matrices are quantized a block of rows at a time (bounded temporaries while loading): same bytes."""
+    import moecache.quant as Q
+
+    fmt = ExpertFormat(name, 32)
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(37, 128, generator=gen) * 0.02).to(torch.bfloat16)
+    imp = torch.rand(128, generator=gen) if with_importance else None
+    whole = quantize_matrix(w, fmt, imp)
+    monkeypatch.setattr(Q, "ROW_CHUNK_ELEMENTS", 5 * 128)  # blocks of 5 rows, the last one short
+    blocks = quantize_matrix(w, fmt, imp)
+    assert whole.keys() == blocks.keys()
+    for k in whole:
+        assert torch.equal(whole[k], blocks[k]), k
+
+
 def test_mxfp4_dequant_matches_the_e2m1_table():
     fmt = ExpertFormat("mxfp4", 32)
     blocks = torch.randint(0, 256, (2, 3, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)

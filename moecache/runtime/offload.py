@@ -85,9 +85,12 @@ def non_expert_bytes(model: nn.Module, expert_param_ids: set[int]) -> int:
 
 
 def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, slot_bytes: int,
-                 top_k: int, total: int, kv_bytes: int = 0) -> tuple[int, int | None]:
+                 top_k: int, total: int, kv_bytes: int = 0, extra: int = 0, extra_what: str = "",
+                 extra_fix: str = "") -> tuple[int, int | None]:
     """``(slots, budget_bytes)`` per the module docstring's formula; ``kv_bytes`` (a compiled offload's static
-    KV cache) is taken from the budget like the non-expert weights."""
+    KV cache) is taken from the budget like the non-expert weights, and so is ``extra`` (fixed device buffers
+    such as the compressed pool's dense scratch, named ``extra_what`` in the error; ``extra_fix``: how to
+    shrink them)."""
     if (gpu_memory is None) == (cache_slots is None):
         raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB') or cache_slots= (a number of experts)")
     if cache_slots is not None:
@@ -96,14 +99,15 @@ def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, s
             raise ConfigError(f"cache_slots={n} cannot hold one layer's top-{top_k} experts; use at least {top_k}")
         return min(n, total), None
     budget = parse_bytes(gpu_memory)
-    fixed = non_expert + WORKSPACE_BYTES + kv_bytes
+    fixed = non_expert + WORKSPACE_BYTES + kv_bytes + extra
     need = fixed + top_k * slot_bytes
     if budget < need:
         kv = f", the static KV cache ({_fmt(kv_bytes)})" if kv_bytes else ""
+        kv += f", {extra_what} ({_fmt(extra)})" if extra else ""
         raise ConfigError(
             f"gpu_memory {_fmt(budget)} cannot hold the non-expert weights ({_fmt(non_expert)}){kv} plus one layer's "
             f"top-{top_k} experts ({_fmt(top_k * slot_bytes)}); use at least {_fmt(need)} "
-            f"(all {total} experts resident need {_fmt(fixed + total * slot_bytes)})")
+            f"(all {total} experts resident need {_fmt(fixed + total * slot_bytes)}){extra_fix}")
     return min(total, (budget - fixed) // slot_bytes), budget
 
 
@@ -486,9 +490,11 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        stream_prefill: Any = False, expert_dtype: Any = "auto",
                        group_size: Any = None, pool_mode: Any = "auto", scratch_experts: Any = None,
                        importance: Any = None, low_precision_misses: Any = None,
-                       low_precision_below: Any = DEFAULT_BELOW) -> OffloadPlan:
+                       low_precision_below: Any = DEFAULT_BELOW, store_filled_later: bool = False) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
+    ``store_filled_later``: ``host_store`` is still empty (``from_pretrained`` checks the arguments on the
+    meta-device model before it reads the checkpoint).
 
     To add an argument to ``offload``: check it here (one ``moecache.validate`` call), carry the cleaned
     value in ``OffloadPlan``, and in ``offload`` push an undo for whatever applying it changes."""
@@ -569,7 +575,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     if host_store is not None:
         if host_store.layout != store_layout or (host_store.num_layers, host_store.num_experts) != (L, E):
             raise ConfigError("host_store was built for another layout, format or model size")
-        if any(b is None for b in host_store.blocks):
+        if not store_filled_later and any(b is None for b in host_store.blocks):
             raise ConfigError("host_store is not filled (or was closed); fill every layer before offloading")
     allocator = HostAllocator(pin)
     expert_ids = _expert_params(blocks, layout, E)
@@ -603,8 +609,16 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
             slot_bytes, fixed = codec.slot_bytes, scratch_n * layout.slot_bytes  # the dense scratch
         else:
             slot_bytes, fixed = codec.slot_bytes + layout.slot_bytes, 0  # dense slot + compressed landing
-    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert + fixed,
-                                 slot_bytes=slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes)
+    if low_codec is not None:
+        fixed_what, fixed_fix = f"the low copies' landing of {k} rows", ""
+    elif mode == "compressed":
+        fixed_what = f"the compressed pool's dense scratch of {scratch_n} experts"
+        fixed_fix = f", or pass a smaller scratch_experts= (at least top_k={k})" if scratch_n > k else ""
+    else:
+        fixed_what, fixed_fix = "", ""
+    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
+                                 slot_bytes=slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes, extra=fixed,
+                                 extra_what=fixed_what, extra_fix=fixed_fix)
     pol = _make_policy(policy, slots, L, E, k, policy_params)
     if host_memory is not None and host_store is None:
         on_host = non_expert + fixed + slots * slot_bytes if dev.type == "cpu" else 0
