@@ -115,3 +115,60 @@ def test_a_budget_that_cannot_work_is_refused_before_reading(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="policy"):
         from_pretrained(tmp_path, cache_slots=4, device="cpu", expert_dtype="int4", group_size=32,
                         policy="no-such-policy")
+
+
+# -- the per-miss precision rule's low copy, encoded while reading --------------------------------------------
+
+@pytest.mark.parametrize("family,shard,below", [("qwen3_moe", None, 0.9), ("mixtral", "30KB", 0.9),
+                                                ("qwen3_moe", "20KB", 100.0)])
+def test_from_pretrained_low_precision_misses_equals_offload(tmp_path, family, shard, below):
+    """The low copy that from_pretrained encodes while reading equals the one offload packs from a loaded model:
+    same tokens, same logits, same low copies, same host bytes."""
+    from moecache.runtime.offload import offload
+
+    kw = {"moe_intermediate_size": 32} if family == "qwen3_moe" else {"intermediate_size": 64}
+    src = tiny_model(family, **kw).to(torch.bfloat16)
+    src.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    rule = dict(low_precision_misses="int4", group_size=32, low_precision_below=below)
+    x = torch.tensor([[5, 17, 33, 8, 61, 12]])
+
+    def run(m):
+        out = m.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+        return out.sequences, torch.stack(out.logits), m.moecache.stats()
+
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # the same checkpoint, loaded whole
+    offload(ref, cache_slots=5, device="cpu", engine="sync", **rule)
+    want_tokens, want_logits, want = run(ref)
+    m = from_pretrained(tmp_path, cache_slots=5, device="cpu", engine="sync", **rule)
+    got_tokens, got_logits, got = run(m)
+    assert want["low_copies"] > 0 and want["misses"] > 0
+    assert torch.equal(got_tokens, want_tokens)
+    assert torch.equal(got_logits, want_logits)
+    for key in ("low_copies", "upgrades", "misses", "bytes_copied"):
+        assert got[key] == want[key], key
+    assert got["config"]["low_copy_host_bytes"] == want["config"]["low_copy_host_bytes"] > 0
+    assert got["config"]["low_precision_misses"] == want["config"]["low_precision_misses"]
+    low_a, low_b = m.moecache.runtime.low.store, ref.moecache.runtime.low.store
+    assert all(torch.equal(a, b) for a, b in zip(low_a.blocks, low_b.blocks))
+    m.moecache.remove()
+
+
+def test_from_pretrained_low_precision_bad_input_before_reading(tmp_path, monkeypatch):
+    _checkpoint(tmp_path)
+    from moecache import tensorfile
+
+    def no_reading(self, *a, **kw):
+        raise AssertionError("a weight was read before the arguments were checked")
+
+    monkeypatch.setattr(tensorfile.TensorFile, "get_tensor", no_reading)
+    monkeypatch.setattr(tensorfile.TensorFile, "get_row", no_reading)
+    for kwargs, words in [(dict(low_precision_misses="int2"), "low_precision_misses"),
+                          (dict(low_precision_misses="int4", expert_dtype="int8"), "already"),
+                          (dict(low_precision_misses="int4", group_size=48), "group_size"),
+                          (dict(low_precision_misses="int4", hybrid="cpu"), "hybrid"),
+                          (dict(low_precision_misses="int4", low_precision_below=0), "low_precision_below")]:
+        with pytest.raises(ConfigError, match=words):
+            from_pretrained(tmp_path, cache_slots=4, device="cpu", **kwargs)
