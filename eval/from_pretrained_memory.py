@@ -208,9 +208,12 @@ class RssSampler:
 
 
 def load_child(path: str, how: str, device: str, gpu_memory: str, expert_dtype: str = "auto",
-               group_size: int | None = None) -> dict[str, Any]:
+               group_size: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Runs in a fresh process: load, sample memory, generate a few tokens."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     before = RssSampler.read()
     import_t = time.perf_counter()
@@ -255,7 +258,7 @@ def load_child(path: str, how: str, device: str, gpu_memory: str, expert_dtype: 
     x = torch.tensor([[1, 5, 9, 13]], device=next(model.parameters()).device if how != "moecache" else device)
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=4, do_sample=False)
-    row: dict[str, Any] = {"how": how, "load_s": t1 - t0, "import_s": t0 - import_t, "rss_before_import": before["VmRSS"],
+    row: dict[str, Any] = {"how": how, "torch_threads": torch.get_num_threads(), "load_s": t1 - t0, "import_s": t0 - import_t, "rss_before_import": before["VmRSS"],
                            "rss_baseline": base["VmRSS"], "baseline": base, "peak": s.peak, "tokens": out[0].tolist(), **phases}
     if how == "moecache":
         st = model.moecache.stats()
@@ -295,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-dtype", default="auto",
                    help="moecache's expert format (auto: bf16 as stored; int8/int4: compressed while loading)")
     p.add_argument("--group-size", type=int, default=None, help="with --expert-dtype int8/int4")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the loading process (default: torch's; 1 avoids spinning threads on a "
+                        "shared machine, where the encoder's many small operations slow down badly with more)")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--child", nargs=2, metavar=("PATH", "HOW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(load_child(args.child[0], args.child[1], args.device, args.gpu_memory, args.expert_dtype,
-                                    args.group_size)))
+                                    args.group_size, args.threads)))
         return 0
     if args.scale < 1 or any(v % args.scale for v in FULL.values()):
         p.error(f"--scale must be a positive divisor of every dimension {FULL}")
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--gpu-memory", args.gpu_memory, "--expert-dtype", args.expert_dtype]
             if args.group_size is not None:
                 cmd += ["--group-size", str(args.group_size)]
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 failure = child_failure(how, out.returncode, out.stderr)
