@@ -411,8 +411,9 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
     def precheck(meta_model: nn.Module, store: HostStore, low_store: HostStore | None) -> None:
         # offload's own checks (budget, pool, policy ...) on the meta-device model, before anything is read.
         kwargs = dict(offload_kwargs)
-        if isinstance(kwargs.get("predictor"), str) and kwargs["predictor"] != "none" and \
-                getattr(PREDICTORS.get(kwargs["predictor"]), "needs_model", False):
+        cls = PREDICTORS.get(kwargs["predictor"]) if isinstance(kwargs.get("predictor"), str) and \
+            kwargs["predictor"] != "none" else None
+        if cls is not None and getattr(cls, "needs_model", False) and not getattr(cls, "needs_fit", False):
             kwargs["predictor"] = None  # built from the router weights, which are not read yet: checked by offload
         check_offload_args(meta_model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin,
                            host_store=store, expert_dtype=expert_dtype, group_size=group_size,

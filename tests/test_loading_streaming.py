@@ -115,6 +115,8 @@ def test_a_budget_that_cannot_work_is_refused_before_reading(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="policy"):
         from_pretrained(tmp_path, cache_slots=4, device="cpu", expert_dtype="int4", group_size=32,
                         policy="no-such-policy")
+    with pytest.raises(ConfigError, match="must be fitted"):  # a model-reading predictor by name, unfitted
+        from_pretrained(tmp_path, cache_slots=4, device="cpu", predictor="hidden_state")
 
 
 # -- the per-miss precision rule's low copy, encoded while reading --------------------------------------------
