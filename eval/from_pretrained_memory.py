@@ -3,25 +3,35 @@ size plus one layer).
 
     python eval/from_pretrained_memory.py [--layers 4] [--device cuda] [--dir DIR] [--baseline] [--out FILE]
     python eval/from_pretrained_memory.py --tiny      # CPU smoke test (seconds)
+    python eval/from_pretrained_memory.py --scale 4 --expert-dtype int4 --device cpu --gpu-memory 1GiB
+        # Mixtral's shape with every dimension divided by 4 (the encoder's clipping search is CPU-bound)
 
 1. Writes a Mixtral-8x7B-shape checkpoint (hidden 4096, 8 experts of 4096 x 14336, bf16) with
    ``--layers`` decoder layers, in the Hub's per-expert layout (``...block_sparse_moe.experts.N.w1``):
    the tensor names are those ``save_pretrained`` writes for a small model of the same family and depth
    (saved first), scaled to the full dimensions; values are random, written shard by shard (2 GiB).
 2. Loads it in a fresh process with ``moecache.from_pretrained`` while a thread samples
-   ``/proc/self/status`` every 2 ms: peak resident memory in all (VmHWM), anonymous (the host store),
-   file-backed (mapped checkpoint pages) and shared. The reference figure is the checkpoint's bytes
-   plus one MoE layer's experts.
-   With ``--expert-dtype int4`` (or int8) the experts are compressed while loading; the reference figure is
-   then the compressed store plus one bf16 MoE layer's experts plus the non-expert weights.
+   ``/proc/self/status`` every 2 ms: peak resident memory in all (VmHWM, exact: the kernel's own peak),
+   anonymous (the host store, weights, temporaries), file-backed (mapped checkpoint pages) and shared.
+   The peak is split in two phases: *reading* (the checkpoint read into the host store and the model,
+   the experts encoded on the way when compressed) and *offload* (``moecache.offload`` builds the pool
+   and its buffers: on ``--device cpu`` these live in host memory, on a GPU host on the GPU); VmHWM is
+   reset between them (``/proc/self/clear_refs``). Module imports (transformers' model class and its
+   conversion rules) happen before the baseline reading, so code pages are not counted as data.
+   Budgets: bf16 (as stored) -- the checkpoint's bytes plus one MoE layer's experts; ``--expert-dtype
+   int4`` (or int8), issue 16's target -- the compressed store plus one bf16 MoE layer's experts plus the
+   non-expert weights.
 3. ``--baseline``: the same for transformers' ``AutoModelForCausalLM.from_pretrained`` on the CPU.
 
-Writes one JSON object (machine, date, command, sizes, peaks, times) to ``--out`` atomically.
+Writes one JSON object (machine, date, command, sizes, peaks, times) to ``--out`` atomically. A failed
+loading process is reported with its exit status, a one-line summary and the tail of its stderr (also
+kept in the JSON), and the script exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,7 +54,7 @@ TINY = {"hidden": 24, "kv": 12, "intermediate": 40, "vocab": 50}
 def mixtral_config(dims: dict[str, int], layers: int) -> Any:
     from transformers import MixtralConfig
 
-    heads = 32 if dims["hidden"] == 4096 else 4
+    heads = 32 if dims["hidden"] == 4096 else max(4, dims["hidden"] // 128)
     head_dim = dims["hidden"] // heads
     return MixtralConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
                          num_hidden_layers=layers, num_attention_heads=heads,
@@ -120,10 +130,34 @@ def _numel(shape: tuple[int, ...], scale: dict[int, int]) -> int:
     return n
 
 
-class RssSampler:
-    """Peak VmRSS / RssAnon / RssFile / RssShmem of this process, sampled on a thread."""
+def _malloc_in_use() -> Any:
+    """A function returning the bytes this process holds from malloc now (glibc ``mallinfo2``: in use in the
+    arenas plus mmapped chunks; torch's CPU tensors included), or None where there is no ``mallinfo2``. Unlike
+    the resident size it leaves out memory the allocator keeps after a free (fragmentation)."""
+    import ctypes
+    import ctypes.util
 
-    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+
+    def in_use() -> int:
+        m = fn()
+        return int(m.uordblks + m.hblkhd)
+    return in_use
+
+
+class RssSampler:
+    """Peak VmRSS / RssAnon / RssFile / RssShmem of this process, and of its live malloc bytes (``Malloc``),
+    sampled on a thread."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Malloc")
+    _in_use = _malloc_in_use()
 
     def __init__(self, period_s: float = 0.002):
         self.period_s = period_s
@@ -139,6 +173,8 @@ class RssSampler:
                 key, _, rest = line.partition(":")
                 if key in RssSampler.FIELDS or key == "VmHWM":
                     out[key] = int(rest.split()[0]) * 1024
+        if RssSampler._in_use is not None:
+            out["Malloc"] = RssSampler._in_use()
         return out
 
     def _run(self) -> None:
@@ -157,33 +193,73 @@ class RssSampler:
         self._thread.join()
         self.peak["VmHWM"] = self.read()["VmHWM"]
 
+    def next_phase(self) -> dict[str, int]:
+        """The peaks so far (VmHWM exact, the rest sampled); then both start again from the current size."""
+        done = dict(self.peak)
+        done["VmHWM"] = self.read()["VmHWM"]
+        try:  # "5" resets the kernel's peak resident size (VmHWM) to the current one
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            done["hwm_reset_failed"] = 1
+        now = self.read()
+        self.peak = {k: now.get(k, 0) for k in self.FIELDS}
+        return done
+
 
 def load_child(path: str, how: str, device: str, gpu_memory: str, expert_dtype: str = "auto",
-               group_size: int | None = None) -> dict[str, Any]:
+               group_size: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Runs in a fresh process: load, sample memory, generate a few tokens."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     before = RssSampler.read()
     import_t = time.perf_counter()
     import moecache  # noqa: F401  (imports before the baseline reading is taken)
-    from transformers import AutoModelForCausalLM
+    import moecache.loading
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # Code pages of the model class and of the conversion rules are not data: imported before the baseline.
+    config = AutoConfig.from_pretrained(path)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # noqa: B018  (imports modeling_<family>)
+    import transformers.conversion_mapping  # noqa: F401
+    import transformers.core_model_loading  # noqa: F401
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # CUDA context before the baseline reading
     base = RssSampler.read()
     t0 = time.perf_counter()
+    phases: dict[str, Any] = {}
     with RssSampler() as s:
         if how == "moecache":
-            model = moecache.from_pretrained(path, gpu_memory=gpu_memory, device=device, expert_dtype=expert_dtype,
-                                             group_size=group_size)
+            offload = moecache.loading.offload
+
+            @functools.wraps(offload)  # the same signature: from_pretrained checks its arguments against it
+            def offload_after_reading(*a: Any, **kw: Any) -> Any:
+                # The checkpoint is read (and encoded): the reading phase ends here.
+                phases["reading"] = s.next_phase()
+                phases["reading_s"] = time.perf_counter() - t0
+                return offload(*a, **kw)
+
+            moecache.loading.offload = offload_after_reading
+            try:
+                model = moecache.from_pretrained(path, gpu_memory=gpu_memory, device=device,
+                                                 expert_dtype=expert_dtype, group_size=group_size)
+            finally:
+                moecache.loading.offload = offload
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         t1 = time.perf_counter()
+    if phases:
+        phases["offload"] = dict(s.peak)
     x = torch.tensor([[1, 5, 9, 13]], device=next(model.parameters()).device if how != "moecache" else device)
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=4, do_sample=False)
-    row: dict[str, Any] = {"how": how, "load_s": t1 - t0, "import_s": t0 - import_t, "rss_before_import": before["VmRSS"],
-                           "rss_baseline": base["VmRSS"], "peak": s.peak, "tokens": out[0].tolist()}
+    row: dict[str, Any] = {"how": how, "torch_threads": torch.get_num_threads(), "load_s": t1 - t0, "import_s": t0 - import_t, "rss_before_import": before["VmRSS"],
+                           "rss_baseline": base["VmRSS"], "baseline": base, "peak": s.peak, "tokens": out[0].tolist(), **phases}
     if how == "moecache":
         st = model.moecache.stats()
         row["stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
@@ -217,17 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="checkpoint folder (default: a temporary folder, removed at the end)")
     p.add_argument("--baseline", action="store_true", help="also load with transformers on the CPU")
     p.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU smoke test)")
+    p.add_argument("--scale", type=int, default=1,
+                   help="divide Mixtral's hidden, kv, intermediate and vocab sizes by this (a CPU-sized run)")
     p.add_argument("--expert-dtype", default="auto",
                    help="moecache's expert format (auto: bf16 as stored; int8/int4: compressed while loading)")
     p.add_argument("--group-size", type=int, default=None, help="with --expert-dtype int8/int4")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the loading process (default: torch's; 1 avoids spinning threads on a "
+                        "shared machine, where the encoder's many small operations slow down badly with more)")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--child", nargs=2, metavar=("PATH", "HOW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(load_child(args.child[0], args.child[1], args.device, args.gpu_memory, args.expert_dtype,
-                                    args.group_size)))
+                                    args.group_size, args.threads)))
         return 0
-    dims = {"hidden": 64, "kv": 32, "intermediate": 160, "vocab": 128} if args.tiny else FULL
+    if args.scale < 1 or any(v % args.scale for v in FULL.values()):
+        p.error(f"--scale must be a positive divisor of every dimension {FULL}")
+    dims = {"hidden": 64, "kv": 32, "intermediate": 160, "vocab": 128} if args.tiny else \
+        {k: v // args.scale for k, v in FULL.items()}
     folder = args.dir or tempfile.mkdtemp(prefix="moecache_ckpt_")
     result: dict[str, Any] = {"machine": machine(), "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
                               "layers": args.layers, "dims": dims, "device": args.device}
@@ -243,8 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                    "--gpu-memory", args.gpu_memory, "--expert-dtype", args.expert_dtype]
             if args.group_size is not None:
                 cmd += ["--group-size", str(args.group_size)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                failure = child_failure(how, out.returncode, out.stderr)
+                print(failure["summary"], file=sys.stderr)
+                print("\n".join(failure["stderr_tail"]), file=sys.stderr)
+                runs.append(failure)
+                continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["stderr_tail"] = out.stderr.strip().splitlines()[-5:]
             ck = result["checkpoint"]
             row["peak_over_baseline"] = row["peak"]["VmHWM"] - row["rss_baseline"]
             row["goal_bytes"] = ck["checkpoint_bytes"] + ck["layer_expert_bytes"]
@@ -253,12 +346,16 @@ def main(argv: list[str] | None = None) -> int:
                 store = row["stats"]["config_host_store_bytes"]
                 row["goal_bytes"] = store + ck["layer_expert_bytes"] + (ck["checkpoint_bytes"] - ck["expert_bytes"])
             row["peak_over_baseline_vs_goal"] = row["peak_over_baseline"] / row["goal_bytes"]
+            if "reading" in row:
+                row["reading_peak_over_baseline"] = row["reading"]["VmHWM"] - row["rss_baseline"]
+                row["reading_peak_vs_goal"] = row["reading_peak_over_baseline"] / row["goal_bytes"]
             runs.append(row)
             print(f"{how}: load {row['load_s']:.1f} s, peak RSS over baseline "
                   f"{row['peak_over_baseline'] / 2**30:.2f} GiB (anon {row['peak']['RssAnon'] / 2**30:.2f}, "
                   f"file {row['peak']['RssFile'] / 2**30:.2f}); goal {row['goal_bytes'] / 2**30:.2f} GiB",
                   file=sys.stderr)
         result["runs"] = runs
+        failed = [r for r in runs if "error" in r]
     finally:
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
@@ -268,7 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         from moecache.atomic import write_text_atomic
 
         write_text_atomic(args.out, text + "\n")
-    return 0
+    return 1 if failed else 0
+
+
+def child_failure(how: str, returncode: int, stderr: str, tail: int = 40) -> dict[str, Any]:
+    """A failed loading process as a result row: a one-line summary (the last line of its stderr that names an
+    error, else the last line) and the tail of its stderr."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error:" in line.lower() or "Killed" in line]
+    last = (errors or lines or ["(no stderr; killed by a signal?)" if returncode < 0 else "(no stderr)"])[-1].strip()
+    return {"how": how, "error": last, "returncode": returncode,
+            "summary": f"{how}: the loading process exited with status {returncode}: {last}",
+            "stderr_tail": lines[-tail:]}
 
 
 def _cuda() -> bool:

@@ -34,7 +34,7 @@ import re
 import sys
 import warnings
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,7 +43,9 @@ from .errors import ConfigError, UnsupportedModelError
 from .families import detect_family, find_moe_blocks, get_family
 from .runtime.hoststore import HostAllocator, HostStore
 from .runtime.layout import SlotLayout
-from .runtime.offload import OffloadHandle, check_supported, offload
+from .runtime.offload import OffloadHandle, check_offload_args, check_supported, offload
+from .miss_precision import DEFAULT_BELOW, resolve_rule
+from .predictors import PREDICTORS
 from .quant import ExpertCodec, resolve_format
 from .tensorfile import TensorFile
 
@@ -187,7 +189,7 @@ def _bar(total: int, enabled: bool | None, desc: str) -> Any:
 
 
 def _check_host(model: nn.Module, blocks: list, layout: SlotLayout, E: int, device: torch.device, host_memory: Any,
-                cache_slots: int | None, store_row_bytes: int | None = None) -> None:
+                cache_slots: int | None, store_row_bytes: int | None = None, low_row_bytes: int = 0) -> None:
     """Before any weight is read: the host store (and, on a CPU device, the other weights and the pool) must fit
     the host budget (``moecache.runtime.memplan.check_host_memory``)."""
     if host_memory is None:
@@ -202,7 +204,7 @@ def _check_host(model: nn.Module, blocks: list, layout: SlotLayout, E: int, devi
     hint = ("load it in bfloat16 (dtype=torch.bfloat16, --dtype bfloat16) to halve it"
             if floats and floats[0].dtype == torch.float32 else None)
     row = layout.slot_bytes if store_row_bytes is None else store_row_bytes  # compressed rows where asked
-    check_host_memory(experts=len(blocks) * E * row, other=other, host_memory=host_memory,
+    check_host_memory(experts=len(blocks) * E * (row + low_row_bytes), other=other, host_memory=host_memory,
                       dtype_hint=hint)
 
 
@@ -224,10 +226,16 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
                    experts_implementation: str | None, pin: bool | None,
                    progress: bool | None = None, host_memory: Any = "auto",
                    cache_slots: int | None = None, expert_dtype: Any = "auto",
-                   group_size: int | None = None) -> tuple[nn.Module, HostStore]:
+                   group_size: int | None = None,
+                   precheck: Callable[[nn.Module, HostStore, HostStore | None], None] | None = None,
+                   low_format: Any = None) -> tuple[nn.Module, HostStore, HostStore | None]:
     """The meta-build path: the model with non-expert weights on ``device``, plus the filled host store
     (compressed when ``expert_dtype`` asks, or when the checkpoint's experts are MXFP4: then kept as stored).
-    ``progress``: a bar over the tensors read (None: where stderr is a terminal)."""
+    ``progress``: a bar over the tensors read (None: where stderr is a terminal). ``precheck(model, store,
+    low_store)`` runs on the meta-device model and the still empty stores before any weight is read
+    (``from_pretrained`` checks ``offload``'s arguments there, so a budget that cannot work fails before minutes
+    of reading). ``low_format`` (an ``ExpertFormat``): also encode every expert, as it is read, into a second
+    store in that format (the low copy of ``low_precision_misses``), returned third (else None)."""
     stored = checkpoint_format(path)
     fmt = resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # refused before anything is read
     model = _build_meta_model(path, dtype, experts_implementation)
@@ -246,9 +254,23 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
                               f"{adapter.layout.kernel!r} kernel, whose layout compressed experts cannot hold yet")
         codec = ExpertCodec(layout, fmt, bool(getattr(adapter.layout, "transposed", False)),
                             blocks[0].name + "." + adapter.experts_attr)
+    low_codec = None
+    if low_format is not None:
+        low_codec = ExpertCodec(layout, low_format, bool(getattr(adapter.layout, "transposed", False)),
+                                blocks[0].name + "." + adapter.experts_attr)
     _check_host(model, blocks, layout, E, device, host_memory, cache_slots,
-                None if codec is None else codec.slot_bytes)
+                None if codec is None else codec.slot_bytes,
+                0 if low_codec is None else low_codec.slot_bytes)
     store = HostStore(codec or layout, len(blocks), E, HostAllocator(pin))
+    low_store = None if low_codec is None else HostStore(low_codec, len(blocks), E, HostAllocator(pin))
+    if precheck is not None:
+        precheck(model, store, low_store)
+    # The whole store first, before any reading: its long-lived blocks are then not interleaved with the reading's
+    # short-lived buffers in the allocator's heap, whose freed gaps would stay resident (fragmentation).
+    for layer in range(len(blocks)):
+        store.allocate_layer(layer)
+        if low_store is not None:
+            low_store.allocate_layer(layer)
     experts_at = {f"{b.name}.{adapter.experts_attr}": i for i, b in enumerate(blocks)}
     kinds = set(layout.names)
     rules = _Rules(model)
@@ -299,6 +321,8 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
             raise UnsupportedModelError(f"{target}: transformers' conversion for this family does not act on one "
                                         f"expert at a time (got {None if value is None else tuple(value.shape)})")
         store.fill_expert(layer, e, name, value[0])
+        if low_store is not None:  # the low copy from the same weights, while they are in memory
+            low_store.fill_expert(layer, e, name, value[0])
         filled[(layer, name)] += 1
         bar.update(1)
     # Pass 2b: stacked expert tensors, one expert slice at a time.
@@ -306,7 +330,10 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
         module_path, _, name = target.rpartition(".")
         layer = experts_at[module_path]
         for e in range(E):
-            store.fill_expert(layer, e, name, handles[f].get_row(key, e))
+            row = handles[f].get_row(key, e)
+            store.fill_expert(layer, e, name, row)
+            if low_store is not None:
+                low_store.fill_expert(layer, e, name, row)
             bar.update(1)
         filled[(layer, name)] += E
     # Pass 2b': MXFP4 blocks and scales, kept as stored, one expert at a time.
@@ -352,7 +379,7 @@ def load_offloaded(path: str, *, device: torch.device, dtype: torch.dtype | None
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
-    return model, store
+    return model, store, low_store
 
 
 def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None, *, cache_slots: int | None = None,
@@ -374,17 +401,30 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                                                   progress=progress)
     expert_dtype = offload_kwargs.pop("expert_dtype", "auto")
     group_size = offload_kwargs.pop("group_size", None)
-    if offload_kwargs.get("low_precision_misses") not in (None, False):
-        raise ConfigError("low_precision_misses is not supported by from_pretrained yet (its low copy is built from "
-                          "a loaded model's weights): load the model, then call moecache.offload(model, ..., "
-                          "low_precision_misses=...)")
     stored = checkpoint_format(path)
-    resolve_format(expert_dtype, group_size, checkpoint_format=stored)  # bad input refused before any reading
+    low_rule = resolve_rule(offload_kwargs.get("low_precision_misses"),
+                            offload_kwargs.get("low_precision_below", DEFAULT_BELOW), group_size)
+    # With the per-miss rule, group_size is the low copy's (as in offload); the experts keep their own format.
+    resolve_format(expert_dtype, None if low_rule is not None else group_size,
+                   checkpoint_format=stored)  # bad input refused before any reading
+
+    def precheck(meta_model: nn.Module, store: HostStore, low_store: HostStore | None) -> None:
+        # offload's own checks (budget, pool, policy ...) on the meta-device model, before anything is read.
+        kwargs = dict(offload_kwargs)
+        cls = PREDICTORS.get(kwargs["predictor"]) if isinstance(kwargs.get("predictor"), str) and \
+            kwargs["predictor"] != "none" else None
+        if cls is not None and getattr(cls, "needs_model", False) and not getattr(cls, "needs_fit", False):
+            kwargs["predictor"] = None  # built from the router weights, which are not read yet: checked by offload
+        check_offload_args(meta_model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin,
+                           host_store=store, expert_dtype=expert_dtype, group_size=group_size,
+                           low_host_store=low_store, store_filled_later=True, **kwargs)
+
     try:
-        model, store = load_offloaded(path, device=dev, dtype=dtype, family=family,
-                                      experts_implementation=experts_implementation, pin=pin, progress=progress,
-                                      host_memory=host_memory, cache_slots=cache_slots,
-                                      expert_dtype=expert_dtype, group_size=group_size)
+        model, store, low_store = load_offloaded(
+            path, device=dev, dtype=dtype, family=family, experts_implementation=experts_implementation, pin=pin,
+            progress=progress, host_memory=host_memory, cache_slots=cache_slots, expert_dtype=expert_dtype,
+            group_size=None if low_rule is not None else group_size, precheck=precheck,
+            low_format=None if low_rule is None else low_rule.fmt)
     except _ReadElsewhere as e:
         if stored == "mxfp4":
             raise UnsupportedModelError(f"{path}: MXFP4 experts are read by moecache's own loader only ({e})") from None
@@ -405,9 +445,11 @@ def from_pretrained(path: str | os.PathLike, gpu_memory: int | str | None = None
                                       host_memory=host_memory, **offload_kwargs)
     try:
         offload(model, gpu_memory, cache_slots=cache_slots, device=str(dev), family=family, pin=pin, host_store=store,
-                expert_dtype=expert_dtype, group_size=group_size, **offload_kwargs)
+                expert_dtype=expert_dtype, group_size=group_size, low_host_store=low_store, **offload_kwargs)
     except BaseException:
         store.close()  # the model is ours and dropped with it; its pinned host memory goes back now
+        if low_store is not None:
+            low_store.close()
         raise
     return model
 
@@ -439,7 +481,7 @@ def check_from_pretrained_args(path: Any, gpu_memory: Any, *, cache_slots: Any, 
     V.text("experts_implementation", experts_implementation, none=True)
     V.flag("pin", pin, none=True)
     known = set(inspect.signature(offload).parameters) - {"model", "gpu_memory", "cache_slots", "device", "family",
-                                                             "pin", "host_store", "host_memory"}
+                                                             "pin", "host_store", "host_memory", "low_host_store"}
     unknown = sorted(set(offload_kwargs) - known)
     if unknown:
         raise ConfigError(f"from_pretrained got unknown argument(s) {unknown}; valid: {', '.join(sorted(known))}")

@@ -168,6 +168,9 @@ def dequantize_matrix(parts: dict[str, torch.Tensor], fmt: ExpertFormat, dtype: 
 CLIP_GRID = {"int4": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7), "int8": (1.0, 0.97, 0.94, 0.9)}
 #: Least-squares refits of the scale after the grid (each re-rounds the codes).
 REFITS = 2
+#: The clipping search quantizes a matrix this many weights at a time (whole rows), so its fp32 temporaries stay
+#: a few times this size however large the matrix (loading streams experts through it).
+ROW_CHUNK_ELEMENTS = 1 << 18
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -274,6 +277,11 @@ def quantize_matrix(w: torch.Tensor, fmt: ExpertFormat, importance: torch.Tensor
     if fmt.name == "mxfp4":
         raise ConfigError("MXFP4 experts are kept as the checkpoint stores them; moecache does not quantize to it")
     out, inp = w.shape
+    rows = max(1, ROW_CHUNK_ELEMENTS // inp)
+    if out > rows and (importance is None or importance.dim() == 1):
+        # Groups are independent: a block of rows at a time gives the same parts with bounded fp32 temporaries.
+        chunks = [quantize_matrix(w[r:r + rows], fmt, importance, search) for r in range(0, out, rows)]
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     if importance is not None and importance.dim() == 2:
         q, sc, ze = _gptq(w, importance, fmt)
         q = q.to(torch.uint8)

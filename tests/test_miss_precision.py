@@ -215,14 +215,6 @@ def test_simulator_rule_checks_and_engine_routing():
     assert mixed.bytes_per_token < full.bytes_per_token
 
 
-def test_from_pretrained_refuses_the_rule_before_reading(tmp_path):
-    import moecache
-
-    _model().save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="not supported by from_pretrained yet"):
-        moecache.from_pretrained(tmp_path, cache_slots=4, device="cpu", low_precision_misses="int4")
-
-
 def test_bench_cli_option_and_its_errors(tmp_path, capsys):
     import json
 

@@ -71,6 +71,23 @@ def test_search_never_worse_than_round_to_nearest(name, g):
     assert ((w - d).abs().view(16, -1, g) <= step[..., None] * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("name,with_importance", [("int4", False), ("int8", True)])
+def test_row_blocks_give_the_same_parts_as_the_whole_matrix(monkeypatch, name, with_importance):
+    """Large matrices are quantized a block of rows at a time (bounded temporaries while loading): same bytes."""
+    import moecache.quant as Q
+
+    fmt = ExpertFormat(name, 32)
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(37, 128, generator=gen) * 0.02).to(torch.bfloat16)
+    imp = torch.rand(128, generator=gen) if with_importance else None
+    whole = quantize_matrix(w, fmt, imp)
+    monkeypatch.setattr(Q, "ROW_CHUNK_ELEMENTS", 5 * 128)  # blocks of 5 rows, the last one short
+    blocks = quantize_matrix(w, fmt, imp)
+    assert whole.keys() == blocks.keys()
+    for k in whole:
+        assert torch.equal(whole[k], blocks[k]), k
+
+
 def test_mxfp4_dequant_matches_the_e2m1_table():
     fmt = ExpertFormat("mxfp4", 32)
     blocks = torch.randint(0, 256, (2, 3, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
@@ -188,11 +205,101 @@ def test_pool_mode_auto_and_budget():
     assert h.stats()["config"]["pool_mode"] == "expanded"  # everything fits dense: expand once
     h.remove()
     m = _model("qwen3_moe").to(torch.bfloat16)
+    # A slot count: both pools hold the same experts, so expanding once per copy beats expanding once per use.
     h = offload(m, cache_slots=6, device="cpu", engine="sync", expert_dtype="int4", group_size=32)
+    assert h.stats()["config"]["pool_mode"] == "expanded"
+    h.remove()
+    m = _model("qwen3_moe").to(torch.bfloat16)
+    h = offload(m, cache_slots=6, device="cpu", engine="sync", expert_dtype="int4", group_size=32,
+                pool_mode="compressed")
     cfg = h.stats()["config"]
     assert cfg["pool_mode"] == "compressed" and cfg["scratch_experts"] == 8
     h.remove()
     assert choose_pool_mode("compressed", total=10, budget_bytes=None, cache_slots=100, codec=None) == "compressed"
+
+
+def _dense_codec(hidden=2048, inter=1408, fmt=ExpertFormat("int4", 64)):
+    """The codec of a DeepSeek-V2-Lite-shaped expert (default), from its model's own layout."""
+    from types import SimpleNamespace as NS
+
+    from moecache.quant import ExpertCodec
+
+    kinds = (NS(name="gate_up_proj", shape=(2 * inter, hidden), numel=2 * inter * hidden),
+             NS(name="down_proj", shape=(hidden, inter), numel=hidden * inter))
+    dense = NS(kinds=kinds, dtype=torch.bfloat16, storage="stacked", slot_bytes=3 * hidden * inter * 2,
+               names=("gate_up_proj", "down_proj"))
+    return ExpertCodec(dense, fmt)
+
+
+def test_layer_step_estimate_is_the_timelines_arithmetic():
+    """The auto rule's estimate of one decode step, against the timing model's rules written out by hand."""
+    from moecache.cost.hardware import default_profile, with_format
+    from moecache.runtime.compressed import layer_step_ms
+
+    codec = _dense_codec()
+    hw = with_format(default_profile(codec.dense.slot_bytes), codec.fmt, "compressed")
+    ne, host, g = hw.non_expert(1), hw.layer_host_ms, hw.gpu(1)
+    assert layer_step_ms(hw, 1.0, 6) == pytest.approx(ne + host + 6 * g)
+    # one expert, always a miss: the copy is issued after the host's routing work and its own issue cost
+    assert layer_step_ms(hw, 0.0, 1) == pytest.approx(ne + host + hw.copy_host_ms + hw.copy_ms + g)
+    # in between, the expectation over the binomial number of misses
+    p = 0.3
+    assert layer_step_ms(hw, 1 - p, 1) == pytest.approx(p * layer_step_ms(hw, 0.0, 1) + (1 - p) * (ne + host + g))
+
+
+def test_pool_mode_auto_weighs_copies_saved_against_expansion_per_use(monkeypatch):
+    """auto takes the mode the cost model says is faster: fast copies (little saved by holding more experts)
+    -> expanded; slow copies -> compressed. The offloaded model follows the same rule."""
+    import moecache.cost.hardware as H
+    from moecache.cost.hardware import default_profile, with_format
+    from moecache.runtime.compressed import choose_pool_mode, layer_step_ms, pool_mode_costs
+
+    codec = _dense_codec()
+    total, k = 26 * 64, 6
+    budget = total * codec.dense.slot_bytes // 4  # 25% of the bf16 experts
+
+    def profile(gbps):
+        hw = default_profile(codec.dense.slot_bytes)
+        hw.copy_bandwidth_gbps, hw.copy_latency_ms, hw.copy_host_ms = gbps, 0.0, 0.0
+        return hw
+
+    # the calibrated H100 profile at 25%: copies cost more than expanding every use (as the replay finds)
+    assert choose_pool_mode("auto", total=total, budget_bytes=budget, cache_slots=None, codec=codec, top_k=k,
+                            scratch_experts=k) == "compressed"
+    monkeypatch.setattr(H, "EXPAND_GBPS", 100.0)  # an expansion that costs something next to free copies
+    picks = {}
+    for gbps in (1.0, 10.0, 100.0, 1e4, 1e6):
+        hw = profile(gbps)
+        costs = pool_mode_costs(total=total, top_k=k, codec=codec, budget_bytes=budget, cache_slots=None,
+                                scratch_experts=k, hw=hw)
+        assert costs["compressed"]["slots"] > 3 * costs["expanded"]["slots"]
+        for mode, c in costs.items():  # the estimate is the step time at that pool's hit rate
+            assert c["layer_ms"] == layer_step_ms(with_format(hw, codec.fmt, mode), c["slots"] / total, k)
+        pick = choose_pool_mode("auto", total=total, budget_bytes=budget, cache_slots=None, codec=codec, top_k=k,
+                                scratch_experts=k, hw=hw)
+        assert pick == min(costs, key=lambda m: costs[m]["layer_ms"])
+        picks[gbps] = pick
+    assert picks[1.0] == "compressed" and picks[1e6] == "expanded"
+
+    # offload reads the same rule (the profile swapped for one with near-free copies, then very slow ones)
+    m = _model("qwen3_moe").to(torch.bfloat16)
+    E, L = m.config.num_experts, m.config.num_hidden_layers
+    for gbps, want in [(1e6, "expanded"), (0.001, "compressed")]:
+        monkeypatch.setattr(H, "default_profile", lambda b, gbps=gbps: (lambda hw: (
+            setattr(hw, "copy_bandwidth_gbps", gbps), setattr(hw, "copy_latency_ms", 0.0),
+            setattr(hw, "copy_host_ms", 0.0), hw)[-1])(default_profile(b)))
+        m = _model("qwen3_moe").to(torch.bfloat16)
+        probe = _model("qwen3_moe").to(torch.bfloat16)
+        h = offload(probe, cache_slots=E * L, device="cpu", engine="sync", expert_dtype="int4", group_size=32,
+                    pool_mode="compressed")
+        cfg = h.stats()["config"]
+        dense, packed = cfg["dense_expert_bytes"], cfg["copy_bytes_per_expert"]
+        h.remove()
+        # a budget holding about 40% of the experts dense + landing, and all of them compressed
+        budget = cfg["gpu_nonexpert_bytes"] + int(0.4 * E * L) * (dense + packed)
+        h = offload(m, gpu_memory=budget, device="cpu", engine="sync", expert_dtype="int4", group_size=32)
+        assert h.stats()["config"]["pool_mode"] == want, gbps
+        h.remove()
 
 
 # -- from_pretrained: synthetic checkpoints in each format ------------------------------------------------

@@ -14,10 +14,20 @@ moves that row. Two pool modes (``pool_mode``):
   holds). Each pool slot costs its dense bytes plus its compressed bytes.
 
 The expansion is ``ExpertCodec.expand_rows``: torch, on the pool's device, the reference every fused
-kernel is compared against. ``choose_pool_mode`` is the cost model's default: the expanded pool when
-it holds every expert (nothing is ever copied again, so per-use expansion would be pure cost), else
-the compressed pool (a copy costs far more than expanding an expert on the device, so more resident
-experts win).
+kernel is compared against.
+
+``choose_pool_mode`` is the default (``pool_mode="auto"``), from the one cost model (``moecache.cost``):
+the compressed pool holds more experts (fewer copies) but expands every expert a kernel reads; the
+expanded pool holds fewer but expands once per copy. For each mode it takes the slots the budget gives
+(the compressed pool's budget less its dense scratch; the expanded pool's slot costs dense plus
+compressed bytes), a hit rate of ``slots / experts`` (LRU's under even routing: no trace is known at
+``offload``; global LRU on the recorded traces comes close to it once a step's experts fit), and the
+expected time of one MoE layer's batch-1 decode step on ``moecache.cost.timing.Timeline`` (the
+simulator's resources, ``with_format``'s costs: per-use expansion on each expert's GPU time, or
+per-copy expansion on each copy), the number of misses drawn binomially from the hit rate; the
+faster mode wins (the expanded one on a tie). Given ``cache_slots`` (a slot count), both pools hold
+the same experts, so the expanded one is never slower; a mode whose pool cannot hold one layer's
+experts is out. The hardware is ``hw`` or the calibrated H100 profile (``default_profile``).
 """
 
 from __future__ import annotations
@@ -34,17 +44,72 @@ from .pool import SlotPool
 POOL_MODES = ("compressed", "expanded")
 
 
+def layer_step_ms(hw: Any, hit_rate: float, top_k: int) -> float:
+    """Expected ms of one MoE layer's batch-1 decode step under ``hw`` (a ``HardwareProfile``, with its format's
+    costs), each of the ``top_k`` experts a hit with probability ``hit_rate`` (module docstring)."""
+    from math import comb
+
+    from ..cost.timing import Timeline
+
+    miss = min(1.0, max(0.0, 1.0 - hit_rate))
+    total = 0.0
+    for j in range(top_k + 1):
+        p = comb(top_k, j) * miss ** j * (1.0 - miss) ** (top_k - j)
+        if p == 0.0:
+            continue
+        tl = Timeline()
+        t = tl.non_expert(hw.non_expert(1))
+        h = t + hw.layer_host_ms
+        jobs = [(0.0, i, hw.gpu(1)) for i in range(top_k - j)]
+        for i in range(j):  # the step's misses, copied one after another
+            h += hw.copy_host_ms
+            jobs.append((tl.issue_copy(h, hw.copy_ms), top_k - j + i, hw.gpu(1)))
+        tl.join(h)
+        tl.compute(jobs, hw.slowdown)
+        total += p * tl.gpu
+    return total
+
+
+def pool_mode_costs(*, total: int, top_k: int, codec: ExpertCodec, budget_bytes: int | None,
+                    cache_slots: int | None, scratch_experts: int, hw: Any = None) -> dict[str, dict[str, float]]:
+    """Per pool mode the cost model's view (module docstring): ``{"slots", "hit_rate", "layer_ms"}``; a mode
+    whose pool cannot hold ``top_k`` experts is left out."""
+    from ..cost.hardware import default_profile, with_format
+
+    dense, packed = codec.dense.slot_bytes, codec.slot_bytes
+    base = hw if hw is not None else default_profile(dense)
+    out: dict[str, dict[str, float]] = {}
+    for mode in POOL_MODES:
+        if cache_slots is not None:
+            slots = min(int(cache_slots), total)
+        elif mode == "compressed":
+            slots = min(total, max(0, int(budget_bytes) - scratch_experts * dense) // packed)
+        else:
+            slots = min(total, max(0, int(budget_bytes)) // (dense + packed))
+        if slots < top_k:
+            continue
+        hit = slots / total
+        out[mode] = {"slots": slots, "hit_rate": hit,
+                     "layer_ms": layer_step_ms(with_format(base, codec.fmt, mode), hit, top_k)}
+    return out
+
+
 def choose_pool_mode(pool_mode: str, *, total: int, budget_bytes: int | None, cache_slots: int | None,
-                     codec: ExpertCodec) -> str:
-    """``pool_mode`` ("auto", "compressed", "expanded") -> the mode to build (module docstring)."""
+                     codec: ExpertCodec, top_k: int = 1, scratch_experts: int | None = None, hw: Any = None) -> str:
+    """``pool_mode`` ("auto", "compressed", "expanded") -> the mode to build: "auto" is the cost model's
+    faster mode (``pool_mode_costs``; module docstring)."""
     if pool_mode not in ("auto",) + POOL_MODES:
         raise ConfigError(f"unknown pool_mode {pool_mode!r}; valid: auto, compressed, expanded")
     if pool_mode != "auto":
         return pool_mode
-    if cache_slots is not None:
-        return "expanded" if cache_slots >= total else "compressed"
-    assert budget_bytes is not None
-    return "expanded" if budget_bytes >= total * (codec.dense.slot_bytes + codec.slot_bytes) else "compressed"
+    if cache_slots is None and budget_bytes is None:
+        raise ValueError("choose_pool_mode needs budget_bytes or cache_slots")
+    costs = pool_mode_costs(total=total, top_k=top_k, codec=codec, budget_bytes=budget_bytes,
+                            cache_slots=cache_slots, scratch_experts=top_k if scratch_experts is None else
+                            scratch_experts, hw=hw)
+    if not costs:
+        return "compressed"  # neither fits: the budget check names the least memory that works
+    return min(costs, key=lambda m: (costs[m]["layer_ms"], m != "expanded"))
 
 
 class Expander:

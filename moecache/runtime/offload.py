@@ -85,9 +85,12 @@ def non_expert_bytes(model: nn.Module, expert_param_ids: set[int]) -> int:
 
 
 def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, slot_bytes: int,
-                 top_k: int, total: int, kv_bytes: int = 0) -> tuple[int, int | None]:
+                 top_k: int, total: int, kv_bytes: int = 0, extra: int = 0, extra_what: str = "",
+                 extra_fix: str = "") -> tuple[int, int | None]:
     """``(slots, budget_bytes)`` per the module docstring's formula; ``kv_bytes`` (a compiled offload's static
-    KV cache) is taken from the budget like the non-expert weights."""
+    KV cache) is taken from the budget like the non-expert weights, and so is ``extra`` (fixed device buffers
+    such as the compressed pool's dense scratch, named ``extra_what`` in the error; ``extra_fix``: how to
+    shrink them)."""
     if (gpu_memory is None) == (cache_slots is None):
         raise ConfigError("pass exactly one of gpu_memory= (e.g. '6GiB') or cache_slots= (a number of experts)")
     if cache_slots is not None:
@@ -96,14 +99,15 @@ def choose_slots(*, gpu_memory: Any, cache_slots: int | None, non_expert: int, s
             raise ConfigError(f"cache_slots={n} cannot hold one layer's top-{top_k} experts; use at least {top_k}")
         return min(n, total), None
     budget = parse_bytes(gpu_memory)
-    fixed = non_expert + WORKSPACE_BYTES + kv_bytes
+    fixed = non_expert + WORKSPACE_BYTES + kv_bytes + extra
     need = fixed + top_k * slot_bytes
     if budget < need:
         kv = f", the static KV cache ({_fmt(kv_bytes)})" if kv_bytes else ""
+        kv += f", {extra_what} ({_fmt(extra)})" if extra else ""
         raise ConfigError(
             f"gpu_memory {_fmt(budget)} cannot hold the non-expert weights ({_fmt(non_expert)}){kv} plus one layer's "
             f"top-{top_k} experts ({_fmt(top_k * slot_bytes)}); use at least {_fmt(need)} "
-            f"(all {total} experts resident need {_fmt(fixed + total * slot_bytes)})")
+            f"(all {total} experts resident need {_fmt(fixed + total * slot_bytes)}){extra_fix}")
     return min(total, (budget - fixed) // slot_bytes), budget
 
 
@@ -203,15 +207,22 @@ def _codec_for(expert_dtype: Any, group_size: Any, layout: SlotLayout, adapter: 
 
 
 def _low_codec_for(rule: Any, codec: ExpertCodec | None, layout: SlotLayout, adapter: FamilyAdapter,
-                   blocks: list[MoeBlock], hybrid_cfg: Any, host_store: HostStore | None, backend: Any) -> ExpertCodec:
+                   blocks: list[MoeBlock], hybrid_cfg: Any, host_store: HostStore | None, backend: Any,
+                   low_host_store: HostStore | None = None, store_filled_later: bool = False,
+                   num_experts: int = 0) -> ExpertCodec:
     """The low copy's row layout for ``low_precision_misses`` (``moecache.miss_precision``), after the checks of
-    what the rule cannot run with."""
+    what the rule cannot run with. ``low_host_store``: the low copy already filled (``from_pretrained`` encodes it
+    while it reads the checkpoint), which a filled ``host_store`` needs."""
+    if codec is not None and codec.fmt.name == "mxfp4":
+        raise ConfigError("low_precision_misses copies a lower-precision version of full-precision experts; this "
+                          "checkpoint's experts are MXFP4 already: leave low_precision_misses out")
     if codec is not None:
         raise ConfigError(f"low_precision_misses copies a lower-precision version of full-precision experts; the "
                           f"experts are already {codec.fmt.describe()}: use expert_dtype='auto' with it")
-    if host_store is not None:
-        raise ConfigError("low_precision_misses builds its low copy from the model's expert weights; it cannot take "
-                          "a filled host_store (nor from_pretrained yet): offload a loaded model without host_store")
+    if host_store is not None and low_host_store is None:
+        raise ConfigError("low_precision_misses builds its low copy from the model's expert weights, which a filled "
+                          "host_store replaces: pass the low copy as low_host_store= too (moecache.from_pretrained "
+                          "fills both), or offload a loaded model without host_store")
     if hybrid_cfg is not None:
         raise ConfigError("low_precision_misses chooses how a miss is copied; hybrid execution runs misses on the "
                           "CPU: use one or the other")
@@ -221,7 +232,15 @@ def _low_codec_for(rule: Any, codec: ExpertCodec | None, layout: SlotLayout, ada
         raise ConfigError(f"low_precision_misses: {adapter.name} experts run through the {adapter.layout.kernel!r} "
                           "kernel, whose layout the low copy cannot hold yet")
     transposed = bool(getattr(adapter.layout, "transposed", False))
-    return ExpertCodec(layout, rule.fmt, transposed, blocks[0].name + "." + adapter.experts_attr)
+    low = ExpertCodec(layout, rule.fmt, transposed, blocks[0].name + "." + adapter.experts_attr)
+    if low_host_store is not None:
+        if not isinstance(low_host_store, HostStore) or low_host_store.layout != low or \
+                (low_host_store.num_layers, low_host_store.num_experts) != (len(blocks), num_experts):
+            raise ConfigError(f"low_host_store was built for another layout, format or model size than "
+                              f"low_precision_misses={rule.fmt.describe()!r} on this model")
+        if not store_filled_later and any(b is None for b in low_host_store.blocks):
+            raise ConfigError("low_host_store is not filled (or was closed); fill every layer before offloading")
+    return low
 
 
 def cpu_kernel_supports(fmt: Any) -> bool:
@@ -474,6 +493,7 @@ class OffloadPlan:
     importance: Any = None
     low_rule: Any = None  # moecache.miss_precision.MissPrecisionRule, else None
     low_codec: ExpertCodec | None = None  # the low copy's row layout
+    low_host_store: HostStore | None = None  # the low copy, filled by the caller (from_pretrained), else None
 
 
 def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
@@ -486,9 +506,12 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        stream_prefill: Any = False, expert_dtype: Any = "auto",
                        group_size: Any = None, pool_mode: Any = "auto", scratch_experts: Any = None,
                        importance: Any = None, low_precision_misses: Any = None,
-                       low_precision_below: Any = DEFAULT_BELOW) -> OffloadPlan:
+                       low_precision_below: Any = DEFAULT_BELOW, low_host_store: Any = None,
+                       store_filled_later: bool = False) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
+    ``store_filled_later``: ``host_store`` is still empty (``from_pretrained`` checks the arguments on the
+    meta-device model before it reads the checkpoint).
 
     To add an argument to ``offload``: check it here (one ``moecache.validate`` call), carry the cleaned
     value in ``OffloadPlan``, and in ``offload`` push an undo for whatever applying it changes."""
@@ -543,7 +566,11 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     store_layout = layout if codec is None else codec
     low_codec = None
     if low_rule is not None:
-        low_codec = _low_codec_for(low_rule, codec, layout, adapter, blocks, hybrid_cfg, host_store, backend)
+        low_codec = _low_codec_for(low_rule, codec, layout, adapter, blocks, hybrid_cfg, host_store, backend,
+                                   low_host_store, store_filled_later, E)
+    elif low_host_store is not None:
+        raise ConfigError("low_host_store is the low copy of low_precision_misses; pass low_precision_misses= with it, "
+                          "or leave low_host_store out")
     dev = V.device("device", device)
     engine = V.choice("engine", engine, ["auto", *COPY_ENGINES.names()])
     if (gpu_memory is None) == (cache_slots is None):
@@ -569,7 +596,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     if host_store is not None:
         if host_store.layout != store_layout or (host_store.num_layers, host_store.num_experts) != (L, E):
             raise ConfigError("host_store was built for another layout, format or model size")
-        if any(b is None for b in host_store.blocks):
+        if not store_filled_later and any(b is None for b in host_store.blocks):
             raise ConfigError("host_store is not filled (or was closed); fill every layer before offloading")
     allocator = HostAllocator(pin)
     expert_ids = _expert_params(blocks, layout, E)
@@ -596,15 +623,25 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     elif codec is None:
         slot_bytes, fixed = layout.slot_bytes, 0
     else:
-        mode = choose_pool_mode(pool_mode, total=L * E, cache_slots=cache_slots, codec=codec,
-                                budget_bytes=None if gpu_memory is None else max(0, int(gpu_memory) - non_expert))
         scratch_n = min(E, int(scratch_experts) if scratch_experts is not None else 4 * k)
+        mode = choose_pool_mode(pool_mode, total=L * E, cache_slots=cache_slots, codec=codec, top_k=k,
+                                scratch_experts=scratch_n,
+                                budget_bytes=None if gpu_memory is None else
+                                max(0, int(gpu_memory) - non_expert - WORKSPACE_BYTES - kv_bytes))
         if mode == "compressed":
             slot_bytes, fixed = codec.slot_bytes, scratch_n * layout.slot_bytes  # the dense scratch
         else:
             slot_bytes, fixed = codec.slot_bytes + layout.slot_bytes, 0  # dense slot + compressed landing
-    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert + fixed,
-                                 slot_bytes=slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes)
+    if low_codec is not None:
+        fixed_what, fixed_fix = f"the low copies' landing of {k} rows", ""
+    elif mode == "compressed":
+        fixed_what = f"the compressed pool's dense scratch of {scratch_n} experts"
+        fixed_fix = f", or pass a smaller scratch_experts= (at least top_k={k})" if scratch_n > k else ""
+    else:
+        fixed_what, fixed_fix = "", ""
+    slots, budget = choose_slots(gpu_memory=gpu_memory, cache_slots=cache_slots, non_expert=non_expert,
+                                 slot_bytes=slot_bytes, top_k=k, total=L * E, kv_bytes=kv_bytes, extra=fixed,
+                                 extra_what=fixed_what, extra_fix=fixed_fix)
     pol = _make_policy(policy, slots, L, E, k, policy_params)
     if host_memory is not None and host_store is None:
         on_host = non_expert + fixed + slots * slot_bytes if dev.type == "cpu" else 0
@@ -621,7 +658,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        backend=backend, max_cache_len=max_cache_len, max_batch_size=max_batch_size,
                        kv_bytes=kv_bytes, stream_tokens=stream_tokens, codec=codec, pool_mode=mode,
                        scratch_experts=scratch_n, slot_bytes=slot_bytes, importance=importance,
-                       low_rule=low_rule, low_codec=low_codec)
+                       low_rule=low_rule, low_codec=low_codec, low_host_store=low_host_store)
 
 
 def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
@@ -663,7 +700,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             stream_prefill: bool | int = False, expert_dtype: str | None = "auto",
             group_size: int | None = None, pool_mode: str = "auto", scratch_experts: int | None = None,
             importance: dict | None = None, low_precision_misses: str | None = None,
-            low_precision_below: float = DEFAULT_BELOW) -> OffloadHandle:
+            low_precision_below: float = DEFAULT_BELOW, low_host_store: HostStore | None = None) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -704,6 +741,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       applies to it) and expanded into its slot; reused, it is upgraded to the full copy. Lossy. Costs a second
       host copy of every expert in that format (``stats()["config"]["low_copy_host_bytes"]``) and, on the device,
       a landing of ``top_k`` rows in that format (out of the budget); needs full-precision experts (``expert_dtype`` "auto"), no hybrid, no compile.
+      ``low_host_store``: that second copy already filled, with ``host_store`` (``from_pretrained`` encodes both
+      while reading the checkpoint); ``remove()`` frees it.
 
     Every argument is checked first (``check_offload_args``); if anything fails after that, the model is
     put back as it was (expert weights restored from the host store) before the error propagates.
@@ -717,7 +756,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                               max_batch_size=max_batch_size, stream_prefill=stream_prefill,
                               expert_dtype=expert_dtype, group_size=group_size, pool_mode=pool_mode,
                               scratch_experts=scratch_experts, importance=importance,
-                              low_precision_misses=low_precision_misses, low_precision_below=low_precision_below)
+                              low_precision_misses=low_precision_misses, low_precision_below=low_precision_below,
+                              low_host_store=low_host_store)
     with V.Undo() as undo:
         handle = _apply(model, plan, undo)
     return handle
@@ -735,12 +775,13 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
     if plan.host_store is None:
         undo.push(store.close)
     saved: list[_Saved] = []
-    low_store = None
-    if plan.low_codec is not None:  # the second copy, packed from the weights before they are released
+    low_store = plan.low_host_store  # filled by the caller with host_store (from_pretrained), else packed here
+    pack_low = plan.low_codec is not None and low_store is None
+    if pack_low:  # the second copy, packed from the weights before they are released
         low_store = HostStore(plan.low_codec, L, E, plan.allocator)
         undo.push(low_store.close)
     for i, b in enumerate(blocks):
-        if low_store is not None:
+        if pack_low:
             plan.low_codec.pack(b.experts, E, low_store.layer_views(i))
         if plan.host_store is None:
             if codec is None:
