@@ -114,11 +114,28 @@ def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, 
     pol = new_policy(policy, slots, m.num_layers, m.num_experts, top_k=m.top_k, scope="layer")
     if pol.needs_fit:
         pol.fit(fitted.counts)
-    r = simulate(s, pol, fitted.get(pred, policy), depth=depth, hardware=hw, bound=True)
+    predictor = fitted.get(pred, policy)
+    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True)
     row = r.row()
     return {"policy": policy, "predictor": pred or "none", "depth": depth, "ms_per_token": row["est_ms_per_token"],
             "bound_ms_per_token": row["bound_ms_per_token"], "demand_hit_rate": row["demand_hit_rate"],
-            "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0)}
+            "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0),
+            "breakdown": breakdown(row, hw, m.num_layers, pred)}
+
+
+def breakdown(row: dict, hw, num_layers: int, pred: str | None) -> dict:
+    """Where a replay's time goes, per token (ms), by the profile's terms: the fixed host time per layer, the
+    predictor's calls, the prefetches' and demand copies' host time, the stall on copies; and the prefetches
+    used, wasted (evicted unused) and late (used before their copy ended)."""
+    tok = row["tokens"]
+    calls = row.get("predictor_calls", tok * num_layers if pred else 0)
+    return {"layer_host": num_layers * hw.layer_host_ms, "predictor_host": calls * hw.predictor_host(pred) / tok,
+            "predictor_calls_per_token": calls / tok,
+            "prefetch_host": row["prefetches"] * hw.prefetch_host_ms / tok,
+            "copy_host": row["loads"] * hw.copy_host_ms / tok, "stall": row["stall_ms_per_token"],
+            "loads_per_token": row["loads"] / tok, "prefetches_per_token": row["prefetches"] / tok,
+            "prefetch_used": row["prefetch_used"], "prefetch_wasted": row["prefetch_wasted"],
+            "late_hits": row["hits"] - row["ready"]}
 
 
 def label(c: dict) -> str:
@@ -136,6 +153,11 @@ def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
     closed = (lru["ms_per_token"] - got["ms_per_token"]) / gap if gap > 0 else math.nan
     out = {"tokens": len(part), "sequences": len(part.sequences()), "chosen": got, "lru": lru,
            "bound_ms_per_token": bound, "gap_closed": closed}
+    if chosen["depth"] and chosen["policy"] != "predicted":
+        # what a perfect predictor would give the same policy, depth and admission (not an online configuration)
+        ora = replay(part, fitted, chosen["policy"], "oracle", chosen["depth"], hw, s)
+        out["oracle"] = ora
+        out["oracle_gap_closed"] = (lru["ms_per_token"] - ora["ms_per_token"]) / gap if gap > 0 else math.nan
     if chosen["depth"] and chosen["policy"] != "predicted":
         out["chosen_without_prefetch"] = replay(part, fitted, chosen["policy"], None, 0, hw, s)
     return out
@@ -245,6 +267,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"({b['tokens']:,} tokens): {b['chosen']['ms_per_token']:.2f} ms/token; LRU "
                   f"{b['lru']['ms_per_token']:.2f}; bound {b['bound_ms_per_token']:.2f}; gap closed "
                   f"{b['gap_closed']:.1%}."]
+    if "oracle" in d:
+        lines.append(f"- the same policy and depth with the oracle predictor (the future routing, not online): "
+                     f"{d['oracle']['ms_per_token']:.2f} ms/token, gap closed {d['oracle_gap_closed']:.1%}")
+    rows_bd = [("LRU", d["lru"]), (label(d["chosen"]), d["chosen"])] + \
+        ([("same policy, no prefetch", d["chosen_without_prefetch"])] if "chosen_without_prefetch" in d else []) + \
+        ([(f"{d['oracle']['policy']} + oracle D={d['oracle']['depth']}", d["oracle"])] if "oracle" in d else [])
+    lines += ["", "## Where the time goes (report part, ms per token)", "",
+              f"Bound {d['bound_ms_per_token']:.2f} = max(GPU work + fixed host time per layer, Belady's copies); "
+              "the rest of each row's time is host time and copy stall the bound leaves out.", "",
+              "| configuration | ms/token | layer host | predictor host (calls/token) | prefetch host | copy host | "
+              "stall | loads/token | prefetches/token | used / wasted | late hits |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows_bd:
+        b = r["breakdown"]
+        lines.append(f"| {name} | {r['ms_per_token']:.2f} | {b['layer_host']:.2f} | {b['predictor_host']:.2f} "
+                     f"({b['predictor_calls_per_token']:.1f}) | {b['prefetch_host']:.2f} | {b['copy_host']:.2f} | "
+                     f"{b['stall']:.2f} | {b['loads_per_token']:.2f} | {b['prefetches_per_token']:.2f} | "
+                     f"{b['prefetch_used']:,} / {b['prefetch_wasted']:,} | {b['late_hits']:,} |")
     lines += ["", "## Candidates on the choose part", "", "| configuration | ms/token | demand hit | prefetches / refused |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {label(c)} | {c['ms_per_token']:.2f} | {c['demand_hit_rate']:.3f} | "

@@ -8,10 +8,12 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
 * ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the
   step's tokens that pick it, capped at 1 (``candidate_probability``);
 * ``backlog_ms``: how long until the copy engine is free (copies already queued, demand and prefetch);
-* ``first_ms``: how long until the next MoE layer's experts are needed;
+* ``first_ms``: how long until the next MoE layer's demand copies can start (its non-expert work, then
+  its routing sync and policy: the profile's ``layer_host_ms``);
 * ``lead``: how long until the target layer's experts are needed (``lead_ms``: in the simulator the
   current step's end, known once its demand copies are issued, plus the next layer's non-expert work,
-  then one layer per further depth; in the runtime ``depth`` times the measured layer interval);
+  then one layer per further depth; in the runtime ``depth`` times the layer interval, modelled from
+  the profile on its default ``model`` clock, measured on its ``measured`` clock: ``moecache.runtime.core``);
 * ``copy_ms``: one expert copy;
 * ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability
   (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
@@ -30,8 +32,9 @@ copy runs into the next MoE layer (``first_ms`` from now), delaying that layer's
 made) and ``w = 1`` when the target is further ahead (the next layer's demand copies wait either way);
 the third term is the copy that evicting a victim needed again costs, and ``host_ms`` the host time
 issuing it adds to the step (the calibrated profile's ``prefetch_host_ms`` where the host, not the GPU,
-is what the next layer waits for; 0 in the runtime, whose measured layer interval holds its host
-work). The prefetch is issued when ``value > 0``.
+is what the next layer waits for; in the runtime the profile's ``prefetch_host_ms`` on its ``model``
+clock, 0 on its ``measured`` clock, whose measured layer interval holds its host work). The prefetch is
+issued when ``value > 0``.
 
 The predictor gate (``PredictorGate``): the rule above weighs each copy, but the predictor's call
 is paid before any copy is weighed (the calibrated profile's ``predictor_host_ms`` per call per layer,

@@ -123,6 +123,10 @@ def test_hardware_file_and_bytes(tmp_path, capsys):
     (["--policies", "lru:half_life=3"], "no parameter"),
     (["--policies", "lru", "--predictor", "gate_lookahead"], "hidden states"),
     (["--policies", "lru", "--miss-rule", "teleport"], "unknown miss rule"),
+    (["--policies", "lru", "--predictor", "temporal", "--admission", "maybe"],
+     "unknown prefetch admission 'maybe'; choose one of: gated, cost, none"),
+    (["--policies", "lru", "--admission", ""], "unknown prefetch admission ''"),
+    (["--policies", "lru", "--admission", "cost", "-o", "out"], "--admission cost applies to trace runs"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, argv, message):
     path = _write(tmp_path)
@@ -197,3 +201,26 @@ def test_golden_counts_activation_predicted(routing_dir, tmp_path, capsys):
     assert code == 0
     ref = json.loads(out)
     assert [dict(r, engine=None) for r in ref] == [dict(r, engine=None) for r in rows if r["scope"] == "global"]
+
+
+def test_admission_flag_reaches_the_simulator(tmp_path, capsys):
+    """Each --admission name runs and is recorded; ``none`` issues every candidate, the default (gated) reports
+    its predictor gate, and the help text names the rules."""
+    path = _write(tmp_path)
+    rows = {}
+    for name in ("gated", "cost", "none"):
+        code, out, _ = run(capsys, path, "--policies", "lru", "--predictor", "temporal", "--capacity", "50%",
+                           "--admission", name, "--json", "--quiet")
+        assert code == 0
+        rows[name] = json.loads(out)[0]
+    assert {n: r["admission"] for n, r in rows.items()} == {"gated": "gated", "cost": "cost", "none": "none"}
+    assert rows["none"]["prefetch_refused"] == 0 and rows["cost"]["prefetch_refused"] > 0
+    assert "predictor_calls" in rows["gated"] and "predictor_calls" not in rows["cost"]
+    code, out, _ = run(capsys, path, "--policies", "lru", "--predictor", "temporal", "--capacity", "50%",
+                       "--json", "--quiet")
+    assert json.loads(out)[0]["admission"] == "gated"
+    try:
+        main(["bench", "--help"])
+    except SystemExit:
+        pass
+    assert "--admission NAME" in capsys.readouterr().out

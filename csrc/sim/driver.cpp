@@ -474,7 +474,7 @@ struct Replay {
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
-      const double layer_ms = ne_ms + step_ms;
+      const double layer_ms = ne_ms + in.layer_host + step_ms;
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;
@@ -505,7 +505,7 @@ struct Replay {
             }
           }
           const double now = hp + in.pf_host;  // when this copy would be issued
-          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms;
+          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms + in.layer_host;
           const double lead = first + static_cast<double>(d - 1) * layer_ms;
           double backlog = tl.copy - now;
           if (backlog < 0.0) backlog = 0.0;

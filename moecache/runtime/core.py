@@ -19,8 +19,8 @@ For each MoE layer call ``run_layer`` does, top to bottom:
    not asked, nothing is prefetched). The rule's times come from the ``admission_clock``:
 
    * ``model`` (the default; deterministic): the cost model's times (the profile the runtime was given,
-     else the default profile): a layer lasts ``non_expert(tokens)`` plus the ``gpu(count)`` of its
-     experts; the copy engine's backlog is a modelled queue (each copy, demand or prefetch, adds
+     else the default profile): a layer lasts ``non_expert(tokens)`` and ``layer_host_ms`` plus the
+     ``gpu(count)`` of its experts; the copy engine's backlog is a modelled queue (each copy, demand or prefetch, adds
      ``copy_ms`` from the later of the modelled clock and the queue's end; the clock advances one
      modelled layer per MoE layer); the next layer is one modelled layer ahead, the target ``depth``
      of them; each prefetch's host time is the profile's ``prefetch_host_ms``. Given the routing and
@@ -264,7 +264,7 @@ class Runtime:
         if self.prefetch_depth and self.admission_clock == "model":  # the modelled clock: one layer on
             prof = self.profile
             self._m_now += self._m_layer
-            m = prof.non_expert(int(ids.shape[0]))
+            m = prof.non_expert(int(ids.shape[0])) + prof.layer_host_ms
             for n in counts:
                 m += prof.gpu(int(n))
             self._m_layer = m

@@ -21,8 +21,9 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
    fetched), if the admission rule (``moecache.admission``, default ``cost``) takes it, with ``now`` =
    the host clock plus ``prefetch_host_ms`` (when the copy would be issued): probability = the
    candidate's summed score capped at 1; backlog = the copy engine's free time minus ``now`` (at least
-   0); first = ``max(gpu free - now, 0) + ne``; lead = ``first + (d - 1) * (ne + the sum of gpu(c) over
-   the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
+   0); first = ``max(gpu free - now, 0) + ne + layer_host`` (the next layer's demand copies are issued
+   once its routing is on the host and its policy has run); lead = ``first + (d - 1) * (ne + layer_host +
+   the sum of gpu(c) over the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
    ``[0, prefetch_host_ms]``; victim = ``policy.victim`` of the key's pool when it
    is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
    under ``gated`` each issued prefetch is booked to the gate's layer ``l`` (``outcome_values``), and a
@@ -267,7 +268,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
-                    layer_ms = ne_ms + step_ms
+                    layer_ms = ne_ms + layer_host + step_ms
                     for e in chosen:
                         key = base + e
                         if key in resident:
@@ -287,7 +288,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                         victim_prob = candidate_probability(float(scores_at[dd][v - vl * E]))
                                         break
                             now = hp + pf_host  # when this copy would be issued
-                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms
+                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
                             backlog = tl.copy - now
                             if backlog < 0.0:
