@@ -8,7 +8,8 @@ ways by sequence, in recorded order: predictors (and LFU-style policies' counts)
 part, every candidate configuration is replayed on the second and the fastest is chosen there, and the
 chosen one is reported on the third, against LRU and the lower bound. Every replay: 25% of expert memory
 per layer (layer scope), token by token (decode stream, batch 1), miss rule ``copy``, prefetch rule
-``topk`` with the admission rule (``moecache.admission``), and the default hardware profile
+``topk`` with the admission rule (``moecache.admission``, its default ``gated``) and a budget of top_k or
+2 x top_k experts per target layer (``BUDGETS``, each a candidate), and the default hardware profile
 (``moecache.cost.default_profile``: the calibrated one where it is). Gap closed = (LRU - chosen) /
 (LRU - bound) in estimated ms/token; the target is >= 50%.
 
@@ -57,6 +58,9 @@ CANDIDATES = [(pol, None, 0) for pol in ("lru", "lfu", "lrfu", "activation")] + 
      for pred, d in (("temporal", 1), ("transition", 1), ("transition", 2), ("learned", 1), ("learned", 2),
                      ("prior", 1))] + \
     [("predicted", pred, d) for pred in ("temporal", "prior") for d in (0, 1)]
+#: Prefetch budgets tried with every prefetching candidate: experts wanted per target layer, as a multiple of
+#: top_k (1: the simulator's default, top_k x rows; 2: twice that, the admission rule weighing each copy).
+BUDGETS = (1, 2)
 
 
 def load(path: str):
@@ -107,7 +111,8 @@ class Fitted:
         return copy.deepcopy(self.cache[key])
 
 
-def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, schedule=None) -> dict:
+def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, schedule=None,
+           budget: int = 1) -> dict:
     m = part.meta
     s = schedule or Schedule(part, decode_stream=True, name="part")
     slots = max(m.top_k, int(round(CAPACITY * m.num_experts)))
@@ -115,9 +120,11 @@ def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, 
     if pol.needs_fit:
         pol.fit(fitted.counts)
     predictor = fitted.get(pred, policy)
-    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True)
+    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True,
+                 budget=budget * m.top_k if depth and budget != 1 else None)
     row = r.row()
-    return {"policy": policy, "predictor": pred or "none", "depth": depth, "ms_per_token": row["est_ms_per_token"],
+    return {"policy": policy, "predictor": pred or "none", "depth": depth, "budget": budget,
+            "ms_per_token": row["est_ms_per_token"],
             "bound_ms_per_token": row["bound_ms_per_token"], "demand_hit_rate": row["demand_hit_rate"],
             "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0),
             "breakdown": breakdown(row, hw, m.num_layers, pred)}
@@ -139,14 +146,15 @@ def breakdown(row: dict, hw, num_layers: int, pred: str | None) -> dict:
 
 
 def label(c: dict) -> str:
-    return c["policy"] + ("" if c["predictor"] == "none" else f" + {c['predictor']} D={c['depth']}")
+    return c["policy"] + ("" if c["predictor"] == "none" else f" + {c['predictor']} D={c['depth']}") + \
+        (f" B={c['budget']}k" if c.get("budget", 1) != 1 else "")
 
 
 def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
     """The chosen configuration, its partner without prefetch, LRU and the bound on ``part``."""
     s = Schedule(part, decode_stream=True, name="report")
     got = replay(part, fitted, chosen["policy"], None if chosen["predictor"] == "none" else chosen["predictor"],
-                 chosen["depth"], hw, s)
+                 chosen["depth"], hw, s, chosen.get("budget", 1))
     lru = replay(part, fitted, "lru", None, 0, hw, s)
     bound = lru["bound_ms_per_token"]
     gap = lru["ms_per_token"] - bound
@@ -155,7 +163,7 @@ def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
            "bound_ms_per_token": bound, "gap_closed": closed}
     if chosen["depth"] and chosen["policy"] != "predicted":
         # what a perfect predictor would give the same policy, depth and admission (not an online configuration)
-        ora = replay(part, fitted, chosen["policy"], "oracle", chosen["depth"], hw, s)
+        ora = replay(part, fitted, chosen["policy"], "oracle", chosen["depth"], hw, s, chosen.get("budget", 1))
         out["oracle"] = ora
         out["oracle_gap_closed"] = (lru["ms_per_token"] - ora["ms_per_token"]) / gap if gap > 0 else math.nan
     if chosen["depth"] and chosen["policy"] != "predicted":
@@ -198,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     for pol, pred, d in CANDIDATES:
         if args.policies and pol not in args.policies:
             continue
-        try:
-            tried.append(replay(choose, fitted, pol, pred, d, hw, s))
-        except ConfigError as e:
-            print(f"  skipped {pol} + {pred} D={d}: {e}", file=sys.stderr)
-            continue
-        print(f"  choose: {label(tried[-1]):40s} {tried[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
+        for b in (BUDGETS if d and pol != "predicted" else (1,)):
+            try:
+                tried.append(replay(choose, fitted, pol, pred, d, hw, s, b))
+            except ConfigError as e:
+                print(f"  skipped {pol} + {pred} D={d}: {e}", file=sys.stderr)
+                break
+            print(f"  choose: {label(tried[-1]):40s} {tried[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr,
+                  flush=True)
     chosen = min(tried, key=lambda c: c["ms_per_token"])
     best_plain = min((c for c in tried if c["depth"] == 0 and c["predictor"] == "none"),
                      key=lambda c: c["ms_per_token"])
@@ -260,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- recall@top_k of {chosen['predictor']} at depth {recall['depth']} on the report part: "
                      f"{recall['recall@top_k']:.3f} (targets in the same token {recall['same_token']:.3f}, in the "
                      f"next token {recall['next_token']:.3f})")
+    if "oracle" in d:
+        lines.append(f"- the same policy, depth and budget with the oracle predictor (the future routing, not online): "
+                     f"{d['oracle']['ms_per_token']:.2f} ms/token, gap closed {d['oracle_gap_closed']:.1%}")
     if "blind" in res:
         b = res["blind"]
         lines += ["", f"## Blind check: {b['path']}", "",
@@ -267,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"({b['tokens']:,} tokens): {b['chosen']['ms_per_token']:.2f} ms/token; LRU "
                   f"{b['lru']['ms_per_token']:.2f}; bound {b['bound_ms_per_token']:.2f}; gap closed "
                   f"{b['gap_closed']:.1%}."]
-    if "oracle" in d:
-        lines.append(f"- the same policy and depth with the oracle predictor (the future routing, not online): "
-                     f"{d['oracle']['ms_per_token']:.2f} ms/token, gap closed {d['oracle_gap_closed']:.1%}")
     rows_bd = [("LRU", d["lru"]), (label(d["chosen"]), d["chosen"])] + \
         ([("same policy, no prefetch", d["chosen_without_prefetch"])] if "chosen_without_prefetch" in d else []) + \
         ([(f"{d['oracle']['policy']} + oracle D={d['oracle']['depth']}", d["oracle"])] if "oracle" in d else [])
