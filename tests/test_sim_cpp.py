@@ -388,7 +388,8 @@ def test_wait_order_layouts_agree_on_longer_real_trace(routing_dir):
                         with wait_layout(sorted_lists):
                             runs.append(_wait_run(trace, name, params, pname, depth, cap, scope, decode, "cpp", hw))
                     assert runs[0] == runs[1], (name, pname, scope, cap, decode)
-                    assert runs[0][0]["loads"] > cap
+                    # the pool filled and evicted (demand copies and prefetches both insert)
+                    assert runs[0][0]["loads"] + runs[0][0]["prefetches"] > cap
 
 
 def test_golden_mixtral_hits(routing_dir):
