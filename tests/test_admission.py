@@ -200,7 +200,7 @@ def test_runtime_gate_is_the_shared_one_and_deterministic(monkeypatch):
     assert built and isinstance(gate, real) and gate.predictor_ms == 50.0
     assert s["predictor_skipped"] > 0 and gate.stats()["layers_off"] > 0
     # forced, predictable routing (each layer takes the previous layer's experts): the predictions pay
-    trace = _cyclic_trace(L=4, E=8, K=2, tokens=200)
+    trace = _cyclic_trace(L=4, E=8, K=2, tokens=100)
     pred = PREDICTORS.get("transition")(4, 8, 2, max_depth=2)
     pred.fit(trace)
     pays, gate = _runtime_run("gated", predictor_ms=0.05, predictor=pred, forced=trace)
