@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_text_atomic(args.out + ".json", json.dumps({"meta": meta, "pairs": pairs}, indent=1) + "\n")
     helped = sum(1 for p in pairs if p["ratio"] < 1.0)
-    lines = [f"# Prefetch against no prefetch, every suite trace and capacity (admission rule `{DEFAULT_ADMISSION}`)", "",
+    lines = ["# Prefetch against no prefetch, every suite trace and capacity "
+             f"(admission rule `{DEFAULT_ADMISSION}`)", "",
              f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}` "
              f"({meta['seconds']:.0f} s, {len(tasks)} replays, {args.jobs} processes)",
              "- estimated ms/token from the simulator's timing model with the suite's hardware profile "

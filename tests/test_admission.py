@@ -321,7 +321,8 @@ def test_gate_turns_off_where_prediction_cannot_pay():
     bounded rate), and the run is faster than asking it at every layer."""
     trace = _trace(L=4, tokens=400)
     hw = _gated_hw(copy_ms=0.3, predictor_ms=1.0)
-    gated, always = _sim_with(trace, hw, "gated", predictor="temporal"), _sim_with(trace, hw, "cost", predictor="temporal")
+    gated = _sim_with(trace, hw, "gated", predictor="temporal")
+    always = _sim_with(trace, hw, "cost", predictor="temporal")
     visits = trace.meta.num_layers * 400
     assert gated.extra["layers_off"] == 4
     assert gated.extra["predictor_calls"] < visits / 10

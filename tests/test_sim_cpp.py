@@ -209,7 +209,8 @@ def test_every_cpp_port_is_covered():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS),
        st.integers(0, 3), st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)),
-       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms, st.sampled_from(["gated", "cost", "none"]))
+       st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms,
+       st.sampled_from(["gated", "cost", "none"]))
 def test_random_traces_with_predictors_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap,
                                                  terms, admission):
     trace, scope, cap = case

@@ -40,7 +40,8 @@ import numpy as np
 from .._ext import extension
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule
-from ..admission import ADMISSION_CODES, DEFAULT_ADMISSION, GATE_MIN_CALLS, GATE_PROBE_EVERY, GATE_SPAN, check_admission
+from ..admission import (ADMISSION_CODES, DEFAULT_ADMISSION, GATE_MIN_CALLS, GATE_PROBE_EVERY, GATE_SPAN,
+                         check_admission)
 from ..errors import ConfigError
 from ..policies.base import POLICIES, CppPort, Policy
 from ..predictors.base import PREDICTORS, Predictor
@@ -234,7 +235,8 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
     opts: dict[str, Any] = {"depth": depth, "score_depth": score_depth, "budget": int(budget or 0),
                             "prefetch_rule": PREFETCH_CODES.get(prefetch, 0),
                             "admission": ADMISSION_CODES[check_admission(admission)],
-                            "gate_span": GATE_SPAN, "gate_probe_every": GATE_PROBE_EVERY, "gate_min_calls": GATE_MIN_CALLS}
+                            "gate_span": GATE_SPAN, "gate_probe_every": GATE_PROBE_EVERY,
+                            "gate_min_calls": GATE_MIN_CALLS}
     depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
     native = _native_predictor(predictor, depths)
     if native is not None:
@@ -247,7 +249,8 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
 
 def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
-               admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None, record: list | None = None) -> SimResult:
+               admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
+               record: list | None = None) -> SimResult:
     """One replay on the C++ core (configuration already checked by ``simulate``); no bound."""
     C = extension()
     if C is None:

@@ -15,16 +15,17 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
 4. prefetch (depth ``D`` > 0): under the ``gated`` admission (and a policy that reads no scores) the
    predictor gate (``moecache.admission.PredictorGate``) is asked first, ``open(l)``; where it says no,
    the step skips the predictor's ``predict`` calls and their host time (``predictor_host``) and prefetches
-   nothing. Otherwise ``predict(l, d)`` for every depth ``d`` in ``1..D``, then for ``d = 1..D`` the prefetch rule picks the experts it wants for
-   step ``g + d`` from the summed prediction rows; each non-resident one is inserted (protected: the
-   current step's experts and those wanted for step ``g + d`` that are resident or already
-   fetched), if the admission rule (``moecache.admission``, default ``cost``) takes it, with ``now`` =
-   the host clock plus ``prefetch_host_ms`` (when the copy would be issued): probability = the
-   candidate's summed score capped at 1; backlog = the copy engine's free time minus ``now`` (at least
-   0); first = ``max(gpu free - now, 0) + ne + layer_host`` (the next layer's demand copies are issued
-   once its routing is on the host and its policy has run); lead = ``first + (d - 1) * (ne + layer_host +
-   the sum of gpu(c) over the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
-   ``[0, prefetch_host_ms]``; victim = ``policy.victim`` of the key's pool when it
+   nothing. Otherwise ``predict(l, d)`` for every depth ``d`` in ``1..D``, then for ``d = 1..D`` the
+   prefetch rule picks the experts it wants for step ``g + d`` from the summed prediction rows; each
+   non-resident one is inserted (protected: the current step's experts and those wanted for step
+   ``g + d`` that are resident or already fetched), if the admission rule (``moecache.admission``, default
+   ``gated``) takes it, with ``now`` = the host clock plus ``prefetch_host_ms`` (when the copy would be
+   issued): probability = the candidate's summed score capped at 1; backlog = the copy engine's free time
+   minus ``now`` (at least 0); first = ``max(gpu free - now, 0) + ne + layer_host`` (the next layer's
+   demand copies are issued once its routing is on the host and its policy has run); lead = ``first +
+   (d - 1) * (ne + layer_host + the sum of gpu(c) over the step's needs in key order)``,
+   ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to ``[0, prefetch_host_ms]``; victim =
+   ``policy.victim`` of the key's pool when it
    is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
    under ``gated`` each issued prefetch is booked to the gate's layer ``l`` (``outcome_values``), and a
    demand hit on a prefetched, not yet used expert books its use;
@@ -43,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from ..admission import DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission, lead_ms, outcome_values
+from ..admission import (DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission,
+                         lead_ms, outcome_values)
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule, Timeline
 from .. import miss_precision
@@ -252,7 +254,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                 for d in depths:
                     if d not in preds:
                         preds[d] = predictor.predict(l, d)
-            hp = t_route + (hx + pred_host) if asked or score_depth else t_route + hx  # the host after launching the experts
+            # the host after launching the experts (and the predictor, where it was asked)
+            hp = t_route + (hx + pred_host) if asked or score_depth else t_route + hx
             if choose is not None and asked:
                 now_keys = frozenset(keys)
                 scores_at = {d: preds[d].sum(axis=0) for d in range(1, depth + 1)}
