@@ -60,9 +60,9 @@ WEIGHTS = {"a": 2.0, "b": 1.0, "c": 1.5, "d": 1.5, "e": 1.0, "n": 0.5}
 _OLD_PART = re.compile(r"hybrid-.*|[pw][0-9][0-9.]*|.+-d[0-9]*")
 #: Keys of each part of the registry spelling, and an example of each part.
 _POLICY_KEYS = ("scope",)
-_PREDICTOR_KEYS = ("depth", "min_prob", "width")
+_PREDICTOR_KEYS = ("depth", "min_prob", "width", "admission")
 _HYBRID_KEYS = ("rule",)
-SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W]][+hybrid[:rule=RULE]], "
+SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A]][+hybrid[:rule=RULE]], "
                "e.g. lru:scope=layer+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
 
 
@@ -71,13 +71,14 @@ class Candidate:
     """One moecache offload configuration, written as registry specs (``moecache.registry.split_spec``,
     ``name:key=value``) joined by ``+``: the policy first, then optionally a predictor and ``hybrid``::
 
-        POLICY[:scope=layer|global][+PREDICTOR:depth=N[:min_prob=P][:width=W]][+hybrid[:rule=RULE]]
+        POLICY[:scope=layer|global][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A]][+hybrid[:rule=RULE]]
 
     e.g. ``lru``, ``lru:scope=layer``, ``lrfu+transition:depth=2``,
     ``lru+transition:depth=1+hybrid:rule=auto``, ``static+hybrid:rule=cpu``. ``depth`` is the prefetch
     depth (>= 1); ``min_prob`` prefetches only experts whose predicted probability is at least P
     (default 0.05), ``width`` at most W per target layer (``prefetch_width``, default top-k times the
-    batch rows); ``hybrid`` alone is ``offload(hybrid=True)``, ``hybrid:rule=R`` a ``HYBRID_RULES`` name.
+    batch rows), ``admission`` the prefetch admission rule (``offload(admission=...)``: gated, the default,
+    cost or none); ``hybrid`` alone is ``offload(hybrid=True)``, ``hybrid:rule=R`` a ``HYBRID_RULES`` name.
 
     The old spelling ``policy[@layer]+predictor-dN+pP+wW+hybrid-MODE`` (``lru@layer+hybrid-auto``)
     still parses to the same configuration for a release, with a ``FutureWarning`` that shows the new
@@ -90,6 +91,7 @@ class Candidate:
     hybrid: str | None = None
     min_prob: float | None = None
     width: int | None = None
+    admission: str | None = None
 
     @property
     def label(self) -> str:
@@ -101,6 +103,8 @@ class Candidate:
             out += f"+p{self.min_prob:g}"
         if self.width is not None:
             out += f"+w{self.width}"
+        if self.admission is not None:
+            out += f"+a-{self.admission}"
         if self.hybrid:
             out += f"+hybrid-{self.hybrid}"
         return out
@@ -115,6 +119,8 @@ class Candidate:
                 out += f":min_prob={self.min_prob:g}"
             if self.width is not None:
                 out += f":width={self.width}"
+            if self.admission is not None:
+                out += f":admission={self.admission}"
         if self.hybrid:
             out += "+hybrid" + ("" if self.hybrid == "true" else f":rule={self.hybrid}")
         return out
@@ -216,6 +222,10 @@ class Candidate:
                 kw["min_prob"] = number(name, "min_prob", kv["min_prob"], float)
             if "width" in kv:
                 kw["width"] = number(name, "width", kv["width"], int)
+            if "admission" in kv:
+                from moecache.admission import check_admission
+
+                kw["admission"] = check_admission(kv["admission"])
         return cls._check(text, cls(**kw))
 
     @classmethod
@@ -752,6 +762,8 @@ def offload_kwargs(bench: Bench, cand: Candidate, policy_params: dict[str, Any] 
             kw["min_prob"] = cand.min_prob
         if cand.width is not None:
             kw["prefetch_width"] = cand.width
+        if cand.admission is not None:
+            kw["admission"] = cand.admission
     if cand.hybrid:
         kw["hybrid"] = True if cand.hybrid == "true" else cand.hybrid
     return kw

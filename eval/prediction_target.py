@@ -8,7 +8,8 @@ ways by sequence, in recorded order: predictors (and LFU-style policies' counts)
 part, every candidate configuration is replayed on the second and the fastest is chosen there, and the
 chosen one is reported on the third, against LRU and the lower bound. Every replay: 25% of expert memory
 per layer (layer scope), token by token (decode stream, batch 1), miss rule ``copy``, prefetch rule
-``topk`` with the admission rule (``moecache.admission``), and the default hardware profile
+``topk`` with the admission rule (``moecache.admission``, its default ``gated``) and a budget of top_k or
+2 x top_k experts per target layer (``BUDGETS``, each a candidate), and the default hardware profile
 (``moecache.cost.default_profile``: the calibrated one where it is). Gap closed = (LRU - chosen) /
 (LRU - bound) in estimated ms/token; the target is >= 50%.
 
@@ -57,6 +58,9 @@ CANDIDATES = [(pol, None, 0) for pol in ("lru", "lfu", "lrfu", "activation")] + 
      for pred, d in (("temporal", 1), ("transition", 1), ("transition", 2), ("learned", 1), ("learned", 2),
                      ("prior", 1))] + \
     [("predicted", pred, d) for pred in ("temporal", "prior") for d in (0, 1)]
+#: Prefetch budgets tried with every prefetching candidate: experts wanted per target layer, as a multiple of
+#: top_k (1: the simulator's default, top_k x rows; 2: twice that, the admission rule weighing each copy).
+BUDGETS = (1, 2)
 
 
 def load(path: str):
@@ -107,35 +111,61 @@ class Fitted:
         return copy.deepcopy(self.cache[key])
 
 
-def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, schedule=None) -> dict:
+def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, schedule=None,
+           budget: int = 1) -> dict:
     m = part.meta
     s = schedule or Schedule(part, decode_stream=True, name="part")
     slots = max(m.top_k, int(round(CAPACITY * m.num_experts)))
     pol = new_policy(policy, slots, m.num_layers, m.num_experts, top_k=m.top_k, scope="layer")
     if pol.needs_fit:
         pol.fit(fitted.counts)
-    r = simulate(s, pol, fitted.get(pred, policy), depth=depth, hardware=hw, bound=True)
+    predictor = fitted.get(pred, policy)
+    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True,
+                 budget=budget * m.top_k if depth and budget != 1 else None)
     row = r.row()
-    return {"policy": policy, "predictor": pred or "none", "depth": depth, "ms_per_token": row["est_ms_per_token"],
+    return {"policy": policy, "predictor": pred or "none", "depth": depth, "budget": budget,
+            "ms_per_token": row["est_ms_per_token"],
             "bound_ms_per_token": row["bound_ms_per_token"], "demand_hit_rate": row["demand_hit_rate"],
-            "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0)}
+            "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0),
+            "breakdown": breakdown(row, hw, m.num_layers, pred)}
+
+
+def breakdown(row: dict, hw, num_layers: int, pred: str | None) -> dict:
+    """Where a replay's time goes, per token (ms), by the profile's terms: the fixed host time per layer, the
+    predictor's calls, the prefetches' and demand copies' host time, the stall on copies; and the prefetches
+    used, wasted (evicted unused) and late (used before their copy ended)."""
+    tok = row["tokens"]
+    calls = row.get("predictor_calls", tok * num_layers if pred else 0)
+    return {"layer_host": num_layers * hw.layer_host_ms, "predictor_host": calls * hw.predictor_host(pred) / tok,
+            "predictor_calls_per_token": calls / tok,
+            "prefetch_host": row["prefetches"] * hw.prefetch_host_ms / tok,
+            "copy_host": row["loads"] * hw.copy_host_ms / tok, "stall": row["stall_ms_per_token"],
+            "loads_per_token": row["loads"] / tok, "prefetches_per_token": row["prefetches"] / tok,
+            "prefetch_used": row["prefetch_used"], "prefetch_wasted": row["prefetch_wasted"],
+            "late_hits": row["hits"] - row["ready"]}
 
 
 def label(c: dict) -> str:
-    return c["policy"] + ("" if c["predictor"] == "none" else f" + {c['predictor']} D={c['depth']}")
+    return c["policy"] + ("" if c["predictor"] == "none" else f" + {c['predictor']} D={c['depth']}") + \
+        (f" B={c['budget']}k" if c.get("budget", 1) != 1 else "")
 
 
 def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
     """The chosen configuration, its partner without prefetch, LRU and the bound on ``part``."""
     s = Schedule(part, decode_stream=True, name="report")
     got = replay(part, fitted, chosen["policy"], None if chosen["predictor"] == "none" else chosen["predictor"],
-                 chosen["depth"], hw, s)
+                 chosen["depth"], hw, s, chosen.get("budget", 1))
     lru = replay(part, fitted, "lru", None, 0, hw, s)
     bound = lru["bound_ms_per_token"]
     gap = lru["ms_per_token"] - bound
     closed = (lru["ms_per_token"] - got["ms_per_token"]) / gap if gap > 0 else math.nan
     out = {"tokens": len(part), "sequences": len(part.sequences()), "chosen": got, "lru": lru,
            "bound_ms_per_token": bound, "gap_closed": closed}
+    if chosen["depth"] and chosen["policy"] != "predicted":
+        # what a perfect predictor would give the same policy, depth and admission (not an online configuration)
+        ora = replay(part, fitted, chosen["policy"], "oracle", chosen["depth"], hw, s, chosen.get("budget", 1))
+        out["oracle"] = ora
+        out["oracle_gap_closed"] = (lru["ms_per_token"] - ora["ms_per_token"]) / gap if gap > 0 else math.nan
     if chosen["depth"] and chosen["policy"] != "predicted":
         out["chosen_without_prefetch"] = replay(part, fitted, chosen["policy"], None, 0, hw, s)
     return out
@@ -176,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     for pol, pred, d in CANDIDATES:
         if args.policies and pol not in args.policies:
             continue
-        try:
-            tried.append(replay(choose, fitted, pol, pred, d, hw, s))
-        except ConfigError as e:
-            print(f"  skipped {pol} + {pred} D={d}: {e}", file=sys.stderr)
-            continue
-        print(f"  choose: {label(tried[-1]):40s} {tried[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
+        for b in (BUDGETS if d and pol != "predicted" else (1,)):
+            try:
+                tried.append(replay(choose, fitted, pol, pred, d, hw, s, b))
+            except ConfigError as e:
+                print(f"  skipped {pol} + {pred} D={d}: {e}", file=sys.stderr)
+                break
+            print(f"  choose: {label(tried[-1]):40s} {tried[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr,
+                  flush=True)
     chosen = min(tried, key=lambda c: c["ms_per_token"])
     best_plain = min((c for c in tried if c["depth"] == 0 and c["predictor"] == "none"),
                      key=lambda c: c["ms_per_token"])
@@ -238,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- recall@top_k of {chosen['predictor']} at depth {recall['depth']} on the report part: "
                      f"{recall['recall@top_k']:.3f} (targets in the same token {recall['same_token']:.3f}, in the "
                      f"next token {recall['next_token']:.3f})")
+    if "oracle" in d:
+        lines.append(f"- the same policy, depth and budget with the oracle predictor (the future routing, not online): "
+                     f"{d['oracle']['ms_per_token']:.2f} ms/token, gap closed {d['oracle_gap_closed']:.1%}")
     if "blind" in res:
         b = res["blind"]
         lines += ["", f"## Blind check: {b['path']}", "",
@@ -245,6 +280,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"({b['tokens']:,} tokens): {b['chosen']['ms_per_token']:.2f} ms/token; LRU "
                   f"{b['lru']['ms_per_token']:.2f}; bound {b['bound_ms_per_token']:.2f}; gap closed "
                   f"{b['gap_closed']:.1%}."]
+    rows_bd = [("LRU", d["lru"]), (label(d["chosen"]), d["chosen"])] + \
+        ([("same policy, no prefetch", d["chosen_without_prefetch"])] if "chosen_without_prefetch" in d else []) + \
+        ([(f"{d['oracle']['policy']} + oracle D={d['oracle']['depth']}", d["oracle"])] if "oracle" in d else [])
+    lines += ["", "## Where the time goes (report part, ms per token)", "",
+              f"Bound {d['bound_ms_per_token']:.2f} = max(GPU work + fixed host time per layer, Belady's copies); "
+              "the rest of each row's time is host time and copy stall the bound leaves out.", "",
+              "| configuration | ms/token | layer host | predictor host (calls/token) | prefetch host | copy host | "
+              "stall | loads/token | prefetches/token | used / wasted | late hits |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows_bd:
+        b = r["breakdown"]
+        lines.append(f"| {name} | {r['ms_per_token']:.2f} | {b['layer_host']:.2f} | {b['predictor_host']:.2f} "
+                     f"({b['predictor_calls_per_token']:.1f}) | {b['prefetch_host']:.2f} | {b['copy_host']:.2f} | "
+                     f"{b['stall']:.2f} | {b['loads_per_token']:.2f} | {b['prefetches_per_token']:.2f} | "
+                     f"{b['prefetch_used']:,} / {b['prefetch_wasted']:,} | {b['late_hits']:,} |")
     lines += ["", "## Candidates on the choose part", "", "| configuration | ms/token | demand hit | prefetches / refused |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {label(c)} | {c['ms_per_token']:.2f} | {c['demand_hit_rate']:.3f} | "

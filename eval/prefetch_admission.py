@@ -10,7 +10,9 @@ every predictor but ``temporal``'s warm start is scored on routing it was not fi
 every configuration that prefetches (depth >= 1) and its partner without prefetch: the same policy at
 the same capacity and scope with no predictor, or, for a policy that evicts by predictions
 (``predicted``), the same predictor at depth 0. Prefetches pass the shared admission rule
-(``moecache.admission``, the simulator's default). The goal (issue 17): no prefetching configuration
+(``moecache.admission``, the simulator's default, ``gated``: each copy weighed, and the predictor gate not
+asking the predictor at layers whose prefetches do not pay for its host time; the tables count the
+predictor's calls and the layer visits it skipped). The goal (issue 17): no prefetching configuration
 more than 2% slower than its partner, on every trace and capacity. Writes ``OUT.json`` (every pair)
 and ``OUT.md`` (the worst pair per trace and capacity, and every pair over the goal), with machine,
 date and command.
@@ -32,6 +34,7 @@ from datetime import datetime, timezone
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from moecache.admission import DEFAULT_ADMISSION  # noqa: E402
 from moecache.atomic import write_text_atomic  # noqa: E402
 from moecache.bench.config import Spec, load_config  # noqa: E402
 from moecache.bench.plan import Config, plan_suite, policy_class  # noqa: E402
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             "predictor": cfg.predictor.label, "depth": cfg.depth, "ms_per_token": row["est_ms_per_token"],
             "baseline_ms_per_token": b["est_ms_per_token"], "ratio": row["time_ms"] / b["time_ms"],
             "prefetches": row["prefetches"], "prefetch_refused": row.get("prefetch_refused", 0),
-            "prefetch_used": row["prefetch_used"]})
+            "prefetch_used": row["prefetch_used"], "predictor_calls": row.get("predictor_calls"),
+            "predictor_skipped": row.get("predictor_skipped"), "layers_off": row.get("layers_off")})
     worst: dict[tuple[str, str], dict] = {}
     for p in pairs:
         k = (p["trace"], p["capacity"])
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             "fit": {t: plan.infos[t].fit_note for t in spec}}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_text_atomic(args.out + ".json", json.dumps({"meta": meta, "pairs": pairs}, indent=1) + "\n")
-    lines = ["# Prefetch against no prefetch, every suite trace and capacity (admission rule `cost`)", "",
+    helped = sum(1 for p in pairs if p["ratio"] < 1.0)
+    lines = ["# Prefetch against no prefetch, every suite trace and capacity "
+             f"(admission rule `{DEFAULT_ADMISSION}`)", "",
              f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}` "
              f"({meta['seconds']:.0f} s, {len(tasks)} replays, {args.jobs} processes)",
              "- estimated ms/token from the simulator's timing model with the suite's hardware profile "
@@ -131,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
              f"{', '.join(p.label for p in preds if p is not None)}; policies: "
              f"{', '.join(p.label for p in pols)}; capacities: {', '.join(suite.capacities)}; "
              f"scopes: {', '.join(suite.scopes)}", "",
-             f"**{len(over)} of {len(pairs)} pairs over the goal.**", "",
-             "| trace | capacity | worst pair | ratio | best ratio | prefetches issued / refused |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"**{len(over)} of {len(pairs)} pairs over the goal.** {helped} of {len(pairs)} faster than without "
+             "prefetch.", "",
+             "| trace | capacity | worst pair | ratio | best ratio | prefetches issued / refused | "
+             "predictor asked / skipped (layers off at the end) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for (tr, cap), p in sorted(worst.items()):
         lines.append(f"| {tr} | {cap} | {p['policy']} ({p['scope']}) + {p['predictor']} D={p['depth']} | "
-                     f"{p['ratio']:.4f} | {best[(tr, cap)]:.4f} | {p['prefetches']:,} / {p['prefetch_refused']:,} |")
+                     f"{p['ratio']:.4f} | {best[(tr, cap)]:.4f} | {p['prefetches']:,} / {p['prefetch_refused']:,} | "
+                     + (f"{p['predictor_calls']:,} / {p['predictor_skipped']:,} ({p['layers_off']}) |"
+                        if p.get("predictor_calls") is not None else "every layer |"))
     if over:
         lines += ["", "## Pairs over the goal", "", "| trace | capacity | scope | policy | predictor | depth | ratio |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]

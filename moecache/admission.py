@@ -8,10 +8,12 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
 * ``prob``: how likely the target layer needs the candidate: the predictor's expected number of the
   step's tokens that pick it, capped at 1 (``candidate_probability``);
 * ``backlog_ms``: how long until the copy engine is free (copies already queued, demand and prefetch);
-* ``first_ms``: how long until the next MoE layer's experts are needed;
+* ``first_ms``: how long until the next MoE layer's demand copies can start (its non-expert work, then
+  its routing sync and policy: the profile's ``layer_host_ms``);
 * ``lead``: how long until the target layer's experts are needed (``lead_ms``: in the simulator the
   current step's end, known once its demand copies are issued, plus the next layer's non-expert work,
-  then one layer per further depth; in the runtime ``depth`` times the measured layer interval);
+  then one layer per further depth; in the runtime ``depth`` times the layer interval, modelled from
+  the profile on its default ``model`` clock, measured on its ``measured`` clock: ``moecache.runtime.core``);
 * ``copy_ms``: one expert copy;
 * ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability
   (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
@@ -30,21 +32,56 @@ copy runs into the next MoE layer (``first_ms`` from now), delaying that layer's
 made) and ``w = 1`` when the target is further ahead (the next layer's demand copies wait either way);
 the third term is the copy that evicting a victim needed again costs, and ``host_ms`` the host time
 issuing it adds to the step (the calibrated profile's ``prefetch_host_ms`` where the host, not the GPU,
-is what the next layer waits for; 0 in the runtime, whose measured layer interval holds its host
-work). The prefetch is issued when ``value > 0``.
+is what the next layer waits for; in the runtime the profile's ``prefetch_host_ms`` on its ``model``
+clock, 0 on its ``measured`` clock, whose measured layer interval holds its host work). The prefetch is
+issued when ``value > 0``.
 
-``ADMISSIONS``: ``cost`` (this rule, the default) and ``none`` (every candidate the prefetch rule
-picks is issued, where a victim exists: the behaviour before the rule, kept for comparison).
+The predictor gate (``PredictorGate``): the rule above weighs each copy, but the predictor's call
+is paid before any copy is weighed (the calibrated profile's ``predictor_host_ms`` per call per layer,
+whether or not anything is then issued). The gate decides, per source layer (the MoE layer whose
+routing the predictor has just read), whether to call the predictor at all. It keeps a ledger of
+what that layer's predictions have been worth, in the rule's own milliseconds and with the rule's own
+terms, realised: a prefetch issued from layer ``l`` enters ``l``'s ledger at its value *if unused*
+(``-block - victim_prob * copy_ms - host``: the rule's value at ``prob = 0``), and when a demand access
+later hits it before it is evicted, the ledger gains the difference to its value *if used*
+(``saved``, plus ``block`` where the target is the next layer, whose demand copy it replaces: the rule's
+value at ``prob = 1``); each call of the predictor at ``l`` enters at ``-predictor_ms``. At each visit
+of layer ``l`` the ledger accrued since the previous call is folded into ``l``'s estimate of the net
+worth of one call (the plain mean over the first ``span`` calls, then an exponential average with weight
+``1 / span``). While the estimate is below zero (after at least ``min_calls`` calls) the layer is *off*:
+the predictor still observes the routing (its state stays current) but is not asked, and nothing is
+prefetched from it; every ``probe_every``-th visit of an off layer calls it anyway (a probe: the
+prediction and its prefetches as usual), and the layer is on again once the estimate is back to zero
+or above. Everything the gate reads is a modelled time (the cost model's copy and host times, the
+rule's terms) and counts, never a clock: given the trace and the profile it decides the same way in
+the simulator's two engines and in the runtime (with the runtime's ``model`` clock), so prefetch
+counts are reproducible. The probe rate bounds what an off layer costs (one call in ``probe_every``);
+the estimate's span bounds how long a layer stays on after its predictions stopped paying.
+
+Where the policy itself reads the predictor's scores (``predicted``) the predictor is called at every
+layer anyway: its host time is paid regardless, and no gate is used.
+
+``ADMISSIONS``: ``gated`` (the default: this rule and the predictor gate), ``cost`` (this rule, the
+predictor called at every layer) and ``none`` (every candidate the prefetch rule picks is issued, where a
+victim exists: the behaviour before the rule, kept for comparison).
 """
 
 from __future__ import annotations
 
 from .errors import ConfigError
 
-#: Admission rules: ``cost`` weighs each prefetch as above; ``none`` issues every candidate.
-ADMISSIONS = ("cost", "none")
+#: Admission rules: ``gated`` = ``cost`` + the predictor gate; ``cost`` weighs each prefetch as above;
+#: ``none`` issues every candidate.
+ADMISSIONS = ("gated", "cost", "none")
+#: The default admission rule (simulator, runtime, ``moecache bench``).
+DEFAULT_ADMISSION = "gated"
 #: Their codes in the C++ simulator core (csrc/sim/codes.h).
-ADMISSION_CODES = {"none": 0, "cost": 1}
+ADMISSION_CODES = {"none": 0, "cost": 1, "gated": 2}
+#: The gate's defaults: the estimate's span (calls), an off layer's probe period (visits) and the calls
+#: seen before a layer may be turned off.
+GATE_SPAN = 16
+GATE_PROBE_EVERY = 32
+GATE_MIN_CALLS = 8
 
 
 def check_admission(name: str) -> str:
@@ -83,3 +120,88 @@ def admit_prefetch(prob: float, victim_prob: float, backlog_ms: float, first_ms:
                    copy_ms: float, host_ms: float = 0.0) -> bool:
     """Issue the prefetch? (``prefetch_value(...) > 0``; the module docstring gives the rule.)"""
     return prefetch_value(prob, victim_prob, backlog_ms, first_ms, lead, copy_ms, host_ms) > 0.0
+
+
+def outcome_values(victim_prob: float, backlog_ms: float, first_ms: float, lead: float, copy_ms: float,
+                   host_ms: float = 0.0) -> tuple[float, float]:
+    """A prefetch's realised value, as the predictor gate books it: ``(if_unused, used_bonus)``, its value
+    when its expert is never used (``prefetch_value`` at ``prob = 0``) and what a use adds to that (the
+    value at ``prob = 1`` minus the value at ``prob = 0``). Only for an issued (not late) prefetch."""
+    early = lead - backlog_ms
+    saved = copy_ms if copy_ms < early else early
+    block = backlog_ms + copy_ms - first_ms
+    if block < 0.0:
+        block = 0.0
+    if_unused = -block - victim_prob * copy_ms - host_ms
+    bonus = saved + block if lead <= first_ms else saved
+    return if_unused, bonus
+
+
+class PredictorGate:
+    """Per source layer: call the predictor, or not (the module docstring gives the rule).
+
+    Use, for each visit of MoE layer ``layer`` (once per step, after its demand accesses): ``open(layer)``;
+    when it says True, call the predictor and weigh its candidates; book each issued prefetch with
+    ``issued(layer, if_unused)`` (``outcome_values``) and each later use of one with ``used(source, bonus)``.
+    The C++ simulator core (csrc/sim/driver.cpp) does the same arithmetic in the same order."""
+
+    def __init__(self, num_layers: int, predictor_ms: float, *, span: int = GATE_SPAN,
+                 probe_every: int = GATE_PROBE_EVERY, min_calls: int = GATE_MIN_CALLS):
+        if span < 1 or probe_every < 1 or min_calls < 0:
+            raise ConfigError(f"predictor gate needs span >= 1, probe_every >= 1, min_calls >= 0; got "
+                              f"{span}, {probe_every}, {min_calls}")
+        self.predictor_ms = float(predictor_ms)
+        self.span, self.probe_every, self.min_calls = int(span), int(probe_every), int(min_calls)
+        self.on = [True] * num_layers
+        self.est = [0.0] * num_layers      # estimated net worth of one call (ms)
+        self.ledger = [0.0] * num_layers   # value booked since the last fold (ms)
+        self.calls = [0] * num_layers      # calls made (each folded at the layer's next decision)
+        self.idle = [0] * num_layers       # visits skipped since the last call, while off
+        #: Totals: predictor calls made, of them probes, and visits skipped.
+        self.made = self.probes = self.skipped = 0
+
+    def _fold(self, layer: int) -> None:
+        n = self.calls[layer]
+        if not n:
+            return
+        w = 1.0 / n if n < self.span else 1.0 / self.span
+        self.est[layer] += w * (self.ledger[layer] - self.est[layer])
+        self.ledger[layer] = 0.0
+
+    def open(self, layer: int) -> bool:
+        """Call the predictor at this visit of ``layer``? (True books the call's cost.)"""
+        if self.on[layer]:
+            self._fold(layer)
+            if self.est[layer] < 0.0 and self.calls[layer] >= self.min_calls:
+                self.on[layer] = False
+                self.idle[layer] = 0
+                self.skipped += 1
+                return False
+        else:
+            self.idle[layer] += 1
+            if self.idle[layer] < self.probe_every:
+                self.skipped += 1
+                return False
+            self.idle[layer] = 0
+            self._fold(layer)
+            if self.est[layer] >= 0.0:
+                self.on[layer] = True
+            else:
+                self.probes += 1
+        self.calls[layer] += 1
+        self.made += 1
+        self.ledger[layer] -= self.predictor_ms
+        return True
+
+    def issued(self, layer: int, if_unused: float) -> None:
+        """A prefetch was issued from ``layer``'s prediction, worth ``if_unused`` unless used."""
+        self.ledger[layer] += if_unused
+
+    def used(self, layer: int, bonus: float) -> None:
+        """A prefetch issued from ``layer``'s prediction was used before its eviction."""
+        self.ledger[layer] += bonus
+
+    def stats(self) -> dict[str, int]:
+        """Calls made, probes among them, visits skipped, and layers off now."""
+        return {"predictor_calls": self.made, "predictor_probes": self.probes, "predictor_skipped": self.skipped,
+                "layers_off": sum(1 for x in self.on if not x)}

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moecache.admission import admit_prefetch, candidate_probability, check_admission, lead_ms, prefetch_value
+from moecache.admission import (PredictorGate, admit_prefetch, candidate_probability, check_admission, lead_ms,
+                                outcome_values, prefetch_value)
 from moecache.cost.hardware import HardwareProfile
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
@@ -70,7 +71,7 @@ def test_probability_and_lead():
     assert candidate_probability(0.3) == 0.3 and candidate_probability(2.5) == 1.0
     assert lead_ms(3, 1.0, 0.25) == 1.5 and lead_ms(1, 2.0, 9.0) == 2.0
     assert check_admission("cost") == "cost"
-    with pytest.raises(ConfigError, match="unknown prefetch admission 'maybe'; choose one of: cost, none"):
+    with pytest.raises(ConfigError, match="unknown prefetch admission 'maybe'; choose one of: gated, cost, none"):
         check_admission("maybe")
 
 
@@ -147,7 +148,77 @@ def test_runtime_uses_the_same_rule(monkeypatch):
     assert issued[("cost", 1e4)][0] == 0 and issued[("cost", 1e4)][1] > 0
     assert issued[("none", 1e4)][0] > 0 and issued[("none", 1e4)][1] == 0
     assert issued[("cost", 1e-6)][0] > 0
-    assert calls and all(len(a) == 6 for a in calls)
+    assert calls and all(len(a) == 7 for a in calls)
+
+
+def _runtime_run(admission: str, predictor_ms: float, copy_ms: float = 0.3, clock: str = "model",
+                 new_tokens: int = 12, predictor="temporal", forced=None):
+    import torch
+
+    from moecache.runtime import offload
+    from tests.tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    m = tiny_model("qwen3_moe", num_hidden_layers=4)
+    h = offload(m, cache_slots=12, device="cpu", predictor=predictor, prefetch_depth=2, admission=admission)
+    rt = h.runtime
+    rt.admission_clock = clock
+    rt._profile = HardwareProfile(bytes_per_expert=rt.copy_bytes, copy_bandwidth_gbps=1e6, copy_latency_ms=copy_ms,
+                                  gpu_ms={1: 0.1}, cpu_ms={1: 0.4}, non_expert_ms={1: 0.5}, source="test",
+                                  predictor_host_ms=predictor_ms)
+    with torch.no_grad():
+        if forced is not None:
+            from moecache.forced_routing import run_forced
+
+            run_forced(m, forced, prefill=1)
+        else:
+            m.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=new_tokens, do_sample=False)
+    s = h.stats()
+    gate = rt.gate
+    h.remove()
+    return s, gate
+
+
+def test_runtime_gate_is_the_shared_one_and_deterministic(monkeypatch):
+    """The runtime builds moecache.admission.PredictorGate; on the model clock two runs issue, refuse and
+    skip exactly the same; a predictor costlier than anything its prefetches can save is turned off."""
+    import moecache.runtime.core as core
+
+    built = []
+    real = core.PredictorGate
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    monkeypatch.setattr(core, "PredictorGate", Spy)
+    keys = ("prefetch_issued", "prefetch_refused", "prefetch_useful", "predictor_skipped", "hits", "misses")
+    costly = [_runtime_run("gated", predictor_ms=50.0) for _ in range(2)]
+    assert [{k: s[k] for k in keys} for s, _g in costly][0] == [{k: s[k] for k in keys} for s, _g in costly][1]
+    s, gate = costly[0]
+    assert built and isinstance(gate, real) and gate.predictor_ms == 50.0
+    assert s["predictor_skipped"] > 0 and gate.stats()["layers_off"] > 0
+    # forced, predictable routing (each layer takes the previous layer's experts): the predictions pay
+    trace = _cyclic_trace(L=4, E=8, K=2, tokens=100)
+    pred = PREDICTORS.get("transition")(4, 8, 2, max_depth=2)
+    pred.fit(trace)
+    pays, gate = _runtime_run("gated", predictor_ms=0.05, predictor=pred, forced=trace)
+    assert pays["predictor_skipped"] == 0 and gate.stats()["layers_off"] == 0
+    assert pays["prefetch_useful"] > 0.9 * pays["prefetch_issued"] > 0
+    wasted, gate = _runtime_run("gated", predictor_ms=0.05, forced=trace)  # temporal: last token's, always wrong
+    assert wasted["predictor_skipped"] > 0
+    plain, gate = _runtime_run("cost", predictor_ms=50.0)
+    assert plain["predictor_skipped"] == 0 and gate is None
+
+
+def test_offload_refuses_an_unknown_admission():
+    from moecache.runtime import offload
+    from tests.tiny_models import tiny_model
+
+    m = tiny_model("qwen3_moe", num_hidden_layers=2)
+    with pytest.raises(ConfigError, match="unknown prefetch admission 'sometimes'; choose one of: gated, cost, none"):
+        offload(m, cache_slots=12, device="cpu", predictor="temporal", admission="sometimes")
 
 
 def _eval_module(name: str):
@@ -178,3 +249,114 @@ def test_prediction_target_three_way_split_and_report():
     assert out["gap_closed"] == pytest.approx((lru - got) / (lru - bound))
     with pytest.raises(SystemExit, match="three-way split needs at least 3"):
         pt.three_way(_trace(tokens=100), None, None, None)
+
+
+# -- the predictor gate ------------------------------------------------------------------------------
+
+
+def test_outcome_values_are_the_rule_at_prob_0_and_1():
+    for args in ((0.2, 0.0, 1.0, 1.0, 0.5, 0.1), (0.0, 0.3, 1.0, 4.0, 2.0, 0.0), (0.5, 0.5, 1.0, 1.0, 4.0, 0.05)):
+        vp, backlog, first, lead, copy, host = args
+        if_unused, bonus = outcome_values(vp, backlog, first, lead, copy, host)
+        assert if_unused == pytest.approx(prefetch_value(0.0, vp, backlog, first, lead, copy, host))
+        assert if_unused + bonus == pytest.approx(prefetch_value(1.0, vp, backlog, first, lead, copy, host))
+
+
+def test_gate_turns_a_layer_off_probes_and_turns_it_back_on():
+    gate = PredictorGate(2, predictor_ms=0.2, span=4, probe_every=5, min_calls=3)
+    # layer 0: every call issues one prefetch that is never used: worth -0.2 - 0.05 per call
+    calls = 0
+    for _ in range(3):
+        assert gate.open(0)
+        gate.issued(0, -0.05)
+        calls += 1
+    assert not gate.open(0)  # three calls seen, estimate below zero: off
+    assert [gate.open(0) for _ in range(5)] == [False, False, False, False, True]  # the 5th visit is a probe
+    assert gate.probes == 1 and not gate.on[0]
+    # the probe's prefetches are used and pay well: the next probe folds it and turns the layer on
+    gate.used(0, 3.0)
+    assert [gate.open(0) for _ in range(5)] == [False, False, False, False, True]
+    assert gate.on[0] and gate.probes == 1
+    # layer 1 pays from the start and is never turned off
+    for _ in range(20):
+        assert gate.open(1)
+        gate.issued(1, -0.05)
+        gate.used(1, 0.5)
+    assert gate.on[1]
+    assert gate.stats()["layers_off"] == 0
+
+
+def test_gate_parameters_are_checked():
+    with pytest.raises(ConfigError, match="predictor gate needs span >= 1"):
+        PredictorGate(2, 0.1, probe_every=0)
+
+
+def _cyclic_trace(L: int = 4, E: int = 16, K: int = 2, tokens: int = 400):
+    """Token t takes experts (t * K + j) % E at every layer: the next layer's experts are this layer's,
+    which the transition predictor learns exactly; an LRU cache of a few slots misses them all."""
+    rows = [[[(t * K + j) % E for j in range(K)] for _ in range(L)] for t in range(tokens)]
+    return make_trace(rows, num_experts=E, top_k=K, seq=np.repeat(np.arange(tokens // 100), 100),
+                      bytes_per_expert=3_000_000)
+
+
+def _gated_hw(copy_ms: float, predictor_ms: float) -> HardwareProfile:
+    return HardwareProfile(bytes_per_expert=3_000_000, copy_bandwidth_gbps=1e6, copy_latency_ms=copy_ms,
+                           gpu_ms={1: 0.1}, cpu_ms={1: 0.4}, non_expert_ms={1: 0.5}, source="test",
+                           predictor_host_ms=predictor_ms, layer_host_ms=0.1)
+
+
+def _sim_with(trace, hw, admission, predictor="transition", depth=1, engine="python", cap=4):
+    m = trace.meta
+    pol = new_policy("lru", cap, m.num_layers, m.num_experts, top_k=m.top_k)
+    pol.fit(np.ones((m.num_layers, m.num_experts)))
+    kw = {"max_depth": depth} if predictor == "transition" else {}
+    pred = PREDICTORS.get(predictor)(m.num_layers, m.num_experts, m.top_k, **kw)
+    pred.fit(trace)
+    sched = Schedule(trace, decode_stream=True)
+    return simulate(sched, pol, pred, depth=depth, hardware=hw, admission=admission, bound=False, engine=engine)
+
+
+def test_gate_turns_off_where_prediction_cannot_pay():
+    """Random routing with a costly predictor: the gate stops asking it at every layer (probing at its
+    bounded rate), and the run is faster than asking it at every layer."""
+    trace = _trace(L=4, tokens=400)
+    hw = _gated_hw(copy_ms=0.3, predictor_ms=1.0)
+    gated = _sim_with(trace, hw, "gated", predictor="temporal")
+    always = _sim_with(trace, hw, "cost", predictor="temporal")
+    visits = trace.meta.num_layers * 400
+    assert gated.extra["layers_off"] == 4
+    assert gated.extra["predictor_calls"] < visits / 10
+    assert gated.extra["predictor_calls"] + gated.extra["predictor_skipped"] == visits
+    assert gated.extra["predictor_probes"] > 0
+    assert gated.time_ms < always.time_ms
+    assert "predictor_calls" not in always.extra
+
+
+def test_gate_stays_on_where_prediction_pays():
+    trace = _cyclic_trace()
+    hw = _gated_hw(copy_ms=0.3, predictor_ms=0.05)
+    gated = _sim_with(trace, hw, "gated")
+    always = _sim_with(trace, hw, "cost")
+    assert gated.extra["layers_off"] == 0 and gated.extra["predictor_skipped"] == 0
+    assert gated.prefetches == always.prefetches > 0 and gated.time_ms == always.time_ms
+    m = trace.meta
+    pol = new_policy("lru", 4, m.num_layers, m.num_experts, top_k=m.top_k)
+    pol.fit(np.ones((m.num_layers, m.num_experts)))
+    bare = simulate(Schedule(trace, decode_stream=True), pol, hardware=hw, bound=False, engine="python")
+    assert gated.time_ms < bare.time_ms
+
+
+def test_gate_is_the_same_in_both_engines():
+    """Bit-identical rows (counts, gate totals, times) from the Python reference and the C++ core, on a trace
+    where the gate turns layers off and one where it stays on."""
+    from moecache._ext import extension
+
+    if extension() is None:
+        pytest.skip("the C++ extension is not built")
+    for trace, hw in ((_trace(L=4, tokens=400), _gated_hw(0.3, 1.0)), (_cyclic_trace(), _gated_hw(0.3, 0.05)),
+                      (_trace(L=4, tokens=400, seed=3), _gated_hw(0.05, 0.02))):
+        for pred in ("temporal", "transition"):
+            for depth in (1, 2):
+                py = _sim_with(trace, hw, "gated", predictor=pred, depth=depth)
+                cpp = _sim_with(trace, hw, "gated", predictor=pred, depth=depth, engine="cpp")
+                assert py.row() == cpp.row()

@@ -92,8 +92,10 @@ def test_prefetch_and_hybrid_work_under_compile():
     results = []
     for compile_ in (False, "aot_eager"):
         kw = dict(max_cache_len=40) if compile_ else {}
+        # admission "none": every candidate issued (the default gate would rightly stop asking a predictor that
+        # cannot pay on random routing, and this test is about the prefetch mechanics under compile)
         h = offload(m, cache_slots=5, device="cpu", predictor="temporal", prefetch_depth=2, hybrid="cpu", engine="sync",
-                    compile=compile_, **kw)
+                    compile=compile_, admission="none", **kw)
         out = _gen(m, 8).sequences
         s = h.stats()
         results.append((out, s))

@@ -601,7 +601,7 @@ def test_rounds_prefetch_and_cpu_experts_together():
     of the misses on the CPU; a second request reuses the warm cache."""
     ref = _gen(tiny_model("qwen3_moe"), 10)
     m = tiny_model("qwen3_moe")
-    h = offload(m, cache_slots=3, device="cpu", predictor="temporal", prefetch_depth=2, hybrid="half")
+    h = offload(m, cache_slots=3, device="cpu", predictor="temporal", prefetch_depth=2, hybrid="half", admission="none")
     out = _gen(m, 10)
     out2 = _gen(m, 10)
     s = h.stats()

@@ -98,7 +98,8 @@ def test_engines_and_rounds_exact(engine, monkeypatch):
     ref = _gen(tiny_model("qwen3_moe"), 10).sequences
     m = tiny_model("qwen3_moe")
     # 3 slots: the 7-token prefill needs up to 8 experts per layer, so it runs in rounds.
-    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2)
+    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2,
+                admission="none")  # every candidate: the mechanics (the default gate stops a predictor that cannot pay)
     out = _gen(m, 10).sequences
     s = h.stats()
     h.remove()
@@ -117,7 +118,7 @@ def test_python_path_without_extension(no_ext):
 
 def test_stats_prefetch_and_request_boundaries():
     m = tiny_model("qwen3_moe", num_hidden_layers=4)
-    h = offload(m, cache_slots=12, device="cpu", predictor="temporal", prefetch_depth=2)
+    h = offload(m, cache_slots=12, device="cpu", predictor="temporal", prefetch_depth=2, admission="none")
     _gen(m, 20)
     s = h.stats()
     for key in ("hits", "misses", "evictions", "ready_rate", "prefetch_precision", "bytes_copied", "stall_s",
@@ -299,7 +300,8 @@ def test_family_kernels_with_prefetch_and_engines(family, engine):
         pytest.skip("moecache._C not built")
     ref = _gen(tiny_model(family), 10).sequences
     m = tiny_model(family)
-    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2)
+    h = offload(m, cache_slots=3, device="cpu", engine=engine, predictor="temporal", prefetch_depth=2,
+                admission="none")  # every candidate: the mechanics (the default gate stops a predictor that cannot pay)
     out = _gen(m, 10).sequences
     s = h.stats()
     h.remove()
@@ -483,7 +485,7 @@ def test_hidden_state_predictor_in_the_runtime(tmp_path):
         seen.append((layer, None if hidden is None else tuple(hidden.shape)))
         observe(layer, experts, hidden)
     pred._observe = spy
-    h = offload(m, cache_slots=3, device="cpu", predictor=pred, prefetch_depth=2)
+    h = offload(m, cache_slots=3, device="cpu", predictor=pred, prefetch_depth=2, admission="none")
     out = _gen(m, 8).sequences
     s = h.stats()
     h.remove()

@@ -33,6 +33,7 @@ inline torch::Tensor check_1d(const torch::Tensor& t, torch::ScalarType type, co
 //   decay, strength  float                 temporal
 //   fill          callable () -> int; buf float64 (chunk, slots, E)            a streamed predictor
 //   depth, score_depth, prefetch_rule, budget, admission   int
+//   gate_span, gate_probe_every, gate_min_calls   int   the predictor gate's (admission gated)
 //   layer_host_ms, copy_host_ms, predictor_host_ms, prefetch_host_ms, hybrid_layer_ms, slowdown   float
 //                                          the hardware profile's calibrated terms (slowdown: 1 + copy_slowdown)
 //   wait_scan_max int                      activation / predicted: pools of at most this many slots scan
@@ -52,8 +53,9 @@ struct __attribute__((visibility("hidden"))) Options {  // (hidden, as the dict 
   }
 };
 
-// Returns (counts int64[10]: accesses hits ready needs loads cpu_runs prefetches prefetch_used
-// prefetch_wasted prefetch_skipped prefetch_refused, times float64[4]: time gpu_busy copy_busy cpu_busy, record
+// Returns (counts int64[15]: accesses hits ready needs loads cpu_runs prefetches prefetch_used
+// prefetch_wasted prefetch_skipped prefetch_refused gated(0/1) predictor_calls predictor_probes predictor_skipped
+// layers_off, times float64[4]: time gpu_busy copy_busy cpu_busy, record
 // int64 (m, 4)).
 inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
     const torch::Tensor& ids, const torch::Tensor& unit_start, const torch::Tensor& ne_tab,
@@ -97,7 +99,13 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   in.prefetch_rule = opt.i("prefetch_rule", PF_TOPK);
   in.budget = opt.i("budget", 0);
   in.admission = opt.i("admission", AD_COST);
-  TORCH_CHECK(in.admission == AD_NONE || in.admission == AD_COST, "sim_replay: unknown admission code");
+  TORCH_CHECK(in.admission == AD_NONE || in.admission == AD_COST || in.admission == AD_GATED,
+              "sim_replay: unknown admission code");
+  in.gate_span = opt.i("gate_span", 16);
+  in.gate_probe_every = opt.i("gate_probe_every", 32);
+  in.gate_min_calls = opt.i("gate_min_calls", 8);
+  TORCH_CHECK(in.gate_span >= 1 && in.gate_probe_every >= 1 && in.gate_min_calls >= 0,
+              "sim_replay: gate_span and gate_probe_every must be >= 1, gate_min_calls >= 0");
   in.layer_host = opt.f("layer_host_ms", 0.0);
   in.copy_host = opt.f("copy_host_ms", 0.0);
   in.pred_host = opt.f("predictor_host_ms", 0.0);
@@ -184,7 +192,9 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
     run_sim(in, L, num_experts, K, capacity, global_scope, pol, tune, preds.get(), out);
   }
   auto counts = torch::tensor({out.accesses, out.hits, out.ready, out.needs, out.loads, out.cpu_runs, out.prefetches,
-                               out.pf_used, out.pf_wasted, out.pf_skipped, out.pf_refused},
+                               out.pf_used, out.pf_wasted, out.pf_skipped, out.pf_refused,
+                               static_cast<int64_t>(out.gated), out.gate_calls, out.gate_probes, out.gate_skipped,
+                               out.gate_off},
                               torch::kInt64);
   auto times = torch::tensor({out.tl.gpu, out.tl.gpu_busy, out.tl.copy_busy, out.tl.cpu_busy}, torch::kFloat64);
   const int64_t m = static_cast<int64_t>(out.rec.size() / 4);

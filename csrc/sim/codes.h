@@ -16,7 +16,7 @@ enum PolicyCode : int64_t {
 enum PredictorCode : int64_t { PR_NONE = -1, PR_STREAM = 0, PR_PRIOR = 1, PR_TEMPORAL = 2, PR_TRANSITION = 3 };
 enum PrefetchCode : int64_t { PF_TOPK = 0, PF_FILL = 1 };
 // moecache/admission.py ADMISSION_CODES
-enum AdmissionCode : int64_t { AD_NONE = 0, AD_COST = 1 };
+enum AdmissionCode : int64_t { AD_NONE = 0, AD_COST = 1, AD_GATED = 2 };
 enum MissCode : int64_t { M_COPY = 0, M_CPU = 1, M_POLICY = 2, M_MIN = 3 };
 enum Outcome : int64_t { O_HIT = 0, O_COPY = 1, O_CPU = 2 };
 

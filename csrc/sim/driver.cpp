@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -222,6 +223,60 @@ struct PrefetchChooser {
   }
 };
 
+// moecache/admission.py PredictorGate: per source layer, call the predictor or not, from the ledger of
+// what its prefetches were worth (the same arithmetic in the same order).
+struct Gate {
+  int64_t span, probe_every, min_calls;
+  double pred_ms;
+  std::vector<uint8_t> on;
+  std::vector<double> est, ledger;
+  std::vector<int64_t> calls, idle;
+  int64_t made = 0, probes = 0, skipped = 0;
+  Gate(int64_t L, double pred_ms_, int64_t span_, int64_t probe_every_, int64_t min_calls_)
+      : span(span_), probe_every(probe_every_), min_calls(min_calls_), pred_ms(pred_ms_), on(L, 1), est(L, 0.0),
+        ledger(L, 0.0), calls(L, 0), idle(L, 0) {}
+  void fold(int64_t l) {
+    const int64_t n = calls[l];
+    if (!n) return;
+    const double w = n < span ? 1.0 / static_cast<double>(n) : 1.0 / static_cast<double>(span);
+    est[l] += w * (ledger[l] - est[l]);
+    ledger[l] = 0.0;
+  }
+  bool open(int64_t l) {
+    if (on[l]) {
+      fold(l);
+      if (est[l] < 0.0 && calls[l] >= min_calls) {
+        on[l] = 0;
+        idle[l] = 0;
+        ++skipped;
+        return false;
+      }
+    } else {
+      ++idle[l];
+      if (idle[l] < probe_every) {
+        ++skipped;
+        return false;
+      }
+      idle[l] = 0;
+      fold(l);
+      if (est[l] >= 0.0)
+        on[l] = 1;
+      else
+        ++probes;
+    }
+    ++calls[l];
+    ++made;
+    ledger[l] -= pred_ms;
+    return true;
+  }
+  void used(int64_t l, double bonus) { ledger[l] += bonus; }
+  int64_t off() const {
+    int64_t n = 0;
+    for (uint8_t x : on) n += x ? 0 : 1;
+    return n;
+  }
+};
+
 // replay.simulate: one policy (and the predictions) over the laid-out schedule, with timing.
 template <class P>
 struct Replay {
@@ -239,10 +294,20 @@ struct Replay {
   std::vector<Job> jobs;
   PrefetchChooser chooser;
   double hx = 0.0;  // host time of the current step so far, beyond t_route (engine_python's hx)
+  // the predictor gate (admission gated, prefetching, a policy that reads no scores); null: none
+  std::unique_ptr<Gate> gate;
+  std::vector<int64_t> pf_src;    // under the gate: a prefetched key's source layer
+  std::vector<double> pf_bonus;   // and what its use adds to the gate's ledger
 
   Replay(const Input& in_, Core& c_, P& pol_, Output& out_, Predictions* preds_)
       : in(in_), c(c_), pol(pol_), out(out_), preds(preds_), tl(out_.tl), ready_at(c_.LE, 0.0),
-        pf_unused(c_.LE, 0), pf_for(in_.depth + 1), grp(in_, c_) {}
+        pf_unused(c_.LE, 0), pf_for(in_.depth + 1), grp(in_, c_) {
+    if (in.admission == AD_GATED && in.depth > 0 && preds && !preds->score_depth) {
+      gate = std::make_unique<Gate>(c.L, in.pred_host, in.gate_span, in.gate_probe_every, in.gate_min_calls);
+      pf_src.assign(c.LE, -1);
+      pf_bonus.assign(c.LE, 0.0);
+    }
+  }
 
   void run() {
     const int64_t L = c.L, K = c.K;
@@ -274,10 +339,20 @@ struct Replay {
           if (preds->score_depth) pol.on_scores((l + preds->score_depth) % L, slots + D * c.E);
         }
         if (grp.n) demand(g, t_route);
-        double hp = t_route + (hx + (preds ? in.pred_host : 0.0));  // the host after launching the experts
-        if (D) prefetch(g, l, hp, slots, pf_budget, ne_ms);
+        // the predictor is asked (its predictions were made above, but read and paid for only where asked)
+        const bool asked = preds && (!gate || gate->open(l));
+        double hp = (asked || (preds && preds->score_depth)) ? t_route + (hx + in.pred_host)
+                                                              : t_route + hx;  // the host after launching the experts
+        if (D && asked) prefetch(g, l, hp, slots, pf_budget, ne_ms);
         tl.join(hp);  // the next layer is launched once the host is done
       }
+    }
+    if (gate) {
+      out.gated = true;
+      out.gate_calls = gate->made;
+      out.gate_probes = gate->probes;
+      out.gate_skipped = gate->skipped;
+      out.gate_off = gate->off();
     }
   }
 
@@ -308,6 +383,7 @@ struct Replay {
         if (pf_unused[key]) {
           pf_unused[key] = 0;
           ++out.pf_used;
+          if (gate) gate->used(pf_src[key], pf_bonus[key]);
         }
         wave_k.push_back(key);
         wave_c.push_back(cnt);
@@ -386,7 +462,7 @@ struct Replay {
     const int64_t D = in.depth, E = c.E, L = c.L;
     const int64_t* now_keys = grp.keys.data();
     const int64_t n_now = grp.n;
-    const bool gated = in.admission == AD_COST;
+    const bool gated = in.admission != AD_NONE;  // weighed by the rule (cost, gated)
     double step_ms = 0.0;  // the step's expert compute, summed in key order (admission.lead_ms)
     for (int64_t i = 0; i < n_now; ++i) step_ms += in.gpu_tab[grp.counts[i]];
     for (int64_t d = 1; d <= D; ++d) {
@@ -398,7 +474,7 @@ struct Replay {
       auto& wanted = pf_for[(g + d) % (D + 1)];
       for (int64_t e : chosen)
         if (c.res[base + e]) wanted.push_back(base + e);
-      const double layer_ms = ne_ms + step_ms;
+      const double layer_ms = ne_ms + in.layer_host + step_ms;
       bool protected_now = false;
       for (int64_t e : chosen) {
         const int64_t key = base + e;
@@ -429,7 +505,7 @@ struct Replay {
             }
           }
           const double now = hp + in.pf_host;  // when this copy would be issued
-          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms;
+          const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms + in.layer_host;
           const double lead = first + static_cast<double>(d - 1) * layer_ms;
           double backlog = tl.copy - now;
           if (backlog < 0.0) backlog = 0.0;
@@ -439,6 +515,15 @@ struct Replay {
           if (!admit(probability(scores[e]), victim_prob, backlog, first, lead, in.copy_ms, host)) {
             ++out.pf_refused;
             continue;
+          }
+          if (gate) {  // admission.outcome_values
+            const double early = lead - backlog;
+            const double saved = in.copy_ms < early ? in.copy_ms : early;
+            double block = backlog + in.copy_ms - first;
+            if (block < 0.0) block = 0.0;
+            gate->ledger[l] += -block - victim_prob * in.copy_ms - host;
+            pf_src[key] = l;
+            pf_bonus[key] = lead <= first ? saved + block : saved;
           }
         }
         if (v >= 0) evict(c, pol, v, out, pf_unused);

@@ -30,6 +30,8 @@ struct Input {
   int64_t prefetch_rule = PF_TOPK;
   int64_t budget = 0;          // prefetches per target layer; 0: min(E, top_k * rows)
   int64_t admission = AD_COST; // prefetch admission rule (moecache/admission.py)
+  // the predictor gate's parameters (admission AD_GATED; moecache/admission.py PredictorGate)
+  int64_t gate_span = 16, gate_probe_every = 32, gate_min_calls = 8;
   // the calibrated host and interference terms of the hardware profile (moecache/cost/timing.py)
   double layer_host = 0.0, copy_host = 0.0, pred_host = 0.0, pf_host = 0.0, slow = 1.0, hybrid_ms = 0.0;
 };
@@ -37,6 +39,8 @@ struct Input {
 struct Output {
   int64_t accesses = 0, hits = 0, ready = 0, needs = 0, loads = 0, cpu_runs = 0;
   int64_t prefetches = 0, pf_used = 0, pf_wasted = 0, pf_skipped = 0, pf_refused = 0;
+  bool gated = false;  // a predictor gate ran (its totals follow)
+  int64_t gate_calls = 0, gate_probes = 0, gate_skipped = 0, gate_off = 0;
   Timeline tl;
   std::vector<int64_t> rec;  // (step, key, tokens, outcome) flattened
 };

@@ -30,6 +30,7 @@ import os
 import sys
 from typing import Any
 
+from ..admission import ADMISSIONS, DEFAULT_ADMISSION, check_admission
 from ..errors import ConfigError
 from ..registry import split_spec
 from .options import DeprecatedFlag
@@ -154,8 +155,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if value:
             V.input_file(flag, value)  # before anything opens it: a pipe would block
     V.count("--jobs", args.jobs, minimum=1)
+    check_admission(args.admission)
     if args.list:
         return cmd_list(args)
+    if (args.suite or args.out) and args.admission != DEFAULT_ADMISSION:
+        raise ConfigError(f"--admission {args.admission} applies to trace runs; a suite runs the default admission "
+                          f"({DEFAULT_ADMISSION}): drop --admission or run the traces without --suite/-o")
     if args.suite or args.out:
         return cmd_suite(args)
     if args.ray is not None:
@@ -257,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
                        hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine,
-                       miss_precision=low_rule)
+                       miss_precision=low_rule, admission=args.admission)
         row = res.row()
         row["fit"] = fit_note
         row["engine"] = engine
@@ -332,6 +337,10 @@ def register(sub) -> None:
     p.add_argument("--prefetch-rule", default="topk", metavar="NAME", help="prefetch rule (default topk; see --list)")
     p.add_argument("--prefetch-budget", type=int, metavar="B",
                    help="experts fetched per target layer (default top_k x tokens of the step)")
+    p.add_argument("--admission", default=DEFAULT_ADMISSION, metavar="NAME",
+                   help=f"prefetch admission rule: {', '.join(ADMISSIONS)} (default {DEFAULT_ADMISSION}: each prefetch "
+                        "weighed against its copy, block and victim, and the predictor not asked at layers whose "
+                        "prefetches do not pay for its host time; cost: the weighing alone; none: every candidate)")
     p.add_argument("--capacity", default="25%,50%",
                    help="comma-separated capacities: a share of the experts (25%%) or slots per pool (12)")
     p.add_argument("--scope", default="layer", help="layer, global, or layer,global for both (default layer)")

@@ -13,11 +13,24 @@ For each MoE layer call ``run_layer`` does, top to bottom:
 5. feed the routing to the predictor and queue prefetch copies for the next ``prefetch_depth``
    MoE layers, priority = predicted need time (layers ahead, then probability). The candidates are
    the simulator's ``topk`` rule over the summed prediction rows (``prefetch_width`` of them, default
-   ``top_k x rows``), each issued only if the shared admission rule (``moecache.admission``) takes it:
-   the copy engine's backlog is a host-clock model of the copies queued (each adds the profile's
-   ``copy_ms``), the time to the target layer is ``depth`` times the measured interval between MoE
-   layers, and the victim is the policy's, worth the predictor's score for it where its layer is one
-   of the predicted ones. ``admission = "none"`` issues every candidate (the rule before).
+   ``top_k x rows``), each issued only if the shared admission rule (``moecache.admission``) takes it.
+   Under ``admission = "gated"`` (the default) the predictor gate (``moecache.admission.PredictorGate``,
+   the simulator's) is asked first: where it says no, the predictor only observes the routing (it is
+   not asked, nothing is prefetched). The rule's times come from the ``admission_clock``:
+
+   * ``model`` (the default; deterministic): the cost model's times (the profile the runtime was given,
+     else the default profile): a layer lasts ``non_expert(tokens)`` and ``layer_host_ms`` plus the
+     ``gpu(count)`` of its experts; the copy engine's backlog is a modelled queue (each copy, demand or prefetch, adds
+     ``copy_ms`` from the later of the modelled clock and the queue's end; the clock advances one
+     modelled layer per MoE layer); the next layer is one modelled layer ahead, the target ``depth``
+     of them; each prefetch's host time is the profile's ``prefetch_host_ms``. Given the routing and
+     the profile, the same prefetches are issued on any machine (tests and research runs).
+   * ``measured``: the wall clock: the backlog is a host-clock model of the copies queued (each adds the
+     profile's ``copy_ms``), the time to the target layer is ``depth`` times the measured interval
+     between MoE layers (host time 0: the measured interval holds it).
+
+   The victim is the policy's, worth the predictor's score for it where its layer is one of the predicted
+   ones. ``admission = "none"`` issues every candidate (the rule before); ``cost`` is the rule without the gate.
 
 When a layer needs more experts than the pool holds (long prefills, big batches), step 3-4 run
 in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed as a one-expert
@@ -54,7 +67,8 @@ import torch
 from torch import nn
 
 from .. import miss_precision
-from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
+from ..admission import (DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission,
+                         lead_ms, outcome_values)
 from ..cost.hardware import default_profile
 from ..errors import ConfigError
 from ..miss_precision import LOW, UPGRADE, gate_shares
@@ -68,6 +82,8 @@ from .stats import RuntimeCounters
 #: Prefetch candidates below this probability of being needed are not fetched (a floor before the
 #: admission rule, which decides the rest).
 DEFAULT_MIN_PROB = 0.0
+#: Clocks the runtime's admission rule may read its times from (module docstring).
+ADMISSION_CLOCKS = ("model", "measured")
 #: Up to this many routing ids, the needed experts are counted in Python (faster than np.unique).
 _SMALL = 64
 
@@ -151,14 +167,33 @@ class Runtime:
         self.low: Any = None
         self._shares: dict[int, float] = {}
         self.low_keys: set[int] = set()
-        #: The prefetch admission rule (``moecache.admission.ADMISSIONS``).
-        self.admission = "cost"
+        #: The prefetch admission rule (``moecache.admission.ADMISSIONS``) and the clock it reads
+        #: (``ADMISSION_CLOCKS``); the predictor gate is built at the first prefetch (``_gate_for``).
+        self.admission = DEFAULT_ADMISSION
+        self.admission_clock = "model"
+        self.gate: PredictorGate | None = None
+        self._gate_key: tuple | None = None
+        #: Under the gate: prefetched key -> (source MoE layer, what its use adds to the gate's ledger).
+        self._pf_src: dict[int, tuple[int, float]] = {}
+        #: The ``model`` clock (ms): now, the modelled copy queue's end, and this layer's modelled length.
+        self._m_now = 0.0
+        self._m_copy = 0.0
+        self._m_layer = 0.0
         #: Host-clock model of the copy engine: when the copies queued so far end (perf_counter seconds).
         self._copy_free_s = 0.0
         #: Measured interval between consecutive MoE layers of one forward (ms; None until seen), and
         #: the previous layer's start.
         self.layer_ms: float | None = None
         self._last_layer: tuple[int, float] | None = None
+
+    @property
+    def profile(self) -> Any:
+        """The cost model the ``model`` admission clock and the predictor gate read: the profile set on the
+        runtime (``_profile``), else the default profile at this store's expert size."""
+        prof = self.__dict__.get("_profile")
+        if prof is None:
+            prof = self._profile = default_profile(self.copy_bytes)
+        return prof
 
     @property
     def copy_ms(self) -> float:
@@ -226,6 +261,13 @@ class Runtime:
         experts, counts = _unique(ids)
         if call is not None:  # tokens its routing marks as taking no expert (Switch's capacity drops)
             experts, counts = call.routed(experts, counts)
+        if self.prefetch_depth and self.admission_clock == "model":  # the modelled clock: one layer on
+            prof = self.profile
+            self._m_now += self._m_layer
+            m = prof.non_expert(int(ids.shape[0])) + prof.layer_host_ms
+            for n in counts:
+                m += prof.gpu(int(n))
+            self._m_layer = m
         if experts and (experts[0] < 0 or experts[-1] >= self.E):
             raise ConfigError(f"MoE layer {li}: routing ids out of range 0..{self.E - 1} "
                               f"(min {experts[0]}, max {experts[-1]})")
@@ -304,6 +346,9 @@ class Runtime:
                     self.unused_prefetch.discard(key)
                     self.pending.pop(key, None)
                     c.prefetch_useful += 1
+                    src = self._pf_src.pop(key, None)
+                    if src is not None and self.gate is not None:
+                        self.gate.used(*src)
                 elif key in self.streamed:
                     self.streamed.discard(key)
                     self.pending.pop(key, None)
@@ -397,6 +442,8 @@ class Runtime:
     def _copied(self, slots: list[int]) -> None:
         now = time.perf_counter()
         self._copy_free_s = max(now, self._copy_free_s) + len(slots) * self.copy_ms / 1e3
+        if self.prefetch_depth and self.admission_clock == "model":
+            self._m_copy = max(self._m_now, self._m_copy) + len(slots) * self.profile.copy_ms
         c = self.counters
         c.copies += len(slots)
         c.bytes_copied += len(slots) * self.copy_bytes
@@ -410,6 +457,7 @@ class Runtime:
         self.slot_of[key] = -1
         self.counters.evictions += 1
         self.unused_prefetch.discard(key)
+        self._pf_src.pop(key, None)
         self.streamed.discard(key)
         self.low_keys.discard(key)
         if self.pending.pop(key, None) is not None:
@@ -427,6 +475,7 @@ class Runtime:
                 self.policy.evict(key)
                 self.slot_of[key] = -1
                 self.unused_prefetch.discard(key)
+                self._pf_src.pop(key, None)
                 self.streamed.discard(key)
                 self.counters.prefetch_cancelled += 1
             # else: already copied or copying; it stays resident and may still be used later
@@ -602,27 +651,45 @@ class Runtime:
             if self.tokens_per_row > 1 and hidden.shape[0] == self.rows * self.tokens_per_row:
                 h = hidden.view(self.rows, self.tokens_per_row, -1)[:, -1]
         pred.observe(li, rows, h)
+        if self.score_depth:
+            score = np.asarray(pred.predict(li, self.score_depth), dtype=np.float64)
+            self.policy.on_scores(pred.target(li, self.score_depth)[0], score.mean(axis=0))
+        if not self.prefetch_depth:
+            return
+        admission = check_admission(self.admission)
+        if self.admission_clock not in ADMISSION_CLOCKS:
+            raise ConfigError(f"unknown admission clock {self.admission_clock!r}; choose one of: "
+                              f"{', '.join(ADMISSION_CLOCKS)}")
+        gate = self._gate_for(admission)
+        if gate is not None and not gate.open(li):
+            self.counters.predictor_skipped += 1
+            return
         width = self.prefetch_width or min(self.E, self.top_k * rows.shape[0])
         protected = set(self.pending)
         slots: list[int] = []
         keys: list[int] = []
         prios: list[float] = []
-        preds: dict[int, np.ndarray] = {}
-        if self.score_depth:
-            preds[self.score_depth] = np.asarray(pred.predict(li, self.score_depth), dtype=np.float64)
-            self.policy.on_scores(pred.target(li, self.score_depth)[0], preds[self.score_depth].mean(axis=0))
         depths = range(1, self.prefetch_depth + 1)
         targets = {d: pred.target(li, d)[0] for d in depths}
-        scores_at = {d: (preds[d] if d in preds else np.asarray(pred.predict(li, d), dtype=np.float64)).sum(axis=0)
-                     for d in depths}
-        gated = check_admission(self.admission) == "cost"
-        copy_ms = self.copy_ms
+        scores_at = {d: (score if d == self.score_depth else np.asarray(pred.predict(li, d), dtype=np.float64)
+                         ).sum(axis=0) for d in depths}
+        weighed = admission != "none"
+        model = self.admission_clock == "model"
+        if model:
+            prof = self.profile
+            copy_ms, host_ms = float(prof.copy_ms), float(prof.prefetch_host_ms)
+            layer_ms = self._m_layer
+            backlog0 = self._m_copy - self._m_now
+            if backlog0 < 0.0:
+                backlog0 = 0.0
+        else:
+            copy_ms, host_ms = self.copy_ms, 0.0
+            layer_ms = self.layer_ms if self.layer_ms is not None else copy_ms  # until measured: one copy
         policy = self.policy
         for depth in depths:
             target = targets[depth]
             scores = scores_at[depth]
             base = target * self.E
-            layer_ms = self.layer_ms if self.layer_ms is not None else copy_ms  # until measured: one copy
             lead = lead_ms(depth, layer_ms, layer_ms)
             for e in PREFETCH_RULES.get("topk")(scores, width, lambda x: self.slot_of[base + x] >= 0):
                 prob = candidate_probability(float(scores[e]))
@@ -633,7 +700,7 @@ class Runtime:
                     continue
                 if not policy.can_insert(key, protected):
                     break
-                if gated:
+                if weighed:
                     victim_prob = 0.0
                     pool = policy.pool(key)
                     if policy.occupancy(pool) >= policy.capacity:
@@ -643,10 +710,17 @@ class Runtime:
                             if targets[dd] == vl:
                                 victim_prob = candidate_probability(float(scores_at[dd][v - vl * self.E]))
                                 break
-                    backlog = max(0.0, (self._copy_free_s - time.perf_counter()) * 1e3) + len(slots) * copy_ms
-                    if not admit_prefetch(prob, victim_prob, backlog, layer_ms, lead, copy_ms):
+                    if model:
+                        backlog = backlog0 + len(slots) * copy_ms
+                    else:
+                        backlog = max(0.0, (self._copy_free_s - time.perf_counter()) * 1e3) + len(slots) * copy_ms
+                    if not admit_prefetch(prob, victim_prob, backlog, layer_ms, lead, copy_ms, host_ms):
                         self.counters.prefetch_refused += 1
                         continue
+                    if gate is not None:
+                        if_unused, bonus = outcome_values(victim_prob, backlog, layer_ms, lead, copy_ms, host_ms)
+                        gate.issued(li, if_unused)
+                        self._pf_src[key] = (li, bonus)
                 slots.append(self._place(key, protected))
                 keys.append(key)
                 prios.append(depth + (1.0 - prob))
@@ -657,6 +731,17 @@ class Runtime:
             self.engine.submit_many(slots, keys, prios)
             self._copied(slots)
             self.counters.prefetch_issued += len(slots)
+
+    def _gate_for(self, admission: str) -> PredictorGate | None:
+        """The predictor gate for ``admission`` (None: none), rebuilt when the rule or the profile changes."""
+        if admission != "gated" or self.score_depth:
+            return None
+        key = (admission, id(self.profile), getattr(self.predictor, "name", None))
+        if self.gate is None or self._gate_key != key:
+            self.gate = PredictorGate(self.L, self.profile.predictor_host(getattr(self.predictor, "name", None)))
+            self._gate_key = key
+            self._pf_src.clear()
+        return self.gate
 
     # -- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:

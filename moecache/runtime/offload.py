@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import validate as V
+from ..admission import ADMISSIONS, DEFAULT_ADMISSION, check_admission
 from ..errors import ConfigError
 from ..families import FamilyAdapter, MoeBlock, detect_family, find_moe_blocks, get_family
 from ..policies import POLICIES, Policy
@@ -494,6 +495,7 @@ class OffloadPlan:
     low_rule: Any = None  # moecache.miss_precision.MissPrecisionRule, else None
     low_codec: ExpertCodec | None = None  # the low copy's row layout
     low_host_store: HostStore | None = None  # the low copy, filled by the caller (from_pretrained), else None
+    admission: str = DEFAULT_ADMISSION  # the prefetch admission rule (moecache.admission)
 
 
 def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots: Any = None, policy: Any = "lru",
@@ -507,7 +509,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        group_size: Any = None, pool_mode: Any = "auto", scratch_experts: Any = None,
                        importance: Any = None, low_precision_misses: Any = None,
                        low_precision_below: Any = DEFAULT_BELOW, low_host_store: Any = None,
-                       store_filled_later: bool = False) -> OffloadPlan:
+                       store_filled_later: bool = False, admission: Any = DEFAULT_ADMISSION) -> OffloadPlan:
     """Check every argument of ``offload`` (see ``moecache.validate`` for the pattern) without changing the
     model; returns the resolved plan. A bad argument raises ``ConfigError``/``UnsupportedModelError``.
     ``store_filled_later``: ``host_store`` is still empty (``from_pretrained`` checks the arguments on the
@@ -589,6 +591,9 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
     prefetch_width = V.count("prefetch_width", prefetch_width, minimum=1, maximum=E, none=True,
                              fix=f"experts per target layer; this model has {E}")
     min_prob = V.real("min_prob", min_prob, minimum=0.0, maximum=1.0)
+    if not isinstance(admission, str):
+        raise ConfigError(f"admission must be a name ({', '.join(ADMISSIONS)}), got {type(admission).__name__}")
+    check_admission(admission)
     pin = V.flag("pin", pin, none=True)
     own_store = V.flag("own_store", own_store)
     policy_params = V.mapping("policy_params", policy_params)
@@ -658,7 +663,7 @@ def check_offload_args(model: nn.Module, gpu_memory: Any = None, *, cache_slots:
                        backend=backend, max_cache_len=max_cache_len, max_batch_size=max_batch_size,
                        kv_bytes=kv_bytes, stream_tokens=stream_tokens, codec=codec, pool_mode=mode,
                        scratch_experts=scratch_n, slot_bytes=slot_bytes, importance=importance,
-                       low_rule=low_rule, low_codec=low_codec, low_host_store=low_host_store)
+                       low_rule=low_rule, low_codec=low_codec, low_host_store=low_host_store, admission=admission)
 
 
 def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
@@ -700,7 +705,8 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
             stream_prefill: bool | int = False, expert_dtype: str | None = "auto",
             group_size: int | None = None, pool_mode: str = "auto", scratch_experts: int | None = None,
             importance: dict | None = None, low_precision_misses: str | None = None,
-            low_precision_below: float = DEFAULT_BELOW, low_host_store: HostStore | None = None) -> OffloadHandle:
+            low_precision_below: float = DEFAULT_BELOW, low_host_store: HostStore | None = None,
+            admission: str = DEFAULT_ADMISSION) -> OffloadHandle:
     """Patch ``model`` (a loaded transformers MoE model) in place; returns an ``OffloadHandle``.
 
     * ``gpu_memory`` ("6GiB", bytes, "auto") or ``cache_slots``: the budget (module docstring). With
@@ -712,7 +718,10 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
       picks every victim. ``policy_params`` go to its constructor.
     * ``predictor``: None, a ``moecache.predictors`` name or a fitted ``Predictor`` instance; it
       decides prefetches ``prefetch_depth`` MoE layers ahead (the ``prefetch_width`` most likely
-      experts per target layer, default ``top_k x rows``, those above ``min_prob``).
+      experts per target layer, default ``top_k x rows``, those above ``min_prob``), each weighed by the
+      ``admission`` rule (``moecache.admission``: "gated", the default: the cost rule and the predictor gate,
+      which stops asking the predictor at layers whose prefetches do not pay for its host time; "cost": the
+      rule alone; "none": every candidate issued).
     * ``device``: "cuda" where available, else "cpu" (the CPU mode runs the same path without streams).
     * ``engine``: "auto", "worker" (C++), "stream" or "sync" (``moecache.runtime.engine``).
     * ``host_store``: a ``HostStore`` already holding every expert (``from_pretrained`` and the
@@ -757,7 +766,7 @@ def offload(model: nn.Module, gpu_memory: int | str | None = None, *, cache_slot
                               expert_dtype=expert_dtype, group_size=group_size, pool_mode=pool_mode,
                               scratch_experts=scratch_experts, importance=importance,
                               low_precision_misses=low_precision_misses, low_precision_below=low_precision_below,
-                              low_host_store=low_host_store)
+                              low_host_store=low_host_store, admission=admission)
     with V.Undo() as undo:
         handle = _apply(model, plan, undo)
     return handle
@@ -800,6 +809,7 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
                       predictor=plan.predictor, config=config, num_experts=E, top_k=k,
                       prefetch_depth=plan.prefetch_depth, prefetch_width=plan.prefetch_width, min_prob=plan.min_prob,
                       stream_prefill=plan.stream_tokens)
+    runtime.admission = plan.admission
     if codec is not None:
         runtime.set_expander(Expander(codec, plan.pool_mode, pool, E, plan.scratch_experts))
         undo.push(runtime.expander.close)

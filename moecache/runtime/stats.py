@@ -11,7 +11,9 @@ Definitions (one *access* = one expert needed by one MoE layer forward, however 
 * ``prefetch_issued``: prefetch copies queued; ``prefetch_useful``: prefetched experts used by a
   demand access before they left the pool; ``prefetch_precision = useful / issued``;
   ``prefetch_cancelled``: queued prefetches cancelled before they started (the prediction was wrong);
-  ``prefetch_refused``: candidates the admission rule (``moecache.admission``) did not issue.
+  ``prefetch_refused``: candidates the admission rule (``moecache.admission``) did not issue;
+  ``predictor_skipped``: MoE layer calls where the predictor gate (admission ``gated``) did not ask the
+  predictor (it only observed the routing).
 * ``prefill_streamed``: experts queued by streaming prefill (``offload(..., stream_prefill=...)``: each
   next layer's experts during a long prompt, ``moecache.runtime.core``); ``prefill_stream_useful``:
   those its layer used; queued ones its layer did not pick are counted in ``prefetch_cancelled``.
@@ -53,6 +55,7 @@ class RuntimeCounters:
     prefetch_useful: int = 0
     prefetch_cancelled: int = 0
     prefetch_refused: int = 0
+    predictor_skipped: int = 0  # MoE layer calls where the predictor gate did not ask the predictor
     prefill_streamed: int = 0  # experts queued by streaming prefill (next layer's, during a long prompt)
     prefill_stream_useful: int = 0  # ... and used by their layer
     copies: int = 0
@@ -95,6 +98,7 @@ def summarise(c: RuntimeCounters, stall_s: float, config: dict[str, Any]) -> dic
         "hit_rate": _ratio(c.hits, c.accesses), "ready": c.ready, "ready_rate": _ratio(c.ready, c.accesses),
         "prefetch_issued": c.prefetch_issued, "prefetch_useful": c.prefetch_useful,
         "prefetch_cancelled": c.prefetch_cancelled, "prefetch_refused": c.prefetch_refused,
+        "predictor_skipped": c.predictor_skipped,
         "prefill_streamed": c.prefill_streamed,
         "prefill_stream_useful": c.prefill_stream_useful,
         "prefetch_precision": _ratio(c.prefetch_useful, c.prefetch_issued),

@@ -40,7 +40,8 @@ import numpy as np
 from .._ext import extension
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule
-from ..admission import ADMISSION_CODES, check_admission
+from ..admission import (ADMISSION_CODES, DEFAULT_ADMISSION, GATE_MIN_CALLS, GATE_PROBE_EVERY, GATE_SPAN,
+                         check_admission)
 from ..errors import ConfigError
 from ..policies.base import POLICIES, CppPort, Policy
 from ..predictors.base import PREDICTORS, Predictor
@@ -226,14 +227,16 @@ class _PredictionStream:
 
 
 def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_depth: int,
-                       prefetch: str, budget: int | None, admission: str = "cost"
+                       prefetch: str, budget: int | None, admission: str = DEFAULT_ADMISSION
                        ) -> tuple[dict[str, Any], _PredictionStream | None]:
     """sim_replay options of the predictor and prefetch; the stream object when it runs in Python."""
     if predictor is None:
         return {}, None
     opts: dict[str, Any] = {"depth": depth, "score_depth": score_depth, "budget": int(budget or 0),
                             "prefetch_rule": PREFETCH_CODES.get(prefetch, 0),
-                            "admission": ADMISSION_CODES[check_admission(admission)]}
+                            "admission": ADMISSION_CODES[check_admission(admission)],
+                            "gate_span": GATE_SPAN, "gate_probe_every": GATE_PROBE_EVERY,
+                            "gate_min_calls": GATE_MIN_CALLS}
     depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
     native = _native_predictor(predictor, depths)
     if native is not None:
@@ -246,7 +249,8 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
 
 def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
-               admission: str = "cost", capacity_label: str | None = None, record: list | None = None) -> SimResult:
+               admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
+               record: list | None = None) -> SimResult:
     """One replay on the C++ core (configuration already checked by ``simulate``); no bound."""
     C = extension()
     if C is None:
@@ -277,7 +281,7 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
 
 def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, packed: CppPort,
           pred_opts: dict[str, Any], wide: bool, budget: int | None, capacity_label: str | None,
-          record: list | None, predictor: Any, depth: int, prefetch: str, admission: str = "cost"
+          record: list | None, predictor: Any, depth: int, prefetch: str, admission: str = DEFAULT_ADMISSION
           ) -> SimResult:
     """One call of the core (the arrays are views, nothing is copied) and its result row."""
     import torch  # loaded only when the C++ core runs: the simulator itself needs no torch
@@ -309,7 +313,9 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         t(packed.counts) if packed.counts is not None else empty_i64,
         MISS_CODES[rule.name], record is not None, int(TUNING["scan_max"]), int(TUNING["park_min"]), extra)
     (accesses, hits, ready, needs, loads, cpu_runs, prefetches, pf_used, pf_wasted,
-     pf_skipped, pf_refused) = counts.tolist()
+     pf_skipped, pf_refused, gated, gate_calls, gate_probes, gate_skipped, gate_off) = counts.tolist()
+    gate = {"predictor_calls": gate_calls, "predictor_probes": gate_probes, "predictor_skipped": gate_skipped,
+            "layers_off": gate_off} if gated else {}
     time_ms, gpu_busy, copy_busy, cpu_busy = times.tolist()
     if record is not None:
         record.extend((g, k, c, OUTCOMES[o]) for g, k, c, o in rec.tolist())
@@ -321,6 +327,6 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         hits=hits, ready=ready, needs=needs, loads=loads, cpu_runs=cpu_runs, prefetches=prefetches,
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=time_ms, gpu_busy_ms=gpu_busy,
         copy_busy_ms=copy_busy, cpu_busy_ms=cpu_busy,
-        extra={"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-        if depth else {},
+        extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
+               if depth else {}) | gate,
     )

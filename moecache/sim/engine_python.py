@@ -6,22 +6,29 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
 
 1. the future (if anything reads it) is positioned at ``g``; ``policy.begin_layer(l)``; the GPU runs
    the layer's non-expert work (``moecache.cost.timing``), which ends at ``t_route``;
-2. with a predictor: ``observe(l, ids of the unit at l)``, then ``predict(l, d)`` for every depth
-   ``d`` in ``1..D`` (and the policy's ``score_depth``, whose row mean goes to ``on_scores``);
+2. with a predictor: ``observe(l, ids of the unit at l)``; a policy that reads scores gets the row
+   mean of ``predict(l, score_depth)`` (``on_scores``);
 3. demand: for each needed expert in ascending key order, ``policy.access(key, tokens)``; an
    expert resident now is a hit (all its tokens count as hit accesses; ready if its copy ended by
    ``t_route``). Misses are then served, in ascending key order, by a copy that ``insert``s them
    (the policy evicts, never a key of the current wave) or by a CPU run, as the miss rule decides;
-4. prefetch (depth ``D`` > 0): for ``d = 1..D`` the prefetch rule picks the experts it wants for
-   step ``g + d`` from the summed prediction rows; each non-resident one is inserted (protected: the
-   current step's experts and those wanted for step ``g + d`` that are resident or already
-   fetched), if the admission rule (``moecache.admission``, default ``cost``) takes it, with ``now`` =
-   the host clock plus ``prefetch_host_ms`` (when the copy would be issued): probability = the
-   candidate's summed score capped at 1; backlog = the copy engine's free time minus ``now`` (at least
-   0); first = ``max(gpu free - now, 0) + ne``; lead = ``first + (d - 1) * (ne + the sum of gpu(c) over
-   the step's needs in key order)``, ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to
-   ``[0, prefetch_host_ms]``; victim = ``policy.victim`` of the key's pool when it
+4. prefetch (depth ``D`` > 0): under the ``gated`` admission (and a policy that reads no scores) the
+   predictor gate (``moecache.admission.PredictorGate``) is asked first, ``open(l)``; where it says no,
+   the step skips the predictor's ``predict`` calls and their host time (``predictor_host``) and prefetches
+   nothing. Otherwise ``predict(l, d)`` for every depth ``d`` in ``1..D``, then for ``d = 1..D`` the
+   prefetch rule picks the experts it wants for step ``g + d`` from the summed prediction rows; each
+   non-resident one is inserted (protected: the current step's experts and those wanted for step
+   ``g + d`` that are resident or already fetched), if the admission rule (``moecache.admission``, default
+   ``gated``) takes it, with ``now`` = the host clock plus ``prefetch_host_ms`` (when the copy would be
+   issued): probability = the candidate's summed score capped at 1; backlog = the copy engine's free time
+   minus ``now`` (at least 0); first = ``max(gpu free - now, 0) + ne + layer_host`` (the next layer's
+   demand copies are issued once its routing is on the host and its policy has run); lead = ``first +
+   (d - 1) * (ne + layer_host + the sum of gpu(c) over the step's needs in key order)``,
+   ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to ``[0, prefetch_host_ms]``; victim =
+   ``policy.victim`` of the key's pool when it
    is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
+   under ``gated`` each issued prefetch is booked to the gate's layer ``l`` (``outcome_values``), and a
+   demand hit on a prefetched, not yet used expert books its use;
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
 
 Sequences are requests: ``policy.begin_request()`` and ``predictor.reset()`` at each new sequence
@@ -37,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from ..admission import admit_prefetch, candidate_probability, check_admission, lead_ms
+from ..admission import (DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission,
+                         lead_ms, outcome_values)
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule, Timeline
 from .. import miss_precision
@@ -76,14 +84,14 @@ def check_config(schedule: Schedule, policy: Policy, predictor: Any, depth: int)
 
 def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                   predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
-                  admission: str = "cost", capacity_label: str | None = None,
+                  admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
                   record: list[tuple[int, int, int, str]] | None = None, precision: Any = None) -> SimResult:
     """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
     as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` where misses may be copied low
     (``moecache.miss_precision``), else None."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
-    gated = check_admission(admission) == "cost"
+    gated = check_admission(admission) != "none"
     decide, asks_policy = rule.decide, rule.asks_policy
     L, E, K = schedule.num_layers, schedule.num_experts, schedule.top_k
 
@@ -110,6 +118,9 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     pred_host = hw.predictor_host(getattr(predictor, "name", None)) if predictor is not None else 0.0
     pf_host, slow = hw.prefetch_host_ms + evict, hw.slowdown
     cap = policy.capacity
+    # the predictor gate (admission ``gated``; not where the policy reads the scores every layer anyway)
+    gate = PredictorGate(L, pred_host) if admission == "gated" and depth and not score_depth else None
+    pf_src: dict[int, tuple[int, float]] = {}  # under the gate: prefetched key -> (source layer, use bonus)
     ready_at: dict[int, float] = {}
     pf_unused: set[int] = set()
     pf_for: dict[int, set[int]] = {}
@@ -151,9 +162,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
             preds: dict[int, np.ndarray] = {}
             if predictor is not None:
                 predictor.observe(l, uids[:, l, :])
-                for d in depths:
-                    preds[d] = predictor.predict(l, d)
                 if score_depth:
+                    preds[score_depth] = predictor.predict(l, score_depth)
                     policy.on_scores((l + score_depth) % L, preds[score_depth].mean(axis=0))
 
             # -- demand ------------------------------------------------------------------------
@@ -174,6 +184,9 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         if key in pf_unused:
                             pf_unused.discard(key)
                             pf_used += 1
+                            if gate is not None:
+                                src, bonus = pf_src.pop(key)
+                                gate.used(src, bonus)
                         hit_list.append((key, c))
                         upgrade = shares is not None and miss_precision.copy_precision(
                             key in low_res, shares[key - l * E], below) == UPGRADE
@@ -215,6 +228,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                     if v in pf_unused:
                                         pf_unused.discard(v)
                                         pf_wasted += 1
+                                        pf_src.pop(v, None)
                                 h = h + copy_host
                                 hx = hx + copy_host
                                 if low:
@@ -235,8 +249,14 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             tl.join(cpu_end + hybrid_ms)
 
             # -- prefetch ----------------------------------------------------------------------
-            hp = t_route + (hx + pred_host)  # the host after launching the experts
-            if choose is not None:
+            asked = predictor is not None and (gate is None or gate.open(l))
+            if asked:
+                for d in depths:
+                    if d not in preds:
+                        preds[d] = predictor.predict(l, d)
+            # the host after launching the experts (and the predictor, where it was asked)
+            hp = t_route + (hx + pred_host) if asked or score_depth else t_route + hx
+            if choose is not None and asked:
                 now_keys = frozenset(keys)
                 scores_at = {d: preds[d].sum(axis=0) for d in range(1, depth + 1)}
                 step_ms = 0.0
@@ -251,7 +271,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         continue
                     pset = pf_for.setdefault(tg, set())
                     pset.update(base + e for e in chosen if base + e in resident)
-                    layer_ms = ne_ms + step_ms
+                    layer_ms = ne_ms + layer_host + step_ms
                     for e in chosen:
                         key = base + e
                         if key in resident:
@@ -271,7 +291,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                         victim_prob = candidate_probability(float(scores_at[dd][v - vl * E]))
                                         break
                             now = hp + pf_host  # when this copy would be issued
-                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms
+                            first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
                             backlog = tl.copy - now
                             if backlog < 0.0:
@@ -285,11 +305,16 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                                   first, lead, copy_ms, host):
                                 pf_refused += 1
                                 continue
+                            if gate is not None:
+                                if_unused, bonus = outcome_values(victim_prob, backlog, first, lead, copy_ms, host)
+                                gate.issued(l, if_unused)
+                                pf_src[key] = (l, bonus)
                         for v in insert(key, prot):
                             low_res.discard(v)
                             if v in pf_unused:
                                 pf_unused.discard(v)
                                 pf_wasted += 1
+                                pf_src.pop(v, None)
                         hp = hp + pf_host
                         ready_at[key] = tl.issue_copy(hp, copy_ms)
                         pf_unused.add(key)
@@ -306,7 +331,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-               if depth else {}) | (
+               if depth else {}) | (gate.stats() if gate is not None else {}) | (
             {"low_precision_misses": precision[0].describe(), "low_copies": low_loads, "upgrades": upgrades,
              "low_copy_bytes": precision[2]}
             if precision is not None else {}),

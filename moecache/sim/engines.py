@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..admission import DEFAULT_ADMISSION
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule
 from ..errors import ConfigError
@@ -21,7 +22,7 @@ PRECISION_WHY = ("the per-miss precision rule (low-precision misses, upgrades on
 
 def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *, engine: str = "auto",
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
-               admission: str = "cost", capacity_label: str | None = None,
+               admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
                record: list[tuple[int, int, int, str]] | None = None, precision: Any = None) -> SimResult:
     """Replay on ``engine`` (``python``, ``cpp`` or ``auto``, as ``engine_cpp.choose_engine`` takes it); no bound.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` or None (``moecache.miss_precision``). The C++ core does

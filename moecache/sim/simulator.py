@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..admission import check_admission
+from ..admission import DEFAULT_ADMISSION, check_admission
 from ..cost.hardware import HardwareProfile, default_profile, with_format
 from ..cost.timing import MISS_RULES, MissRule
 from ..errors import ConfigError
@@ -20,7 +20,7 @@ from .schedule import Schedule
 
 
 def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth: int = 0,
-             prefetch: str = "topk", budget: int | None = None, admission: str = "cost",
+             prefetch: str = "topk", budget: int | None = None, admission: str = DEFAULT_ADMISSION,
              hardware: HardwareProfile | None = None,
              miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
              record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto",
@@ -35,7 +35,8 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     its misses, each in ascending key order. ``engine``: ``python`` (the reference loop of
     ``engine_python``), ``cpp`` (the same replay in csrc/sim/, identical rows; see
     ``engine_cpp``) or ``auto`` (cpp where built and supported). ``admission``: the prefetch
-    admission rule (``moecache.admission``: ``cost``, the default, or ``none``).
+    admission rule (``moecache.admission``: ``gated``, the default: the cost rule and the predictor gate;
+    ``cost``: the rule alone, the predictor asked at every layer; ``none``: every candidate issued).
     ``miss_precision``: a ``moecache.miss_precision.MissPrecisionRule``: misses with a small gate share are
     copied in its lower-precision format (landing row + expansion, as the runtime does) and upgraded when
     reused; outcomes ``"copy_low"`` and ``"upgrade"`` in ``record``. Needs a trace with gate weights, the
