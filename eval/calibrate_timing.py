@@ -41,6 +41,9 @@ the other batch size are held out):
    layer around the routing sync (relaunching the layer's work), added to ``layer_host_ms``, on the
    configurations without CPU execution; then ``hybrid_layer_ms`` on those with it.
 
+**Admission.** Each configuration is replayed with the prefetch admission rule its run used (the
+runtime's stats name it); runs recorded before the runtime had one replay with ``none``.
+
 **Non-expert time.** Where a run measured the model without its experts (``e2e_compare.py``'s config
 ``n``: every experts module answering zeros, the same replay), its ms/step over the MoE layers is that
 shape's non-expert time per layer at that batch size, and every configuration of that shape is
@@ -360,6 +363,13 @@ def profile_for(rep: Repeat, base: Callable[[int], HardwareProfile], terms: dict
     return hw
 
 
+def admission_of(rep: Repeat) -> str:
+    """The prefetch admission rule the run's runtime applied (its stats' config names it); runs recorded
+    before the runtime had one (no ``admission`` key) issued every prefetch its min_prob/width allowed:
+    ``none``."""
+    return str((rep.row.get("runtime_config") or {}).get("admission") or "none")
+
+
 def simulate_ms_per_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile) -> float:
     """Simulated ms per timed step of one configuration on its run's replay."""
     return simulate_step(rep, spec, rr, hw)["ms_per_step"]
@@ -399,7 +409,7 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
             kw.update(depth=spec.depth, prefetch=_min_prob_rule(spec.min_prob), budget=spec.width)
         if pred is None and spec.kind != "fiddler" and spec.miss_rule != "auto":
             kw["engine"] = "auto"
-        return simulate(rr.schedule(units), pol, pred, **kw)
+        return simulate(rr.schedule(units), pol, pred, admission=admission_of(rep), **kw)
 
     w = run(list(rr.warm))
     a = run(list(rr.warm) + list(rr.timed))

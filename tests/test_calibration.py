@@ -341,6 +341,28 @@ def test_measured_non_expert_time_replaces_the_profile_figure():
     assert sim.profile(other, hw) is hw  # no measurement for this shape: the profile's own figure
 
 
+def test_each_run_replays_with_the_admission_it_used():
+    ct = _calibrate()
+
+    def rep(cfg):
+        return ct.Repeat("f.json", 1, "deepseek", 1, 0.25, "e", "lru", 1.0, {"runtime_config": cfg}, {}, 0.3, 26)
+
+    assert ct.admission_of(rep({"policy": "lru"})) == "none"  # recorded before the runtime had a rule
+    assert ct.admission_of(rep({"admission": "gated"})) == "gated"
+    assert ct.admission_of(rep(None)) == "none"
+
+
+def test_runtime_config_names_its_admission_rule():
+    from moecache.runtime.offload import offload
+    from tests.tiny_models import tiny_model
+
+    m = tiny_model("qwen3_moe")
+    h = offload(m, cache_slots=4, device="cpu", admission="cost")
+    cfg = h.stats()["config"]
+    assert cfg["admission"] == "cost" and cfg["admission_clock"] == "model"
+    h.remove()
+
+
 def test_fidelity_command_bad_input(tmp_path, capsys):
     ct = _calibrate()
     assert ct.main(["--results", str(tmp_path)]) == 2

@@ -857,6 +857,7 @@ def _apply(model: nn.Module, plan: OffloadPlan, undo: V.Undo) -> OffloadHandle:
         "low_precision_misses": None if plan.low_rule is None else plan.low_rule.describe(),
         "low_copy_bytes_per_expert": None if plan.low_codec is None else plan.low_codec.slot_bytes,
         "low_copy_host_bytes": 0 if low_store is None else low_store.nbytes,
+        "admission": plan.admission, "admission_clock": runtime.admission_clock,
     }
     handle = OffloadHandle(model, runtime, adapter, saved, cfg, [])
     handle.own_store = plan.own_store or plan.host_store is None
