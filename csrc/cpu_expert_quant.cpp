@@ -498,30 +498,12 @@ MC_Q2 void q8_avx2(const QSpec& s, const QRow* rows, const float* x, int64_t xs,
 using QFn = void (*)(const QSpec&, const QRow*, const float*, int64_t, int64_t, int64_t, float*, int64_t);
 
 template <class K, int RBMAX, int TBMAX>
-struct Table {
-  QFn fn[3][TBMAX];  // [rows 1, 2, RBMAX][tokens - 1]
-  template <int RB, int TB>
-  void fill_one(int ri) {
-    fn[ri][TB - 1] = &K::template run<RB, TB>;
-    if constexpr (TB > 1) fill_one<RB, TB - 1>(ri);
-  }
-  Table() {
-    fill_one<1, TBMAX>(0);
-    fill_one<2, TBMAX>(1);
-    fill_one<RBMAX, TBMAX>(2);
-  }
+struct Table : BlockTable<QFn, K, RBMAX, TBMAX> {
   void run(const QSpec& s, const QRow* rows, int rb, const float* x, int64_t xs, int tb, int64_t k0, int64_t k1,
            float* part, int64_t ps) const {
-    for (int t0 = 0; t0 < tb; t0 += TBMAX) {
-      const int nt = std::min(TBMAX, tb - t0);
-      for (int r = 0; r < rb;) {
-        const int left = rb - r;
-        const int n = left >= RBMAX ? RBMAX : (left >= 2 ? 2 : 1);
-        const int ri = n == RBMAX ? 2 : n - 1;
-        fn[ri][nt - 1](s, rows + r, x + t0 * xs, xs, k0, k1, part + r * ps + t0, ps);
-        r += n;
-      }
-    }
+    this->each_block(rb, tb, [&](QFn f, int r, int t0) {
+      f(s, rows + r, x + t0 * xs, xs, k0, k1, part + r * ps + t0, ps);
+    });
   }
 };
 

@@ -108,4 +108,35 @@ inline int64_t qfast_x_pos(const QSpec& s, int64_t i) {
 // Quantizes groups [g0, g1) of one token row x (natural order) into xq (qfast_x_pos layout), sx, zx.
 void qfast_quantize(const QSpec& s, const float* x, int64_t g0, int64_t g1, int16_t* xq, float* sx, float* zx);
 
+// A kernel's instantiations by block shape, for the exact and the fast compressed kernels: rows in blocks of
+// RBMAX, 2 or 1 and tokens in blocks of at most TBMAX, each block shape one template instantiation
+// K::run<RB, TB> of function type Fn. each_block walks a (rows, tokens) tile in those blocks and hands each
+// block's kernel, first row and first token to `call`.
+template <class Fn, class K, int RBMAX, int TBMAX>
+struct BlockTable {
+  Fn fn[3][TBMAX];  // [rows 1, 2, RBMAX][tokens - 1]
+  template <int RB, int TB>
+  void fill_one(int ri) {
+    fn[ri][TB - 1] = &K::template run<RB, TB>;
+    if constexpr (TB > 1) fill_one<RB, TB - 1>(ri);
+  }
+  BlockTable() {
+    fill_one<1, TBMAX>(0);
+    fill_one<2, TBMAX>(1);
+    fill_one<RBMAX, TBMAX>(2);
+  }
+  template <class Call>
+  void each_block(int rb, int tb, Call&& call) const {
+    for (int t0 = 0; t0 < tb; t0 += TBMAX) {
+      const int nt = tb - t0 < TBMAX ? tb - t0 : TBMAX;
+      for (int r = 0; r < rb;) {
+        const int left = rb - r;
+        const int n = left >= RBMAX ? RBMAX : (left >= 2 ? 2 : 1);
+        call(fn[n == RBMAX ? 2 : n - 1][nt - 1], r, t0);
+        r += n;
+      }
+    }
+  }
+};
+
 }  // namespace moecache_cpu
