@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -52,11 +53,15 @@ DEEPSEEK = os.path.join(ROOT, "..", "shared", "data", "routing", "deepseek-v2-li
 SUITE_DEEPSEEK = os.path.join(ROOT, "build", "suite_traces", "deepseek-v2-lite")
 CAPACITY = 0.25
 TARGET = 0.5
-#: (policy, predictor or None, depth): the online candidates (the oracle and offline policies are not online).
+#: ``learned``'s feature window in its wide variant: the routing of the last WIDE_WINDOW MoE layers (this token's
+#: and, wrapping, the previous token's), where the default reads the last 2.
+WIDE_WINDOW = 12
+#: (policy, predictor or None, depth): the online candidates; a predictor is ``NAME`` or ``NAME:key=value:...``
+#: (its constructor's options, ``predictor_spec``) (the oracle and offline policies are not online).
 CANDIDATES = [(pol, None, 0) for pol in ("lru", "lfu", "lrfu", "activation")] + \
     [(pol, pred, d) for pol in ("lru", "lfu", "lrfu", "activation")
      for pred, d in (("temporal", 1), ("transition", 1), ("transition", 2), ("learned", 1), ("learned", 2),
-                     ("prior", 1))] + \
+                     ("prior", 1), (f"learned:window={WIDE_WINDOW}", 1), (f"learned:window={WIDE_WINDOW}", 2))] + \
     [("predicted", pred, d) for pred in ("temporal", "prior") for d in (0, 1)]
 #: Prefetch budgets tried with every prefetching candidate: experts wanted per target layer, as a multiple of
 #: top_k (1: the simulator's default, top_k x rows; 2: twice that, the admission rule weighing each copy).
@@ -90,6 +95,24 @@ def three_way(trace, fit_n: int | None, choose_n: int | None, report_n: int | No
     return trace.select_sequences(a), trace.select_sequences(b), trace.select_sequences(c)
 
 
+def predictor_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"learned:window=12"`` -> ``("learned", {"window": 12})``: a predictor name and its constructor options
+    (integers and floats parsed, other values kept as text); a one-line ``ConfigError`` for a malformed part."""
+    name, *parts = spec.split(":")
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        if not eq or not key or not text:
+            raise ConfigError(f"predictor option {part!r} in {spec!r} is not key=value; write e.g. learned:window=12")
+        for conv in (int, float, str):
+            try:
+                opts[key] = conv(text)
+                break
+            except ValueError:
+                continue
+    return name, opts
+
+
 class Fitted:
     """Predictors fitted once on the fit part, handed out as fresh copies."""
 
@@ -101,11 +124,13 @@ class Fitted:
         if name is None:
             return None
         m = self.meta
-        kw = {"max_depth": m.num_layers} if policy == "predicted" and name in ("learned", "transition") else {}
-        key = (name, tuple(kw.items()))
+        base, kw = predictor_spec(name)
+        if policy == "predicted" and base in ("learned", "transition"):
+            kw["max_depth"] = m.num_layers
+        key = (base, tuple(sorted(kw.items())))
         if key not in self.cache:
-            p = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k, **kw)
-            if p.needs_fit or name == "temporal":
+            p = PREDICTORS.get(base)(m.num_layers, m.num_experts, m.top_k, **kw)
+            if p.needs_fit or base == "temporal":
                 p.fit(self.fit)
             self.cache[key] = p
         return copy.deepcopy(self.cache[key])

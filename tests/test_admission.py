@@ -251,6 +251,28 @@ def test_prediction_target_three_way_split_and_report():
         pt.three_way(_trace(tokens=100), None, None, None)
 
 
+
+def test_prediction_target_predictor_options():
+    """A candidate's predictor may carry constructor options (``learned:window=3``): they reach the predictor,
+    variants are fitted separately, and a malformed option is a one-line error."""
+    pt = _eval_module("prediction_target")
+    assert pt.predictor_spec("learned:window=12:C=0.5:model=ridge") == ("learned", {"window": 12, "C": 0.5,
+                                                                                   "model": "ridge"})
+    assert pt.predictor_spec("transition") == ("transition", {})
+    for bad in ("learned:window", "learned:=3", "learned:window="):
+        with pytest.raises(ConfigError, match="is not key=value"):
+            pt.predictor_spec(bad)
+    trace = _trace(L=4, tokens=300)
+    fitted = pt.Fitted(trace, trace.meta)
+    wide, plain = fitted.get("learned:window=3", "lru"), fitted.get("learned", "lru")
+    assert wide.window == 3 and plain.window == 2
+    assert wide.coef.shape[-1] == 4 * trace.meta.num_experts and plain.coef.shape[-1] == 3 * trace.meta.num_experts
+    assert len(fitted.cache) == 2
+    assert any("learned:window=" in str(c[1]) for c in pt.CANDIDATES)
+    row = pt.replay(trace, fitted, "lru", "learned:window=3", 2, _hw(0.3), budget=2)
+    assert row["predictor"] == "learned:window=3" and row["prefetches"] > 0
+    assert pt.label(row) == "lru + learned:window=3 D=2 B=2k"
+
 # -- the predictor gate ------------------------------------------------------------------------------
 
 
