@@ -161,7 +161,7 @@ def breakdown(row: dict, hw, num_layers: int, pred: str | None) -> dict:
     used, wasted (evicted unused) and late (used before their copy ended)."""
     tok = row["tokens"]
     calls = row.get("predictor_calls", tok * num_layers if pred else 0)
-    return {"layer_host": num_layers * hw.layer_host_ms, "predictor_host": calls * hw.predictor_host(pred) / tok,
+    return {"layer_host": num_layers * hw.layer_host_ms, "predictor_host": calls * hw.predictor_host(predictor_spec(pred)[0] if pred else None) / tok,
             "predictor_calls_per_token": calls / tok,
             "prefetch_host": row["prefetches"] * hw.prefetch_host_ms / tok,
             "copy_host": row["loads"] * hw.copy_host_ms / tok, "stall": row["stall_ms_per_token"],
