@@ -68,3 +68,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): loading and streaming tests time nothing, but
+    torch's thread pool on a busy 2-core machine makes them crawl."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

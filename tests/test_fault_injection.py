@@ -13,7 +13,8 @@ from moecache.runtime import CopyError, offload
 
 from .tiny_models import tiny_model
 
-pytestmark = pytest.mark.skipif(extension() is None, reason="needs the compiled extension moecache._C")
+pytestmark = [pytest.mark.skipif(extension() is None, reason="needs the compiled extension moecache._C"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -25,14 +26,6 @@ def _tokens(m):
 
 def _moecache_threads() -> set[str]:
     return {t.name for t in threading.enumerate()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_copy_worker_fault_is_a_python_error_and_remove_recovers():

@@ -18,12 +18,7 @@ from moecache.quant import ExpertCodec
 from .tiny_models import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _MallInfo2(ctypes.Structure):

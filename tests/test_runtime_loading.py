@@ -14,12 +14,7 @@ from moecache.loading import checkpoint_files, from_pretrained
 from .tiny_models import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plain(path):

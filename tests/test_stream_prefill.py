@@ -14,12 +14,7 @@ L, E = 3, 8
 PROMPT = [list(range(3, 35))]  # 32 tokens: nearly every expert of every layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spy(h) -> list[tuple]:
