@@ -73,7 +73,9 @@ def main() -> int:
              f"`python eval/format_table.py --traces {args.traces} --capacity {args.capacity}`")
     lines = ["# Compressed experts in the timing model: estimated ms/token at 25% of the bf16 expert memory", "",
              stamp, "",
-             "H100 profile of shared/docs/hardware.md; batch-1 decode stream; global pool; copies only (no prefetch, "
+             "The default hardware profile (shared/docs/hardware.md's H100 tables with the calibrated host terms of "
+             "moecache/cost/profiles/h100_calibrated.json; stall = time beyond the GPU's work, host time included); "
+             "batch-1 decode stream; global pool; copies only (no prefetch, "
              "no CPU). `slots`: experts the same memory holds in that format and pool mode. Expansion cost is "
              "an assumption (moecache/cost/hardware.py EXPAND_GBPS), not a measurement. Per-miss precision rows: "
              "bf16 experts whose misses with a gate share below the threshold are copied as int4 g64 into a "
