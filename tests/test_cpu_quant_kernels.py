@@ -108,6 +108,18 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def _reference_cases(fmt: str, group: int):
+    """The stores and inputs both reference tests run: fp32 and bf16 compute dtypes, SiLU and GPT-OSS experts,
+    1 and 5 tokens on experts 1 and 0: (dtype, gpt_oss, codec, rows, act, xs)."""
+    H, I = 3 * group, 2 * group
+    for dtype in (torch.float32, torch.bfloat16):
+        for gpt_oss in (False, True):
+            codec, rows = make_store(H, I, fmt, group, dtype, gpt_oss, seed=group + (7 if gpt_oss else 0))
+            act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
+            gen = torch.Generator().manual_seed(1)
+            yield dtype, gpt_oss, codec, rows, act, [torch.randn(1, H, generator=gen), torch.randn(5, H, generator=gen)]
+
+
 # -- the kernels against the reference ----------------------------------------------------------------------
 
 @needs_ext
@@ -116,21 +128,15 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 def test_kernel_matches_reference(kernel, fmt, group):
     """fp32 and bf16 compute dtypes, SiLU and GPT-OSS experts, 1 and 5 tokens, two experts in one task:
     within QUANT_RTOL of the reference (a wrong rounding of the weights to bf16 would show as ~1e-3)."""
-    H, I = 3 * group, 2 * group
-    for dtype in (torch.float32, torch.bfloat16):
-        for gpt_oss in (False, True):
-            codec, rows = make_store(H, I, fmt, group, dtype, gpt_oss, seed=group + (7 if gpt_oss else 0))
-            act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
-            gen = torch.Generator().manual_seed(1)
-            xs = [torch.randn(1, H, generator=gen), torch.randn(5, H, generator=gen)]
-            outs, name = run_pool(kernel, codec, rows, xs, [1, 0], act)
-            assert name.split("+")[0] == kernel
-            for x, e, out in zip(xs, [1, 0], outs):
-                ref = ck.reference_ffn(codec, rows[e], x, act, ALPHA, LIMIT)
-                assert _rel_err(out, ref) <= ck.QUANT_RTOL, (dtype, gpt_oss)
-            if gpt_oss:  # the clamp was exercised
-                h = xs[1].double() @ codec.expand_kind(codec.views(rows[:1]), "gate_up_proj")[0].double()
-                assert (h.abs() > LIMIT).any()
+    for dtype, gpt_oss, codec, rows, act, xs in _reference_cases(fmt, group):
+        outs, name = run_pool(kernel, codec, rows, xs, [1, 0], act)
+        assert name.split("+")[0] == kernel
+        for x, e, out in zip(xs, [1, 0], outs):
+            ref = ck.reference_ffn(codec, rows[e], x, act, ALPHA, LIMIT)
+            assert _rel_err(out, ref) <= ck.QUANT_RTOL, (dtype, gpt_oss)
+        if gpt_oss:  # the clamp was exercised
+            h = xs[1].double() @ codec.expand_kind(codec.views(rows[:1]), "gate_up_proj")[0].double()
+            assert (h.abs() > LIMIT).any()
 
 
 @needs_ext
@@ -167,24 +173,18 @@ def test_fast_mode_within_its_tolerance_on_every_isa(fmt, group):
     number of groups: the last of a pair of 32-groups runs alone); and the instruction sets agree with the
     portable one within 1e-4 (the same integer sums, scaled in another order: fp32 rounding, which can move
     an intermediate activation across an int16 rounding boundary)."""
-    H, I = 3 * group, 2 * group
-    for dtype in (torch.float32, torch.bfloat16):
-        for gpt_oss in (False, True):
-            codec, rows = make_store(H, I, fmt, group, dtype, gpt_oss, seed=group + (7 if gpt_oss else 0))
-            act = ck.ACT_GPT_OSS if gpt_oss else ck.ACT_SILU
-            gen = torch.Generator().manual_seed(1)
-            xs = [torch.randn(1, H, generator=gen), torch.randn(5, H, generator=gen)]
-            refs = [ck.reference_ffn(codec, rows[e], x, act, ALPHA, LIMIT) for x, e in zip(xs, [1, 0])]
-            portable = None
-            for kernel in _isas():
-                outs, name = run_pool(kernel, codec, rows, xs, [1, 0], act, fast=True)
-                assert name.startswith(kernel) and name.endswith("-int16"), name
-                for out, ref in zip(outs, refs):
-                    assert 0 < _rel_err(out, ref) <= ck.quant_fast_rtol(fmt, dtype), (kernel, dtype, gpt_oss)
-                if portable is None:
-                    portable = outs
-                for out, p in zip(outs, portable):
-                    assert ((out - p).abs().max() / p.abs().max()).item() <= 1e-4, (kernel, dtype, gpt_oss)
+    for dtype, gpt_oss, codec, rows, act, xs in _reference_cases(fmt, group):
+        refs = [ck.reference_ffn(codec, rows[e], x, act, ALPHA, LIMIT) for x, e in zip(xs, [1, 0])]
+        portable = None
+        for kernel in _isas():
+            outs, name = run_pool(kernel, codec, rows, xs, [1, 0], act, fast=True)
+            assert name.startswith(kernel) and name.endswith("-int16"), name
+            for out, ref in zip(outs, refs):
+                assert 0 < _rel_err(out, ref) <= ck.quant_fast_rtol(fmt, dtype), (kernel, dtype, gpt_oss)
+            if portable is None:
+                portable = outs
+            for out, p in zip(outs, portable):
+                assert ((out - p).abs().max() / p.abs().max()).item() <= 1e-4, (kernel, dtype, gpt_oss)
 
 
 #: Expert shapes (H, I, GPT-OSS math) of the three families: DeepSeek-V2-Lite's and GPT-OSS-20B's whole;

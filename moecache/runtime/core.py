@@ -84,6 +84,8 @@ from .stats import RuntimeCounters
 DEFAULT_MIN_PROB = 0.0
 #: Clocks the runtime's admission rule may read its times from (module docstring).
 ADMISSION_CLOCKS = ("model", "measured")
+#: The simulator's ``topk`` prefetch rule: the runtime's candidates, looked up once.
+_TOPK = PREFETCH_RULES.get("topk")
 #: Up to this many routing ids, the needed experts are counted in Python (faster than np.unique).
 _SMALL = 64
 
@@ -197,13 +199,29 @@ class Runtime:
 
     @property
     def copy_ms(self) -> float:
-        """One expert copy (ms): the hybrid executor's measured costs where it has them, else the default profile."""
+        """One expert copy (ms): the hybrid executor's measured costs where it has them, else ``profile``'s."""
         costs = getattr(self.hybrid, "costs", None)
-        if costs is None:
-            costs = self.__dict__.get("_profile")
-            if costs is None:
-                costs = self._profile = default_profile(self.copy_bytes)
-        return float(costs.copy_ms)
+        return float((self.profile if costs is None else costs).copy_ms)
+
+    @property
+    def admission(self) -> str:
+        """The prefetch admission rule (``moecache.admission.ADMISSIONS``), checked when set."""
+        return self._admission
+
+    @admission.setter
+    def admission(self, name: str) -> None:
+        self._admission = check_admission(name)
+
+    @property
+    def admission_clock(self) -> str:
+        """The clock the admission rule reads (``ADMISSION_CLOCKS``), checked when set."""
+        return self._admission_clock
+
+    @admission_clock.setter
+    def admission_clock(self, name: str) -> None:
+        if name not in ADMISSION_CLOCKS:
+            raise ConfigError(f"unknown admission clock {name!r}; choose one of: {', '.join(ADMISSION_CLOCKS)}")
+        self._admission_clock = name
 
     def set_expander(self, expander: Any) -> None:
         self.expander = expander
@@ -440,10 +458,11 @@ class Runtime:
         return s
 
     def _copied(self, slots: list[int]) -> None:
-        now = time.perf_counter()
-        self._copy_free_s = max(now, self._copy_free_s) + len(slots) * self.copy_ms / 1e3
-        if self.prefetch_depth and self.admission_clock == "model":
-            self._m_copy = max(self._m_now, self._m_copy) + len(slots) * self.profile.copy_ms
+        if self.prefetch_depth:  # the admission rule's view of the copy queue, on the clock it reads
+            if self.admission_clock == "model":
+                self._m_copy = max(self._m_now, self._m_copy) + len(slots) * self.profile.copy_ms
+            else:
+                self._copy_free_s = max(time.perf_counter(), self._copy_free_s) + len(slots) * self.copy_ms / 1e3
         c = self.counters
         c.copies += len(slots)
         c.bytes_copied += len(slots) * self.copy_bytes
@@ -656,10 +675,7 @@ class Runtime:
             self.policy.on_scores(pred.target(li, self.score_depth)[0], score.mean(axis=0))
         if not self.prefetch_depth:
             return
-        admission = check_admission(self.admission)
-        if self.admission_clock not in ADMISSION_CLOCKS:
-            raise ConfigError(f"unknown admission clock {self.admission_clock!r}; choose one of: "
-                              f"{', '.join(ADMISSION_CLOCKS)}")
+        admission = self.admission
         gate = self._gate_for(admission)
         if gate is not None and not gate.open(li):
             self.counters.predictor_skipped += 1
@@ -691,7 +707,7 @@ class Runtime:
             scores = scores_at[depth]
             base = target * self.E
             lead = lead_ms(depth, layer_ms, layer_ms)
-            for e in PREFETCH_RULES.get("topk")(scores, width, lambda x: self.slot_of[base + x] >= 0):
+            for e in _TOPK(scores, width, lambda x: self.slot_of[base + x] >= 0):
                 prob = candidate_probability(float(scores[e]))
                 if prob < self.min_prob:
                     break
