@@ -52,7 +52,11 @@ from .. import miss_precision
 from ..errors import ConfigError
 from ..miss_precision import LOW, UPGRADE, gate_shares
 from ..policies.base import Policy
+from .copy_queue import RuleView, WorkerQueue
 from .prefetch import PREFETCH_RULES
+
+#: ``ready_at`` of a copy still in the worker queue (its end is not known until the worker takes it).
+_QUEUED = float("inf")
 from .results import SimResult, describe_predictor
 from .schedule import Schedule
 
@@ -85,11 +89,13 @@ def check_config(schedule: Schedule, policy: Policy, predictor: Any, depth: int)
 def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                   predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                   admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
-                  record: list[tuple[int, int, int, str]] | None = None, precision: Any = None) -> SimResult:
+                  record: list[tuple[int, int, int, str]] | None = None, precision: Any = None,
+                  copy_queue: str = "fifo") -> SimResult:
     """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
     as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` where misses may be copied low
-    (``moecache.miss_precision``), else None."""
+    (``moecache.miss_precision``), else None. ``copy_queue``: ``fifo`` (every copy in issue order) or
+    ``worker`` (the runtime's copy worker: ``moecache.sim.copy_queue``)."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
     gated = check_admission(admission) != "none"
     decide, asks_policy = rule.decide, rule.asks_policy
@@ -107,6 +113,12 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     depths = sorted(set(range(1, depth + 1)) | ({score_depth} if score_depth else set()))
 
     tl = Timeline()
+    # the runtime's copy worker (copy_queue "worker"): queued prefetches, cancelled or promoted at their target
+    wq = WorkerQueue(tl, hw.copy_ms) if copy_queue == "worker" else None
+    rule_tl = RuleView(tl, wq) if wq is not None else tl  # what the miss rule reads
+    pf_target: dict[int, int] = {}  # under the worker queue: a queued-or-copied prefetch's target step
+    pf_batch: list[tuple[int, float]] = []  # under the worker queue: this step's prefetches (key, priority)
+    evicted = 0  # under the worker queue: victims of the insert being served (a scan policy's host time each)
     resident = policy._slot  # live view of the resident set (the base class never rebinds it)
     access, insert, admit, can_insert = policy.access, policy.insert, policy.admit, policy.can_insert
     copy_ms = hw.copy_ms
@@ -158,6 +170,17 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
             t_route = tl.non_expert(ne_ms, slow)
             h = t_route + layer_host  # the host's clock: routing sync and policy done
             hx = layer_host  # host time of this step so far, beyond t_route (waves' waits left out)
+            if wq is not None:
+                wq.advance(h, ready_at)
+                if pf_target:  # settle this step's prefetches: the queued ones its routing did not pick are dropped
+                    needed = set(keys)
+                    for key in [k for k, tg in pf_target.items() if tg == g]:
+                        del pf_target[key]
+                        if key not in needed and wq.cancel(key):
+                            policy.evict(key)
+                            pf_unused.discard(key)
+                            if pf_src:
+                                pf_src.pop(key, None)
 
             preds: dict[int, np.ndarray] = {}
             if predictor is not None:
@@ -179,6 +202,9 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                     if key in resident:
                         hits += c
                         tl.hits += 1
+                        if wq is not None and key in wq.live:  # its prefetch still queued: issued now
+                            ready_at[key] = wq.promote(key, h)
+                            wq.note_issued(h)
                         if ready_at[key] <= t_route:
                             ready += c
                         if key in pf_unused:
@@ -208,6 +234,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                     for wi, wave in enumerate(waves):
                         if wi and tl.gpu > h:
                             h = tl.gpu  # the previous wave's compute has ended: its slots are free
+                        if wq is not None:
+                            wq.advance(h, ready_at)
                         protected = frozenset(k for k, _c in wave)
                         jobs: list[tuple[float, int, float]] = []
                         cpu_end = -1.0
@@ -217,7 +245,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 jobs.append((ready_at[key], key, g_ms))
                                 continue
                             admitted = admit(key, protected) if asks_policy else True
-                            copied = decide(tl, h, copy_ms, g_ms, cpu_of(c), admitted)
+                            copied = decide(rule_tl, h, copy_ms, g_ms, cpu_of(c), admitted)
                             low = copied and shares is not None and miss_precision.copy_precision(
                                 None, shares[key - l * E], below) == LOW
                             if record is not None:
@@ -229,12 +257,23 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                         pf_unused.discard(v)
                                         pf_wasted += 1
                                         pf_src.pop(v, None)
-                                h = h + copy_host
-                                hx = hx + copy_host
+                                    if wq is not None:
+                                        pf_target.pop(v, None)
+                                        wq.cancel(v)
+                                        evicted += 1
+                                if wq is not None:  # the pool scan only where the insert evicted
+                                    h = h + (copy_host - evict) + evict * evicted
+                                    hx = hx + (copy_host - evict) + evict * evicted
+                                    evicted = 0
+                                else:
+                                    h = h + copy_host
+                                    hx = hx + copy_host
                                 if low:
                                     low_res.add(key)
                                     low_loads += 1
                                 end = tl.issue_copy(h, low_copy_ms if low else copy_ms)
+                                if wq is not None:
+                                    wq.note_issued(h)
                                 ready_at[key] = end
                                 loads += 1
                                 jobs.append((end, key, g_ms))
@@ -315,11 +354,27 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 pf_unused.discard(v)
                                 pf_wasted += 1
                                 pf_src.pop(v, None)
-                        hp = hp + pf_host
-                        ready_at[key] = tl.issue_copy(hp, copy_ms)
+                            if wq is not None:
+                                pf_target.pop(v, None)
+                                wq.cancel(v)
+                                evicted += 1
+                        if wq is None:
+                            hp = hp + pf_host
+                            ready_at[key] = tl.issue_copy(hp, copy_ms)
+                        else:  # queued with the step's others; priority = layers ahead + 1 - probability
+                            hp = hp + (pf_host - evict) + evict * evicted
+                            evicted = 0
+                            pf_batch.append((key, d + (1.0 - candidate_probability(float(scores[e])))))
+                            ready_at[key] = _QUEUED
+                            pf_target[key] = tg
                         pf_unused.add(key)
                         pset.add(key)
                         prefetches += 1
+            if pf_batch:  # the runtime submits a step's prefetches in one call, once it has placed them all
+                for key, prio in pf_batch:
+                    wq.submit(hp, key, prio)
+                    wq.note_issued(hp)
+                pf_batch.clear()
             tl.join(hp)  # the next layer is launched once the host is done
 
     res = SimResult(
@@ -331,7 +386,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-               if depth else {}) | (gate.stats() if gate is not None else {}) | (
+               if depth else {}) | ({"copy_queue": copy_queue, "copies_cancelled": wq.cancelled} if wq is not None else {}) | (gate.stats() if gate is not None else {}) | (
             {"low_precision_misses": precision[0].describe(), "low_copies": low_loads, "upgrades": upgrades,
              "low_copy_bytes": precision[2]}
             if precision is not None else {}),

@@ -18,19 +18,24 @@ from .schedule import Schedule
 #: Why a replay with the per-miss precision rule runs on the Python engine.
 PRECISION_WHY = ("the per-miss precision rule (low-precision misses, upgrades on reuse) is implemented in the "
                  "Python reference only")
+#: Why a replay with the runtime's copy worker as the copy queue runs on the Python engine.
+WORKER_QUEUE_WHY = ("the runtime's copy worker as the copy queue (copy_queue='worker': prefetches queued by priority, "
+                    "cancelled or promoted at their target layer) is implemented in the Python reference only")
 
 
 def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *, engine: str = "auto",
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
-               record: list[tuple[int, int, int, str]] | None = None, precision: Any = None) -> SimResult:
+               record: list[tuple[int, int, int, str]] | None = None, precision: Any = None,
+               copy_queue: str = "fifo") -> SimResult:
     """Replay on ``engine`` (``python``, ``cpp`` or ``auto``, as ``engine_cpp.choose_engine`` takes it); no bound.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` or None (``moecache.miss_precision``). The C++ core does
     not implement the per-miss precision rule: such a replay runs on the Python reference (``PRECISION_WHY``);
-    asking for ``cpp`` explicitly is an error saying so."""
-    if precision is not None:
+    asking for ``cpp`` explicitly is an error saying so. So for ``copy_queue="worker"`` (``WORKER_QUEUE_WHY``)."""
+    why = PRECISION_WHY if precision is not None else WORKER_QUEUE_WHY if copy_queue == "worker" else None
+    if why is not None:
         if engine == "cpp":
-            raise ConfigError(f"engine cpp cannot run this configuration: {PRECISION_WHY}; use engine python "
+            raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python "
                               "(--sim-engine python)")
         engine = "python"
     if engine != "python" and choose_engine(engine, policy, predictor, depth, prefetch, rule.name) == "cpp":
@@ -38,4 +43,4 @@ def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
                           budget=budget, admission=admission, capacity_label=capacity_label, record=record)
     return replay_python(schedule, policy, hw, rule, predictor=predictor, depth=depth, prefetch=prefetch,
                          budget=budget, admission=admission, capacity_label=capacity_label, record=record,
-                         precision=precision)
+                         precision=precision, copy_queue=copy_queue)

@@ -12,6 +12,7 @@ from ..cost.timing import MISS_RULES, MissRule
 from ..errors import ConfigError
 from ..policies.base import Policy
 from .bound import lower_bound
+from .copy_queue import COPY_QUEUES
 from .engine_python import check_config
 from .engines import run_engine
 from .prefetch import PREFETCH_RULES
@@ -24,7 +25,7 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
              hardware: HardwareProfile | None = None,
              miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
              record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto",
-             miss_precision: Any = None) -> SimResult:
+             miss_precision: Any = None, copy_queue: str = "fifo") -> SimResult:
     """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
 
     ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
@@ -47,6 +48,8 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     if depth:
         PREFETCH_RULES.get(prefetch)  # an unknown rule is an error before anything runs
     check_admission(admission)
+    if copy_queue not in COPY_QUEUES:
+        raise ConfigError(f"unknown copy queue {copy_queue!r}: choose one of {', '.join(COPY_QUEUES)}")
     if budget is not None and budget < 1:
         raise ConfigError(f"prefetch budget must be >= 1 experts per layer, got {budget}")
     hw = hardware or default_profile(schedule.meta.bytes_per_expert)
@@ -56,7 +59,7 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
         precision, bound_hw = precision_costs(miss_precision, schedule, hw, miss_rule)
     res = run_engine(schedule, policy, hw, rule, engine=engine, predictor=predictor, depth=depth, prefetch=prefetch,
                      budget=budget, admission=admission, capacity_label=capacity_label, record=record,
-                     precision=precision)
+                     precision=precision, copy_queue=copy_queue)
     return _with_bound(res, schedule, policy, bound_hw, rule, bound)
 
 

@@ -1,0 +1,144 @@
+"""The runtime's copy worker as the simulator's copy queue (moecache.sim.copy_queue): hand-computed timelines."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from moecache.cost.timing import Timeline
+from moecache.errors import ConfigError
+from moecache.policies import new_policy
+from moecache.sim import Schedule, simulate
+from moecache.sim.copy_queue import RuleView, WorkerQueue
+
+from tests.simtools import make_trace, unit_profile
+
+
+class FixedGuess:
+    """A predictor that always answers probability 1 for ``experts`` (right or wrong), whatever it saw."""
+
+    name = "fixed_guess"
+    fitted = True
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, experts: list[int]):
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.experts = experts
+        self.rows = 1
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, layer: int, ids: np.ndarray) -> None:
+        self.rows = len(ids)
+
+    def predict(self, layer: int, depth: int) -> np.ndarray:
+        out = np.zeros((self.rows, self.num_experts))
+        out[:, self.experts] = 1.0
+        return out
+
+
+def _run(tokens, queue, guess=(1, 2, 3, 4, 5, 6), cap=7):
+    trace = make_trace(tokens, num_experts=8)
+    pol = new_policy("lru", cap, 1, 8, top_k=1, scope="layer")
+    pred = FixedGuess(1, 8, 1, list(guess))
+    return simulate(Schedule(trace), pol, pred, hardware=unit_profile(), depth=1, budget=len(guess), bound=False,
+                    admission="none", copy_queue=queue, engine="python")
+
+
+def test_unneeded_queued_prefetches_are_cancelled_at_their_target():
+    # Copy 1 ms, GPU 0.5, non-expert 1; expert 0 every step; six wrong prefetches (1..6) per step.
+    # g0: ne 0 -> 1; 0 copied 1 -> 2; computed 2 -> 2.5; prefetches 1..6 queued at 1.
+    # g1 (t_route 3.5): the worker took 1 at 1 (copy 2 -> 3), 2 at 2 (3 -> 4), 3 at 3 (4 -> 5); 4 would be taken
+    #     at 4 > 3.5: 4, 5, 6 are still queued and are cancelled (not needed); 0 hits; 4, 5, 6 queued again at 3.5.
+    # g2 (t_route 5): 4 taken at 4 (5 -> 6), 5 at 5 (6 -> 7); 6 cancelled; queued again at 5.
+    r = _run([[0], [0], [0]], "worker")
+    assert r.loads == 1 and r.prefetches == 6 + 3 + 1
+    assert r.extra["copies_cancelled"] == 3 + 1
+    assert r.copy_busy_ms == 1 + 5  # the demand copy and the five copies the worker took
+    assert r.time_ms == 5.5
+    # the FIFO model copies all six at once and never cancels
+    f = _run([[0], [0], [0]], "fifo")
+    assert f.prefetches == 6 and f.copy_busy_ms == 7 and "copies_cancelled" not in f.extra
+
+
+def test_a_needed_queued_prefetch_is_issued_at_once_as_a_demand_copy():
+    # g0 as above; g1 needs 6, still queued: issued at h = 3.5 behind the copies taken (3 ends at 5): 5 -> 6,
+    # computed 6 -> 6.5; 4 and 5 cancelled. FIFO: 6 is the sixth copy queued at 1 (2 -> 8), computed 8 -> 8.5.
+    r = _run([[0], [6]], "worker")
+    assert r.extra["copies_cancelled"] == 2
+    assert r.prefetch_used == 1 and r.loads == 1
+    assert r.time_ms == 6.5
+    assert _run([[0], [6]], "fifo").time_ms == 8.5
+
+
+def test_worker_takes_queued_copies_by_priority_among_those_issued():
+    tl = Timeline()
+    wq = WorkerQueue(tl, 1.0)
+    ready: dict[int, float] = {}
+    tl.issue_copy(0.0, 1.0)  # a demand copy 0 -> 1
+    wq.submit(0.0, 10, 1.9)
+    wq.submit(0.0, 11, 1.1)  # likelier: taken first though issued second
+    wq.submit(5.0, 12, 1.0)  # issued later: not a candidate before 5
+    wq.advance(0.5, ready)
+    assert ready == {11: 2.0}  # taken at 0 (one copy outstanding), runs 1 -> 2
+    wq.advance(4.0, ready)
+    assert ready == {11: 2.0, 10: 3.0}  # taken at 1 (one copy left), runs 2 -> 3; 12 not issued yet
+    assert wq.queued(12) and not wq.queued(10)
+    assert not wq.cancel(10)  # taken: too late
+    wq.advance(5.0, ready)
+    assert ready[12] == 6.0  # the engine idle since 3: taken at 5, copied 5 -> 6
+    wq.submit(6.0, 13, 1.0)
+    assert wq.cancel(13) and wq.cancelled == 1
+    wq.advance(100.0, ready)
+    assert 13 not in ready
+
+
+def test_rule_view_counts_every_issued_copy_in_a_fifo():
+    # the runtime's hybrid rule adds every issued copy to its backlog and never takes a cancelled one back
+    tl = Timeline()
+    wq = WorkerQueue(tl, 2.0)
+    for k in range(3):
+        wq.submit(1.0, k, 1.0)
+        wq.note_issued(1.0)
+    wq.cancel(2)
+    view = RuleView(tl, wq)
+    assert view.copy == 7.0 and view.copies == 3
+    tl.issue_cpu(0.0, 4.0)
+    tl.hits = 5
+    assert view.cpu == 4.0 and view.hits == 5
+
+
+def test_worker_queue_only_on_the_python_engine_and_known_names():
+    trace = make_trace([[0], [1]], num_experts=4)
+    pol = new_policy("lru", 1, 1, 4, top_k=1, scope="layer")
+    with pytest.raises(ConfigError, match="Python reference only"):
+        simulate(Schedule(trace), pol, hardware=unit_profile(), copy_queue="worker", engine="cpp", bound=False)
+    with pytest.raises(ConfigError, match="unknown copy queue"):
+        simulate(Schedule(trace), pol, hardware=unit_profile(), copy_queue="lifo", bound=False)
+    # without prefetches the worker queue is the FIFO model (demand copies in issue order)
+    a = simulate(Schedule(trace), new_policy("lru", 1, 1, 4, top_k=1, scope="layer"), hardware=unit_profile(),
+                 copy_queue="worker", bound=False)
+    b = simulate(Schedule(trace), new_policy("lru", 1, 1, 4, top_k=1, scope="layer"), hardware=unit_profile(),
+                 bound=False)
+    assert a.time_ms == b.time_ms and a.loads == b.loads == 2
+
+
+def test_scan_policy_host_time_per_eviction_under_the_worker_queue():
+    # a cancelled prefetch frees its slot: the next insert needs no pool scan, and pays none
+    hw = replace(unit_profile(), evict_host_by_name={"activation": 0.25})
+    trace = make_trace([[0], [0], [0]], num_experts=8)
+
+    def run(queue):
+        pol = new_policy("activation", 7, 1, 8, top_k=1, scope="layer")
+        pol.fit(np.ones((1, 8), np.int64))
+        return simulate(Schedule(trace), pol, FixedGuess(1, 8, 1, [1, 2, 3, 4, 5, 6]), hardware=hw, depth=1,
+                        budget=6, bound=False, admission="none", copy_queue=queue)
+
+    fifo, worker = run("fifo"), run("worker")
+    # FIFO: every insert pays the scan (7 inserts, none evicting: 7 x 0.25 on the host); the worker queue: none
+    # evicts (seven slots, cancelled prefetches give theirs back), so no scan is paid
+    assert fifo.loads == worker.loads == 1
+    assert worker.time_ms == 5.5  # as the LRU timeline above: the host never waits for a scan
+    assert fifo.time_ms > worker.time_ms
