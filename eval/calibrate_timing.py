@@ -19,11 +19,18 @@ predictors and static placement fitted on the run's fitting sequences. Simulated
 of the timed part over its steps (the warm-up replayed alone and subtracted). The runtime's
 configurations map onto the simulator's: policy and scope as named; ``hybrid:rule=auto`` is the
 ``auto`` miss rule, ``hybrid:rule=cpu`` the ``cpu`` rule; prefetch with ``min_prob`` P and ``width`` W
-is the ``topk`` rule with budget W that keeps only experts whose predicted probability is at least P
-(the summed prediction capped at 1: exact at batch 1, an upper bound on the runtime's
-any-row probability above); the oracle is the simulator's oracle; Fiddler's static placement
+is the ``topk`` rule with budget W that keeps only experts whose predicted probability is at least P,
+the probability as the run's runtime computed it: runs from before the shared admission rule (no
+``admission`` in their stats) ranked and cut candidates by the probability that any batch row needs the
+expert, ``1 - prod(1 - p_row)`` (``AnyRowPredictor``), later ones by the summed rows capped at 1 (the
+simulator's own; the same at batch 1); the oracle is the simulator's oracle; Fiddler's static placement
 (config d) is preloaded by a warm-up unit and declines every other miss; the all-resident model
-(config a) is the GPU work alone.
+(config a) is the GPU work alone. Runs on the runtime's ``worker`` copy engine (every committed run) are
+replayed with the simulator's ``worker`` copy queue (``moecache.sim.copy_queue``): prefetches queued by
+priority and taken two at a time, the queued ones the target layer's routing did not pick cancelled there,
+demand copies ahead of the queue, a step's prefetches submitted together, and the hybrid rule reading the
+runtime's own backlog estimate (every copy issued, cancellations not taken back); at batch 8 the runtime
+cancels a fifth to a third of its prefetches, which the FIFO model copies.
 
 **Fit.** The host and interference terms of ``moecache.cost.hardware`` (HOST_TERMS), in this order,
 on the training configurations only (``TRAIN``: DeepSeek-V2-Lite shape at batch 1; the other shape and
@@ -370,6 +377,40 @@ def admission_of(rep: Repeat) -> str:
     return str((rep.row.get("runtime_config") or {}).get("admission") or "none")
 
 
+def copy_queue_of(rep: Repeat) -> str:
+    """The simulator's copy queue for the run's copy engine: the runtime's ``worker`` (priority queue, queued
+    prefetches cancelled at their target layer, demand copies first) is ``worker``; the ``stream`` and
+    ``sync`` engines copy in issue order: ``fifo``. Runs whose stats name no engine ran the default, ``worker``."""
+    engine = str((rep.row.get("runtime_config") or {}).get("engine") or "worker")
+    return "worker" if engine == "worker" else "fifo"
+
+
+def any_row_candidates(rep: Repeat) -> bool:
+    """Whether the run's runtime ranked and thresholded prefetch candidates by the probability that any batch
+    row needs the expert (``1 - prod(1 - p_row)``, rows independent): every runtime before the shared admission
+    rule (runs whose stats name no ``admission``); since then it ranks by the summed rows, capped at 1, as the
+    simulator does."""
+    return "admission" not in (rep.row.get("runtime_config") or {})
+
+
+class AnyRowPredictor:
+    """A fitted predictor whose ``predict`` answers one row: the probability that any row of the unit needs
+    each expert, ``1 - prod(1 - clip(p_row, 0, 1))``. The simulator sums the rows of a prediction into the
+    prefetch scores, so its ``topk`` rule with a ``min_prob`` threshold then ranks and cuts candidates as the
+    runtime before the shared admission rule did (at one row: the capped score, as before). Everything else
+    is the wrapped predictor's."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def predict(self, layer: int, depth: int) -> np.ndarray:
+        p = np.clip(np.asarray(self._inner.predict(layer, depth), dtype=np.float64), 0.0, 1.0)
+        return (1.0 - np.prod(1.0 - p, axis=0))[None, :]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def simulate_ms_per_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile) -> float:
     """Simulated ms per timed step of one configuration on its run's replay."""
     return simulate_step(rep, spec, rr, hw)["ms_per_step"]
@@ -389,7 +430,7 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
             for l in range(L):
                 ids, cnt = np.unique(u[:, l][u[:, l] >= 0], return_counts=True)
                 total += hw.non_expert(rows) + sum(hw.gpu(int(c)) for c in cnt)
-        return {"ms_per_step": total / len(rr.timed), "copies": 0.0, "cpu_runs": 0.0, "prefetches": 0.0}
+        return {"ms_per_step": total / len(rr.timed), "copies": 0.0, "cpu_runs": 0.0, "prefetches": 0.0, "cancelled": 0.0}
     cap = int(rep.setup["slots"])
     if spec.scope == "layer":
         cap = cap // L
@@ -404,10 +445,16 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
             pol.admit = lambda key, protected=(): bool(pinned[key])  # noqa: E731  (decline every other miss)
             units = [(_preload_unit(pinned, L, E, k), True)] + units
         pred = rr.predictor(spec.predictor) if spec.predictor else None
-        kw: dict[str, Any] = dict(hardware=hw, miss_rule=spec.miss_rule, bound=False, engine="python")
+        if pred is not None and any_row_candidates(rep):
+            if pol.uses_scores:
+                raise ConfigError(f"{rep.file}: {rep.label}: a policy reading scores under the any-row prefetch "
+                                  "candidates is not modelled (its scores are the rows' mean)")
+            pred = AnyRowPredictor(pred)
+        kw: dict[str, Any] = dict(hardware=hw, miss_rule=spec.miss_rule, bound=False, engine="python",
+                                  copy_queue=copy_queue_of(rep))
         if spec.depth:
             kw.update(depth=spec.depth, prefetch=_min_prob_rule(spec.min_prob), budget=spec.width)
-        if pred is None and spec.kind != "fiddler" and spec.miss_rule != "auto":
+        if pred is None and spec.kind != "fiddler" and spec.miss_rule != "auto" and kw["copy_queue"] == "fifo":
             kw["engine"] = "auto"
         return simulate(rr.schedule(units), pol, pred, admission=admission_of(rep), **kw)
 
@@ -415,7 +462,8 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
     a = run(list(rr.warm) + list(rr.timed))
     n = len(rr.timed)
     return {"ms_per_step": (a.time_ms - w.time_ms) / n, "copies": (a.loads + a.prefetches - w.loads - w.prefetches) / n,
-            "cpu_runs": (a.cpu_runs - w.cpu_runs) / n, "prefetches": (a.prefetches - w.prefetches) / n}
+            "cpu_runs": (a.cpu_runs - w.cpu_runs) / n, "prefetches": (a.prefetches - w.prefetches) / n,
+            "cancelled": (a.extra.get("copies_cancelled", 0) - w.extra.get("copies_cancelled", 0)) / n}
 
 
 def _static_pinned(pol: Any, L: int, E: int) -> np.ndarray:
@@ -755,10 +803,23 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareP
                      "hardware.md's DeepSeek-V2-Lite-shape figure" + (" (not this shape's)" if c.model != "deepseek"
                                                                      else "") +
                      "; the e2e harness's per-token work outside the MoE layers is not modelled")
+    if (c.model, 1) not in TRAIN and c.spec.kind in ("offload", "fiddler") and hw is not None and not ok \
+            and not non_expert_measured:
+        per = hw.non_expert(c.batch) + hw.layer_host_ms
+        notes.append(f"non-expert work and layer host time: {per:.2f} ms per layer ({per * c.repeats[0].layers:.0f} "
+                     "ms/step), hardware.md's DeepSeek-V2-Lite figure and the host time fitted there (not measured "
+                     "at this shape)")
     if c.spec.policy in SCAN_POLICIES and c.spec.kind == "offload" and hw is not None:
         host = statistics.median(r["host_ms_per_layer"] for r in rows) if rows else float("nan")
-        notes.append(f"{c.spec.policy}'s pool scan: {hw.evict_host(c.spec.policy):.3f} ms host per eviction (fitted "
-                     f"at the training batch); runtime host {host:.2f} ms/layer")
+        ev = statistics.median((r.get("evictions") or 0) / max(1, r["decode_steps"]) for r in rows) if rows else 0.0
+        note = (f"{c.spec.policy}'s pool scan: {hw.evict_host(c.spec.policy):.3f} ms host per eviction (fitted "
+                f"at the training batch); runtime host {host:.2f} ms/layer")
+        if ev > 0 and rows:
+            per = host * c.repeats[0].layers / ev  # the runtime's whole host time per eviction: an upper bound
+            note += (f", at most {per:.3f} ms per eviction over its {ev:.0f} evictions/step"
+                     + (f" (the profile's figure charges {(hw.evict_host(c.spec.policy) - per) * ev:.0f} ms/step "
+                        "more host time than the runtime spent in all)" if per < hw.evict_host(c.spec.policy) else ""))
+        notes.append(note)
     if rows and hw is not None and c.spec.predictor and got["ms_per_step"] < med and lru_host is not None \
             and c.spec.policy not in SCAN_POLICIES and not ok:
         host = statistics.median(r["host_ms_per_layer"] for r in rows)
@@ -768,25 +829,51 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareP
     cpu_rows = [r for r in rows if (r.get("cpu_experts") or 0) > 0 and r.get("cpu_ms")]
     if cpu_rows and hw is not None and not ok:
         kernel = statistics.median(r["cpu_ms"] / r["cpu_experts"] for r in cpu_rows)
-        notes.append(f"CPU kernel: the runtime's {kernel:.2f} ms per expert, the profile's {hw.cpu(1):.2f} (scale "
-                     f"fitted at the training shape)")
+        tokens = statistics.median(r["cpu_tokens"] / r["cpu_experts"] for r in cpu_rows if r.get("cpu_tokens"))
+        experts = statistics.median(r["cpu_experts"] / max(1, r["decode_steps"]) for r in cpu_rows)
+        prof = hw.cpu(max(1, round(tokens)))
+        per_layer = statistics.median(r["cpu_experts"] / r["cpu_layers"] for r in cpu_rows if r.get("cpu_layers")) \
+            if any(r.get("cpu_layers") for r in cpu_rows) else float("nan")
+        notes.append(f"CPU kernel: the runtime's {kernel:.2f} ms per expert"
+                     + ("" if math.isnan(per_layer) else f" ({per_layer:.0f} experts per CPU layer)") + ", the "
+                     f"profile's {prof:.2f} (one per-expert scale, fitted at the training shape and batch): "
+                     f"{(prof - kernel) * experts:+.0f} ms/step of CPU time over its {experts:.0f} CPU experts/step")
         wait = statistics.median(r["cpu_wait_ms"] / max(1, r["decode_steps"]) for r in cpu_rows)
         notes.append(f"runtime CPU wait {wait:.1f} ms/step")
-        parts = [r["cpu_layer_parts_ms"] for r in cpu_rows if isinstance(r.get("cpu_layer_parts_ms"), dict)]
+        parts = [r for r in cpu_rows if isinstance(r.get("cpu_layer_parts_ms"), dict)]
         if parts:
-            fixed = statistics.median(sum(p.get(k, 0.0) for k in ("launch", "merge", "scatter")) for p in parts)
+            p_ = [r["cpu_layer_parts_ms"] for r in parts]
+            fixed = statistics.median(sum(p.get(k, 0.0) for k in ("launch", "merge", "scatter")) for p in p_)
+            layers = statistics.median((r.get("cpu_layers") or 0) / max(1, r["decode_steps"]) for r in parts)
             notes.append(f"the hybrid layer's fixed cost: {hw.hybrid_layer_ms:.2f} ms fitted at the training shape, the "
-                         f"runtime's own launch + merge + scatter {fixed:.2f} ms per CPU layer")
+                         f"runtime's own launch + merge + scatter {fixed:.2f} ms per CPU layer "
+                         f"({(hw.hybrid_layer_ms - fixed) * layers:+.0f} ms/step over {layers:.0f} CPU layers/step)")
+    if rows and hw is not None and not ok and got["copies"] > 0:
+        run_copy = statistics.median(r.copy_ms for r in c.repeats)
+        if abs(hw.copy_ms - run_copy) > 0.03 * run_copy:
+            taken = got["copies"] - got.get("cancelled", 0.0)
+            notes.append(f"copy: the run's own measurement {run_copy:.2f} ms per expert, the profile's {hw.copy_ms:.2f} "
+                         f"(hardware.md's line): {(hw.copy_ms - run_copy) * taken:+.0f} ms/step over {taken:.0f} copies")
     if rows:
         steps = [max(1, r["decode_steps"]) for r in rows]
         meas_copies = statistics.median(r["copies"] / s for r, s in zip(rows, steps))
         if abs(got["copies"] - meas_copies) > 0.2 * max(1.0, meas_copies):
-            notes.append(f"copies/step: simulated {got['copies']:.1f}, runtime {meas_copies:.1f}")
+            note = f"copies/step: simulated {got['copies']:.1f}, runtime {meas_copies:.1f}"
+            if c.spec.scope == "layer" and c.batch > 1 and got["copies"] < meas_copies:
+                note += (" (a step needs more experts than its layer's pool: the simulator serves the step's hits "
+                         "first, the runtime in rounds of ascending expert ids, whose copies evict experts a later "
+                         "round would have hit)")
+            notes.append(note)
+        meas_cancel = statistics.median((r.get("prefetch_cancelled") or 0) / s for r, s in zip(rows, steps))
+        if abs(got.get("cancelled", 0.0) - meas_cancel) > 0.2 * max(1.0, meas_cancel):
+            notes.append(f"prefetches cancelled/step: simulated {got.get('cancelled', 0.0):.1f}, runtime {meas_cancel:.1f}")
+        dec = [r.get("decisions") or {} for r in rows]
+        if got["cpu_runs"] > 0 and c.spec.miss_rule == "auto" and all(d.get("copy") and not d.get("cpu") for d in dec):
+            notes.append(f"the run's hybrid rule sent no miss to the CPU (decisions: {dec[0].get('copy')} copied, 0 on "
+                         "the CPU): the rule before the caching credit and live costs; the replay applies today's")
         meas_cpu = statistics.median((r.get("cpu_experts") or 0) / s for r, s in zip(rows, steps))
         if abs(got["cpu_runs"] - meas_cpu) > 0.2 * max(1.0, meas_cpu):
             notes.append(f"CPU experts/step: simulated {got['cpu_runs']:.1f}, runtime {meas_cpu:.1f}")
-    if c.spec.depth and c.batch > 1:
-        notes.append("min_prob on summed predictions (above batch 1 the runtime's any-row probability is lower)")
     return "; ".join(notes)
 
 
@@ -820,7 +907,8 @@ def fidelity(confs: list[Configuration], sim: Simulator, calibrated: Callable[[i
             "simulated": None if cal is None else cal["ms_per_step"],
             "simulated_uncalibrated": None if unc is None else unc["ms_per_step"],
             "sim_copies_per_step": None if cal is None else cal["copies"],
-            "sim_cpu_runs_per_step": None if cal is None else cal["cpu_runs"]}
+            "sim_cpu_runs_per_step": None if cal is None else cal["cpu_runs"],
+            "sim_cancelled_per_step": None if cal is None else cal["cancelled"]}
         if cal is not None:
             s = cal["ms_per_step"]
             row["inside_range"] = lo <= s <= hi

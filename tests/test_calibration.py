@@ -369,3 +369,40 @@ def test_fidelity_command_bad_input(tmp_path, capsys):
     assert "no end-to-end result files" in capsys.readouterr().err
     assert ct.main(["--freeze", "--only", "lru"]) == 2
     assert "drop them" in capsys.readouterr().err
+
+
+def test_replay_follows_the_runs_copy_engine_and_candidate_probability():
+    ct = _calibrate()
+
+    def rep(cfg):
+        return ct.Repeat("f.json", 1, "deepseek", 8, 0.25, "e", "lru", 1.0, {"runtime_config": cfg}, {}, 0.3, 26)
+
+    assert ct.copy_queue_of(rep({"engine": "worker"})) == "worker"
+    assert ct.copy_queue_of(rep({"engine": "stream"})) == "fifo"
+    assert ct.copy_queue_of(rep(None)) == "worker"  # stats without an engine: the default, the worker
+    assert ct.any_row_candidates(rep({"engine": "worker"}))
+    assert not ct.any_row_candidates(rep({"admission": "none"}))
+
+
+def test_any_row_predictor_ranks_as_the_runtime_before_the_admission_rule():
+    ct = _calibrate()
+
+    class Rows:
+        name = "rows"
+
+        def __init__(self, p):
+            self.p = np.asarray(p, dtype=np.float64)
+
+        def predict(self, layer, depth):
+            return self.p
+
+    # two rows: expert 0 wanted by both at 0.4 (any row: 0.64, summed 0.8); expert 1 by one row at 0.7
+    p = [[0.4, 0.7, 0.0], [0.4, 0.0, 0.0]]
+    got = ct.AnyRowPredictor(Rows(p)).predict(0, 1)
+    assert got.shape == (1, 3)
+    assert got[0] == pytest.approx([0.64, 0.7, 0.0])
+    summed = np.asarray(p).sum(axis=0)
+    assert np.argmax(summed) == 0 and np.argmax(got.sum(axis=0)) == 1  # the order differs from the summed rows
+    # one row: the capped score, as the simulator's own
+    assert ct.AnyRowPredictor(Rows([[1.3, 0.2, 0.0]])).predict(0, 1)[0] == pytest.approx([1.0, 0.2, 0.0])
+    assert ct.AnyRowPredictor(Rows(p)).name == "rows"
