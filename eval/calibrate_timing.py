@@ -48,6 +48,10 @@ the other batch size are held out):
    layer around the routing sync (relaunching the layer's work), added to ``layer_host_ms``, on the
    configurations without CPU execution; then ``hybrid_layer_ms`` on those with it.
 
+**Miss rule.** A run whose ``auto`` hybrid rule copied every miss it decided (the runtime before the caching
+credit and live costs: decisions all ``copy``, no CPU expert) is replayed with the ``copy`` rule, which makes
+exactly those decisions (``miss_rule_of``).
+
 **Admission.** Each configuration is replayed with the prefetch admission rule its run used (the
 runtime's stats name it); runs recorded before the runtime had one replay with ``none``.
 
@@ -385,6 +389,17 @@ def copy_queue_of(rep: Repeat) -> str:
     return "worker" if engine == "worker" else "fifo"
 
 
+def miss_rule_of(rep: Repeat, spec: SimSpec) -> str:
+    """The miss rule the run is replayed with: the configuration's, except where the run's ``auto`` hybrid rule
+    copied every miss it decided (its stats: no miss on the CPU, some copied): the runtime before the caching
+    credit and live costs did that, and the ``copy`` rule reproduces those decisions exactly, where today's
+    ``auto`` rule would run some on the CPU."""
+    dec = rep.row.get("decisions") or {}
+    if spec.miss_rule == "auto" and dec.get("copy") and not dec.get("cpu") and not rep.row.get("cpu_experts"):
+        return "copy"
+    return spec.miss_rule
+
+
 def any_row_candidates(rep: Repeat) -> bool:
     """Whether the run's runtime ranked and thresholded prefetch candidates by the probability that any batch
     row needs the expert (``1 - prod(1 - p_row)``, rows independent): every runtime before the shared admission
@@ -450,11 +465,12 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
                 raise ConfigError(f"{rep.file}: {rep.label}: a policy reading scores under the any-row prefetch "
                                   "candidates is not modelled (its scores are the rows' mean)")
             pred = AnyRowPredictor(pred)
-        kw: dict[str, Any] = dict(hardware=hw, miss_rule=spec.miss_rule, bound=False, engine="python",
+        rule = miss_rule_of(rep, spec)
+        kw: dict[str, Any] = dict(hardware=hw, miss_rule=rule, bound=False, engine="python",
                                   copy_queue=copy_queue_of(rep))
         if spec.depth:
             kw.update(depth=spec.depth, prefetch=_min_prob_rule(spec.min_prob), budget=spec.width)
-        if pred is None and spec.kind != "fiddler" and spec.miss_rule != "auto" and kw["copy_queue"] == "fifo":
+        if pred is None and spec.kind != "fiddler" and rule != "auto" and kw["copy_queue"] == "fifo":
             kw["engine"] = "auto"
         return simulate(rr.schedule(units), pol, pred, admission=admission_of(rep), **kw)
 
@@ -865,12 +881,12 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareP
                          "round would have hit)")
             notes.append(note)
         meas_cancel = statistics.median((r.get("prefetch_cancelled") or 0) / s for r, s in zip(rows, steps))
-        if abs(got.get("cancelled", 0.0) - meas_cancel) > 0.2 * max(1.0, meas_cancel):
+        if abs(got.get("cancelled", 0.0) - meas_cancel) > max(1.0, 0.2 * meas_cancel):
             notes.append(f"prefetches cancelled/step: simulated {got.get('cancelled', 0.0):.1f}, runtime {meas_cancel:.1f}")
         dec = [r.get("decisions") or {} for r in rows]
-        if got["cpu_runs"] > 0 and c.spec.miss_rule == "auto" and all(d.get("copy") and not d.get("cpu") for d in dec):
-            notes.append(f"the run's hybrid rule sent no miss to the CPU (decisions: {dec[0].get('copy')} copied, 0 on "
-                         "the CPU): the rule before the caching credit and live costs; the replay applies today's")
+        if miss_rule_of(c.longest, c.spec) != c.spec.miss_rule:
+            notes.append("the simulated run's hybrid rule sent no miss to the CPU (the rule before the caching credit "
+                         "and live costs): replayed with the copy rule")
         meas_cpu = statistics.median((r.get("cpu_experts") or 0) / s for r, s in zip(rows, steps))
         if abs(got["cpu_runs"] - meas_cpu) > 0.2 * max(1.0, meas_cpu):
             notes.append(f"CPU experts/step: simulated {got['cpu_runs']:.1f}, runtime {meas_cpu:.1f}")

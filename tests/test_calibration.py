@@ -406,3 +406,46 @@ def test_any_row_predictor_ranks_as_the_runtime_before_the_admission_rule():
     # one row: the capped score, as the simulator's own
     assert ct.AnyRowPredictor(Rows([[1.3, 0.2, 0.0]])).predict(0, 1)[0] == pytest.approx([1.0, 0.2, 0.0])
     assert ct.AnyRowPredictor(Rows(p)).name == "rows"
+
+
+def test_a_run_whose_hybrid_rule_copied_every_miss_replays_with_the_copy_rule():
+    ct = _calibrate()
+    spec = ct.SimSpec("offload", miss_rule="auto")
+
+    def rep(row):
+        return ct.Repeat("f.json", 1, "deepseek", 1, 0.25, "e", "lru+hybrid-auto", 1.0, row, {}, 0.3, 26)
+
+    assert ct.miss_rule_of(rep({"decisions": {"copy": 12633, "cpu": 0}, "cpu_experts": 0}), spec) == "copy"
+    assert ct.miss_rule_of(rep({"decisions": {"copy": 6587, "cpu": 11643}, "cpu_experts": 11643}), spec) == "auto"
+    assert ct.miss_rule_of(rep({"decisions": {"copy": 0, "cpu": 0}}), spec) == "auto"  # nothing decided: no evidence
+    assert ct.miss_rule_of(rep({"decisions": {"copy": 5, "cpu": 0}}), ct.SimSpec("offload", miss_rule="cpu")) == "cpu"
+
+
+@pytest.mark.slow
+def test_batch8_prefetch_replay_counts_follow_the_runtimes(routing_dir):
+    """DeepSeek b8 ``lru+transition-d1+p0.3+hybrid-auto``: the runtime cancelled 311 of its 1045 prefetches per
+    step and ran 168 misses per step on the CPU (its stats, e2e_deepseek_one_run.json). The replay with the
+    runtime's copy worker and any-row candidates follows those counts; the FIFO model cancels none."""
+    ct = _calibrate()
+    paths, _ = ct.result_files()
+    confs = [c for c in ct.configurations(ct.load_repeats(paths)) if c.key == (
+        "deepseek", 8, 0.25, "lru+transition-d1+p0.3+hybrid-auto")]
+    assert len(confs) == 1
+    conf = confs[0]
+    row = conf.longest.row
+    steps = row["decode_steps"]
+    sim = ct.Simulator(ct.ReplayBuilder(str(routing_dir)), None, progress=False)
+    got = sim.step(conf, lambda r: default_profile(int(r.setup["expert_bytes"])))
+    assert got["prefetches"] == pytest.approx(row["prefetch_issued"] / steps, rel=0.05)
+    assert got["cancelled"] == pytest.approx(row["prefetch_cancelled"] / steps, rel=0.1)
+    assert got["cpu_runs"] == pytest.approx(row["cpu_experts"] / steps, rel=0.1)
+    assert got["ms_per_step"] == pytest.approx(conf.measured[0], rel=0.15)
+    # the FIFO model (every prefetch copied in issue order) is what the table used before: far off
+    fifo = ct.simulate_step
+    old = ct.copy_queue_of
+    try:
+        ct.copy_queue_of = lambda rep: "fifo"
+        f = fifo(conf.longest, conf.spec, sim.replay(conf), default_profile(int(conf.longest.setup["expert_bytes"])))
+    finally:
+        ct.copy_queue_of = old
+    assert f["cancelled"] == 0 and f["ms_per_step"] > 1.25 * conf.measured[0]
