@@ -142,3 +142,23 @@ def test_scan_policy_host_time_per_eviction_under_the_worker_queue():
     assert fifo.loads == worker.loads == 1
     assert worker.time_ms == 5.5  # as the LRU timeline above: the host never waits for a scan
     assert fifo.time_ms > worker.time_ms
+
+
+def test_admission_reads_the_runtimes_backlog_estimate_under_the_worker_queue():
+    # the runtime's admission rule reads its own FIFO estimate of the copies issued (cancellations not taken
+    # back), not the worker's queue. g0: the six wrong prefetches are admitted (the estimate ends at 8: the demand
+    # copy 1 -> 2, the six 2 -> 8). g1 and g2: 4, 5, 6 were cancelled and are candidates again, and the estimate's
+    # backlog (8 - now) is more than they could gain: refused, 3 at each step. Read from the worker's committed
+    # copies instead (ending at 5 at g1), the rule would admit 3 at g1.
+    worker = _run_adm("worker")
+    assert worker.prefetches == 6
+    assert worker.extra["prefetch_refused"] == 3 + 3
+    assert worker.extra["copies_cancelled"] == 3
+
+
+def _run_adm(queue):
+    trace = make_trace([[0], [0], [0]], num_experts=8)
+    pol = new_policy("lru", 7, 1, 8, top_k=1, scope="layer")
+    pred = FixedGuess(1, 8, 1, [1, 2, 3, 4, 5, 6])
+    return simulate(Schedule(trace), pol, pred, hardware=unit_profile(), depth=1, budget=6, bound=False,
+                    admission="cost", copy_queue=queue, engine="python")

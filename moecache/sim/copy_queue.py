@@ -16,7 +16,8 @@ until taken, a queued copy can still be dropped. Three things follow, which the 
 
 The runtime's hybrid rule does not see that queue: it keeps its own estimate of the copy backlog, every
 copy issued (demand or prefetch) added at the end of a FIFO, cancellations never taken back
-(``HybridExecutor.copies_issued``). ``RuleView`` gives the miss rule that view.
+(``HybridExecutor.copies_issued``). ``RuleView`` gives the miss rule that view. The prefetch admission rule
+reads the same estimate (``issued_free``): the runtime's admission clock queues every copy issued too.
 
 Times are the replay's (ms). ``advance(t)`` commits the copies the worker has taken by ``t``: call it before
 anything that depends on the queue at ``t`` (a cancellation, a demand copy, a readiness check); copies are

@@ -332,7 +332,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             now = hp + pf_host  # when this copy would be issued
                             first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
-                            backlog = tl.copy - now
+                            backlog = (tl.copy if wq is None else wq.issued_free) - now  # worker: the runtime's estimate
                             if backlog < 0.0:
                                 backlog = 0.0
                             host = now - tl.gpu  # the host time it adds to the step, where the host is behind
