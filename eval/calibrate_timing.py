@@ -445,7 +445,8 @@ def simulate_step(rep: Repeat, spec: SimSpec, rr: RunReplay, hw: HardwareProfile
             for l in range(L):
                 ids, cnt = np.unique(u[:, l][u[:, l] >= 0], return_counts=True)
                 total += hw.non_expert(rows) + sum(hw.gpu(int(c)) for c in cnt)
-        return {"ms_per_step": total / len(rr.timed), "copies": 0.0, "cpu_runs": 0.0, "prefetches": 0.0, "cancelled": 0.0}
+        return {"ms_per_step": total / len(rr.timed), "copies": 0.0, "cpu_runs": 0.0, "prefetches": 0.0,
+                "cancelled": 0.0}
     cap = int(rep.setup["slots"])
     if spec.scope == "layer":
         cap = cap // L
@@ -882,7 +883,8 @@ def _why(c: Configuration, got: dict[str, float] | None, ok: bool, hw: HardwareP
             notes.append(note)
         meas_cancel = statistics.median((r.get("prefetch_cancelled") or 0) / s for r, s in zip(rows, steps))
         if abs(got.get("cancelled", 0.0) - meas_cancel) > max(1.0, 0.2 * meas_cancel):
-            notes.append(f"prefetches cancelled/step: simulated {got.get('cancelled', 0.0):.1f}, runtime {meas_cancel:.1f}")
+            notes.append(f"prefetches cancelled/step: simulated {got.get('cancelled', 0.0):.1f}, "
+                         f"runtime {meas_cancel:.1f}")
         dec = [r.get("decisions") or {} for r in rows]
         if miss_rule_of(c.longest, c.spec) != c.spec.miss_rule:
             notes.append("the simulated run's hybrid rule sent no miss to the CPU (the rule before the caching credit "

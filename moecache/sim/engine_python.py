@@ -332,7 +332,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             now = hp + pf_host  # when this copy would be issued
                             first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
-                            backlog = (tl.copy if wq is None else wq.issued_free) - now  # worker: the runtime's estimate
+                            # (the worker queue: the runtime's own estimate, every copy issued)
+                            backlog = (tl.copy if wq is None else wq.issued_free) - now
                             if backlog < 0.0:
                                 backlog = 0.0
                             host = now - tl.gpu  # the host time it adds to the step, where the host is behind
@@ -386,7 +387,9 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=tl.gpu, gpu_busy_ms=tl.gpu_busy,
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-               if depth else {}) | ({"copy_queue": copy_queue, "copies_cancelled": wq.cancelled} if wq is not None else {}) | (gate.stats() if gate is not None else {}) | (
+               if depth else {})
+        | ({"copy_queue": copy_queue, "copies_cancelled": wq.cancelled} if wq is not None else {})
+        | (gate.stats() if gate is not None else {}) | (
             {"low_precision_misses": precision[0].describe(), "low_copies": low_loads, "upgrades": upgrades,
              "low_copy_bytes": precision[2]}
             if precision is not None else {}),
