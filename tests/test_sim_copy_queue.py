@@ -16,6 +16,13 @@ from moecache.sim.copy_queue import RuleView, WorkerQueue
 from tests.simtools import make_trace, unit_profile
 
 
+def _has_cpp() -> bool:
+    from moecache._ext import extension
+
+    ext = extension()
+    return ext is not None and getattr(ext, "sim_core_version", 0) >= 4
+
+
 class FixedGuess:
     """A predictor that always answers probability 1 for ``experts`` (right or wrong), whatever it saw."""
 
@@ -39,12 +46,12 @@ class FixedGuess:
         return out
 
 
-def _run(tokens, queue, guess=(1, 2, 3, 4, 5, 6), cap=7):
+def _run(tokens, queue, guess=(1, 2, 3, 4, 5, 6), cap=7, engine="python"):
     trace = make_trace(tokens, num_experts=8)
     pol = new_policy("lru", cap, 1, 8, top_k=1, scope="layer")
     pred = FixedGuess(1, 8, 1, list(guess))
     return simulate(Schedule(trace), pol, pred, hardware=unit_profile(), depth=1, budget=len(guess), bound=False,
-                    admission="none", copy_queue=queue, engine="python")
+                    admission="none", copy_queue=queue, engine=engine)
 
 
 def test_unneeded_queued_prefetches_are_cancelled_at_their_target():
@@ -55,6 +62,8 @@ def test_unneeded_queued_prefetches_are_cancelled_at_their_target():
     # g2 (t_route 5): 4 taken at 4 (5 -> 6), 5 at 5 (6 -> 7); 6 cancelled; queued again at 5.
     r = _run([[0], [0], [0]], "worker")
     assert r.loads == 1 and r.prefetches == 6 + 3 + 1
+    if _has_cpp():  # the C++ core's worker queue gives the same row (a streamed Python predictor)
+        assert _run([[0], [0], [0]], "worker", engine="cpp").row() == r.row()
     assert r.extra["copies_cancelled"] == 3 + 1
     assert r.copy_busy_ms == 1 + 5  # the demand copy and the five copies the worker took
     assert r.time_ms == 5.5
@@ -110,11 +119,9 @@ def test_rule_view_counts_every_issued_copy_in_a_fifo():
     assert view.cpu == 4.0 and view.hits == 5
 
 
-def test_worker_queue_only_on_the_python_engine_and_known_names():
+def test_worker_queue_names_and_the_fifo_without_prefetch():
     trace = make_trace([[0], [1]], num_experts=4)
     pol = new_policy("lru", 1, 1, 4, top_k=1, scope="layer")
-    with pytest.raises(ConfigError, match="Python reference only"):
-        simulate(Schedule(trace), pol, hardware=unit_profile(), copy_queue="worker", engine="cpp", bound=False)
     with pytest.raises(ConfigError, match="unknown copy queue"):
         simulate(Schedule(trace), pol, hardware=unit_profile(), copy_queue="lifo", bound=False)
     # without prefetches the worker queue is the FIFO model (demand copies in issue order)

@@ -112,6 +112,8 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   in.pf_host = opt.f("prefetch_host_ms", 0.0);
   in.slow = opt.f("slowdown", 1.0);
   in.hybrid_ms = opt.f("hybrid_layer_ms", 0.0);
+  in.evict_host = opt.f("evict_host_ms", 0.0);
+  in.worker_queue = opt.i("worker_queue", 0) != 0;
   const int64_t score_depth = opt.i("score_depth", 0);
   const int64_t pred_code = opt.i("predictor", PR_NONE);
   TORCH_CHECK(in.depth >= 0 && in.budget >= 0 && score_depth >= 0, "sim_replay: negative depth, budget or score depth");
@@ -194,7 +196,7 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sim_replay(
   auto counts = torch::tensor({out.accesses, out.hits, out.ready, out.needs, out.loads, out.cpu_runs, out.prefetches,
                                out.pf_used, out.pf_wasted, out.pf_skipped, out.pf_refused,
                                static_cast<int64_t>(out.gated), out.gate_calls, out.gate_probes, out.gate_skipped,
-                               out.gate_off},
+                               out.gate_off, out.cancelled},
                               torch::kInt64);
   auto times = torch::tensor({out.tl.gpu, out.tl.gpu_busy, out.tl.copy_busy, out.tl.cpu_busy}, torch::kFloat64);
   const int64_t m = static_cast<int64_t>(out.rec.size() / 4);
@@ -232,6 +234,6 @@ inline void register_sim_core(pybind11::module& m) {
         pybind11::arg("park_min") = -1, pybind11::arg("extra") = pybind11::dict());
   m.def("sim_normalise", &moecache_sim::sim_normalise, "Predictor.normalise as the simulator core computes it",
         pybind11::arg("scores"), pybind11::arg("top_k"));
-  // 2: every policy, predictions (C++ and streamed) and prefetch; engine_cpp.py checks it
-  m.attr("sim_core_version") = 3;
+  // 2: every policy, predictions (C++ and streamed) and prefetch; 4: the worker copy queue; engine_cpp.py checks it
+  m.attr("sim_core_version") = 4;
 }

@@ -298,6 +298,15 @@ struct Replay {
   std::unique_ptr<Gate> gate;
   std::vector<int64_t> pf_src;    // under the gate: a prefetched key's source layer
   std::vector<double> pf_bonus;   // and what its use adds to the gate's ledger
+  // the worker queue (copy_queue "worker"); null: the FIFO model
+  std::unique_ptr<WorkerQueue> wq;
+  struct Target {
+    int64_t key, tg, stamp;
+  };
+  std::vector<Target> pf_log;      // prefetches by target step, in engine_python's pf_target order
+  std::vector<int64_t> pf_stamp;   // a key's live entry of pf_log (0: none)
+  int64_t stamps = 0;
+  std::vector<std::pair<int64_t, double>> pf_batch;  // this step's prefetches (key, priority)
 
   Replay(const Input& in_, Core& c_, P& pol_, Output& out_, Predictions* preds_)
       : in(in_), c(c_), pol(pol_), out(out_), preds(preds_), tl(out_.tl), ready_at(c_.LE, 0.0),
@@ -306,6 +315,10 @@ struct Replay {
       gate = std::make_unique<Gate>(c.L, in.pred_host, in.gate_span, in.gate_probe_every, in.gate_min_calls);
       pf_src.assign(c.LE, -1);
       pf_bonus.assign(c.LE, 0.0);
+    }
+    if (in.worker_queue) {
+      wq = std::make_unique<WorkerQueue>(tl, in.copy_ms, c.LE);
+      pf_stamp.assign(c.LE, 0);
     }
   }
 
@@ -333,6 +346,10 @@ struct Replay {
         grp.make(in, c, a, b, l);
         const double t_route = tl.non_expert(ne_ms, in.slow);
         hx = in.layer_host;
+        if (wq) {
+          wq->advance(t_route + in.layer_host, ready_at);
+          if (!pf_log.empty()) settle(g);
+        }
         const double* slots = nullptr;
         if (preds) {
           slots = preds->step(l, in.ids + (a * L + l) * K, L * K, rows);
@@ -344,6 +361,13 @@ struct Replay {
         double hp = (asked || (preds && preds->score_depth)) ? t_route + (hx + in.pred_host)
                                                               : t_route + hx;  // the host after launching the experts
         if (D && asked) prefetch(g, l, hp, slots, pf_budget, ne_ms);
+        if (!pf_batch.empty()) {  // the runtime submits a step's prefetches in one call
+          for (const auto& kp : pf_batch) {
+            wq->submit(hp, kp.first, kp.second);
+            wq->note_issued(hp);
+          }
+          pf_batch.clear();
+        }
         tl.join(hp);  // the next layer is launched once the host is done
       }
     }
@@ -354,6 +378,50 @@ struct Replay {
       out.gate_skipped = gate->skipped;
       out.gate_off = gate->off();
     }
+    if (wq) out.cancelled = wq->cancelled;
+  }
+
+  // The worker queue: step g's prefetches; the queued ones its routing did not pick are cancelled.
+  void settle(int64_t g) {
+    const int64_t* keys = grp.keys.data();
+    const int64_t n = grp.n;
+    size_t w = 0;
+    for (size_t i = 0; i < pf_log.size(); ++i) {
+      const Target t = pf_log[i];
+      if (pf_stamp[t.key] != t.stamp) continue;  // left the table (evicted)
+      if (t.tg != g) {
+        pf_log[w++] = t;
+        continue;
+      }
+      pf_stamp[t.key] = 0;
+      if (!std::binary_search(keys, keys + n, t.key) && wq->cancel(t.key)) {
+        c.remove(t.key);
+        pol.on_evict(t.key);
+        pf_unused[t.key] = 0;
+      }
+    }
+    pf_log.resize(w);
+  }
+
+  // insert() under the worker queue: each victim's queued copy is cancelled; returns the victims.
+  int64_t insert_worker(int64_t key) {
+    if (c.res[key]) return 0;
+    const int64_t p = c.pool(key);
+    int64_t n = 0;
+    while (c.members[p] >= c.cap) {
+      const int64_t v = pol.victim(p);
+      if (v < 0)
+        throw std::runtime_error(std::string(CONFIG_TAG) + "cannot insert expert (" + std::to_string(key / c.E) +
+                                 ", " + std::to_string(key % c.E) + "): all " + std::to_string(c.cap) +
+                                 " slots of pool " + std::to_string(p) + " hold protected experts; use a larger capacity");
+      evict(c, pol, v, out, pf_unused);
+      pf_stamp[v] = 0;
+      wq->cancel(v);
+      ++n;
+    }
+    c.add(key);
+    pol.on_insert(key);
+    return n;
   }
 
   void demand(int64_t g, double t_route) {
@@ -370,6 +438,7 @@ struct Replay {
     miss_c.clear();
     jobs.clear();
     size_t nhits = 0;
+    const double h0 = t_route + in.layer_host;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t key = keys[i], cnt = counts[i];
       // (only ids listed twice in a row make counts above the unit's rows: Python then widens)
@@ -379,6 +448,10 @@ struct Replay {
       out.accesses += cnt;
       if (c.res[key]) {
         out.hits += cnt;
+        if (wq && wq->queued(key)) {  // its prefetch still queued: issued now
+          ready_at[key] = wq->promote(key, h0);
+          wq->note_issued(h0);
+        }
         if (ready_at[key] <= t_route) out.ready += cnt;
         if (pf_unused[key]) {
           pf_unused[key] = 0;
@@ -406,6 +479,7 @@ struct Replay {
     for (int64_t w0 = 0; w0 < n; w0 += c.cap) {
       const int64_t w1 = std::min(n, w0 + c.cap);
       if (w0 && tl.gpu > h) h = tl.gpu;  // the previous wave's compute has ended: its slots are free
+      if (wq) wq->advance(h, ready_at);
       c.protect(wave_k.data() + w0, w1 - w0);
       pol.park(wave_k.data() + w0, w1 - w0);
       jobs.clear();
@@ -427,7 +501,8 @@ struct Replay {
             if (!admitted) {
               copied = false;
             } else {
-              const double copy_done = (h > tl.copy ? h : tl.copy) + in.copy_ms + g_ms;
+              const double cq = wq ? wq->issued_free : tl.copy;  // worker: the runtime's own estimate
+              const double copy_done = (h > cq ? h : cq) + in.copy_ms + g_ms;
               const double cpu_done = (h > tl.cpu ? h : tl.cpu) + in.cpu_tab[cnt];
               copied = !(cpu_done < copy_done);
             }
@@ -435,10 +510,17 @@ struct Replay {
         }
         if (in.record) out.rec.insert(out.rec.end(), {g, key, cnt, copied ? O_COPY : O_CPU});
         if (copied) {
-          insert(c, pol, key, out, pf_unused);
-          h = h + in.copy_host;
-          hx = hx + in.copy_host;
+          if (wq) {  // the pool scan only where the insert evicted
+            const double ev = static_cast<double>(insert_worker(key));
+            h = h + (in.copy_host - in.evict_host) + in.evict_host * ev;
+            hx = hx + (in.copy_host - in.evict_host) + in.evict_host * ev;
+          } else {
+            insert(c, pol, key, out, pf_unused);
+            h = h + in.copy_host;
+            hx = hx + in.copy_host;
+          }
           const double end = tl.issue_copy(h, in.copy_ms);
+          if (wq) wq->note_issued(h);
           ready_at[key] = end;
           ++out.loads;
           jobs.push_back({end, key, g_ms});
@@ -507,7 +589,7 @@ struct Replay {
           const double now = hp + in.pf_host;  // when this copy would be issued
           const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms + in.layer_host;
           const double lead = first + static_cast<double>(d - 1) * layer_ms;
-          double backlog = tl.copy - now;
+          double backlog = (wq ? wq->issued_free : tl.copy) - now;  // worker: the runtime's own estimate
           if (backlog < 0.0) backlog = 0.0;
           double host = now - tl.gpu;  // the host time it adds to the step, where the host is behind the GPU
           if (host < 0.0) host = 0.0;
@@ -526,11 +608,27 @@ struct Replay {
             pf_bonus[key] = lead <= first ? saved + block : saved;
           }
         }
-        if (v >= 0) evict(c, pol, v, out, pf_unused);
+        double ev = 0.0;
+        if (v >= 0) {
+          evict(c, pol, v, out, pf_unused);
+          if (wq) {
+            pf_stamp[v] = 0;
+            wq->cancel(v);
+            ev = 1.0;
+          }
+        }
         c.add(key);
         pol.on_insert(key);
-        hp = hp + in.pf_host;
-        ready_at[key] = tl.issue_copy(hp, in.copy_ms);
+        if (!wq) {
+          hp = hp + in.pf_host;
+          ready_at[key] = tl.issue_copy(hp, in.copy_ms);
+        } else {  // queued with the step's others; priority = layers ahead + 1 - probability
+          hp = hp + (in.pf_host - in.evict_host) + in.evict_host * ev;
+          pf_batch.push_back({key, static_cast<double>(d) + (1.0 - probability(scores[e]))});
+          ready_at[key] = std::numeric_limits<double>::infinity();
+          pf_stamp[key] = ++stamps;
+          pf_log.push_back({key, g + d, stamps});
+        }
         pf_unused[key] = 1;
         wanted.push_back(key);
         c.protect_add(key);

@@ -34,6 +34,10 @@ struct Input {
   int64_t gate_span = 16, gate_probe_every = 32, gate_min_calls = 8;
   // the calibrated host and interference terms of the hardware profile (moecache/cost/timing.py)
   double layer_host = 0.0, copy_host = 0.0, pred_host = 0.0, pf_host = 0.0, slow = 1.0, hybrid_ms = 0.0;
+  // a scan policy's host time per eviction (already in copy_host and pf_host; the worker queue charges it
+  // per eviction instead)
+  double evict_host = 0.0;
+  bool worker_queue = false;   // copy_queue "worker" (moecache/sim/copy_queue.py); false: FIFO
 };
 
 struct Output {
@@ -41,6 +45,7 @@ struct Output {
   int64_t prefetches = 0, pf_used = 0, pf_wasted = 0, pf_skipped = 0, pf_refused = 0;
   bool gated = false;  // a predictor gate ran (its totals follow)
   int64_t gate_calls = 0, gate_probes = 0, gate_skipped = 0, gate_off = 0;
+  int64_t cancelled = 0;  // the worker queue's cancelled copies
   Timeline tl;
   std::vector<int64_t> rec;  // (step, key, tokens, outcome) flattened
 };

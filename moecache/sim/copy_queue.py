@@ -19,7 +19,7 @@ copy issued (demand or prefetch) added at the end of a FIFO, cancellations never
 (``HybridExecutor.copies_issued``). ``RuleView`` gives the miss rule that view. The prefetch admission rule
 reads the same estimate (``issued_free``): the runtime's admission clock queues every copy issued too.
 
-Times are the replay's (ms). ``advance(t)`` commits the copies the worker has taken by ``t``: call it before
+Both engines implement it (``csrc/sim/timeline.h`` WorkerQueue, ``csrc/sim/driver.cpp``). Times are the replay's (ms). ``advance(t)`` commits the copies the worker has taken by ``t``: call it before
 anything that depends on the queue at ``t`` (a cancellation, a demand copy, a readiness check); copies are
 submitted in nondecreasing issue time (the host clock).
 """

@@ -60,7 +60,7 @@ PREFETCH_CODES = {"topk": 0, "fill": 1}
 OUTCOMES = ("hit", "copy", "cpu")  # csrc/sim/codes.h Outcome codes 0, 1, 2
 
 #: The sim_replay interface this module speaks (the extension's ``sim_core_version``).
-CORE_VERSION = 3
+CORE_VERSION = 4
 
 #: A streamed predictor's chunk: at most this many doubles (steps x slots x experts; 512 KiB).
 STREAM_CHUNK_DOUBLES = 1 << 16
@@ -250,7 +250,7 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
 def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
-               record: list | None = None) -> SimResult:
+               record: list | None = None, copy_queue: str = "fifo") -> SimResult:
     """One replay on the C++ core (configuration already checked by ``simulate``); no bound."""
     C = extension()
     if C is None:
@@ -265,7 +265,7 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
     for wide in ((True,) if stream is not None else (False, True)):
         try:
             return _call(C, schedule, policy, hw, rule, packed, pred_opts, wide, budget, capacity_label, record,
-                         predictor, depth, prefetch, admission)
+                         predictor, depth, prefetch, admission, copy_queue)
         except RuntimeError as e:
             msg = str(e)
             if msg.startswith("PredictionStreamError: "):
@@ -281,8 +281,8 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
 
 def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, packed: CppPort,
           pred_opts: dict[str, Any], wide: bool, budget: int | None, capacity_label: str | None,
-          record: list | None, predictor: Any, depth: int, prefetch: str, admission: str = DEFAULT_ADMISSION
-          ) -> SimResult:
+          record: list | None, predictor: Any, depth: int, prefetch: str, admission: str = DEFAULT_ADMISSION,
+          copy_queue: str = "fifo") -> SimResult:
     """One call of the core (the arrays are views, nothing is copied) and its result row."""
     import torch  # loaded only when the C++ core runs: the simulator itself needs no torch
 
@@ -299,7 +299,8 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     evict = hw.evict_host(policy.name)
     extra.update(layer_host_ms=hw.layer_host_ms, copy_host_ms=hw.copy_host_ms + evict,
                  predictor_host_ms=hw.predictor_host(getattr(predictor, "name", None)),
-                 prefetch_host_ms=hw.prefetch_host_ms + evict, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown)
+                 prefetch_host_ms=hw.prefetch_host_ms + evict, hybrid_layer_ms=hw.hybrid_layer_ms, slowdown=hw.slowdown,
+                 evict_host_ms=evict, worker_queue=int(copy_queue == "worker"))
     if TUNING["wait_scan_max"] >= 0:
         extra["wait_scan_max"] = int(TUNING["wait_scan_max"])
     extra = {k: t(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()}
@@ -313,7 +314,7 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         t(packed.counts) if packed.counts is not None else empty_i64,
         MISS_CODES[rule.name], record is not None, int(TUNING["scan_max"]), int(TUNING["park_min"]), extra)
     (accesses, hits, ready, needs, loads, cpu_runs, prefetches, pf_used, pf_wasted,
-     pf_skipped, pf_refused, gated, gate_calls, gate_probes, gate_skipped, gate_off) = counts.tolist()
+     pf_skipped, pf_refused, gated, gate_calls, gate_probes, gate_skipped, gate_off, cancelled) = counts.tolist()
     gate = {"predictor_calls": gate_calls, "predictor_probes": gate_probes, "predictor_skipped": gate_skipped,
             "layers_off": gate_off} if gated else {}
     time_ms, gpu_busy, copy_busy, cpu_busy = times.tolist()
@@ -328,5 +329,6 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         prefetch_used=pf_used, prefetch_wasted=pf_wasted, time_ms=time_ms, gpu_busy_ms=gpu_busy,
         copy_busy_ms=copy_busy, cpu_busy_ms=cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
-               if depth else {}) | gate,
+               if depth else {})
+        | ({"copy_queue": copy_queue, "copies_cancelled": cancelled} if copy_queue == "worker" else {}) | gate,
     )

@@ -31,6 +31,16 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
    demand hit on a prefetched, not yet used expert books its use;
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
 
+Under ``copy_queue="worker"`` (``moecache.sim.copy_queue``: the runtime's copy worker) the copy engine is not
+a FIFO: at each step, once the host's clock ``h`` is known, the queued prefetches the worker has taken by ``h``
+are committed (``advance``), then the step's prefetches (those aimed at ``g``) that are still queued and not
+needed are cancelled (the policy evicts them; no copy); a needed expert still queued is issued at ``h`` as a
+demand copy; the queue is advanced again at each wave's start; demand copies start behind the copies taken
+only; a victim's queued copy is cancelled; a scan policy's host time is charged per eviction, not per insert;
+a step's prefetches are queued together at the host's clock after the last of them, priority ``d + 1 - p``;
+and the miss rule and the admission rule read the runtime's own backlog estimate (every copy issued, in a
+FIFO: ``WorkerQueue.issued_free``).
+
 Sequences are requests: ``policy.begin_request()`` and ``predictor.reset()`` at each new sequence
 (the predictor is also reset when a request's row count changes, e.g. from a batched prefill step
 to decode steps, as the predictor protocol requires). The cache carries over between requests.

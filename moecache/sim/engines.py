@@ -18,9 +18,6 @@ from .schedule import Schedule
 #: Why a replay with the per-miss precision rule runs on the Python engine.
 PRECISION_WHY = ("the per-miss precision rule (low-precision misses, upgrades on reuse) is implemented in the "
                  "Python reference only")
-#: Why a replay with the runtime's copy worker as the copy queue runs on the Python engine.
-WORKER_QUEUE_WHY = ("the runtime's copy worker as the copy queue (copy_queue='worker': prefetches queued by priority, "
-                    "cancelled or promoted at their target layer) is implemented in the Python reference only")
 
 
 def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *, engine: str = "auto",
@@ -31,16 +28,17 @@ def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
     """Replay on ``engine`` (``python``, ``cpp`` or ``auto``, as ``engine_cpp.choose_engine`` takes it); no bound.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` or None (``moecache.miss_precision``). The C++ core does
     not implement the per-miss precision rule: such a replay runs on the Python reference (``PRECISION_WHY``);
-    asking for ``cpp`` explicitly is an error saying so. So for ``copy_queue="worker"`` (``WORKER_QUEUE_WHY``)."""
-    why = PRECISION_WHY if precision is not None else WORKER_QUEUE_WHY if copy_queue == "worker" else None
-    if why is not None:
+    asking for ``cpp`` explicitly is an error saying so. ``copy_queue``: ``fifo`` or ``worker``
+    (``moecache.sim.copy_queue``), on either engine."""
+    if precision is not None:
         if engine == "cpp":
-            raise ConfigError(f"engine cpp cannot run this configuration: {why}; use engine python "
+            raise ConfigError(f"engine cpp cannot run this configuration: {PRECISION_WHY}; use engine python "
                               "(--sim-engine python)")
         engine = "python"
     if engine != "python" and choose_engine(engine, policy, predictor, depth, prefetch, rule.name) == "cpp":
         return replay_cpp(schedule, policy, hw, rule, predictor=predictor, depth=depth, prefetch=prefetch,
-                          budget=budget, admission=admission, capacity_label=capacity_label, record=record)
+                          budget=budget, admission=admission, capacity_label=capacity_label, record=record,
+                          copy_queue=copy_queue)
     return replay_python(schedule, policy, hw, rule, predictor=predictor, depth=depth, prefetch=prefetch,
                          budget=budget, admission=admission, capacity_label=capacity_label, record=record,
                          precision=precision, copy_queue=copy_queue)

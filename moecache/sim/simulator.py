@@ -42,6 +42,10 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     copied in its lower-precision format (landing row + expansion, as the runtime does) and upgraded when
     reused; outcomes ``"copy_low"`` and ``"upgrade"`` in ``record``. Needs a trace with gate weights, the
     "copy" miss rule and full-precision experts; runs on the Python engine (``engines.PRECISION_WHY``).
+    ``copy_queue``: ``fifo`` (the default: every copy, demand or prefetch, on the copy engine in issue order)
+    or ``worker`` (the runtime's copy worker: prefetches queued by priority, cancelled at their target layer
+    where the routing did not pick them, demand copies ahead of them; ``moecache.sim.copy_queue``; both
+    engines).
     """
     check_config(schedule, policy, predictor, depth)
     rule = MISS_RULES.get(miss_rule)
