@@ -66,7 +66,11 @@ def _product(hot: np.ndarray, cond: np.ndarray, prior_t: np.ndarray) -> np.ndarr
         if total1 > 0 and np.isfinite(total1):
             return (w1 / total1)[None, :]
         return np.array(prior_t, dtype=np.float64)[None, :]
-    w = np.array(np.broadcast_to(prior_t, hot.shape), dtype=np.float64)
+    # C order, as the one-row path: a copy of a broadcast view keeps its stride order (the row axis
+    # innermost), and numpy sums a row pairwise only where the row is contiguous, so an F-ordered ``w``
+    # would total (and normalise would sum) a batched row sequentially: other bits than the same row
+    # alone, and than the C++ core's pairwise row sums
+    w = np.tile(np.asarray(prior_t, dtype=np.float64), (hot.shape[0], 1))
     for e in _observed(hot):
         w *= np.where(hot[:, e:e + 1] > 0, (cond[e] / prior_t)[None, :], 1.0)
     total = w.sum(axis=1, keepdims=True)

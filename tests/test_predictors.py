@@ -593,7 +593,7 @@ def test_transition_product_single_row_fast_path_is_the_masked_fold():
     from moecache.predictors.transition import _observed, _product
 
     def masked(hot, cond, prior_t):
-        w = np.array(np.broadcast_to(prior_t, hot.shape), dtype=np.float64)
+        w = np.tile(prior_t, (hot.shape[0], 1))
         for e in _observed(hot):
             w *= np.where(hot[:, e:e + 1] > 0, (cond[e] / prior_t)[None, :], 1.0)
         total = w.sum(axis=1, keepdims=True)
@@ -616,6 +616,31 @@ def test_transition_product_single_row_fast_path_is_the_masked_fold():
     hot = np.ones((1, E))
     prior = np.full(E, 0.25)
     assert np.array_equal(_product(hot, cond, prior), masked(hot, cond, prior))
+
+
+@pytest.mark.parametrize("combine", ["product", "mean"])
+def test_transition_batched_rows_equal_each_row_alone(combine):
+    """A row's probabilities do not depend on the batch around it: every row of a batched fold equals, bit for
+    bit, the same row folded alone (the one-row path), as the C++ simulator core computes them (numpy sums a row
+    pairwise only where the row is contiguous in memory, so the fold's array must be C-ordered)."""
+    from moecache.predictors.transition import COMBINE
+
+    fold = COMBINE.get(combine)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        E = int(rng.integers(8, 70))  # pairwise summation differs from a sequential one from 8 terms on
+        rows = int(rng.integers(2, 7))
+        cond = rng.random((E, E)) + 1e-3
+        cond /= cond.sum(axis=1, keepdims=True)
+        prior = rng.random(E) + 1e-3
+        prior /= prior.sum()
+        hot = np.zeros((rows, E))
+        for r in range(rows):
+            hot[r, rng.choice(E, size=int(rng.integers(1, min(E, 6) + 1)), replace=False)] = 1
+        batched = fold(hot, cond, prior)
+        assert batched.flags.c_contiguous
+        for r in range(rows):
+            assert np.array_equal(batched[r], fold(hot[r:r + 1], cond, prior)[0]), (E, rows, r)
 
 
 # -- hidden_state: a learned network on the residual stream ----------------------------------------
