@@ -87,7 +87,8 @@ class Predictor:
         Negative scores count as 0. All rows are processed at once (each round caps at least one
         expert in every row that still overflows, so there are at most ``top_k`` rounds).
         """
-        s = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
+        # row-contiguous: numpy sums a contiguous row pairwise, a strided one in order (other bits)
+        s = np.ascontiguousarray(np.maximum(np.asarray(scores, dtype=np.float64), 0.0))
         if s.ndim == 1:
             s = s[None, :]
         if s.shape[0] == 1:

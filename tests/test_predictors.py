@@ -91,6 +91,16 @@ def test_normalise_one_row_equals_the_batched_path_bit_for_bit(k, n, seed):
         assert np.array_equal(alone[0], batched[r]), r
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(8, 64), st.integers(0, 10**6))
+def test_normalise_does_not_depend_on_memory_layout(k, n, seed):
+    # A column-ordered (rows, experts) array must give the bits of the same rows in row order.
+    rng = np.random.default_rng(seed)
+    s = rng.random((5, n)) ** rng.integers(1, 12)
+    pred = Predictor(1, n, k)
+    assert np.array_equal(pred.normalise(np.asfortranarray(s)), pred.normalise(s))
+
+
 def test_normalise_hand_worked():
     p = Predictor(1, 4, 2).normalise(np.array([[4.0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]]))
     np.testing.assert_allclose(p, [[1, 1 / 3, 1 / 3, 1 / 3], [0.5] * 4, [1, 1 / 3, 1 / 3, 1 / 3]])
