@@ -15,9 +15,15 @@ that is not resident then passes this rule or is not issued. The rule weighs, in
   then one layer per further depth; in the runtime ``depth`` times the layer interval, modelled from
   the profile on its default ``model`` clock, measured on its ``measured`` clock: ``moecache.runtime.core``);
 * ``copy_ms``: one expert copy;
-* ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability
-  (the predictor's, for the victim's layer when it is one of the layers predicted; 0 otherwise, and
-  0 when the pool has a free slot).
+* ``victim_prob``: the worth of the resident the copy would evict, as the same kind of probability:
+  the larger of the predictor's score for it (for the victim's layer when it is one of the layers
+  predicted; 0 otherwise) and the cache's *re-demand rate* (``VictimReuse``: of the residents evicted
+  so far, the share that a demand access wanted back before any other eviction from their pool and
+  before anything copied them in again); 0 when the pool has a free slot. The predictor speaks only of
+  the victim's layer, and only where it predicts that layer; the re-demand rate is the policy's own
+  record of what giving up its victim costs, counted against what refusing the copy would have
+  changed: the victim is the policy's next to go, so keeping it pays only if it is wanted before the
+  pool's next eviction would have taken it anyway.
 
 A copy that could not even start before the target layer (``backlog_ms >= lead``) is *late* and
 never issued: it would only queue in front of the target's own demand copies. Otherwise
@@ -30,8 +36,8 @@ needed (a demand copy would start at the target and stall the GPU ``copy_ms``; t
 copy runs into the next MoE layer (``first_ms`` from now), delaying that layer's demand copies, with
 ``w = 1 - prob`` when the next layer is the target (a right prefetch is the copy that layer would have
 made) and ``w = 1`` when the target is further ahead (the next layer's demand copies wait either way);
-the third term is the copy that evicting a victim needed again costs, and ``host_ms`` the host time
-issuing it adds to the step (the calibrated profile's ``prefetch_host_ms`` where the host, not the GPU,
+the third term is the copy that evicting a victim needed again costs (at its ``victim_prob``), and
+``host_ms`` the host time issuing it adds to the step (the calibrated profile's ``prefetch_host_ms`` where the host, not the GPU,
 is what the next layer waits for; in the runtime the profile's ``prefetch_host_ms`` on its ``model``
 clock, 0 on its ``measured`` clock, whose measured layer interval holds its host work). The prefetch is
 issued when ``value > 0``.
@@ -42,7 +48,10 @@ whether or not anything is then issued). The gate decides, per source layer (the
 routing the predictor has just read), whether to call the predictor at all. It keeps a ledger of
 what that layer's predictions have been worth, in the rule's own milliseconds and with the rule's own
 terms, realised: a prefetch issued from layer ``l`` enters ``l``'s ledger at its value *if unused*
-(``-block - victim_prob * copy_ms - host``: the rule's value at ``prob = 0``), and when a demand access
+(``-block - victim_prob * copy_ms - host``: the rule's value at ``prob = 0``, with the victim worth the
+predictor's score for it alone: the re-demand rate is the same for every source layer and says nothing
+of this layer's predictions, and booking it as a certain cost of every prefetch would turn layers off
+whose prefetches the rule, with it, still finds worth issuing), and when a demand access
 later hits it before it is evicted, the ledger gains the difference to its value *if used*
 (``saved``, plus ``block`` where the target is the next layer, whose demand copy it replaces: the rule's
 value at ``prob = 1``); each call of the predictor at ``l`` enters at ``-predictor_ms``. At each visit
@@ -89,6 +98,51 @@ def check_admission(name: str) -> str:
     if name not in ADMISSIONS:
         raise ConfigError(f"unknown prefetch admission {name!r}; choose one of: {', '.join(ADMISSIONS)}")
     return name
+
+
+class VictimReuse:
+    """The cache's re-demand rate: of the residents evicted so far (by demand copies and prefetches
+    alike), the share a demand access wanted back while it was still out (no copy had put it back) and
+    before any other eviction from its pool: the evictions whose victim would have been kept had that
+    one eviction not been made (the next eviction from the pool would have taken it otherwise).
+    ``rate() = wanted_back / (evicted + 1)`` (0 before any eviction).
+
+    Use: ``evicted(key, pool)`` for every eviction, ``inserted(key)`` for every key made resident (demand
+    copy or prefetch), ``demanded(key, pool)`` for every demand access to a key that is not resident
+    (before it is copied in or run elsewhere). The simulator's two engines and the runtime call it at the
+    same points, so the rate, counts over integers, is the same in all three."""
+
+    __slots__ = ("out", "pool_evictions", "evicted_n", "wanted_back")
+
+    def __init__(self, num_pools: int) -> None:
+        #: evicted keys no copy has put back and no demand has wanted yet -> their pool's eviction count then
+        self.out: dict[int, int] = {}
+        self.pool_evictions = [0] * num_pools
+        self.evicted_n = 0
+        self.wanted_back = 0
+
+    def evicted(self, key: int, pool: int) -> None:
+        self.pool_evictions[pool] += 1
+        self.out[key] = self.pool_evictions[pool]
+        self.evicted_n += 1
+
+    def inserted(self, key: int) -> None:
+        self.out.pop(key, None)
+
+    def demanded(self, key: int, pool: int) -> None:
+        at = self.out.pop(key, None)
+        if at is not None and at == self.pool_evictions[pool]:
+            self.wanted_back += 1
+
+    def rate(self) -> float:
+        """The share of evictions wanted back first (a probability in [0, 1))."""
+        return self.wanted_back / (self.evicted_n + 1)
+
+
+def victim_worth(predicted: float, reuse_rate: float) -> float:
+    """A victim's ``victim_prob``: the larger of the predictor's capped score for it and the cache's
+    re-demand rate (``VictimReuse.rate``)."""
+    return predicted if predicted > reuse_rate else reuse_rate
 
 
 def candidate_probability(score: float) -> float:

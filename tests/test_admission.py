@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moecache.admission import (PredictorGate, admit_prefetch, candidate_probability, check_admission, lead_ms,
-                                outcome_values, prefetch_value)
+from moecache.admission import (PredictorGate, VictimReuse, admit_prefetch, candidate_probability, check_admission,
+                                lead_ms, outcome_values, prefetch_value, victim_worth)
 from moecache.cost.hardware import HardwareProfile
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
@@ -30,6 +30,84 @@ def test_victim_worth_more_is_kept():
     assert admit_prefetch(0.6, 0.5, 0.0, 10.0, 10.0, 1.0)
     assert not admit_prefetch(0.5, 0.6, 0.0, 10.0, 10.0, 1.0)
     assert not admit_prefetch(0.5, 0.5, 0.0, 10.0, 10.0, 1.0)  # a tie changes nothing: not worth a copy
+
+
+def test_reuse_rate_counts_evictions_wanted_back_before_the_next_one():
+    r = VictimReuse(2)
+    assert r.rate() == 0.0
+    r.evicted(1, 0)
+    r.evicted(2, 0)
+    r.demanded(1, 0)  # pool 0 evicted again since: keeping 1 would only have sent 2 out instead
+    assert (r.evicted_n, r.wanted_back) == (2, 0)
+    r.demanded(2, 0)  # wanted back before any other eviction from its pool: a regret
+    assert (r.evicted_n, r.wanted_back) == (2, 1) and r.rate() == 1 / 3
+    r.demanded(2, 0)  # already counted (a CPU run leaves it out: a second access is no second regret)
+    r.evicted(9, 1)
+    r.inserted(9)  # a copy (say a prefetch) put it back first
+    r.demanded(9, 1)
+    r.demanded(7, 1)  # never evicted
+    assert r.wanted_back == 1 and r.rate() == 1 / 4
+    r.evicted(3, 0)
+    r.evicted(4, 1)  # another pool's eviction does not clear pool 0's
+    r.demanded(3, 0)
+    assert (r.evicted_n, r.wanted_back) == (5, 2) and r.rate() == 2 / 6
+
+
+def test_victim_worth_is_the_larger_of_prediction_and_reuse():
+    assert victim_worth(0.1, 0.25) == 0.25 and victim_worth(0.4, 0.25) == 0.4 and victim_worth(0.0, 0.0) == 0.0
+    # a candidate the predictor's view of the victim lets through is refused once the victim's re-demand
+    # rate says giving it up costs more than the candidate is likely to save
+    assert admit_prefetch(0.3, victim_worth(0.0, 0.0), 0.0, 10.0, 10.0, 1.0)
+    assert not admit_prefetch(0.3, victim_worth(0.0, 0.35), 0.0, 10.0, 10.0, 1.0)
+    assert admit_prefetch(0.5, victim_worth(0.0, 0.35), 0.0, 10.0, 10.0, 1.0)
+
+
+def _skewed_prefetch_sim(engine: str, worth=None, monkeypatch=None):
+    """lru with 3 slots per layer over routing that picks 2 of 8 experts, half of them three times as often as
+    the others: the prior's candidates are worth little more than its view of the victims, while what lru
+    gives up is often wanted back."""
+    rng = np.random.default_rng(1)
+    pick = np.array([3, 3, 3, 3, 1, 1, 1, 1]) / 16
+    rows = [[list(rng.choice(8, 2, replace=False, p=pick)) for _ in range(3)] for _ in range(400)]
+    trace = make_trace(rows, num_experts=8, top_k=2, seq=np.zeros(400, dtype=np.int64), bytes_per_expert=3_000_000)
+    m = trace.meta
+    pol = new_policy("lru", 3, m.num_layers, m.num_experts, top_k=m.top_k, scope="layer")
+    pol.fit(np.ones((m.num_layers, m.num_experts)))
+    pred = PREDICTORS.get("prior")(m.num_layers, m.num_experts, m.top_k)
+    pred.fit(trace)
+    if worth is not None:
+        import moecache.sim.engine_python as ep
+
+        monkeypatch.setattr(ep, "victim_worth", worth)
+    return simulate(Schedule(trace, decode_stream=True), pol, pred, depth=1, hardware=_hw(0.05), admission="cost",
+                    bound=False, engine=engine, budget=4)
+
+
+def test_simulator_prices_victims_at_the_reuse_rate(monkeypatch):
+    """The simulator's rule prices each victim at ``victim_worth(its prediction, the re-demand rate)``: the rate
+    it hands over is counted as evictions are made and wanted back (not 0 here), a worth raised above the
+    prediction refuses copies the prediction alone lets through, and the C++ engine, which counts the rate
+    at the same points, gives the identical row."""
+    import moecache.sim.engine_python as ep
+    from moecache._ext import extension
+
+    seen = []
+    real = ep.victim_worth
+
+    def spy(pred, rate):
+        seen.append((pred, rate))
+        return real(pred, rate)
+
+    monkeypatch.setattr(ep, "victim_worth", spy)
+    with_rate = _skewed_prefetch_sim("python")
+    assert seen and max(rate for _p, rate in seen) > 0.0 and all(0.0 <= rate < 1.0 for _p, rate in seen)
+    assert all(real(p, r) >= p for p, r in seen)
+    dearer = _skewed_prefetch_sim("python", worth=lambda pred, rate: max(pred, rate + 0.5), monkeypatch=monkeypatch)
+    assert dearer.prefetches < with_rate.prefetches
+    assert dearer.extra["prefetch_refused"] > with_rate.extra["prefetch_refused"]
+    monkeypatch.undo()
+    if extension() is not None:
+        assert _skewed_prefetch_sim("cpp").row() == with_rate.row()
 
 
 def test_overrun_of_a_wasted_copy_counts():
@@ -177,6 +255,46 @@ def _runtime_run(admission: str, predictor_ms: float, copy_ms: float = 0.3, cloc
     gate = rt.gate
     h.remove()
     return s, gate
+
+
+def test_runtime_prices_victims_at_its_reuse_rate(monkeypatch):
+    """The runtime books every eviction, insert and demand miss in its VictimReuse and hands the rule
+    ``victim_worth(prediction, its rate)``; the gate's ledger books the prediction alone."""
+    import moecache.runtime.core as core
+
+    seen, booked = [], []
+    real_worth, real_outcome = core.victim_worth, core.outcome_values
+
+    def worth(pred, rate):
+        seen.append((pred, rate))
+        return real_worth(pred, rate)
+
+    def outcome(victim_pred, *a):
+        booked.append(victim_pred)
+        return real_outcome(victim_pred, *a)
+
+    monkeypatch.setattr(core, "victim_worth", worth)
+    monkeypatch.setattr(core, "outcome_values", outcome)
+    import torch
+
+    from moecache.runtime import offload
+    from tests.tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    m = tiny_model("qwen3_moe", num_hidden_layers=4)
+    h = offload(m, cache_slots=12, device="cpu", predictor="temporal", prefetch_depth=2, admission="gated")
+    rt = h.runtime
+    rt._profile = HardwareProfile(bytes_per_expert=rt.copy_bytes, copy_bandwidth_gbps=1e6, copy_latency_ms=1e-3,
+                                  gpu_ms={1: 0.1}, cpu_ms={1: 0.4}, non_expert_ms={1: 0.5}, source="test",
+                                  predictor_host_ms=0.0)
+    with torch.no_grad():
+        m.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=12, do_sample=False)
+    s, reuse = h.stats(), rt.reuse
+    h.remove()
+    assert reuse.evicted_n == s["evictions"] > 0 and 0 < reuse.wanted_back <= s["misses"]
+    assert seen and any(rate > 0.0 for _p, rate in seen)
+    assert all(0.0 <= rate < 1.0 for _p, rate in seen)
+    assert booked and set(booked) <= {p for p, _r in seen} | {0.0}
 
 
 def test_runtime_gate_is_the_shared_one_and_deterministic(monkeypatch):

@@ -149,11 +149,33 @@ Future build_future(const Input& in, const Core& c, bool links, bool by_key) {
   return f;
 }
 
+// admission.VictimReuse: the re-demand rate the admission rule prices a prefetch's victim at (the share of
+// evictions a demand access wanted back before any copy put them back and before any other eviction from
+// their pool), counted at the same points.
+struct Reuse {
+  std::vector<int64_t> out;            // evicted, not put back, not yet wanted: its pool's eviction count then; 0: none
+  std::vector<int64_t> pool_evictions;
+  int64_t evicted_n = 0, wanted_back = 0;
+  Reuse(int64_t LE, int64_t pools) : out(LE, 0), pool_evictions(pools, 0) {}
+  void evicted(int64_t k, int64_t p) {
+    out[k] = ++pool_evictions[p];
+    ++evicted_n;
+  }
+  void inserted(int64_t k) { out[k] = 0; }
+  void demanded(int64_t k, int64_t p) {
+    const int64_t at = out[k];
+    out[k] = 0;
+    if (at != 0 && at == pool_evictions[p]) ++wanted_back;
+  }
+  double rate() const { return static_cast<double>(wanted_back) / static_cast<double>(evicted_n + 1); }
+};
+
 // Remove a resident (a victim); a prefetched expert leaving unused counts as wasted.
 template <class P>
-void evict(Core& c, P& pol, int64_t v, Output& out, std::vector<uint8_t>& pf_unused) {
+void evict(Core& c, P& pol, int64_t v, Output& out, std::vector<uint8_t>& pf_unused, Reuse* reuse) {
   c.remove(v);
   pol.on_evict(v);
+  if (reuse) reuse->evicted(v, c.pool(v));
   if (pf_unused[v]) {
     pf_unused[v] = 0;
     ++out.pf_wasted;
@@ -161,7 +183,7 @@ void evict(Core& c, P& pol, int64_t v, Output& out, std::vector<uint8_t>& pf_unu
 }
 
 template <class P>
-void insert(Core& c, P& pol, int64_t key, Output& out, std::vector<uint8_t>& pf_unused) {
+void insert(Core& c, P& pol, int64_t key, Output& out, std::vector<uint8_t>& pf_unused, Reuse* reuse) {
   if (c.res[key]) return;
   const int64_t p = c.pool(key);
   while (c.members[p] >= c.cap) {
@@ -170,10 +192,11 @@ void insert(Core& c, P& pol, int64_t key, Output& out, std::vector<uint8_t>& pf_
       throw std::runtime_error(std::string(CONFIG_TAG) + "cannot insert expert (" + std::to_string(key / c.E) + ", " +
                                std::to_string(key % c.E) + "): all " + std::to_string(c.cap) + " slots of pool " +
                                std::to_string(p) + " hold protected experts; use a larger capacity");
-    evict(c, pol, v, out, pf_unused);
+    evict(c, pol, v, out, pf_unused, reuse);
   }
   c.add(key);
   pol.on_insert(key);
+  if (reuse) reuse->inserted(key);
 }
 
 // prefetch.py's rules over one target layer's scores: the experts wanted, best first.
@@ -307,6 +330,7 @@ struct Replay {
   std::vector<int64_t> pf_stamp;   // a key's live entry of pf_log (0: none)
   int64_t stamps = 0;
   std::vector<std::pair<int64_t, double>> pf_batch;  // this step's prefetches (key, priority)
+  std::unique_ptr<Reuse> reuse;   // the rule's re-demand rate (admission cost or gated, prefetching); null: none
 
   Replay(const Input& in_, Core& c_, P& pol_, Output& out_, Predictions* preds_)
       : in(in_), c(c_), pol(pol_), out(out_), preds(preds_), tl(out_.tl), ready_at(c_.LE, 0.0),
@@ -320,6 +344,7 @@ struct Replay {
       wq = std::make_unique<WorkerQueue>(tl, in.copy_ms, c.LE);
       pf_stamp.assign(c.LE, 0);
     }
+    if (in.admission != AD_NONE && in.depth > 0) reuse = std::make_unique<Reuse>(c.LE, c.pools);
   }
 
   void run() {
@@ -414,13 +439,14 @@ struct Replay {
         throw std::runtime_error(std::string(CONFIG_TAG) + "cannot insert expert (" + std::to_string(key / c.E) +
                                  ", " + std::to_string(key % c.E) + "): all " + std::to_string(c.cap) +
                                  " slots of pool " + std::to_string(p) + " hold protected experts; use a larger capacity");
-      evict(c, pol, v, out, pf_unused);
+      evict(c, pol, v, out, pf_unused, reuse.get());
       pf_stamp[v] = 0;
       wq->cancel(v);
       ++n;
     }
     c.add(key);
     pol.on_insert(key);
+    if (reuse) reuse->inserted(key);
     return n;
   }
 
@@ -465,6 +491,7 @@ struct Replay {
       } else {
         miss_k.push_back(key);
         miss_c.push_back(cnt);
+        if (reuse) reuse->demanded(key, c.pool(key));
       }
     }
     double h = t_route + in.layer_host;  // the host's clock: routing sync and policy done
@@ -515,7 +542,7 @@ struct Replay {
             h = h + (in.copy_host - in.evict_host) + in.evict_host * ev;
             hx = hx + (in.copy_host - in.evict_host) + in.evict_host * ev;
           } else {
-            insert(c, pol, key, out, pf_unused);
+            insert(c, pol, key, out, pf_unused, reuse.get());
             h = h + in.copy_host;
             hx = hx + in.copy_host;
           }
@@ -576,15 +603,17 @@ struct Replay {
           }
         }
         if (gated) {
-          double victim_prob = 0.0;
+          double victim_pred = 0.0, victim_prob = 0.0;  // the predictor's score; its worth (admission.victim_worth)
           if (v >= 0) {
             const int64_t vl = v / E;
             for (int64_t dd = 1; dd <= D; ++dd) {
               if ((l + dd) % L == vl) {
-                victim_prob = probability(slots[(dd - 1) * E + (v - vl * E)]);
+                victim_pred = probability(slots[(dd - 1) * E + (v - vl * E)]);
                 break;
               }
             }
+            const double rate = reuse->rate();
+            victim_prob = victim_pred > rate ? victim_pred : rate;
           }
           const double now = hp + in.pf_host;  // when this copy would be issued
           const double first = (tl.gpu > now ? tl.gpu - now : 0.0) + ne_ms + in.layer_host;
@@ -603,14 +632,14 @@ struct Replay {
             const double saved = in.copy_ms < early ? in.copy_ms : early;
             double block = backlog + in.copy_ms - first;
             if (block < 0.0) block = 0.0;
-            gate->ledger[l] += -block - victim_prob * in.copy_ms - host;
+            gate->ledger[l] += -block - victim_pred * in.copy_ms - host;  // the gate: the predictor's score alone
             pf_src[key] = l;
             pf_bonus[key] = lead <= first ? saved + block : saved;
           }
         }
         double ev = 0.0;
         if (v >= 0) {
-          evict(c, pol, v, out, pf_unused);
+          evict(c, pol, v, out, pf_unused, reuse.get());
           if (wq) {
             pf_stamp[v] = 0;
             wq->cancel(v);
@@ -619,6 +648,7 @@ struct Replay {
         }
         c.add(key);
         pol.on_insert(key);
+        if (reuse) reuse->inserted(key);
         if (!wq) {
           hp = hp + in.pf_host;
           ready_at[key] = tl.issue_copy(hp, in.copy_ms);

@@ -29,8 +29,12 @@ For each MoE layer call ``run_layer`` does, top to bottom:
      profile's ``copy_ms``), the time to the target layer is ``depth`` times the measured interval
      between MoE layers (host time 0: the measured interval holds it).
 
-   The victim is the policy's, worth the predictor's score for it where its layer is one of the predicted
-   ones. ``admission = "none"`` issues every candidate (the rule before); ``cost`` is the rule without the gate.
+   The victim is the policy's, worth the larger of the predictor's score for it (where its layer is one of
+   the predicted ones) and the re-demand rate of the residents evicted so far (``moecache.admission.VictimReuse``:
+   policy evictions, inserts and demand misses, GPU or CPU, booked with their pools as the simulator books
+   them); the gate
+   books the victim at the predictor's score alone. ``admission = "none"`` issues every candidate (the rule
+   before); ``cost`` is the rule without the gate.
 
 When a layer needs more experts than the pool holds (long prefills, big batches), step 3-4 run
 in *rounds* of at most ``capacity`` experts: every (token, k) pair is computed as a one-expert
@@ -67,8 +71,8 @@ import torch
 from torch import nn
 
 from .. import miss_precision
-from ..admission import (DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission,
-                         lead_ms, outcome_values)
+from ..admission import (DEFAULT_ADMISSION, PredictorGate, VictimReuse, admit_prefetch, candidate_probability,
+                         check_admission, lead_ms, outcome_values, victim_worth)
 from ..cost.hardware import default_profile
 from ..errors import ConfigError
 from ..miss_precision import LOW, UPGRADE, gate_shares
@@ -177,6 +181,8 @@ class Runtime:
         self._gate_key: tuple | None = None
         #: Under the gate: prefetched key -> (source MoE layer, what its use adds to the gate's ledger).
         self._pf_src: dict[int, tuple[int, float]] = {}
+        #: The re-demand rate of evicted residents, the admission rule's floor on a victim's worth.
+        self.reuse = VictimReuse(policy.num_pools)
         #: The ``model`` clock (ms): now, the modelled copy queue's end, and this layer's modelled length.
         self._m_now = 0.0
         self._m_copy = 0.0
@@ -373,6 +379,7 @@ class Runtime:
                     c.prefill_stream_useful += 1
             else:
                 c.misses += 1
+                self.reuse.demanded(key, self.policy.pool(key))
                 s = self._place(key, protected)
                 if rule is not None and miss_precision.copy_precision(
                         None, self._shares.get(key % self.E, 1.0), rule.below) == LOW:
@@ -452,6 +459,7 @@ class Runtime:
         """Ask the policy for a slot for ``key`` (evicting as it decides); the caller queues the copy."""
         for victim in self.policy.insert(key, protected):
             self._evicted(victim)
+        self.reuse.inserted(key)
         s = int(self.policy.slot(key))
         self.slot_of[key] = s
         self.ready_slots.discard(s)
@@ -475,6 +483,7 @@ class Runtime:
         s = int(self.slot_of[key])
         self.slot_of[key] = -1
         self.counters.evictions += 1
+        self.reuse.evicted(key, self.policy.pool(key))
         self.unused_prefetch.discard(key)
         self._pf_src.pop(key, None)
         self.streamed.discard(key)
@@ -632,6 +641,8 @@ class Runtime:
                 self.policy.access(key, n)
             c.accesses += len(on_cpu)
             c.misses += len(on_cpu)
+            for key in sorted(on_cpu):
+                self.reuse.demanded(key, self.policy.pool(key))
             contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
             gpu = [(key - base, n) for key, n in zip(keys, counts) if key not in on_cpu]
             if gpu:  # the CPU experts' pairs go up with the GPU experts' indices
@@ -717,15 +728,16 @@ class Runtime:
                 if not policy.can_insert(key, protected):
                     break
                 if weighed:
-                    victim_prob = 0.0
+                    victim_pred = victim_prob = 0.0
                     pool = policy.pool(key)
                     if policy.occupancy(pool) >= policy.capacity:
                         v = policy.victim(pool, protected)
                         vl = v // self.E
                         for dd in depths:
                             if targets[dd] == vl:
-                                victim_prob = candidate_probability(float(scores_at[dd][v - vl * self.E]))
+                                victim_pred = candidate_probability(float(scores_at[dd][v - vl * self.E]))
                                 break
+                        victim_prob = victim_worth(victim_pred, self.reuse.rate())
                     if model:
                         backlog = backlog0 + len(slots) * copy_ms
                     else:
@@ -734,7 +746,7 @@ class Runtime:
                         self.counters.prefetch_refused += 1
                         continue
                     if gate is not None:
-                        if_unused, bonus = outcome_values(victim_prob, backlog, layer_ms, lead, copy_ms, host_ms)
+                        if_unused, bonus = outcome_values(victim_pred, backlog, layer_ms, lead, copy_ms, host_ms)
                         gate.issued(li, if_unused)
                         self._pf_src[key] = (li, bonus)
                 slots.append(self._place(key, protected))

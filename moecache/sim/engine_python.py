@@ -26,7 +26,10 @@ Per replay step ``g`` (unit ``u``, MoE layer ``l``; see ``schedule``), in this o
    (d - 1) * (ne + layer_host + the sum of gpu(c) over the step's needs in key order)``,
    ``ne = non_expert(rows)``; host = ``now - gpu free`` clipped to ``[0, prefetch_host_ms]``; victim =
    ``policy.victim`` of the key's pool when it
-   is full, worth its own capped score at the first depth ``1..D`` whose layer is the victim's (else 0);
+   is full, worth ``victim_worth`` of its own capped score at the first depth ``1..D`` whose layer is the
+   victim's (else 0) and the re-demand rate (``VictimReuse``: every eviction, demand or prefetch, is
+   booked with its pool, every insert, and every demand access to a non-resident key, at that access, in
+   step 3's order); the gate books the victim at its score alone;
    under ``gated`` each issued prefetch is booked to the gate's layer ``l`` (``outcome_values``), and a
    demand hit on a prefetched, not yet used expert books its use;
 5. the GPU computes the step's experts; the step ends when they and its CPU runs are done.
@@ -54,8 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from ..admission import (DEFAULT_ADMISSION, PredictorGate, admit_prefetch, candidate_probability, check_admission,
-                         lead_ms, outcome_values)
+from ..admission import (DEFAULT_ADMISSION, PredictorGate, VictimReuse, admit_prefetch, candidate_probability,
+                         check_admission, lead_ms, outcome_values, victim_worth)
 from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule, Timeline
 from .. import miss_precision
@@ -143,6 +146,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     # the predictor gate (admission ``gated``; not where the policy reads the scores every layer anyway)
     gate = PredictorGate(L, pred_host) if admission == "gated" and depth and not score_depth else None
     pf_src: dict[int, tuple[int, float]] = {}  # under the gate: prefetched key -> (source layer, use bonus)
+    # the re-demand rate the rule prices victims at (moecache.admission.VictimReuse)
+    reuse = VictimReuse(policy.num_pools) if gated and depth else None
     ready_at: dict[int, float] = {}
     pf_unused: set[int] = set()
     pf_for: dict[int, set[int]] = {}
@@ -234,6 +239,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             record.append((g, key, c, "upgrade" if upgrade else "hit"))
                     else:
                         miss_list.append((key, c))
+                        if reuse is not None:
+                            reuse.demanded(key, policy.pool(key))
                 if not miss_list:
                     tl.join(h)
                     tl.compute([(ready_at[k], k, gpu_of(c)) for k, c in hit_list], slow)
@@ -262,6 +269,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 record.append((g, key, c, ("copy_low" if low else "copy") if copied else "cpu"))
                             if copied:
                                 for v in insert(key, protected):
+                                    if reuse is not None:
+                                        reuse.evicted(v, policy.pool(v))
                                     low_res.discard(v)
                                     if v in pf_unused:
                                         pf_unused.discard(v)
@@ -271,6 +280,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                         pf_target.pop(v, None)
                                         wq.cancel(v)
                                         evicted += 1
+                                if reuse is not None:
+                                    reuse.inserted(key)
                                 if wq is not None:  # the pool scan only where the insert evicted
                                     h = h + (copy_host - evict) + evict * evicted
                                     hx = hx + (copy_host - evict) + evict * evicted
@@ -330,15 +341,16 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             pf_skipped += 1
                             continue
                         if gated:
-                            victim_prob = 0.0
+                            victim_pred = victim_prob = 0.0
                             pool = policy.pool(key)
                             if policy.occupancy(pool) >= cap:
                                 v = policy.victim(pool, prot)
                                 vl = v // E
                                 for dd in range(1, depth + 1):
                                     if (l + dd) % L == vl:
-                                        victim_prob = candidate_probability(float(scores_at[dd][v - vl * E]))
+                                        victim_pred = candidate_probability(float(scores_at[dd][v - vl * E]))
                                         break
+                                victim_prob = victim_worth(victim_pred, reuse.rate())
                             now = hp + pf_host  # when this copy would be issued
                             first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
@@ -356,10 +368,12 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 pf_refused += 1
                                 continue
                             if gate is not None:
-                                if_unused, bonus = outcome_values(victim_prob, backlog, first, lead, copy_ms, host)
+                                if_unused, bonus = outcome_values(victim_pred, backlog, first, lead, copy_ms, host)
                                 gate.issued(l, if_unused)
                                 pf_src[key] = (l, bonus)
                         for v in insert(key, prot):
+                            if reuse is not None:
+                                reuse.evicted(v, policy.pool(v))
                             low_res.discard(v)
                             if v in pf_unused:
                                 pf_unused.discard(v)
@@ -369,6 +383,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 pf_target.pop(v, None)
                                 wq.cancel(v)
                                 evicted += 1
+                        if reuse is not None:
+                            reuse.inserted(key)
                         if wq is None:
                             hp = hp + pf_host
                             ready_at[key] = tl.issue_copy(hp, copy_ms)
