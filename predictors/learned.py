@@ -23,12 +23,21 @@ and the prediction is ``normalise(scores)``. Ridge is the default: on the DeepSe
 
 Training samples are the fitting trace's tokens whose target exists (same sequence, record
 present); at most ``max_samples`` per ``(d, l)``, taken evenly spaced so the fit is deterministic.
-Only the coefficients are kept (``coef (D, L, E, F)``, ``intercept (D, L, E)``) and saved as .npz:
-prediction is a matrix product rebuilt from them, no pickled estimator. Depths beyond
-``max_depth`` raise ``ConfigError``.
+Only the coefficients are kept (``coef (D, L, E, F)``, ``intercept (D, L, E)``) and saved as .npz,
+no pickled estimator. Depths beyond ``max_depth`` raise ``ConfigError``.
+
+Online scoring gathers instead of multiplying: ``x`` is multi-hot with at most ``top_k`` ones per
+block, so ``W x + b`` is the intercept plus the sum of the coefficient columns of the active ids.
+``observe`` keeps each layer's ids (sorted, duplicates and missing ids replaced by a sentinel that
+points at a zero column), and a prediction sums ``(w + 1) * top_k`` gathered columns per row: its
+cost does not grow with the feature count ``F``, only with the window's active ids, and no
+multi-hot vector is built. The sum runs in another order than the dense product's, so scores agree
+with ``DenseLearnedPredictor`` (the dense product, kept as the reference) up to float rounding
+(tests/test_predictors.py checks the difference).
 
 Tie-break: equal scores give equal probabilities; consumers take the lowest expert id first.
-Cost: ``O(rows * F * experts)`` per prediction, ``O(rows * experts)`` per observation.
+Cost: ``O(rows * (w + 1) * top_k * experts)`` per prediction, ``O(rows * top_k)`` per observation;
+``(w + 1) * (E + 1) * E`` floats per ``(d, l)`` for the gather tables (built on first use).
 """
 
 from __future__ import annotations
@@ -112,7 +121,9 @@ class LearnedPredictor(StreamPredictor):
         nfeat = (min(self.window, num_layers) + 1) * num_experts
         self.coef = np.zeros((self.max_depth, num_layers, num_experts, nfeat))
         self.intercept = np.zeros((self.max_depth, num_layers, num_experts))
-        self._last: np.ndarray | None = None
+        self._ids: np.ndarray | None = None
+        self._ids_row: np.ndarray | None = None
+        self._tables: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, trace: Any) -> "LearnedPredictor":
@@ -142,15 +153,96 @@ class LearnedPredictor(StreamPredictor):
                 blocks = [(hot if off == 0 else prev_hot)[idx, fl] for fl, off in feature_layers(l, t, L, self.window)]
                 X = sparse.csr_matrix(np.concatenate(blocks, axis=1).astype(np.float64))
                 self.coef[d - 1, l], self.intercept[d - 1, l] = fit_model(X, hot[idx + o, t], self.C)
+        self._tables = {}
         self.fitted = True
         return self
 
     # -- online --------------------------------------------------------------------------------
     def _reset_request(self) -> None:
-        self._last = None
+        self._ids = self._ids_row = None
 
     def _start_request(self, rows: int) -> None:
-        # most recent multi-hot per layer (zeros until the request reaches that layer)
+        # per row: each layer's most recent ids (top_k slots per layer, layer-major), the sentinel E (no expert:
+        # a zero row of the gather table) until the request reaches that layer; a last column 0 for the intercept
+        L, E, k = self.num_layers, self.num_experts, self.top_k
+        self._ids = np.full((rows, L * k + 1), E, np.int64)
+        self._ids[:, -1] = 0
+        self._ids_row = self._ids[0]
+
+    def _observe(self, layer: int, experts: np.ndarray, hidden: Any) -> None:
+        E, k = self.num_experts, self.top_k
+        if experts.size and int(experts.max()) >= E:
+            raise ConfigError(f"expert id {int(experts.max())} out of range for {E} experts "
+                              "(the predictor was built for a different model or trace)")
+        if experts.shape[0] == 1:  # batch-1 decode: most rows have k distinct valid ids, stored as they are
+            ids = experts[0].tolist()
+            if min(ids) >= 0 and len(set(ids)) == k:
+                self._ids_row[layer * k:(layer + 1) * k] = experts[0]
+                return
+        ids = np.sort(experts, axis=1)
+        rest = ids[:, 1:]
+        rest[rest == ids[:, :-1]] = E  # an id listed twice counts once, as in the multi-hot features
+        ids[ids < 0] = E  # missing (-1) and dropped (-2): no feature
+        self._ids[:, layer * k:(layer + 1) * k] = ids
+
+    def _gather(self, depth: int, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(table, pos, off, ones)`` of the model ``(depth, layer)``: the scores of a row with stored ids ``ids``
+        are ``link(ones @ table[ids[pos] + off])`` (the gathered rows' sum). ``table``
+        ``((w + 1) * (E + 1) + 1, E)``: row ``j * (E + 1) + e`` is feature block ``j``'s coefficient column for
+        expert ``e``, row ``j * (E + 1) + E`` zero (the sentinel), the last row the intercept; ``pos`` the slots of the blocks' layers (``feature_layers``
+        order) and the intercept column, ``off`` each slot's block offset into ``table``."""
+        key = (depth, layer)
+        got = self._tables.get(key)
+        if got is None:
+            L, E, k = self.num_layers, self.num_experts, self.top_k
+            target = (layer + depth) % L
+            fls = [fl for fl, _ in feature_layers(layer, target, L, self.window)]
+            nb = len(fls)
+            table = np.zeros((nb * (E + 1) + 1, E))
+            blocks = table[:-1].reshape(nb, E + 1, E)
+            blocks[:, :E] = self.coef[depth - 1, layer].T.reshape(nb, E, E)
+            table[-1] = self.intercept[depth - 1, layer]
+            pos = np.array([fl * k + i for fl in fls for i in range(k)] + [L * k], np.int64)
+            off = np.array([j * (E + 1) for j in range(nb) for _ in range(k)] + [nb * (E + 1)], np.int64)
+            got = self._tables[key] = (table, pos, off, np.ones(len(pos)))
+        return got
+
+    def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
+        if depth > self.max_depth:
+            raise ConfigError(f"learned was fitted up to depth {self.max_depth}, asked for {depth}: build it "
+                              f"with max_depth={depth} and fit again")
+        # online, the most recent observation of a layer is exactly the block feature_layers names
+        table, pos, off, ones = self._gather(depth, layer)
+        # the gathered rows summed by a product with ones (one BLAS call, cheaper than a numpy reduction here)
+        if self._rows == 1:  # batch-1 decode, the runtime's hot path: one flat gather
+            return self._link((ones @ table[self._ids_row[pos] + off])[None, :])
+        return self._link(ones @ table[self._ids[:, pos] + off])
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"coef": self.coef, "intercept": self.intercept}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        coef = np.asarray(arrays["coef"], np.float64)
+        if coef.shape != self.coef.shape:
+            raise ConfigError(f"learned: saved coefficients have shape {coef.shape}, this predictor's parameters "
+                              f"need {self.coef.shape}; load it with the parameters it was saved with")
+        self.coef = coef
+        self.intercept = np.asarray(arrays["intercept"], np.float64)
+        self._tables = {}
+
+
+class DenseLearnedPredictor(LearnedPredictor):
+    """The reference for ``learned``'s online scoring: the dense product ``x @ coef.T + b`` on the multi-hot
+    features, as ``learned`` computed it before the gather (not registered; for the differential test and
+    eval/predictor_speed.py). ``from_fitted`` shares a fitted predictor's coefficients."""
+
+    @classmethod
+    def from_fitted(cls, pred: LearnedPredictor) -> "DenseLearnedPredictor":
+        out = cls(pred.num_layers, pred.num_experts, pred.top_k, **pred.params)
+        out.coef, out.intercept, out.fitted = pred.coef, pred.intercept, pred.fitted
+        return out
+
+    def _start_request(self, rows: int) -> None:
         self._last = np.zeros((self.num_layers, rows, self.num_experts))
 
     def _observe(self, layer: int, experts: np.ndarray, hidden: Any) -> None:
@@ -160,15 +252,7 @@ class LearnedPredictor(StreamPredictor):
         if depth > self.max_depth:
             raise ConfigError(f"learned was fitted up to depth {self.max_depth}, asked for {depth}: build it "
                               f"with max_depth={depth} and fit again")
-        # online, the most recent observation of a layer is exactly the block feature_layers names
         x = np.concatenate([self._last[fl] for fl, _ in feature_layers(layer, target, self.num_layers, self.window)],
                            axis=1)
         z = x @ self.coef[depth - 1, layer].T + self.intercept[depth - 1, layer][None, :]
         return self._link(z)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"coef": self.coef, "intercept": self.intercept}
-
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.coef = np.asarray(arrays["coef"], np.float64)
-        self.intercept = np.asarray(arrays["intercept"], np.float64)

@@ -805,3 +805,82 @@ def test_hidden_state_reads_torch_tensors_without_torch_ops():
         got = host_float32(t)
         assert got.dtype == np.float32 and got.shape == (3, 16)
         np.testing.assert_array_equal(got, t.float().numpy())
+
+
+# -- learned: the gather-and-sum scoring against the dense product --------------------------------
+
+#: Absolute tolerance of the gathered scores against the dense product's: both sum the same at most
+#: ``(window + 1) * top_k`` coefficients of magnitude ~1 per expert, in different orders.
+GATHER_ATOL = 1e-12
+
+
+@pytest.mark.parametrize("model,window,rows", [("ridge", 1, 1), ("ridge", 3, 1), ("ridge", 3, 3), ("ridge", 9, 2),
+                                               ("logistic", 2, 1), ("logistic", 2, 3)])
+def test_learned_gather_equals_dense_product(model, window, rows):
+    from moecache.predictors.learned import DenseLearnedPredictor
+
+    rng = np.random.default_rng(window * 10 + rows)
+    L, E, k = 4, 7, 2
+    seqs = [np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(12)])
+            for _ in range(16)]
+    fast = PREDICTORS.get("learned")(L, E, k, window=window, max_depth=3, model=model, C=0.5).fit(make_trace(seqs, E, k))
+    # a fit that is not degenerate: large, mixed-sign coefficients make rounding differences visible if any
+    assert np.abs(fast.coef).max() > 0.05
+    ref = DenseLearnedPredictor.from_fitted(fast)
+    worst = 0.0
+    for p in (fast, ref):
+        p.reset()
+    for tok in range(6):
+        for l in range(L):
+            ids = np.stack([rng.choice(E, k, replace=False) for _ in range(rows)])
+            if tok == 2:
+                ids[0, 0] = -1  # a missing record: no feature
+            if tok == 3:
+                ids[-1, 1] = ids[-1, 0]  # an id listed twice counts once
+            if tok == 4:
+                ids = ids[:, ::-1].copy()  # the router's order does not matter
+            for p in (fast, ref):
+                p.observe(l, ids)
+            for d in (1, 2, 3):
+                t, o = fast.target(l, d)
+                got, want = fast._scores(l, t, o, d), ref._scores(l, t, o, d)
+                assert got.shape == want.shape == (rows, E)
+                worst = max(worst, float(np.abs(got - want).max()))
+                np.testing.assert_allclose(fast.predict(l, d), ref.predict(l, d), rtol=0, atol=1e-11)
+                # the same ranking wherever two dense scores differ by more than the tolerance
+                z = want[:, :, None] - want[:, None, :]
+                zg = got[:, :, None] - got[:, None, :]
+                clear = np.abs(z) > 2 * GATHER_ATOL
+                assert (np.sign(z[clear]) == np.sign(zg[clear])).all()
+    assert worst <= GATHER_ATOL
+
+
+def test_learned_gather_rejects_bad_ids_and_stale_tables(tmp_path):
+    rng = np.random.default_rng(5)
+    L, E, k = 3, 5, 1
+    seqs = [rng.integers(0, E, (10, L, k)) for _ in range(10)]
+    p = PREDICTORS.get("learned")(L, E, k, window=2).fit(make_trace(seqs, E, k))
+    p.reset()
+    with pytest.raises(ConfigError, match="out of range for 5 experts"):
+        p.observe(0, np.array([[5]]))
+    p.observe(0, np.array([[1]]))
+    before = p.predict(0, 1)
+    # refitting on other routing replaces the gather tables built from the old coefficients
+    p.fit(make_trace([rng.integers(0, E, (10, L, k)) for _ in range(10)], E, k))
+    p.reset()
+    p.observe(0, np.array([[1]]))
+    from moecache.predictors.learned import DenseLearnedPredictor
+
+    ref = DenseLearnedPredictor.from_fitted(p)
+    ref.reset()
+    ref.observe(0, np.array([[1]]))
+    np.testing.assert_allclose(p.predict(0, 1), ref.predict(0, 1), atol=1e-11)
+    assert not np.allclose(p.predict(0, 1), before)
+    # loading coefficients saved with another window is refused in one line, before anything changes
+    p.save(tmp_path / "w2")
+    other = PREDICTORS.get("learned")(L, E, k, window=1)
+    with np.load(tmp_path / "w2" / "state.npz") as z:
+        arrays = {n: z[n] for n in z.files}
+    with pytest.raises(ConfigError, match="load it with the parameters"):
+        other.load_state(arrays)
+    assert (other.coef == 0).all()
