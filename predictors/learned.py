@@ -87,6 +87,10 @@ def _clip(z: np.ndarray) -> np.ndarray:
     return np.maximum(z, 0.0)
 
 
+#: Score calibrations: ``none`` (the linked score as it is) and ``isotonic`` (one monotone map per depth from the
+#: linked score to the selection frequency, fitted on held-out sequences of the fitting trace).
+CALIBRATIONS = ("none", "isotonic")
+
 #: Model kinds: ``(fit(X, Y, C) -> (coef (E, F), intercept (E,)), link applied to X coef^T + b)``.
 MODELS: Registry[tuple[Any, Any]] = Registry("learned model")
 MODELS.register("logistic", "a logistic regression per expert (liblinear)")((_fit_logistic, _sigmoid))
@@ -103,15 +107,26 @@ def feature_layers(layer: int, target: int, num_layers: int, window: int) -> lis
 
 @PREDICTORS.register("learned", "linear model per target layer on the recent routing (scikit-learn ridge or logistic)")
 class LearnedPredictor(StreamPredictor):
-    """Params: ``window`` (2), ``max_depth`` (2), ``C`` (1.0), ``max_samples`` (20000), ``model`` ("ridge")."""
+    """Params: ``window`` (2), ``max_depth`` (2), ``C`` (1.0), ``max_samples`` (20000), ``model`` ("ridge"),
+    ``calibrate`` ("none" or "isotonic"), ``calibrate_share`` (0.2: the fitting trace's last sequences held out
+    for the map)."""
 
     name = "learned"
     needs_fit = True
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, window: int = 2, max_depth: int = 2,
-                 C: float = 1.0, max_samples: int = 20000, model: str = "ridge"):
+                 C: float = 1.0, max_samples: int = 20000, model: str = "ridge", calibrate: str = "none",
+                 calibrate_share: float = 0.2):
+        if calibrate not in CALIBRATIONS:
+            raise ConfigError(f"learned: calibrate must be one of {list(CALIBRATIONS)}, got {calibrate!r}")
+        if not 0.0 < calibrate_share < 1.0:
+            raise ConfigError(f"learned: calibrate_share must be strictly between 0 and 1, got {calibrate_share}")
         super().__init__(num_layers, num_experts, top_k, window=int(window), max_depth=int(max_depth), C=float(C),
-                         max_samples=int(max_samples), model=str(model))
+                         max_samples=int(max_samples), model=str(model), calibrate=str(calibrate),
+                         calibrate_share=float(calibrate_share))
+        self.calibrate, self.calibrate_share = str(calibrate), float(calibrate_share)
+        self.calib_x: np.ndarray | None = None
+        self.calib_y: np.ndarray | None = None
         self.model = str(model)
         self._link = MODELS.get(self.model)[1]
         if window < 1 or max_depth < 1 or C <= 0 or max_samples < 2:
@@ -126,11 +141,8 @@ class LearnedPredictor(StreamPredictor):
         self._tables: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, trace: Any) -> "LearnedPredictor":
-        from scipy import sparse
-
-        check_trace(trace, self.num_layers, self.num_experts, self.top_k, "learned.fit")
-        fit_model = MODELS.get(self.model)[0]
+    def _design(self, trace: Any):
+        """``(depth, layer, X, Y)`` per model: the features (dense float64) and 0/1 targets of ``trace``'s samples."""
         L, E = self.num_layers, self.num_experts
         order, next_same = token_order(trace)
         ids = np.asarray(trace.ids)[order]
@@ -151,11 +163,60 @@ class LearnedPredictor(StreamPredictor):
                 if len(idx) > self.max_samples:
                     idx = idx[np.unique(np.linspace(0, len(idx) - 1, self.max_samples).astype(np.int64))]
                 blocks = [(hot if off == 0 else prev_hot)[idx, fl] for fl, off in feature_layers(l, t, L, self.window)]
-                X = sparse.csr_matrix(np.concatenate(blocks, axis=1).astype(np.float64))
-                self.coef[d - 1, l], self.intercept[d - 1, l] = fit_model(X, hot[idx + o, t], self.C)
+                yield d, l, np.concatenate(blocks, axis=1).astype(np.float64), hot[idx + o, t]
+
+    def _fit_models(self, trace: Any) -> None:
+        from scipy import sparse
+
+        fit_model = MODELS.get(self.model)[0]
+        for d, l, X, Y in self._design(trace):
+            self.coef[d - 1, l], self.intercept[d - 1, l] = fit_model(sparse.csr_matrix(X), Y, self.C)
+
+    def _fit_calibration(self, held_out: Any) -> None:
+        """Per depth, an isotonic map from the linked score to the frequency the expert was selected, over the
+        ``(d, l)`` models' scores on ``held_out`` (routing the models were not fitted on); stored as its knots
+        (``calib_x``, ``calib_y``: ``(max_depth, knots)``, padded by repeating the last knot)."""
+        from sklearn.isotonic import IsotonicRegression
+
+        zs: dict[int, list[np.ndarray]] = {d: [] for d in range(1, self.max_depth + 1)}
+        ys: dict[int, list[np.ndarray]] = {d: [] for d in range(1, self.max_depth + 1)}
+        for d, l, X, Y in self._design(held_out):
+            zs[d].append(self._link(X @ self.coef[d - 1, l].T + self.intercept[d - 1, l][None, :]).ravel())
+            ys[d].append(Y.ravel())
+        knots = []
+        for d in range(1, self.max_depth + 1):
+            z, y = np.concatenate(zs[d]), np.concatenate(ys[d]).astype(np.float64)
+            if len(z) == 0:
+                raise ConfigError(f"learned: the held-out sequences have no sample at depth {d} to calibrate on; "
+                                  "fit on a trace with more (or longer) sequences, or use calibrate='none'")
+            iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(z, y)
+            knots.append((np.asarray(iso.X_thresholds_, np.float64), np.asarray(iso.y_thresholds_, np.float64)))
+        n = max(len(x) for x, _ in knots)
+        self.calib_x = np.stack([np.concatenate([x, np.full(n - len(x), x[-1])]) for x, _ in knots])
+        self.calib_y = np.stack([np.concatenate([y, np.full(n - len(y), y[-1])]) for _, y in knots])
+
+    def fit(self, trace: Any) -> "LearnedPredictor":
+        check_trace(trace, self.num_layers, self.num_experts, self.top_k, "learned.fit")
+        if self.calibrate == "isotonic":
+            seqs = trace.sequences()
+            held = int(round(len(seqs) * self.calibrate_share))
+            if held < 1 or held >= len(seqs):
+                raise ConfigError(f"learned: calibrate='isotonic' holds out {self.calibrate_share:.0%} of the fitting "
+                                  f"trace's {len(seqs)} sequence(s), which leaves none on one side; fit on more "
+                                  "sequences, change calibrate_share, or use calibrate='none'")
+            # the map is fitted on scores of routing the models did not see, then the models on everything
+            self._fit_models(trace.select_sequences(seqs[:len(seqs) - held]))
+            self._fit_calibration(trace.select_sequences(seqs[len(seqs) - held:]))
+        self._fit_models(trace)
         self._tables = {}
         self.fitted = True
         return self
+
+    def _calibrated(self, z: np.ndarray, depth: int) -> np.ndarray:
+        """The linked scores through the depth's isotonic map (as they are without calibration)."""
+        if self.calib_x is None:
+            return z
+        return np.interp(z, self.calib_x[depth - 1], self.calib_y[depth - 1])
 
     # -- online --------------------------------------------------------------------------------
     def _reset_request(self) -> None:
@@ -215,19 +276,28 @@ class LearnedPredictor(StreamPredictor):
         table, pos, off, ones = self._gather(depth, layer)
         # the gathered rows summed by a product with ones (one BLAS call, cheaper than a numpy reduction here)
         if self._rows == 1:  # batch-1 decode, the runtime's hot path: one flat gather
-            return self._link((ones @ table[self._ids_row[pos] + off])[None, :])
-        return self._link(ones @ table[self._ids[:, pos] + off])
+            return self._calibrated(self._link((ones @ table[self._ids_row[pos] + off])[None, :]), depth)
+        return self._calibrated(self._link(ones @ table[self._ids[:, pos] + off]), depth)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"coef": self.coef, "intercept": self.intercept}
+        out = {"coef": self.coef, "intercept": self.intercept}
+        if self.calib_x is not None:
+            out.update(calib_x=self.calib_x, calib_y=self.calib_y)
+        return out
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         coef = np.asarray(arrays["coef"], np.float64)
         if coef.shape != self.coef.shape:
             raise ConfigError(f"learned: saved coefficients have shape {coef.shape}, this predictor's parameters "
                               f"need {self.coef.shape}; load it with the parameters it was saved with")
+        if self.calibrate != "none" and "calib_x" not in arrays:
+            raise ConfigError(f"learned: calibrate={self.calibrate!r} but the saved state has no calibration map; "
+                              "fit it again or load it with calibrate='none'")
         self.coef = coef
         self.intercept = np.asarray(arrays["intercept"], np.float64)
+        if self.calibrate != "none":
+            self.calib_x = np.asarray(arrays["calib_x"], np.float64)
+            self.calib_y = np.asarray(arrays["calib_y"], np.float64)
         self._tables = {}
 
 
@@ -240,6 +310,7 @@ class DenseLearnedPredictor(LearnedPredictor):
     def from_fitted(cls, pred: LearnedPredictor) -> "DenseLearnedPredictor":
         out = cls(pred.num_layers, pred.num_experts, pred.top_k, **pred.params)
         out.coef, out.intercept, out.fitted = pred.coef, pred.intercept, pred.fitted
+        out.calib_x, out.calib_y = pred.calib_x, pred.calib_y
         return out
 
     def _start_request(self, rows: int) -> None:
@@ -255,4 +326,4 @@ class DenseLearnedPredictor(LearnedPredictor):
         x = np.concatenate([self._last[fl] for fl, _ in feature_layers(layer, target, self.num_layers, self.window)],
                            axis=1)
         z = x @ self.coef[depth - 1, layer].T + self.intercept[depth - 1, layer][None, :]
-        return self._link(z)
+        return self._calibrated(self._link(z), depth)

@@ -418,7 +418,7 @@ def test_gate_lookahead_needs_routers_and_supported_models():
 STREAM_PREDICTORS = [n for n in PREDICTORS.names() if n != "oracle"]
 
 #: Non-default configurations that take other code paths, checked by the contract too.
-VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic"}], "gate_lookahead": [{"rescale": "norm"}]}
+VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic"}, {"calibrate": "isotonic"}], "gate_lookahead": [{"rescale": "norm"}]}
 CONFIGS = [(n, {}) for n in STREAM_PREDICTORS] + [(n, v) for n in STREAM_PREDICTORS for v in VARIANTS.get(n, [])]
 
 
@@ -884,3 +884,70 @@ def test_learned_gather_rejects_bad_ids_and_stale_tables(tmp_path):
     with pytest.raises(ConfigError, match="load it with the parameters"):
         other.load_state(arrays)
     assert (other.coef == 0).all()
+
+
+def _noisy_copy_trace(rng, seqs, tokens=30, E=5, keep=0.7):
+    """3 layers, top-1: layer 1 repeats layer 0's expert with probability ``keep``, else a random one; layer 2
+    follows layer 1 the same way."""
+    out = []
+    for _ in range(seqs):
+        ids = np.zeros((tokens, 3, 1), np.int64)
+        ids[:, 0, 0] = rng.integers(0, E, tokens)
+        for l in (1, 2):
+            copy = rng.random(tokens) < keep
+            ids[:, l, 0] = np.where(copy, ids[:, l - 1, 0], rng.integers(0, E, tokens))
+        out.append(ids)
+    return make_trace(out, E, 1)
+
+
+def test_learned_isotonic_calibration_matches_held_out_frequency():
+    from moecache.predictors.learned import DenseLearnedPredictor
+
+    rng = np.random.default_rng(11)
+    head, tail = _noisy_copy_trace(rng, 30), _noisy_copy_trace(rng, 10)
+    p = PREDICTORS.get("learned")(3, 5, 1, window=1, max_depth=2, calibrate="isotonic")
+    p._fit_models(head)
+    p._fit_calibration(tail)
+    assert p.calib_x.shape == p.calib_y.shape and p.calib_x.shape[0] == 2
+    assert (np.diff(p.calib_x, axis=1) >= 0).all() and (np.diff(p.calib_y, axis=1) >= 0).all()
+    assert (p.calib_y >= 0).all() and (p.calib_y <= 1).all()
+    # isotonic regression keeps the mean: the calibrated scores of the held-out samples average to the frequency
+    for d in (1, 2):
+        z, y = [], []
+        for dd, l, X, Y in p._design(tail):
+            if dd == d:
+                z.append(p._calibrated(p._link(X @ p.coef[d - 1, l].T + p.intercept[d - 1, l]), d).ravel())
+                y.append(Y.ravel())
+        assert abs(np.concatenate(z).mean() - np.concatenate(y).mean()) < 1e-9
+    # the full fit: gather and dense reference agree through the map, save/load keeps it
+    full = PREDICTORS.get("learned")(3, 5, 1, window=1, max_depth=2, calibrate="isotonic").fit(head)
+    ref = DenseLearnedPredictor.from_fitted(full)
+    for q in (full, ref):
+        q.reset()
+        q.observe(0, np.array([[2]]))
+    np.testing.assert_allclose(full.predict(0, 1), ref.predict(0, 1), atol=1e-11)
+    # a strong rule is sharpened: the repeated expert's calibrated probability is above the ridge score's
+    raw = PREDICTORS.get("learned")(3, 5, 1, window=1, max_depth=2).fit(head)
+    raw.reset()
+    raw.observe(0, np.array([[2]]))
+    assert full.predict(0, 1)[0, 2] > raw.predict(0, 1)[0, 2]
+
+
+def test_learned_calibration_errors(tmp_path):
+    rng = np.random.default_rng(12)
+    with pytest.raises(ConfigError, match="calibrate must be one of"):
+        PREDICTORS.get("learned")(3, 5, 1, calibrate="platt")
+    with pytest.raises(ConfigError, match="calibrate_share must be strictly between 0 and 1"):
+        PREDICTORS.get("learned")(3, 5, 1, calibrate="isotonic", calibrate_share=1.0)
+    one = _noisy_copy_trace(rng, 1)
+    p = PREDICTORS.get("learned")(3, 5, 1, calibrate="isotonic")
+    with pytest.raises(ConfigError, match="leaves none on one side"):
+        p.fit(one)
+    assert not p.fitted and (p.coef == 0).all()  # refused before anything was fitted
+    # a state saved without a map does not load as a calibrated predictor
+    plain = PREDICTORS.get("learned")(3, 5, 1).fit(_noisy_copy_trace(rng, 5))
+    plain.save(tmp_path / "plain")
+    with np.load(tmp_path / "plain" / "state.npz") as z:
+        arrays = {n: z[n] for n in z.files}
+    with pytest.raises(ConfigError, match="no calibration map"):
+        PREDICTORS.get("learned")(3, 5, 1, calibrate="isotonic").load_state(arrays)
