@@ -17,8 +17,9 @@ per layer (layer scope), token by token (decode stream, batch 1), miss rule ``co
 not have (a trace directory or any file ``moecache trace import`` reads): fitted on the leading third of
 its sequences (of its tokens, for one stream), reported on the rest. Also printed: the best
 configuration without prefetch (if it is as fast as the best with prefetch, no prefetch pays at this
-shape and batch: a finding), and the chosen predictor's recall split into targets in the same token
-and in the next token. The fidelity summary (eval/results/sim_fidelity.md, where present) is copied
+shape and batch: a finding), the chosen predictor's recall split into targets in the same token
+and in the next token, and the recall at depths 1 and 2 of the trace-fitted predictors among the
+candidates (``RECALL_OF``) on the report part. The fidelity summary (eval/results/sim_fidelity.md, where present) is copied
 beside the result. Writes OUT.json and OUT.md with machine, date and command.
 """
 
@@ -56,13 +57,19 @@ TARGET = 0.5
 #: ``learned``'s feature window in its wide variant: the routing of the last WIDE_WINDOW MoE layers (this token's
 #: and, wrapping, the previous token's), where the default reads the last 2.
 WIDE_WINDOW = 12
+#: The wide variant with its scores mapped to selection frequencies (isotonic, per depth, fitted on held-out
+#: sequences of the fit part): the admission rule reads a prediction as a need probability.
+CALIBRATED = f"learned:window={WIDE_WINDOW}:calibrate=isotonic"
 #: (policy, predictor or None, depth): the online candidates; a predictor is ``NAME`` or ``NAME:key=value:...``
 #: (its constructor's options, ``predictor_spec``) (the oracle and offline policies are not online).
 CANDIDATES = [(pol, None, 0) for pol in ("lru", "lfu", "lrfu", "activation")] + \
     [(pol, pred, d) for pol in ("lru", "lfu", "lrfu", "activation")
      for pred, d in (("temporal", 1), ("transition", 1), ("transition", 2), ("learned", 1), ("learned", 2),
-                     ("prior", 1), (f"learned:window={WIDE_WINDOW}", 1), (f"learned:window={WIDE_WINDOW}", 2))] + \
+                     ("prior", 1), (f"learned:window={WIDE_WINDOW}", 1), (f"learned:window={WIDE_WINDOW}", 2),
+                     (CALIBRATED, 1), (CALIBRATED, 2))] + \
     [("predicted", pred, d) for pred in ("temporal", "prior") for d in (0, 1)]
+#: The predictors whose recall the report lists (those among the candidates).
+RECALL_OF = ("transition", "learned", f"learned:window={WIDE_WINDOW}", CALIBRATED)
 #: Prefetch budgets tried with every prefetching candidate: experts wanted per target layer, as a multiple of
 #: top_k (1: the simulator's default, top_k x rows; 2: twice that, the admission rule weighing each copy).
 BUDGETS = (1, 2)
@@ -196,6 +203,18 @@ def report(part, fitted: Fitted, chosen: dict, hw) -> dict:
     return out
 
 
+def predictor_recalls(part, fitted: Fitted, specs: list[str], depths=(1, 2)) -> list[dict]:
+    """recall@top_k of each predictor spec (fitted on the fit part) on ``part`` at each depth, all targets and split
+    into targets in the same token and in the next token."""
+    out = []
+    for spec in specs:
+        for row in measure_recall(fitted.get(spec, "lru"), part, depths=list(depths)):
+            out.append({"predictor": spec, "depth": row.depth, "recall@top_k": row.recall(),
+                        "recall@2top_k": row.recall(min(2 * row.top_k, part.meta.num_experts)),
+                        "same_token": row.recall_at_offset(0), "next_token": row.recall_at_offset(1)})
+    return out
+
+
 def fidelity_summary() -> list[str]:
     path = os.path.join(HERE, "results", "sim_fidelity.md")
     if not os.path.isfile(path):
@@ -249,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure_recall(p, rep, depths=[chosen["depth"]])
         recall = {"depth": chosen["depth"], "recall@top_k": rows[0].recall(),
                   "same_token": rows[0].recall_at_offset(0), "next_token": rows[0].recall_at_offset(1)}
+    specs = list(dict.fromkeys(pred for pol, pred, d in CANDIDATES if pred in RECALL_OF and
+                                (not args.policies or pol in args.policies)))
+    recalls = predictor_recalls(rep, fitted, specs)
     if args.trace:
         blind = load(args.trace)
         seqs = blind.sequences()
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(seconds, 1), "hardware": hw.describe(), "source": src,
             "split": {"fit": len(fit.sequences()), "choose": len(choose.sequences()), "report": len(rep.sequences())}}
     out = {"meta": meta, "candidates": tried, "chosen": chosen, "best_without_prefetch": best_plain,
-           "prefetch_pays": prefetch_pays, "recall": recall, **res}
+           "prefetch_pays": prefetch_pays, "recall": recall, "predictor_recall": recalls, **res}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_text_atomic(args.out + ".json", json.dumps(out, indent=1) + "\n")
     ok = d["gap_closed"] >= TARGET
@@ -320,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"({b['predictor_calls_per_token']:.1f}) | {b['prefetch_host']:.2f} | {b['copy_host']:.2f} | "
                      f"{b['stall']:.2f} | {b['loads_per_token']:.2f} | {b['prefetches_per_token']:.2f} | "
                      f"{b['prefetch_used']:,} / {b['prefetch_wasted']:,} | {b['late_hits']:,} |")
+    lines += ["", "## Predictors' recall on the report part", "",
+              "Fitted on the fit part; recall@top_k (and @2 x top_k) of the target layer's experts, all targets and "
+              "split into targets in the same token and in the next token (depth wrapping past the last layer).", "",
+              "| predictor | depth | recall@top_k | recall@2top_k | same token | next token |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['predictor']} | {r['depth']} | {r['recall@top_k']:.3f} | {r['recall@2top_k']:.3f} | "
+              f"{r['same_token']:.3f} | {r['next_token']:.3f} |" for r in recalls]
     lines += ["", "## Candidates on the choose part", "", "| configuration | ms/token | demand hit | prefetches / refused |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {label(c)} | {c['ms_per_token']:.2f} | {c['demand_hit_rate']:.3f} | "

@@ -108,8 +108,8 @@ def feature_layers(layer: int, target: int, num_layers: int, window: int) -> lis
 @PREDICTORS.register("learned", "linear model per target layer on the recent routing (scikit-learn ridge or logistic)")
 class LearnedPredictor(StreamPredictor):
     """Params: ``window`` (2), ``max_depth`` (2), ``C`` (1.0), ``max_samples`` (20000), ``model`` ("ridge"),
-    ``calibrate`` ("none" or "isotonic"), ``calibrate_share`` (0.2: the fitting trace's last sequences held out
-    for the map)."""
+    ``calibrate`` ("none" or "isotonic"), ``calibrate_share`` (0.2: the share of the fitting trace's sequences, the
+    last ones, at least one, held out for the map)."""
 
     name = "learned"
     needs_fit = True
@@ -199,11 +199,12 @@ class LearnedPredictor(StreamPredictor):
         check_trace(trace, self.num_layers, self.num_experts, self.top_k, "learned.fit")
         if self.calibrate == "isotonic":
             seqs = trace.sequences()
-            held = int(round(len(seqs) * self.calibrate_share))
-            if held < 1 or held >= len(seqs):
-                raise ConfigError(f"learned: calibrate='isotonic' holds out {self.calibrate_share:.0%} of the fitting "
-                                  f"trace's {len(seqs)} sequence(s), which leaves none on one side; fit on more "
-                                  "sequences, change calibrate_share, or use calibrate='none'")
+            if len(seqs) < 2:
+                raise ConfigError(f"learned: calibrate='isotonic' holds out sequences of the fitting trace for its "
+                                  f"map, and the trace has {len(seqs)}; fit on a trace with 2 or more sequences, or "
+                                  "use calibrate='none'")
+            # calibrate_share of the sequences, at least one on each side
+            held = min(max(int(round(len(seqs) * self.calibrate_share)), 1), len(seqs) - 1)
             # the map is fitted on scores of routing the models did not see, then the models on everything
             self._fit_models(trace.select_sequences(seqs[:len(seqs) - held]))
             self._fit_calibration(trace.select_sequences(seqs[len(seqs) - held:]))

@@ -941,7 +941,7 @@ def test_learned_calibration_errors(tmp_path):
         PREDICTORS.get("learned")(3, 5, 1, calibrate="isotonic", calibrate_share=1.0)
     one = _noisy_copy_trace(rng, 1)
     p = PREDICTORS.get("learned")(3, 5, 1, calibrate="isotonic")
-    with pytest.raises(ConfigError, match="leaves none on one side"):
+    with pytest.raises(ConfigError, match="the trace has 1; fit on a trace with 2 or more sequences"):
         p.fit(one)
     assert not p.fitted and (p.coef == 0).all()  # refused before anything was fitted
     # a state saved without a map does not load as a calibrated predictor
