@@ -57,3 +57,23 @@ def test_calibrated_candidate_replays_and_recall_table_splits_offsets():
     # the whole is the targets' weighted mix of the two parts: between them
     lo, hi = sorted((learned_d1["same_token"], learned_d1["next_token"]))
     assert lo <= learned_d1["recall@top_k"] <= hi
+
+
+def test_learned_levers_base_feature_set_is_learneds_own():
+    """eval/learned_levers.py's base blocks are exactly ``learned``'s (same layers, same token), so its offline
+    replay measures the predictor that runs; the extra sets add the target's neighbours and older tokens."""
+    path = Path(__file__).resolve().parent.parent / "eval" / "learned_levers.py"
+    spec = importlib.util.spec_from_file_location("_eval_learned_levers", path)
+    lv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lv)
+    from moecache.predictors.learned import feature_layers
+
+    L = 5
+    for window in (1, 2, 4, 7):
+        for l in range(L):
+            for d in (1, 2, 3):
+                t = (l + d) % L
+                assert lv.blocks(l, t, L, window, 0, 0) == [(fl, -off) for fl, off in feature_layers(l, t, L, window)]
+    # after layer 3 of 5 targeting layer 0 of the next token: its neighbour 1 (this token's), the token before
+    assert lv.blocks(3, 0, 5, 1, 1, 1) == [(3, 0), (0, 0), (1, 0), (0, 1)]
+    assert lv.blocks(1, 3, 5, 1, 1, 2) == [(1, 0), (2, 1), (3, 1), (4, 1), (3, 2), (3, 3)]
