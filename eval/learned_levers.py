@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()}, {platform.platform()}, Python {platform.python_version()}, "
                        f"{os.cpu_count()} CPUs",
-            "command": "python eval/learned_levers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python eval/learned_levers.py"] + (argv if argv is not None else sys.argv[1:])),
             "seconds": round(time.time() - t0, 1),
             "split": {"fit": len(fit.sequences()), "choose": len(choose.sequences()), "choose_tokens": len(choose)}}
     write_text_atomic(args.out + ".json", json.dumps({"meta": meta, "recall": rows, "blend": blend,

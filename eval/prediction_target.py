@@ -19,8 +19,8 @@ its sequences (of its tokens, for one stream), reported on the rest. Also printe
 configuration without prefetch (if it is as fast as the best with prefetch, no prefetch pays at this
 shape and batch: a finding), the chosen predictor's recall split into targets in the same token
 and in the next token, and the recall at depths 1 and 2 of the trace-fitted predictors among the
-candidates (``RECALL_OF``) on the report part. The fidelity summary (eval/results/sim_fidelity.md, where present) is copied
-beside the result. Writes OUT.json and OUT.md with machine, date and command.
+candidates (``RECALL_OF``) on the report part. The fidelity summary (eval/results/sim_fidelity.md, where
+present) is copied beside the result. Writes OUT.json and OUT.md with machine, date and command.
 """
 
 from __future__ import annotations

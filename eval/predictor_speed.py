@@ -1,8 +1,9 @@
 """Benchmark: host time of a predictor's per-layer call (``observe``, then ``predict`` at each depth), the
 runtime's per-layer cost, at batch 1 and batch 8.
 
-    python eval/predictor_speed.py [--trace PATH] [--predictors prior,temporal,transition,learned,learned:window=12]
-                                   [--batch 1 8] [--depth 2] [--repeats 5] [--threads 1] [--out eval/results/predictor_speed]
+    python eval/predictor_speed.py [--trace PATH] [--predictors prior,temporal,transition,learned,...]
+                                   [--batch 1 8] [--depth 2] [--repeats 5] [--threads 1]
+                                   [--out eval/results/predictor_speed]
 
 Fits each predictor on the trace's leading ``--fit-seqs`` sequences, then feeds it the following tokens as the
 runtime does at decode: for each token, layer by layer, ``observe(l, ids)`` and then ``predict(l, d)`` for
@@ -12,9 +13,9 @@ same fitted coefficients scored by the dense product ``x @ coef.T`` on multi-hot
 (``DenseLearnedPredictor``, how ``learned`` scored before the gather-and-sum).
 
 The variants run interleaved (repeat 1 of every variant, then repeat 2, ...); each repeat times every call of
-its pass (after one untimed warm-up pass), and the figure is the median over repeats of the per-layer mean (range: min..max over repeats).
-BLAS threads are limited to ``--threads`` (threadpoolctl). Writes OUT.json and OUT.md with machine, date,
-load average and command.
+its pass (after one untimed warm-up pass), and the figure is the median over repeats of the per-layer mean
+(range: min..max over repeats). BLAS threads are limited to ``--threads`` (threadpoolctl). Writes OUT.json
+and OUT.md with machine, date, load average and command.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def time_pass(pred: Any, ids: np.ndarray, depth: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", default=SUITE_DEEPSEEK, help="moecache trace folder (default: the suite's DeepSeek-V2-Lite)")
+    ap.add_argument("--trace", default=SUITE_DEEPSEEK,
+                    help="moecache trace folder (default: the suite's DeepSeek-V2-Lite)")
     ap.add_argument("--predictors", default="prior,temporal,transition,learned,learned:window=12")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--depth", type=int, default=2, help="predict(l, d) for d = 1..depth after each observe")

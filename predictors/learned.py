@@ -251,8 +251,9 @@ class LearnedPredictor(StreamPredictor):
         """``(table, pos, off, ones)`` of the model ``(depth, layer)``: the scores of a row with stored ids ``ids``
         are ``link(ones @ table[ids[pos] + off])`` (the gathered rows' sum). ``table``
         ``((w + 1) * (E + 1) + 1, E)``: row ``j * (E + 1) + e`` is feature block ``j``'s coefficient column for
-        expert ``e``, row ``j * (E + 1) + E`` zero (the sentinel), the last row the intercept; ``pos`` the slots of the blocks' layers (``feature_layers``
-        order) and the intercept column, ``off`` each slot's block offset into ``table``."""
+        expert ``e``, row ``j * (E + 1) + E`` zero (the sentinel), the last row the intercept; ``pos`` the slots of
+        the blocks' layers (``feature_layers`` order) and the intercept column, ``off`` each slot's block offset
+        into ``table``."""
         key = (depth, layer)
         got = self._tables.get(key)
         if got is None:

@@ -418,7 +418,8 @@ def test_gate_lookahead_needs_routers_and_supported_models():
 STREAM_PREDICTORS = [n for n in PREDICTORS.names() if n != "oracle"]
 
 #: Non-default configurations that take other code paths, checked by the contract too.
-VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic"}, {"calibrate": "isotonic"}], "gate_lookahead": [{"rescale": "norm"}]}
+VARIANTS = {"transition": [{"combine": "mean"}], "learned": [{"model": "logistic"}, {"calibrate": "isotonic"}],
+            "gate_lookahead": [{"rescale": "norm"}]}
 CONFIGS = [(n, {}) for n in STREAM_PREDICTORS] + [(n, v) for n in STREAM_PREDICTORS for v in VARIANTS.get(n, [])]
 
 
@@ -823,7 +824,8 @@ def test_learned_gather_equals_dense_product(model, window, rows):
     L, E, k = 4, 7, 2
     seqs = [np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(12)])
             for _ in range(16)]
-    fast = PREDICTORS.get("learned")(L, E, k, window=window, max_depth=3, model=model, C=0.5).fit(make_trace(seqs, E, k))
+    fast = PREDICTORS.get("learned")(L, E, k, window=window, max_depth=3, model=model, C=0.5)
+    fast.fit(make_trace(seqs, E, k))
     # a fit that is not degenerate: large, mixed-sign coefficients make rounding differences visible if any
     assert np.abs(fast.coef).max() > 0.05
     ref = DenseLearnedPredictor.from_fitted(fast)
