@@ -591,6 +591,21 @@ class Simulator:
         return replace(hw, non_expert_ms={b: v["median"] for b, v in got.items()})
 
 
+def _predictor_code_digest() -> bytes:
+    """A digest of the predictor modules' source (moecache.predictors)."""
+    import hashlib
+
+    import moecache.predictors as pkg
+
+    h = hashlib.sha256()
+    for d in pkg.__path__:
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".py"):
+                with open(os.path.join(d, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.digest()
+
+
 class _DiskFits(dict):
     """Fitted predictors (and fitting counts) of one set of fitting sequences, pickled under ``cache_dir``."""
 
@@ -600,7 +615,8 @@ class _DiskFits(dict):
 
         self.path = None
         if cache_dir:
-            h = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            # the predictors' code is part of the key: a fit pickled by older code is not read back
+            h = hashlib.sha256(repr(key).encode() + _predictor_code_digest()).hexdigest()[:16]
             self.path = os.path.join(cache_dir, f"fits_{key[0]}_{h}")
 
     def __contains__(self, name: object) -> bool:
@@ -1026,6 +1042,8 @@ def rounded(terms: dict[str, Any]) -> dict[str, Any]:
     out["evict_host_by_name"] = {k: round(v, 6) for k, v in (terms.get("evict_host_by_name") or {}).items()} or None
     out["expert_kernel"] = terms.get("expert_kernel", "per_expert")
     out["expert_launch_ms"] = round(float(terms.get("expert_launch_ms", 0.0)), 6)
+    if terms.get("non_expert_ms"):
+        out["non_expert_ms"] = {int(t): round(float(ms), 6) for t, ms in terms["non_expert_ms"].items()}
     return out
 
 
@@ -1040,6 +1058,8 @@ def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: lis
         "evict_host_by_name": {k: round(v, 6) for k, v in (terms.get("evict_host_by_name") or {}).items()},
         "expert_kernel": terms.get("expert_kernel", "per_expert"),
         "expert_launch_ms": round(float(terms.get("expert_launch_ms", 0.0)), 6),
+        **({"non_expert_ms": {str(t): ms for t, ms in sorted(terms["non_expert_ms"].items())}}
+           if terms.get("non_expert_ms") else {}),
         "source": "calibrated",
         "calibration": {
             "command": "python eval/calibrate_timing.py --freeze",
@@ -1067,6 +1087,9 @@ def freeze(path: str, terms: dict[str, float], record: dict[str, Any], rows: lis
                 "evict_host_by_name": f"runtime stats: the scan policies' host time per layer beyond the line above, "
                                       f"per eviction ({st['rows_evict']} rows, median per policy)",
                 "expert_kernel": "not fitted: the runtime runs a step's experts in one grouped kernel",
+                "non_expert_ms": "measured, not fitted: the training shape's non-expert time per MoE layer by batch "
+                                 "size (eval/e2e_compare.py config n, median of its repeats); it stands for every "
+                                 "shape whose own was not measured, as hardware.md's one figure did before",
                 "expert_launch_ms": "not fitted: shared/docs/hardware.md, DeepSeek-V2-Lite shape at batch 1, batched_mm "
                                     "all-resident minus experts zeroed, per layer, less its six experts' weight reads "
                                     "(moecache.cost.hardware.grouped_launch_ms)",
@@ -1123,6 +1146,9 @@ def main(argv: list[str] | None = None) -> int:
         files = [os.path.relpath(p, args.results) for p in paths]
         if args.freeze:
             terms, record = fit_terms(confs, sim, args.results)
+            train_shape = sorted(TRAIN)[0][0]
+            if non_expert.get(train_shape):  # the default profile's non-expert time: the training shape's measured one
+                terms["non_expert_ms"] = {b: v["median"] for b, v in non_expert[train_shape].items()}
             terms = rounded(terms)  # the table is simulated with the values the file will hold
         calibrated = default_profile
         if args.freeze:

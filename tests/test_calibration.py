@@ -449,3 +449,23 @@ def test_batch8_prefetch_replay_counts_follow_the_runtimes(routing_dir):
     finally:
         ct.copy_queue_of = old
     assert f["cancelled"] == 0 and f["ms_per_step"] > 1.25 * conf.measured[0]
+
+
+def test_frozen_terms_carry_the_measured_non_expert_time():
+    # --freeze writes the training shape's measured non-expert time; the fidelity replay applies it like the others
+    ct = _calibrate()
+    terms = {n: 0.5 for n in ct.HOST_TERMS}
+    out = ct.rounded({**terms, "non_expert_ms": {1: 1.6750461, 8: 1.6542}})
+    assert out["non_expert_ms"] == {1: 1.675046, 8: 1.6542}
+    assert "non_expert_ms" not in ct.rounded(terms)
+    hw = ct.apply_terms(ct.uncalibrated_profile(17_301_504), out)
+    assert hw.non_expert(8) == pytest.approx(1.6542 + hw.expert_launch_ms)
+    assert hw.non_expert(1) != ct.uncalibrated_profile(17_301_504).non_expert(1)
+
+
+def test_fitted_predictor_cache_is_keyed_by_the_predictor_code(tmp_path, monkeypatch):
+    ct = _calibrate()
+    a = ct._DiskFits(str(tmp_path), ("deepseek", 26, (1, 2)))
+    monkeypatch.setattr(ct, "_predictor_code_digest", lambda: b"other code")
+    b = ct._DiskFits(str(tmp_path), ("deepseek", 26, (1, 2)))
+    assert a.path != b.path and a.path.startswith(str(tmp_path))

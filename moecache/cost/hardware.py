@@ -367,7 +367,7 @@ def calibrated_terms(path: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"the calibrated hardware profile {path} is not valid JSON ({e}); regenerate it with "
                           "`python eval/calibrate_timing.py --freeze`") from None
     extra = {"source", "calibration", "predictor_host_by_name", "cpu_table_scale", "expert_kernel",
-             "expert_launch_ms", "evict_host_by_name"}
+             "expert_launch_ms", "evict_host_by_name", "non_expert_ms"}
     bad = sorted(set(obj) - set(HOST_TERMS) - extra) if isinstance(obj, dict) else ["(not an object)"]
     if bad or any(n not in obj for n in HOST_TERMS):
         raise ConfigError(f"the calibrated hardware profile {path} must hold exactly {', '.join(HOST_TERMS)} (and "
@@ -404,6 +404,8 @@ def default_profile(bytes_per_expert: int) -> HardwareProfile:
     hw.evict_host_by_name = terms.get("evict_host_by_name")
     hw.expert_kernel = terms.get("expert_kernel", "per_expert")
     hw.expert_launch_ms = float(terms.get("expert_launch_ms", 0.0))
+    if terms.get("non_expert_ms"):  # measured on the GPU (null experts), in place of hardware.md's one figure
+        hw.non_expert_ms = {int(t): float(ms) for t, ms in terms["non_expert_ms"].items()}
     scale = float(terms.get("cpu_table_scale", 1.0))
     hw.cpu_ms = {t: ms * scale for t, ms in hw.cpu_ms.items()}
     hw.calibration = terms.get("calibration")
