@@ -14,8 +14,8 @@ per layer (layer scope), token by token (decode stream, batch 1), miss rule ``co
 (LRU - bound) in estimated ms/token; the target is >= 50%.
 
 ``--trace PATH`` adds a blind check: the configuration chosen on DeepSeek, on routing the project does
-not have (a trace directory or any file ``moecache trace import`` reads): fitted on the leading third of
-its sequences (of its tokens, for one stream), reported on the rest. Also printed: the best
+not have (a trace directory or any file ``moecache trace import`` reads): fitted on the leading third
+(at least two sequences) of its sequences (of its tokens, for one stream), reported on the rest. Also printed: the best
 configuration without prefetch (if it is as fast as the best with prefetch, no prefetch pays at this
 shape and batch: a finding), the chosen predictor's recall split into targets in the same token
 and in the next token, and the recall at depths 1 and 2 of the trace-fitted predictors among the
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         blind = load(args.trace)
         seqs = blind.sequences()
         if len(seqs) >= 3:
-            cut = len(seqs) // 3
+            # a third to fit, but at least two sequences (a calibrated predictor holds one out for its map)
+            cut = max(len(seqs) // 3, 2)
             bfit, brep = blind.select_sequences(seqs[:cut]), blind.select_sequences(seqs[cut:])
         else:
             import numpy as np
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if "blind" in res:
         b = res["blind"]
         lines += ["", f"## Blind check: {b['path']}", "",
-                  f"{label(chosen)} (chosen on DeepSeek), fitted on the leading third, reported on the rest "
+                  f"{label(chosen)} (chosen on DeepSeek), fitted on the leading third (at least two sequences), "
+                  f"reported on the rest "
                   f"({b['tokens']:,} tokens): {b['chosen']['ms_per_token']:.2f} ms/token; LRU "
                   f"{b['lru']['ms_per_token']:.2f}; bound {b['bound_ms_per_token']:.2f}; gap closed "
                   f"{b['gap_closed']:.1%}."]
