@@ -37,28 +37,21 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "eval"))
 
 from moecache.atomic import write_text_atomic  # noqa: E402
+from moecache.errors import ConfigError  # noqa: E402
 from moecache.predictors import PREDICTORS  # noqa: E402
 from moecache.predictors.learned import DenseLearnedPredictor  # noqa: E402
+from prediction_target import predictor_spec  # noqa: E402
 
 SUITE_DEEPSEEK = os.path.join(ROOT, "build", "suite_traces", "deepseek-v2-lite")
 DENSE = "[dense]"
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"learned:window=12"`` -> ``("learned", {"window": 12})`` (ints, floats, else text)."""
-    name, *parts = spec.split(":")
-    opts: dict[str, Any] = {}
-    for part in parts:
-        key, eq, text = part.partition("=")
-        if not eq or not key or not text:
-            raise SystemExit(f"predictor option {part!r} in {spec!r} is not key=value; write e.g. learned:window=12")
-        for conv in (int, float, str):
-            try:
-                opts[key] = conv(text)
-                break
-            except ValueError:
-                continue
-    return name, opts
+    """``"learned:window=12"`` -> ``("learned", {"window": 12})`` (prediction_target's parser)."""
+    try:
+        return predictor_spec(spec)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def batches(trace: Any, start: int, rows: int, tokens: int) -> np.ndarray:
