@@ -131,7 +131,6 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     rule_tl = RuleView(tl, wq) if wq is not None else tl  # what the miss rule reads
     pf_target: dict[int, int] = {}  # under the worker queue: a queued-or-copied prefetch's target step
     pf_batch: list[tuple[int, float]] = []  # under the worker queue: this step's prefetches (key, priority)
-    evicted = 0  # under the worker queue: victims of the insert being served (a scan policy's host time each)
     resident = policy._slot  # live view of the resident set (the base class never rebinds it)
     access, insert, admit, can_insert = policy.access, policy.insert, policy.admit, policy.can_insert
     copy_ms = hw.copy_ms
@@ -159,6 +158,27 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
     below = precision[0].below if precision is not None else 0.0
     low_copy_ms = precision[1] if precision is not None else 0.0
     low_loads = upgrades = 0
+
+    def insert_booked(key: int, prot: set[int]) -> int:
+        """Insert ``key``; book each victim (re-demand rate, low copy, wasted prefetch, the worker's queue);
+        the number evicted (under the worker queue, a scan policy's host time is paid per victim)."""
+        nonlocal pf_wasted
+        n = 0
+        for v in insert(key, prot):
+            if reuse is not None:
+                reuse.evicted(v, policy.pool(v))
+            low_res.discard(v)
+            if v in pf_unused:
+                pf_unused.discard(v)
+                pf_wasted += 1
+                pf_src.pop(v, None)
+            if wq is not None:
+                pf_target.pop(v, None)
+                wq.cancel(v)
+            n += 1
+        if reuse is not None:
+            reuse.inserted(key)
+        return n
 
     for u in range(schedule.num_units):
         rows = schedule.rows(u)
@@ -268,24 +288,10 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             if record is not None:
                                 record.append((g, key, c, ("copy_low" if low else "copy") if copied else "cpu"))
                             if copied:
-                                for v in insert(key, protected):
-                                    if reuse is not None:
-                                        reuse.evicted(v, policy.pool(v))
-                                    low_res.discard(v)
-                                    if v in pf_unused:
-                                        pf_unused.discard(v)
-                                        pf_wasted += 1
-                                        pf_src.pop(v, None)
-                                    if wq is not None:
-                                        pf_target.pop(v, None)
-                                        wq.cancel(v)
-                                        evicted += 1
-                                if reuse is not None:
-                                    reuse.inserted(key)
+                                evicted = insert_booked(key, protected)
                                 if wq is not None:  # the pool scan only where the insert evicted
                                     h = h + (copy_host - evict) + evict * evicted
                                     hx = hx + (copy_host - evict) + evict * evicted
-                                    evicted = 0
                                 else:
                                     h = h + copy_host
                                     hx = hx + copy_host
@@ -371,26 +377,12 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                 if_unused, bonus = outcome_values(victim_pred, backlog, first, lead, copy_ms, host)
                                 gate.issued(l, if_unused)
                                 pf_src[key] = (l, bonus)
-                        for v in insert(key, prot):
-                            if reuse is not None:
-                                reuse.evicted(v, policy.pool(v))
-                            low_res.discard(v)
-                            if v in pf_unused:
-                                pf_unused.discard(v)
-                                pf_wasted += 1
-                                pf_src.pop(v, None)
-                            if wq is not None:
-                                pf_target.pop(v, None)
-                                wq.cancel(v)
-                                evicted += 1
-                        if reuse is not None:
-                            reuse.inserted(key)
+                        evicted = insert_booked(key, prot)
                         if wq is None:
                             hp = hp + pf_host
                             ready_at[key] = tl.issue_copy(hp, copy_ms)
                         else:  # queued with the step's others; priority = layers ahead + 1 - probability
                             hp = hp + (pf_host - evict) + evict * evicted
-                            evicted = 0
                             pf_batch.append((key, d + (1.0 - candidate_probability(float(scores[e])))))
                             ready_at[key] = _QUEUED
                             pf_target[key] = tg
