@@ -181,8 +181,9 @@ class Runtime:
         self._gate_key: tuple | None = None
         #: Under the gate: prefetched key -> (source MoE layer, what its use adds to the gate's ledger).
         self._pf_src: dict[int, tuple[int, float]] = {}
-        #: The re-demand rate of evicted residents, the admission rule's floor on a victim's worth.
-        self.reuse = VictimReuse(policy.num_pools)
+        #: The re-demand rate of evicted residents, the admission rule's floor on a victim's worth (kept only
+        #: where the runtime prefetches: nothing else reads it).
+        self.reuse = VictimReuse(policy.num_pools) if self.prefetch_depth else None
         #: The ``model`` clock (ms): now, the modelled copy queue's end, and this layer's modelled length.
         self._m_now = 0.0
         self._m_copy = 0.0
@@ -379,7 +380,8 @@ class Runtime:
                     c.prefill_stream_useful += 1
             else:
                 c.misses += 1
-                self.reuse.demanded(key, self.policy.pool(key))
+                if self.reuse is not None:
+                    self.reuse.demanded(key, self.policy.pool(key))
                 s = self._place(key, protected)
                 if rule is not None and miss_precision.copy_precision(
                         None, self._shares.get(key % self.E, 1.0), rule.below) == LOW:
@@ -459,7 +461,8 @@ class Runtime:
         """Ask the policy for a slot for ``key`` (evicting as it decides); the caller queues the copy."""
         for victim in self.policy.insert(key, protected):
             self._evicted(victim)
-        self.reuse.inserted(key)
+        if self.reuse is not None:
+            self.reuse.inserted(key)
         s = int(self.policy.slot(key))
         self.slot_of[key] = s
         self.ready_slots.discard(s)
@@ -483,7 +486,8 @@ class Runtime:
         s = int(self.slot_of[key])
         self.slot_of[key] = -1
         self.counters.evictions += 1
-        self.reuse.evicted(key, self.policy.pool(key))
+        if self.reuse is not None:
+            self.reuse.evicted(key, self.policy.pool(key))
         self.unused_prefetch.discard(key)
         self._pf_src.pop(key, None)
         self.streamed.discard(key)
@@ -641,8 +645,9 @@ class Runtime:
                 self.policy.access(key, n)
             c.accesses += len(on_cpu)
             c.misses += len(on_cpu)
-            for key in sorted(on_cpu):
-                self.reuse.demanded(key, self.policy.pool(key))
+            if self.reuse is not None:
+                for key in sorted(on_cpu):
+                    self.reuse.demanded(key, self.policy.pool(key))
             contrib = torch.empty((tokens * k, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
             gpu = [(key - base, n) for key, n in zip(keys, counts) if key not in on_cpu]
             if gpu:  # the CPU experts' pairs go up with the GPU experts' indices
