@@ -53,6 +53,9 @@ DEEPSEEK = os.path.join(ROOT, "..", "shared", "data", "routing", "deepseek-v2-li
                         "training_data_eamc")
 SUITE_DEEPSEEK = os.path.join(ROOT, "build", "suite_traces", "deepseek-v2-lite")
 CAPACITY = 0.25
+#: The simulator's copy model for every replay (``--copy-queue``): ``fifo`` (the default model) or ``worker``
+#: (the runtime's copy worker: priorities, cancellation at the target layer; moecache/sim/copy_queue.py).
+COPY_QUEUE = "fifo"
 TARGET = 0.5
 #: ``learned``'s feature window in its wide variant: the routing of the last WIDE_WINDOW MoE layers (this token's
 #: and, wrapping, the previous token's), where the default reads the last 2.
@@ -152,7 +155,7 @@ def replay(part, fitted: Fitted, policy: str, pred: str | None, depth: int, hw, 
     if pol.needs_fit:
         pol.fit(fitted.counts)
     predictor = fitted.get(pred, policy)
-    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True,
+    r = simulate(s, pol, predictor, depth=depth, hardware=hw, bound=True, copy_queue=COPY_QUEUE,
                  budget=budget * m.top_k if depth and budget != 1 else None)
     row = r.row()
     return {"policy": policy, "predictor": pred or "none", "depth": depth, "budget": budget,
@@ -235,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--choose-seqs", type=int, default=40)
     ap.add_argument("--report-seqs", type=int, default=100)
     ap.add_argument("--policies", nargs="*", help="candidate policies (default: every one in CANDIDATES)")
+    ap.add_argument("--copy-queue", choices=("fifo", "worker"), default="fifo",
+                    help="the simulator's copy model: fifo (default) or worker (the runtime's copy worker)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prediction_target"))
     args = ap.parse_args(argv)
+    global COPY_QUEUE
+    COPY_QUEUE = args.copy_queue
     src = args.deepseek or (SUITE_DEEPSEEK if os.path.isdir(SUITE_DEEPSEEK) else DEEPSEEK)
     if not os.path.exists(src):
         raise SystemExit(f"{src} not found: the shared DeepSeek-V2-Lite routing is needed (or pass --deepseek PATH)")
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- command: `{meta['command']}` ({seconds:.0f} s)", f"- hardware profile: {hw.describe()}",
              f"- split by sequence: fit {meta['split']['fit']}, choose {meta['split']['choose']}, report "
              f"{meta['split']['report']} ({d['tokens']:,} tokens); {len(tried)} online candidates",
-             "- estimated ms/token from the simulator's timing model (not a GPU run)", "",
+             f"- estimated ms/token from the simulator's timing model (not a GPU run), copy model {COPY_QUEUE}", "",
              f"**Chosen (on the choose part): {label(chosen)}. On the report part: {d['chosen']['ms_per_token']:.2f} "
              f"ms/token; LRU {d['lru']['ms_per_token']:.2f}; bound {d['bound_ms_per_token']:.2f}; gap closed "
              f"{d['gap_closed']:.1%} (target >= {TARGET:.0%}: {'met' if ok else 'NOT met'}).**", ""]

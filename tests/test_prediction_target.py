@@ -77,3 +77,21 @@ def test_learned_levers_base_feature_set_is_learneds_own():
     # after layer 3 of 5 targeting layer 0 of the next token: its neighbour 1 (this token's), the token before
     assert lv.blocks(3, 0, 5, 1, 1, 1) == [(3, 0), (0, 0), (1, 0), (0, 1)]
     assert lv.blocks(1, 3, 5, 1, 1, 2) == [(1, 0), (2, 1), (3, 1), (4, 1), (3, 2), (3, 3)]
+
+
+def test_copy_queue_option_reaches_every_replay(monkeypatch):
+    # --copy-queue worker replays with the runtime's copy worker: the prefetch replay differs from FIFO's
+    pt = _pt()
+    trace = _rule_trace()
+    fit, _, rep = pt.three_way(trace, None, None, None)
+    fitted = pt.Fitted(fit, trace.meta)
+    hw = HardwareProfile(bytes_per_expert=3_000_000, copy_bandwidth_gbps=1e3, copy_latency_ms=0.3,
+                         gpu_ms={1: 0.1}, cpu_ms={1: 0.4}, non_expert_ms={1: 0.5}, source="test")
+    seen = []
+    real = pt.simulate
+    monkeypatch.setattr(pt, "simulate", lambda *a, **kw: seen.append(kw["copy_queue"]) or real(*a, **kw))
+    fifo = pt.replay(rep, fitted, "lru", "learned", 2, hw, budget=2)
+    monkeypatch.setattr(pt, "COPY_QUEUE", "worker")
+    worker = pt.replay(rep, fitted, "lru", "learned", 2, hw, budget=2)
+    assert seen == ["fifo", "worker"]
+    assert fifo["ms_per_token"] != worker["ms_per_token"]
