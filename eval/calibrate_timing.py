@@ -217,7 +217,7 @@ def spec_of(rep: Repeat) -> SimSpec:
     rule = {None: "copy", "auto": "auto", "true": "auto", "cpu": "cpu", "copy": "copy"}.get(c.hybrid)
     if rule is None:
         return SimSpec("unmodelled", why=f"hybrid rule {c.hybrid!r} has no simulator miss rule")
-    return SimSpec("offload", policy=c.policy, scope=c.scope, predictor=c.predictor, depth=c.depth,
+    return SimSpec("offload", policy=c.policy, scope=c.scope, predictor=c.predictor_spec, depth=c.depth,
                    min_prob=RUNTIME_MIN_PROB if c.min_prob is None else c.min_prob, width=c.width, miss_rule=rule)
 
 
@@ -334,16 +334,20 @@ class RunReplay:
             raise RuntimeError(f"replay schedule has {sched.num_units} units for {len(units)} model calls")
         return sched
 
-    def predictor(self, name: str) -> Any:
+    def predictor(self, spec: str) -> Any:
+        """Predictor ``spec`` (a name with its constructor options, ``learned:window=12``) fitted on the
+        fitting sequences, once; a fresh copy per call."""
+        from e2e_harness import predictor_options
         from moecache.predictors import PREDICTORS
 
-        if name not in self.fitted:
+        if spec not in self.fitted:
             m = self.trace.meta
-            pred = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k)
+            name, options = predictor_options(spec)
+            pred = PREDICTORS.get(name)(m.num_layers, m.num_experts, m.top_k, **options)
             if name != "oracle":
                 pred.fit(self.fit_trace)
-            self.fitted[name] = pred
-        return copy.deepcopy(self.fitted[name])
+            self.fitted[spec] = pred
+        return copy.deepcopy(self.fitted[spec])
 
     def counts(self) -> np.ndarray:
         from moecache.trace.store import count_ids
@@ -680,7 +684,7 @@ def stats_fit(repeats: list[tuple[Repeat, SimSpec]]) -> dict[str, Any]:
         if spec.predictor:
             pf_x.append((row.get("prefetch_issued") or 0) / calls)
             pf_y.append(pf_host)
-            pf_name.append(spec.predictor)
+            pf_name.append(spec.predictor.split(":")[0])  # the predictor's host figure is per name
     a, copy_host = _lsq_line(pre_x, pre_y)
     p0, p1 = _lsq_line(pf_x, pf_y)
     by_name = _per_group_intercepts(pf_x, pf_y, pf_name)
@@ -712,7 +716,7 @@ def _scan_evict_host(repeats: list[tuple[Repeat, SimSpec]], a: float, copy_host:
             continue
         expect = a + copy_host * demand
         if spec.predictor:
-            expect += pred_by_name.get(spec.predictor, pred_host) + pf_slope * pf
+            expect += pred_by_name.get(spec.predictor.split(":")[0], pred_host) + pf_slope * pf
         out.setdefault(spec.policy, []).append(max(0.0, (row["host_ms_per_layer"] - expect) / evictions))
     return out
 

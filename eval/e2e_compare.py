@@ -215,9 +215,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if "e" in configs:
         from moecache.predictors import PREDICTORS
 
-        for name in sorted({c.predictor for c in candidates if c.predictor}):
-            if not getattr(PREDICTORS.get(name), "needs_model", False):
-                bench.predictor(name)
+        for cand in sorted({c for c in candidates if c.predictor}, key=lambda c: c.predictor_spec):
+            if not getattr(PREDICTORS.get(cand.predictor), "needs_model", False):
+                bench.predictor(cand.predictor_spec)
     t_fit = time.perf_counter() - t0
     weights = {c: WEIGHTS[c] * (len(candidates) if c == "e" else 1) for c in configs}
     budget.weights_left = sum(weights.values()) * len(plans) * args.repeats

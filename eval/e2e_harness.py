@@ -62,8 +62,32 @@ _OLD_PART = re.compile(r"hybrid-.*|[pw][0-9][0-9.]*|.+-d[0-9]*")
 _POLICY_KEYS = ("scope",)
 _PREDICTOR_KEYS = ("depth", "min_prob", "width", "admission")
 _HYBRID_KEYS = ("rule",)
-SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A]][+hybrid[:rule=RULE]], "
-               "e.g. lru:scope=layer+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
+SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A][:OPTION=V]]"
+               "[+hybrid[:rule=RULE]], e.g. lru:scope=layer+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
+
+
+def option_value(raw: str) -> Any:
+    """A predictor option's text as its constructor takes it: an integer, else a number, else the text."""
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            continue
+    return raw
+
+
+def predictor_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"learned:calibrate=isotonic:window=12"`` -> ``("learned", {"calibrate": "isotonic", "window": 12})``."""
+    from moecache.registry import split_spec
+
+    name, kv = split_spec(spec, "predictor option")
+    return name, {k: option_value(v) for k, v in kv.items()}
+
+
+def constructor_options(cls: type) -> tuple[str, ...]:
+    """The keyword options of a predictor class's constructor (past the layers, experts and top-k)."""
+    names = list(inspect.signature(cls.__init__).parameters)[1:]
+    return tuple(n for n in names if n not in ("num_layers", "num_experts", "top_k", "self"))
 
 
 @dataclass(frozen=True)
@@ -71,18 +95,22 @@ class Candidate:
     """One moecache offload configuration, written as registry specs (``moecache.registry.split_spec``,
     ``name:key=value``) joined by ``+``: the policy first, then optionally a predictor and ``hybrid``::
 
-        POLICY[:scope=layer|global][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A]][+hybrid[:rule=RULE]]
+        POLICY[:scope=layer|global][+PREDICTOR:depth=N[:min_prob=P][:width=W][:admission=A][:OPTION=V]][+hybrid[:rule=RULE]]
 
     e.g. ``lru``, ``lru:scope=layer``, ``lrfu+transition:depth=2``,
     ``lru+transition:depth=1+hybrid:rule=auto``, ``static+hybrid:rule=cpu``. ``depth`` is the prefetch
     depth (>= 1); ``min_prob`` prefetches only experts whose predicted probability is at least P
     (default 0.05), ``width`` at most W per target layer (``prefetch_width``, default top-k times the
     batch rows), ``admission`` the prefetch admission rule (``offload(admission=...)``: gated, the default,
-    cost or none); ``hybrid`` alone is ``offload(hybrid=True)``, ``hybrid:rule=R`` a ``HYBRID_RULES`` name.
+    cost or none); any other ``OPTION=V`` of the predictor part is its constructor's option
+    (``learned:depth=2:window=12:calibrate=isotonic``: the predictor ``learned(window=12,
+    calibrate="isotonic")``); ``hybrid`` alone is ``offload(hybrid=True)``, ``hybrid:rule=R`` a
+    ``HYBRID_RULES`` name.
 
     The old spelling ``policy[@layer]+predictor-dN+pP+wW+hybrid-MODE`` (``lru@layer+hybrid-auto``)
     still parses to the same configuration for a release, with a ``FutureWarning`` that shows the new
-    one; ``label`` keeps it, because recorded result tables name their rows by it."""
+    one; ``label`` keeps it, because recorded result tables name their rows by it (a candidate with
+    predictor options, which the old spelling cannot write, is labelled by its registry spelling)."""
 
     policy: str = "lru"
     scope: str = "global"
@@ -92,10 +120,20 @@ class Candidate:
     min_prob: float | None = None
     width: int | None = None
     admission: str | None = None
+    predictor_options: tuple[tuple[str, str], ...] = ()  # (key, raw value), sorted by key
+
+    @property
+    def predictor_spec(self) -> str | None:
+        """The predictor with its constructor options, ``learned:calibrate=isotonic:window=12``."""
+        if self.predictor is None:
+            return None
+        return self.predictor + "".join(f":{k}={v}" for k, v in self.predictor_options)
 
     @property
     def label(self) -> str:
         """The row label of result tables (the old spelling, unchanged so recorded tables still match)."""
+        if self.predictor_options:
+            return self.spec
         out = self.policy + ("@layer" if self.scope == "layer" else "")
         if self.predictor:
             out += f"+{self.predictor}-d{self.depth}"
@@ -121,6 +159,7 @@ class Candidate:
                 out += f":width={self.width}"
             if self.admission is not None:
                 out += f":admission={self.admission}"
+            out += "".join(f":{k}={v}" for k, v in self.predictor_options)
         if self.hybrid:
             out += "+hybrid" + ("" if self.hybrid == "true" else f":rule={self.hybrid}")
         return out
@@ -213,7 +252,8 @@ class Candidate:
                                   f"predictors: {', '.join(PREDICTORS.names())}")
             if "predictor" in kw:
                 raise ConfigError(f"candidate {text!r}: two predictors ({kw['predictor']!r}, {name!r}); give one")
-            _, kv = params(part, _PREDICTOR_KEYS)
+            cls_options = constructor_options(PREDICTORS.get(name))
+            _, kv = params(part, _PREDICTOR_KEYS + tuple(k for k in cls_options if k != "max_depth"))
             if "depth" not in kv:
                 raise ConfigError(f"candidate {text!r}: predictor {name!r} needs a prefetch depth; write "
                                   f"{name}:depth=1")
@@ -226,6 +266,11 @@ class Candidate:
                 from moecache.admission import check_admission
 
                 kw["admission"] = check_admission(kv["admission"])
+            options = tuple(sorted((k, v) for k, v in kv.items() if k not in _PREDICTOR_KEYS))
+            if options and getattr(PREDICTORS.get(name), "needs_model", False):
+                raise ConfigError(f"candidate {text!r}: predictor {name!r} reads the model and takes no options here; "
+                                  f"write {name}:depth=N")
+            kw["predictor_options"] = options
         return cls._check(text, cls(**kw))
 
     @classmethod
@@ -370,16 +415,17 @@ class Bench:
     min_share_s: float = 2.0
     fitted: dict[str, Any] = field(default_factory=dict)  # predictor name -> fitted once, copied per run
 
-    def predictor(self, name: str) -> Any:
-        """A fresh copy of predictor ``name`` fitted on the fitting sequences (fitted once per run:
-        fitting can take tens of seconds on a large trace)."""
+    def predictor(self, spec: str) -> Any:
+        """A fresh copy of predictor ``spec`` (a name with its options, ``Candidate.predictor_spec``) fitted
+        on the fitting sequences (fitted once per run: fitting can take tens of seconds on a large trace)."""
         from moecache.predictors import PREDICTORS
 
+        name, options = predictor_options(spec)
         if name == "oracle":
             return ReplayOracle(self.L, self.E, self.k)
-        if name not in self.fitted:
-            self.fitted[name] = PREDICTORS.get(name)(self.L, self.E, self.k).fit(self.fit_trace)
-        return copy.deepcopy(self.fitted[name])
+        if spec not in self.fitted:
+            self.fitted[spec] = PREDICTORS.get(name)(self.L, self.E, self.k, **options).fit(self.fit_trace)
+        return copy.deepcopy(self.fitted[spec])
 
     @property
     def total(self) -> int:
@@ -757,7 +803,7 @@ def offload_kwargs(bench: Bench, cand: Candidate, policy_params: dict[str, Any] 
                           "device": str(bench.dev), "host_store": bench.store, "own_store": False}
     if cand.predictor:
         cls = PREDICTORS.get(cand.predictor)
-        kw["predictor"] = cand.predictor if getattr(cls, "needs_model", False) else bench.predictor(cand.predictor)
+        kw["predictor"] = cand.predictor if getattr(cls, "needs_model", False) else bench.predictor(cand.predictor_spec)
         if cand.min_prob is not None:
             kw["min_prob"] = cand.min_prob
         if cand.width is not None:

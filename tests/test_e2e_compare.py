@@ -94,6 +94,28 @@ def test_candidate_specs_parse_and_bad_ones_say_what_is_valid(e2e):
         assert "\n" not in str(err.value)  # one line
 
 
+def test_a_candidate_carries_its_predictors_options_to_the_fitted_predictor(e2e):
+    c = e2e.Candidate.parse("lrfu+learned:depth=2:width=12:window=12:calibrate=isotonic")
+    assert (c.predictor, c.depth, c.width) == ("learned", 2, 12)
+    assert c.predictor_options == (("calibrate", "isotonic"), ("window", "12"))
+    assert c.predictor_spec == "learned:calibrate=isotonic:window=12"
+    assert c.label == c.spec == "lrfu+learned:depth=2:width=12:calibrate=isotonic:window=12"
+    assert e2e.Candidate.parse(c.label) == c  # result tables name the row by a spelling that parses back
+    assert e2e.Candidate.parse("lru+learned:depth=1").predictor_spec == "learned"
+    with pytest.raises(ConfigError, match="'learned' takes no 'windw'; valid keys: depth, .*window"):
+        e2e.Candidate.parse("lru+learned:depth=1:windw=12")
+    with pytest.raises(ConfigError, match="takes no 'max_depth'"):  # the depth is the candidate's, not an option
+        e2e.Candidate.parse("lru+learned:depth=1:max_depth=3")
+    # the bench fits the predictor with those options, once per spelling
+    trace = _trace([30, 30, 30, 30], layers=3, experts=8, k=2)
+    bench = SimpleNamespace(L=3, E=8, k=2, fit_trace=trace, fitted={})
+    wide = e2e.Bench.predictor(bench, "learned:window=3")
+    plain = e2e.Bench.predictor(bench, "learned")
+    assert (wide.window, plain.window) == (3, 2) and set(bench.fitted) == {"learned:window=3", "learned"}
+    assert e2e.predictor_options("learned:calibrate=isotonic:window=12") == (
+        "learned", {"calibrate": "isotonic", "window": 12})
+
+
 #: Old candidate spellings cited in recorded results and docs (``policy[@scope]+part+...``).
 _OLD_SPELLING = re.compile(r"(?<![\w.+/-])(?:activation|fifo|lfu|lrfu|lru|predicted|static)"
                            r"(?:@(?:layer|global))?(?:\+[A-Za-z0-9_.-]+)*")
