@@ -47,15 +47,17 @@ from moecache.policies import new_policy  # noqa: E402
 from moecache.predict_eval import measure_recall  # noqa: E402
 from moecache.predictors import PREDICTORS  # noqa: E402
 from moecache.sim import Schedule, simulate  # noqa: E402
+from moecache.sim.copy_queue import COPY_QUEUES  # noqa: E402
 from moecache.trace import count_ids, open_trace  # noqa: E402
 
 DEEPSEEK = os.path.join(ROOT, "..", "shared", "data", "routing", "deepseek-v2-lite-chat__moe-beyond",
                         "training_data_eamc")
 SUITE_DEEPSEEK = os.path.join(ROOT, "build", "suite_traces", "deepseek-v2-lite")
 CAPACITY = 0.25
-#: The simulator's copy model for every replay (``--copy-queue``): ``fifo`` (the default model) or ``worker``
-#: (the runtime's copy worker: priorities, cancellation at the target layer; moecache/sim/copy_queue.py).
-COPY_QUEUE = "fifo"
+#: The simulator's copy model for every replay (``--copy-queue``): ``worker`` (the default, as in the runtime:
+#: the runtime's copy worker, priorities, cancellation at the target layer; moecache/sim/copy_queue.py) or
+#: ``fifo`` (every copy in issue order).
+COPY_QUEUE = "worker"
 TARGET = 0.5
 #: ``learned``'s feature window in its wide variant: the routing of the last WIDE_WINDOW MoE layers (this token's
 #: and, wrapping, the previous token's), where the default reads the last 2.
@@ -238,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--choose-seqs", type=int, default=40)
     ap.add_argument("--report-seqs", type=int, default=100)
     ap.add_argument("--policies", nargs="*", help="candidate policies (default: every one in CANDIDATES)")
-    ap.add_argument("--copy-queue", choices=("fifo", "worker"), default="fifo",
-                    help="the simulator's copy model: fifo (default) or worker (the runtime's copy worker)")
+    ap.add_argument("--copy-queue", choices=COPY_QUEUES, default="worker",
+                    help="the simulator's copy model: worker (default: the runtime's copy worker, prefetches "
+                    "queued by priority and cancelled at their target layer) or fifo (every copy in issue order)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prediction_target"))
     args = ap.parse_args(argv)
     global COPY_QUEUE

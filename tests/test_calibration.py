@@ -113,15 +113,22 @@ def test_grouped_expert_kernel_by_hand():
 
 
 def test_scan_policy_host_per_eviction_by_hand():
-    # activation's host cost per insert rides on each copy's host cost; LRU's is untouched
+    # activation's host cost rides on each copy's host cost; LRU's is untouched. Under the default copy model
+    # (the runtime's worker) it is paid where an insert evicts (the second, into the one full slot); the FIFO
+    # model pays it on every insert.
     base = replace(unit_profile(), copy_host_ms=0.125, evict_host_by_name={"activation": 0.375})
     trace = make_trace([[0], [1]], num_experts=4)
     lru = simulate(Schedule(trace), _lru(1), hardware=base, bound=False)
-    act = new_policy("activation", 1, 1, 4, top_k=1, scope="layer")
-    act.fit(np.ones((1, 4), np.int64))
-    r = simulate(Schedule(trace), act, hardware=base, bound=False)
-    assert r.loads == lru.loads == 2
-    assert r.time_ms == lru.time_ms + 2 * 0.375
+
+    def act(**kw):
+        pol = new_policy("activation", 1, 1, 4, top_k=1, scope="layer")
+        pol.fit(np.ones((1, 4), np.int64))
+        return simulate(Schedule(trace), pol, hardware=base, bound=False, **kw)
+
+    r, fifo = act(), act(copy_queue="fifo")
+    assert r.loads == fifo.loads == lru.loads == 2
+    assert r.time_ms == lru.time_ms + 1 * 0.375
+    assert fifo.time_ms == lru.time_ms + 2 * 0.375
     assert base.evict_host("lru") == 0.0
     with pytest.raises(ConfigError, match="evict_host_by_name"):
         replace(unit_profile(), evict_host_by_name={"activation": -1})

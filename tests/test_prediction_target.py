@@ -80,7 +80,8 @@ def test_learned_levers_base_feature_set_is_learneds_own():
 
 
 def test_copy_queue_option_reaches_every_replay(monkeypatch):
-    # --copy-queue worker replays with the runtime's copy worker: the prefetch replay differs from FIFO's
+    # --copy-queue (default worker: the runtime's copy worker) reaches the replay: the prefetch replay differs
+    # from FIFO's
     pt = _pt()
     trace = _rule_trace()
     fit, _, rep = pt.three_way(trace, None, None, None)
@@ -90,8 +91,9 @@ def test_copy_queue_option_reaches_every_replay(monkeypatch):
     seen = []
     real = pt.simulate
     monkeypatch.setattr(pt, "simulate", lambda *a, **kw: seen.append(kw["copy_queue"]) or real(*a, **kw))
-    fifo = pt.replay(rep, fitted, "lru", "learned", 2, hw, budget=2)
-    monkeypatch.setattr(pt, "COPY_QUEUE", "worker")
+    assert pt.COPY_QUEUE == "worker"
     worker = pt.replay(rep, fitted, "lru", "learned", 2, hw, budget=2)
-    assert seen == ["fifo", "worker"]
+    monkeypatch.setattr(pt, "COPY_QUEUE", "fifo")
+    fifo = pt.replay(rep, fitted, "lru", "learned", 2, hw, budget=2)
+    assert seen == ["worker", "fifo"]
     assert fifo["ms_per_token"] != worker["ms_per_token"]

@@ -6,12 +6,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from moecache.cost.timing import Timeline
+from moecache.cost.timing import MISS_RULES, Timeline
 from moecache.errors import ConfigError
 from moecache.policies import new_policy
+from moecache.predictors import PREDICTORS
 from moecache.sim import Schedule, simulate
-from moecache.sim.copy_queue import RuleView, WorkerQueue
+from moecache.sim.copy_queue import COPY_QUEUES, DEFAULT_COPY_QUEUE, RuleView, WorkerQueue
+from moecache.trace import count_ids
 
 from tests.simtools import make_trace, unit_profile
 
@@ -124,12 +128,82 @@ def test_worker_queue_names_and_the_fifo_without_prefetch():
     pol = new_policy("lru", 1, 1, 4, top_k=1, scope="layer")
     with pytest.raises(ConfigError, match="unknown copy queue"):
         simulate(Schedule(trace), pol, hardware=unit_profile(), copy_queue="lifo", bound=False)
-    # without prefetches the worker queue is the FIFO model (demand copies in issue order)
+    assert COPY_QUEUES[0] == DEFAULT_COPY_QUEUE == "worker"  # the runtime's copy worker is the default
+    # without prefetches the worker queue is the FIFO model (demand copies in issue order); the row names its model
     a = simulate(Schedule(trace), new_policy("lru", 1, 1, 4, top_k=1, scope="layer"), hardware=unit_profile(),
-                 copy_queue="worker", bound=False)
-    b = simulate(Schedule(trace), new_policy("lru", 1, 1, 4, top_k=1, scope="layer"), hardware=unit_profile(),
                  bound=False)
-    assert a.time_ms == b.time_ms and a.loads == b.loads == 2
+    b = simulate(Schedule(trace), new_policy("lru", 1, 1, 4, top_k=1, scope="layer"), hardware=unit_profile(),
+                 copy_queue="fifo", bound=False)
+    assert a.time_ms == b.time_ms == 5.0 and a.loads == b.loads == 2
+    assert a.extra["copy_queue"] == "worker" and b.extra["copy_queue"] == "fifo"
+
+
+#: Every registered policy but ``predicted`` (which needs a predictor: its own case below), with what it needs.
+_NO_PREFETCH_POLICIES = ("lru", "lfu", "lrfu", "fifo", "static", "activation", "belady", "belady_bypass")
+
+
+@st.composite
+def _small_runs(draw):
+    L, E = draw(st.integers(1, 3)), draw(st.integers(3, 8))
+    K = draw(st.integers(1, min(2, E - 1)))
+    n = draw(st.integers(1, 16))
+    tokens = [[sorted(draw(st.lists(st.integers(0, E - 1), min_size=K, max_size=K, unique=True)))
+               for _l in range(L)] for _t in range(n)]
+    step = np.cumsum([0] + draw(st.lists(st.integers(0, 1), min_size=n - 1, max_size=n - 1))).tolist()
+    # a new sequence (request) before about one token in four
+    seq = np.cumsum([0] + [int(x == 0) for x in draw(st.lists(st.integers(0, 3), min_size=n - 1,
+                                                             max_size=n - 1))]).tolist()
+    trace = make_trace(tokens, num_experts=E, top_k=K, step=step, seq=seq)
+    scope = draw(st.sampled_from(["layer", "global"]))
+    total = E if scope == "layer" else L * E
+    return trace, scope, draw(st.integers(K, total))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_small_runs(), st.sampled_from(_NO_PREFETCH_POLICIES + ("predicted",)), st.sampled_from(list(MISS_RULES.names())),
+       st.booleans(), st.sampled_from(["python", "auto"]))
+def test_without_prefetch_both_copy_models_give_the_same_rows(run, name, miss_rule, decode, engine):
+    # Without prefetches every copy is a demand copy, issued at once: the worker queue holds nothing, the
+    # runtime's backlog estimate (every copy issued, in a FIFO) is the FIFO timeline itself, and nothing is
+    # cancelled. So the two models give the same row and the same outcome per need, on either engine, for every
+    # policy and miss rule (a scan policy's host time aside: the next test). ``predicted`` reads scores only.
+    # (engine auto: the C++ core where it runs the configuration.)
+    trace, scope, cap = run
+    m = trace.meta
+    rows = []
+    for queue in ("fifo", "worker"):
+        pol = new_policy(name, cap, m.num_layers, m.num_experts, top_k=m.top_k, scope=scope)
+        if pol.needs_fit:
+            pol.fit(count_ids(trace))
+        pred = PREDICTORS.get("temporal")(m.num_layers, m.num_experts, m.top_k) if name == "predicted" else None
+        log: list = []
+        r = simulate(Schedule(trace, decode_stream=decode), pol, pred, hardware=unit_profile(), miss_rule=miss_rule,
+                     copy_queue=queue, bound=False, record=log, engine=engine).row()
+        assert r.pop("copy_queue") == queue
+        assert r.pop("copies_cancelled", 0) == 0
+        rows.append((r, log))
+    assert rows[0] == rows[1]
+
+
+def test_without_prefetch_a_scan_policy_differs_by_its_non_evicting_inserts():
+    # The one difference without prefetch: a scan policy's host time (evict_host_by_name) is charged per insert
+    # by the FIFO model and per eviction by the worker model (as the runtime pays it: the pool is scanned only
+    # when an insert must evict). One layer, two slots, experts 0, 1, 2: copy 1, GPU 0.5, non-expert 1, scan 0.25.
+    # FIFO: g0 h = 1 + 0.25, copy 1.25 -> 2.25, GPU -> 2.75; g1 ne -> 3.75, h 4, copy -> 5, GPU -> 5.5;
+    #       g2 ne -> 6.5, h 6.75, copy -> 7.75, GPU -> 8.25.
+    # worker: g0 h = 1 (no eviction), copy 1 -> 2, GPU -> 2.5; g1 ne -> 3.5, copy -> 4.5, GPU -> 5;
+    #       g2 ne -> 6, evicts: h 6.25, copy -> 7.25, GPU -> 7.75.
+    trace = make_trace([[0], [1], [2]], num_experts=4)
+
+    def run(queue, scan):
+        pol = new_policy("activation", 2, 1, 4, top_k=1, scope="layer")
+        pol.fit(np.ones((1, 4), np.int64))
+        hw = replace(unit_profile(), evict_host_by_name={"activation": scan})
+        return simulate(Schedule(trace), pol, hardware=hw, bound=False, copy_queue=queue)
+
+    assert run("fifo", 0.25).time_ms == 8.25
+    assert run("worker", 0.25).time_ms == 7.75
+    assert run("fifo", 0.0).time_ms == run("worker", 0.0).time_ms == 7.5
 
 
 def test_scan_policy_host_time_per_eviction_under_the_worker_queue():

@@ -110,8 +110,9 @@ def _predictor(name, params, trace, depths=()):
 
 
 def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, bound=True, pred=None, depth=0,
-         prefetch="topk", budget=None, admission="gated", copy_queue="fifo"):
-    """(reference row, reference log), (C++ row, C++ log); ``pred`` = (predictor name, parameters)."""
+         prefetch="topk", budget=None, admission="gated", copy_queue=None):
+    """(reference row, reference log), (C++ row, C++ log); ``pred`` = (predictor name, parameters); ``copy_queue``
+    None: the simulator's default (the runtime's copy worker)."""
     hw = hw or _profile()
     out = []
     for engine in ("python", "cpp"):
@@ -121,7 +122,9 @@ def both(trace, name, params, cap, scope, miss_rule, *, decode=False, hw=None, b
         depths = list(range(1, depth + 1)) + ([trace.meta.num_layers] if pol.uses_scores else [])
         predictor = _predictor(*pred, trace, depths) if pred else None
         kw = dict(hardware=hw, miss_rule=miss_rule, record=log, bound=bound, depth=depth, prefetch=prefetch,
-                  budget=budget, admission=admission, copy_queue=copy_queue)
+                  budget=budget, admission=admission)
+        if copy_queue is not None:
+            kw["copy_queue"] = copy_queue
         if engine == "python":
             with ext_disabled():
                 r = simulate(sched, pol, predictor, **kw)
@@ -210,18 +213,21 @@ def test_every_cpp_port_is_covered():
 @given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS),
        st.integers(0, 3), st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)),
        st.sampled_from(MISS_RULES), st.booleans(), st.booleans(), host_terms,
-       st.sampled_from(["gated", "cost", "none"]))
+       st.sampled_from(["gated", "cost", "none"]), st.floats(0.0, 0.3))
 def test_random_traces_with_predictors_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap,
-                                                 terms, admission):
+                                                 terms, admission, scan):
+    # the default copy model, the runtime's copy worker (queued prefetches cancelled or promoted at their
+    # target, demand first, a scan policy's host time per eviction), on both engines
     trace, scope, cap = case
     name, params = config
+    evict = {"evict_host_by_name": {"activation": scan, "predicted": scan}} if scan > 0 else {}
     if name not in ("predicted",) and depth == 0:
         depth = 1  # a predictor without prefetch changes nothing for the other policies
     with tuning(heap):
         try:
             (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
                                                   pred=pred, depth=depth, prefetch=prefetch, budget=budget,
-                                                  hw=_profile(**terms), admission=admission)
+                                                  hw=_profile(**terms, **evict), admission=admission)
         except ConfigError as e:  # prior with alpha 0 cannot be fitted on a trace with an empty layer
             assert "no routing at layers" in str(e)
             reject()
@@ -248,10 +254,10 @@ def test_transition_batched_product_identical(admission, copy_queue):
 @given(traces(), st.sampled_from(CONFIGS + SCORE_CONFIGS), st.sampled_from(PRED_CONFIGS), st.integers(1, 3),
        st.sampled_from(["topk", "fill"]), st.one_of(st.none(), st.integers(1, 8)), st.sampled_from(MISS_RULES),
        st.booleans(), st.booleans(), host_terms, st.sampled_from(["gated", "cost", "none"]), st.floats(0.0, 0.3))
-def test_worker_copy_queue_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap, terms,
-                                     admission, scan):
-    # the runtime's copy worker (copy_queue="worker": queued prefetches cancelled or promoted at their target,
-    # demand first, a scan policy's host time per eviction) on both engines
+def test_fifo_copy_queue_identical(case, config, pred, depth, prefetch, budget, miss_rule, decode, heap, terms,
+                                   admission, scan):
+    # the FIFO copy model (copy_queue="fifo": every copy in issue order, a scan policy's host time per insert) on
+    # both engines; the default, the runtime's copy worker, is what every other test here runs
     trace, scope, cap = case
     name, params = config
     evict = {"evict_host_by_name": {"activation": scan, "predicted": scan}} if scan > 0 else {}
@@ -260,7 +266,7 @@ def test_worker_copy_queue_identical(case, config, pred, depth, prefetch, budget
             (ref, ref_log), (got, got_log) = both(trace, name, params, cap, scope, miss_rule, decode=decode,
                                                   pred=pred, depth=depth, prefetch=prefetch, budget=budget,
                                                   hw=_profile(**terms, **evict), admission=admission,
-                                                  copy_queue="worker")
+                                                  copy_queue="fifo")
         except ConfigError as e:
             assert "no routing at layers" in str(e)
             reject()

@@ -107,6 +107,7 @@ def _csv(folder: Path) -> list[dict[str, str]]:
     (('fit_share = 0.5', 'fit_share = 1.5'), "fit_share must be a number in (0, 1)"),
     (('fit_share = 0.5', 'fit_share = 0.5\nmiss_rule = "teleport"'), "unknown miss rule 'teleport'"),
     (('fit_share = 0.5', 'fit_share = 0.5\nprefetch_rul = "topk"'), "unknown key(s) ['prefetch_rul']"),
+    (('fit_share = 0.5', 'fit_share = 0.5\ncopy_queue = "lifo"'), "copy_queue 'lifo' is not one of worker, fifo"),
     (('path = "traces/multi"', 'path = "traces/absent"'), "no moecache trace at"),
     (('fit_by = "tokens"', 'fit_by = "bytes"'), "fit_by 'bytes'"),
     (('fit_by = "tokens"', 'fit_by = "sequences"'), "scored_tokens needs fit_by = \"tokens\""),
@@ -223,6 +224,29 @@ def test_keys_follow_what_determines_a_row(workdir):
     assert miss.suite.bound.name == "belady_bypass"
     _traces(workdir / "traces", seed=1)  # same shape, other routing: every key changes
     assert not set(base) & {r.key for r in plan_suite(load_config(_config(workdir))).runs}
+
+
+def test_copy_model_is_a_setting_of_the_key_and_the_report(workdir):
+    # the default is the runtime's copy worker; FIFO rows keep the keys they had when FIFO was the default (a
+    # journal written then is read back only by a config that asks for fifo), worker rows are keyed apart
+    worker = plan_suite(load_config(_config(workdir)))
+    said = plan_suite(load_config(_config(workdir, extra='copy_queue = "worker"\n')))
+    fifo = plan_suite(load_config(_config(workdir, extra='copy_queue = "fifo"\n')))
+    assert worker.suite.settings.copy_queue == "worker" and fifo.suite.settings.copy_queue == "fifo"
+    assert [r.key for r in worker.runs] == [r.key for r in said.runs]
+    assert not {r.key for r in worker.runs} & {r.key for r in fifo.runs}
+    # the rows and the report say which model ran
+    out_w, out_f = workdir / "w", workdir / "f"
+    run_suite(_config(workdir, policies='["lru", "belady"]'), out_w)
+    run_suite(_config(workdir, policies='["lru", "belady"]', extra='copy_queue = "fifo"\n'), out_f)
+    assert "copy model `worker` (the runtime's copy worker)" in (out_w / "results.md").read_text()
+    assert "copy model `fifo` (every copy in issue order)" in (out_f / "results.md").read_text()
+    rows_w = [json.loads(ln)["row"] for ln in (out_w / "rows.jsonl").read_text().splitlines()]
+    rows_f = [json.loads(ln)["row"] for ln in (out_f / "rows.jsonl").read_text().splitlines()]
+    assert {r["copy_queue"] for r in rows_w} == {"worker"} and {r["copy_queue"] for r in rows_f} == {"fifo"}
+    plain = lambda rows: sorted((r["trace"], r["scope"], r["capacity_label"], r["policy"], r["time_ms"])  # noqa: E731
+                                for r in rows if not r["depth"])
+    assert plain(rows_w) == plain(rows_f)  # without prefetch: the same rows (no scan policy here)
 
 
 # -- running, tables --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ A config is TOML, or JSON with the same structure::
     miss_rule = "copy"                  # default copy; see `moecache bench --list`
     prefetch_rule = "topk"              # default topk
     prefetch_budget = 8                 # optional; default top_k x tokens of the step
+    copy_queue = "worker"               # the simulator's copy model: worker (default, the runtime's) or fifo
     hardware = "default"                # or a hardware profile JSON (path)
     plots = true                        # PNG plots (needs matplotlib)
     decode_stream = true                # default for every trace (default false: batched steps as recorded)
@@ -53,13 +54,14 @@ from ..errors import ConfigError
 from ..policies import POLICIES, SCOPES, new_policy
 from ..predictors import PREDICTORS
 from ..registry import split_spec
+from ..sim.copy_queue import COPY_QUEUES, DEFAULT_COPY_QUEUE
 from ..sim.prefetch import PREFETCH_RULES
 from ..trace.store import MANIFEST
 
 #: The predictor name that means "no predictor".
 NONE = "none"
 
-_TOP_KEYS = ("name", "miss_rule", "prefetch_rule", "prefetch_budget", "hardware", "plots", "decode_stream",
+_TOP_KEYS = ("name", "miss_rule", "prefetch_rule", "prefetch_budget", "copy_queue", "hardware", "plots", "decode_stream",
              "fit_share", "fit_by", "policies", "predictors", "depths", "capacities", "scopes", "formats", "traces")
 _TRACE_KEYS = ("name", "path", "decode_stream", "fit_share", "fit_by", "scored_sequences", "scored_tokens")
 FIT_BY = ("sequences", "tokens")
@@ -126,6 +128,7 @@ class Settings:
     prefetch_rule: str = "topk"
     prefetch_budget: int | None = None
     hardware: str | None = None     # a profile JSON (absolute path), or None for the default profile
+    copy_queue: str = DEFAULT_COPY_QUEUE  # the simulator's copy model (moecache.sim.copy_queue)
 
 
 @dataclass
@@ -320,6 +323,10 @@ def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") 
         PREFETCH_RULES.get(obj.get("prefetch_rule", "topk"))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    copy_queue = obj.get("copy_queue", DEFAULT_COPY_QUEUE)
+    if copy_queue not in COPY_QUEUES:
+        raise ConfigError(f"{source}: copy_queue {copy_queue!r} is not one of {', '.join(COPY_QUEUES)} (worker: the "
+                          "runtime's copy worker, the default; fifo: every copy in issue order)")
     hardware = obj.get("hardware", "default")
     if not isinstance(hardware, str):
         raise ConfigError(f"{source}: hardware must be \"default\" or the path of a profile JSON")
@@ -331,7 +338,7 @@ def parse_config(obj: Any, base: str, source: str = "config", digest: str = "") 
                               f"config's folder {base})")
     settings = Settings(miss_rule=miss_rule.name, prefetch_rule=obj.get("prefetch_rule", "topk"),
                         prefetch_budget=_positive(obj.get("prefetch_budget"), f"{source}: prefetch_budget"),
-                        hardware=hw_path)
+                        hardware=hw_path, copy_queue=copy_queue)
 
     policies = [_policy(_parse_spec(p, f"{source}: policies"), f"{source}: policies")
                 for p in _list(obj, "policies", source)]

@@ -271,7 +271,8 @@ class Probe:
         try:
             simulate(Schedule(trace, decode_stream=True), policy, predictor, depth=depth,
                      prefetch=self.settings.prefetch_rule, budget=self.settings.prefetch_budget,
-                     miss_rule=self.settings.miss_rule, bound=False, engine="python")
+                     miss_rule=self.settings.miss_rule, bound=False, engine="python",
+                     copy_queue=self.settings.copy_queue)
         except ConfigError as e:
             return f"the simulator refuses it for this trace: {e}"
         return None
@@ -290,6 +291,8 @@ def row_key(cfg: Config, slots: int, info: TraceInfo, settings: Settings) -> str
         "predictor": None if cfg.predictor is None else [cfg.predictor.name, list(cfg.predictor.params)],
         "depth": cfg.depth,
     }
+    if settings.copy_queue != "fifo":  # rows of the FIFO copy model keep the keys they had when it was the default
+        doc["copy_queue"] = settings.copy_queue
     if cfg.fmt != BF16:  # bf16 rows keep the keys they had before formats were a grid dimension
         doc["format"] = [cfg.fmt.name, list(cfg.fmt.params)]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]

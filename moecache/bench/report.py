@@ -161,7 +161,9 @@ def render_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
           f"- {len(plan.runs)} configurations run, {len(plan.skipped)} combinations skipped (reasons below); "
           "engines: " + ", ".join(f"{e} {n}" for e, n in sorted(Counter(r["engine"] for r in rows).items())),
           f"- miss rule `{st.miss_rule}`, prefetch rule `{st.prefetch_rule}`, prefetch budget "
-          f"{st.prefetch_budget or 'top_k x tokens of the step'}; timing model hardware: "
+          f"{st.prefetch_budget or 'top_k x tokens of the step'}; copy model `{st.copy_queue}` ("
+          + ("the runtime's copy worker" if st.copy_queue == "worker" else "every copy in issue order")
+          + "); timing model hardware: "
           + "; ".join(sorted({plan.infos[t.name].hardware_text for t in suite.traces})),
           f"- bound: `{suite.bound.label}` (no predictor, no prefetch) at the same trace, scope and capacity"
           + (" (added to the grid: the config does not list it)" if suite.bound_added else "")

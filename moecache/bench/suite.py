@@ -104,7 +104,7 @@ def run_task(task: Task) -> tuple[str, dict[str, Any], float]:
     engine = choose_engine(task.engine, policy, pred, cfg.depth, prefetch=st.prefetch_rule, miss_rule=st.miss_rule)
     res = simulate(s, policy, pred, depth=cfg.depth, prefetch=st.prefetch_rule, budget=st.prefetch_budget,
                    hardware=format_hardware(prep.hardware, cfg.fmt), miss_rule=st.miss_rule,
-                   capacity_label=cfg.capacity, engine=engine)
+                   capacity_label=cfg.capacity, engine=engine, copy_queue=st.copy_queue)
     row = res.row()
     if cfg.fmt != BF16:
         row["expert_format"] = format_label(cfg.fmt)

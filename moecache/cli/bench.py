@@ -17,6 +17,11 @@ extension is built and the configuration is supported (every registered policy a
 predictors prior, temporal and transition run in the core, the others stream their predictions
 from Python: ``moecache.sim.engine_cpp``), else python. Every JSON row names its ``engine`` and the
 table's footer counts them. Runs go in ``--jobs`` threads (the C++ core releases the GIL).
+
+Copy model: ``--copy-queue worker`` (the default) replays the runtime's copy worker (prefetches queued by
+priority, the unneeded ones cancelled at their target layer, demand copies ahead of them), ``fifo`` every copy
+in issue order (``moecache.sim.copy_queue``); without prefetch both give the same rows but for a scan policy's
+host time. Every JSON row names its ``copy_queue`` and the table's footer states it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from .options import DeprecatedFlag
 
 #: ``moecache.sim.engine_cpp.ENGINES``, spelled out so that building the parser imports no simulator.
 SIM_ENGINES = ("auto", "python", "cpp")
+#: ``moecache.sim.copy_queue.COPY_QUEUES`` (the default first), spelled out for the same reason.
+COPY_QUEUES = ("worker", "fifo")
 
 
 def _parse_policy(spec: str) -> tuple[str, dict[str, str]]:
@@ -158,11 +165,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_admission(args.admission)
     if args.list:
         return cmd_list(args)
+    if (args.suite or args.out) and args.copy_queue is not None:
+        raise ConfigError(f"--copy-queue {args.copy_queue} applies to trace runs; a suite takes its copy model from "
+                          f"its config (copy_queue = \"{args.copy_queue}\"): set it there and drop --copy-queue")
     if (args.suite or args.out) and args.admission != DEFAULT_ADMISSION:
         raise ConfigError(f"--admission {args.admission} applies to trace runs; a suite runs the default admission "
                           f"({DEFAULT_ADMISSION}): drop --admission or run the traces without --suite/-o")
     if args.suite or args.out:
         return cmd_suite(args)
+    copy_queue = args.copy_queue or COPY_QUEUES[0]
     if args.ray is not None:
         raise ConfigError("--ray runs a suite's grid: give --suite CONFIG -o DIR with it")
     if not args.traces:
@@ -262,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             choose_engine(args.sim_engine, policy, pred, depth, args.prefetch_rule, args.miss_rule)
         res = simulate(sched, policy, pred, depth=depth, prefetch=args.prefetch_rule, budget=args.prefetch_budget,
                        hardware=hw, miss_rule=args.miss_rule, capacity_label=cap, engine=engine,
-                       miss_precision=low_rule, admission=args.admission)
+                       miss_precision=low_rule, admission=args.admission, copy_queue=copy_queue)
         row = res.row()
         row["fit"] = fit_note
         row["engine"] = engine
@@ -287,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hws = sorted({r["hardware"] for r in rows})
         engines = ", ".join(f"{e} ({sum(r['engine'] == e for r in rows)} runs)"
                             for e in sorted({r["engine"] for r in rows}))
-        print(f"\nhardware: {'; '.join(hws)}; miss rule {args.miss_rule}; "
+        print(f"\nhardware: {'; '.join(hws)}; miss rule {args.miss_rule}; copy model {copy_queue}; "
               f"{'decode stream' if args.decode_stream else 'batched steps as recorded'}; engine {engines}")
     return 0
 
@@ -341,6 +352,11 @@ def register(sub) -> None:
                    help=f"prefetch admission rule: {', '.join(ADMISSIONS)} (default {DEFAULT_ADMISSION}: each prefetch "
                         "weighed against its copy, block and victim, and the predictor not asked at layers whose "
                         "prefetches do not pay for its host time; cost: the weighing alone; none: every candidate)")
+    p.add_argument("--copy-queue", choices=COPY_QUEUES,
+                   help="the simulator's copy model: worker (default: the runtime's copy worker, prefetches queued "
+                        "by priority and cancelled at their target layer where the routing did not pick them, demand "
+                        "copies ahead of them) or fifo (every copy, demand or prefetch, in issue order); a suite sets "
+                        "it in its config (copy_queue)")
     p.add_argument("--capacity", default="25%,50%",
                    help="comma-separated capacities: a share of the experts (25%%) or slots per pool (12)")
     p.add_argument("--scope", default="layer", help="layer, global, or layer,global for both (default layer)")

@@ -1,10 +1,11 @@
-"""The runtime's copy worker as the simulator's copy queue (``copy_queue="worker"``).
+"""The runtime's copy worker as the simulator's copy queue (``copy_queue="worker"``, the default).
 
 The runtime's ``worker`` copy engine (``moecache.runtime.engine``, ``csrc/copy_worker.cpp``) does not copy in
 issue order. Prefetches wait in a priority queue (priority = layers ahead + 1 - probability, lower first) and
 the worker thread takes the best one whenever fewer than ``inflight`` copies are outstanding on the GPU;
-until taken, a queued copy can still be dropped. Three things follow, which the FIFO model (the default
-``copy_queue="fifo"``: every copy, demand or prefetch, on one engine in issue order) leaves out:
+until taken, a queued copy can still be dropped. Three things follow, which the FIFO model
+(``copy_queue="fifo"``: every copy, demand or prefetch, on one engine in issue order; selectable, no longer the
+default, since the runtime always copies through the worker) leaves out:
 
 * **cancellation**: when the target layer's routing is known, its queued prefetches of experts the routing
   did not pick are cancelled (no copy, the slot goes back to the pool); so is a queued prefetch whose
@@ -13,6 +14,11 @@ until taken, a queued copy can still be dropped. Three things follow, which the 
   taken (at most ``inflight``), not behind the queued prefetches; a needed expert whose prefetch is still
   queued is issued then, as a demand copy;
 * **order by priority**: a later layer's likelier prefetch is taken before an earlier layer's less likely one.
+
+Without prefetches the two models give the same rows: every copy is a demand copy issued at once, the queue holds
+nothing and the runtime's backlog estimate below is the FIFO timeline itself. The one exception is a scan
+policy's host time (``evict_host_by_name``): the worker model charges it where an insert evicts, as the runtime
+pays it, the FIFO model on every insert (tests/test_sim_copy_queue.py).
 
 The runtime's hybrid rule does not see that queue: it keeps its own estimate of the copy backlog, every
 copy issued (demand or prefetch) added at the end of a FIFO, cancellations never taken back
@@ -34,8 +40,11 @@ from ..cost.timing import Timeline
 #: Copies the runtime's worker keeps outstanding on the GPU before it waits (``WorkerEngine``'s ``max_inflight``).
 WORKER_INFLIGHT = 2
 
-#: The simulator's copy-queue models (``simulate(copy_queue=...)``).
-COPY_QUEUES = ("fifo", "worker")
+#: The simulator's copy-queue models (``simulate(copy_queue=...)``), the default first.
+COPY_QUEUES = ("worker", "fifo")
+
+#: The default copy model: the one the runtime runs (its copy engine is always the worker).
+DEFAULT_COPY_QUEUE = "worker"
 
 
 class WorkerQueue:

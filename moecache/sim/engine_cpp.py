@@ -45,6 +45,7 @@ from ..admission import (ADMISSION_CODES, DEFAULT_ADMISSION, GATE_MIN_CALLS, GAT
 from ..errors import ConfigError
 from ..policies.base import POLICIES, CppPort, Policy
 from ..predictors.base import PREDICTORS, Predictor
+from .copy_queue import DEFAULT_COPY_QUEUE
 from .results import SimResult, describe_predictor
 from .schedule import Schedule
 
@@ -250,7 +251,7 @@ def _predictor_options(schedule: Schedule, predictor: Any, depth: int, score_dep
 def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, *,
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
-               record: list | None = None, copy_queue: str = "fifo") -> SimResult:
+               record: list | None = None, copy_queue: str = DEFAULT_COPY_QUEUE) -> SimResult:
     """One replay on the C++ core (configuration already checked by ``simulate``); no bound."""
     C = extension()
     if C is None:
@@ -282,7 +283,7 @@ def replay_cpp(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
 def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: MissRule, packed: CppPort,
           pred_opts: dict[str, Any], wide: bool, budget: int | None, capacity_label: str | None,
           record: list | None, predictor: Any, depth: int, prefetch: str, admission: str = DEFAULT_ADMISSION,
-          copy_queue: str = "fifo") -> SimResult:
+          copy_queue: str = DEFAULT_COPY_QUEUE) -> SimResult:
     """One call of the core (the arrays are views, nothing is copied) and its result row."""
     import torch  # loaded only when the C++ core runs: the simulator itself needs no torch
 
@@ -330,5 +331,5 @@ def _call(C: Any, schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         copy_busy_ms=copy_busy, cpu_busy_ms=cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
                if depth else {})
-        | ({"copy_queue": copy_queue, "copies_cancelled": cancelled} if copy_queue == "worker" else {}) | gate,
+        | {"copy_queue": copy_queue} | ({"copies_cancelled": cancelled} if copy_queue == "worker" else {}) | gate,
     )

@@ -65,7 +65,7 @@ from .. import miss_precision
 from ..errors import ConfigError
 from ..miss_precision import LOW, UPGRADE, gate_shares
 from ..policies.base import Policy
-from .copy_queue import RuleView, WorkerQueue
+from .copy_queue import DEFAULT_COPY_QUEUE, RuleView, WorkerQueue
 from .prefetch import PREFETCH_RULES
 
 #: ``ready_at`` of a copy still in the worker queue (its end is not known until the worker takes it).
@@ -103,12 +103,12 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                   predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                   admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
                   record: list[tuple[int, int, int, str]] | None = None, precision: Any = None,
-                  copy_queue: str = "fifo") -> SimResult:
+                  copy_queue: str = DEFAULT_COPY_QUEUE) -> SimResult:
     """One replay in this loop (configuration already checked by ``check_config``); no bound. Arguments
     as ``moecache.sim.simulate`` takes them, with the hardware profile and miss rule resolved.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` where misses may be copied low
-    (``moecache.miss_precision``), else None. ``copy_queue``: ``fifo`` (every copy in issue order) or
-    ``worker`` (the runtime's copy worker: ``moecache.sim.copy_queue``)."""
+    (``moecache.miss_precision``), else None. ``copy_queue``: ``worker`` (the default: the runtime's copy
+    worker, ``moecache.sim.copy_queue``) or ``fifo`` (every copy in issue order)."""
     choose = PREFETCH_RULES.get(prefetch) if depth else None
     gated = check_admission(admission) != "none"
     decide, asks_policy = rule.decide, rule.asks_policy
@@ -406,7 +406,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
         copy_busy_ms=tl.copy_busy, cpu_busy_ms=tl.cpu_busy,
         extra=({"prefetch_skipped": pf_skipped, "prefetch_refused": pf_refused, "admission": admission}
                if depth else {})
-        | ({"copy_queue": copy_queue, "copies_cancelled": wq.cancelled} if wq is not None else {})
+        | {"copy_queue": copy_queue} | ({"copies_cancelled": wq.cancelled} if wq is not None else {})
         | (gate.stats() if gate is not None else {}) | (
             {"low_precision_misses": precision[0].describe(), "low_copies": low_loads, "upgrades": upgrades,
              "low_copy_bytes": precision[2]}

@@ -10,6 +10,7 @@ from ..cost.hardware import HardwareProfile
 from ..cost.timing import MissRule
 from ..errors import ConfigError
 from ..policies.base import Policy
+from .copy_queue import DEFAULT_COPY_QUEUE
 from .engine_cpp import choose_engine, replay_cpp
 from .engine_python import replay_python
 from .results import SimResult
@@ -24,12 +25,12 @@ def run_engine(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule: Mi
                predictor: Any = None, depth: int = 0, prefetch: str = "topk", budget: int | None = None,
                admission: str = DEFAULT_ADMISSION, capacity_label: str | None = None,
                record: list[tuple[int, int, int, str]] | None = None, precision: Any = None,
-               copy_queue: str = "fifo") -> SimResult:
+               copy_queue: str = DEFAULT_COPY_QUEUE) -> SimResult:
     """Replay on ``engine`` (``python``, ``cpp`` or ``auto``, as ``engine_cpp.choose_engine`` takes it); no bound.
     ``precision``: ``(MissPrecisionRule, low_copy_ms, low_copy_bytes)`` or None (``moecache.miss_precision``). The C++ core does
     not implement the per-miss precision rule: such a replay runs on the Python reference (``PRECISION_WHY``);
-    asking for ``cpp`` explicitly is an error saying so. ``copy_queue``: ``fifo`` or ``worker``
-    (``moecache.sim.copy_queue``), on either engine."""
+    asking for ``cpp`` explicitly is an error saying so. ``copy_queue``: ``worker`` (the default,
+    the runtime's copy worker) or ``fifo`` (``moecache.sim.copy_queue``), on either engine."""
     if precision is not None:
         if engine == "cpp":
             raise ConfigError(f"engine cpp cannot run this configuration: {PRECISION_WHY}; use engine python "

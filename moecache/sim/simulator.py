@@ -12,7 +12,7 @@ from ..cost.timing import MISS_RULES, MissRule
 from ..errors import ConfigError
 from ..policies.base import Policy
 from .bound import lower_bound
-from .copy_queue import COPY_QUEUES
+from .copy_queue import COPY_QUEUES, DEFAULT_COPY_QUEUE
 from .engine_python import check_config
 from .engines import run_engine
 from .prefetch import PREFETCH_RULES
@@ -25,7 +25,7 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
              hardware: HardwareProfile | None = None,
              miss_rule: str = "copy", bound: Any = True, capacity_label: str | None = None,
              record: list[tuple[int, int, int, str]] | None = None, engine: str = "auto",
-             miss_precision: Any = None, copy_queue: str = "fifo") -> SimResult:
+             miss_precision: Any = None, copy_queue: str = DEFAULT_COPY_QUEUE) -> SimResult:
     """Replay ``schedule`` through ``policy`` (and ``predictor``); return one result row.
 
     ``bound``: True computes the lower bound (``moecache.sim.bound``, cached on the schedule), a
@@ -42,10 +42,10 @@ def simulate(schedule: Schedule, policy: Policy, predictor: Any = None, *, depth
     copied in its lower-precision format (landing row + expansion, as the runtime does) and upgraded when
     reused; outcomes ``"copy_low"`` and ``"upgrade"`` in ``record``. Needs a trace with gate weights, the
     "copy" miss rule and full-precision experts; runs on the Python engine (``engines.PRECISION_WHY``).
-    ``copy_queue``: ``fifo`` (the default: every copy, demand or prefetch, on the copy engine in issue order)
-    or ``worker`` (the runtime's copy worker: prefetches queued by priority, cancelled at their target layer
-    where the routing did not pick them, demand copies ahead of them; ``moecache.sim.copy_queue``; both
-    engines).
+    ``copy_queue``: ``worker`` (the default, what the runtime runs: its copy worker, prefetches queued by
+    priority, cancelled at their target layer where the routing did not pick them, demand copies ahead of
+    them; ``moecache.sim.copy_queue``) or ``fifo`` (every copy, demand or prefetch, on the copy engine in
+    issue order); both engines. The row's ``extra["copy_queue"]`` names the model that ran.
     """
     check_config(schedule, policy, predictor, depth)
     rule = MISS_RULES.get(miss_rule)
