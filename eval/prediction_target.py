@@ -1,7 +1,7 @@
 """The prediction target of issue 17: does the best online configuration close half of the LRU-to-bound gap?
 
     python eval/prediction_target.py [--trace PATH] [--fit-seqs 200] [--choose-seqs 40] [--report-seqs 100]
-                                     [--out eval/results/prediction_target]
+                                     [--copy-queue worker|fifo] [--out eval/results/prediction_target]
 
 Splits the shared DeepSeek-V2-Lite routing (../shared/data/routing/deepseek-v2-lite-chat__moe-beyond) three
 ways by sequence, in recorded order: predictors (and LFU-style policies' counts) are fitted on the first
@@ -9,8 +9,10 @@ part, every candidate configuration is replayed on the second and the fastest is
 chosen one is reported on the third, against LRU and the lower bound. Every replay: 25% of expert memory
 per layer (layer scope), token by token (decode stream, batch 1), miss rule ``copy``, prefetch rule
 ``topk`` with the admission rule (``moecache.admission``, its default ``gated``) and a budget of top_k or
-2 x top_k experts per target layer (``BUDGETS``, each a candidate), and the default hardware profile
-(``moecache.cost.default_profile``: the calibrated one where it is). Gap closed = (LRU - chosen) /
+2 x top_k experts per target layer (``BUDGETS``, each a candidate), the default hardware profile
+(``moecache.cost.default_profile``: the calibrated one where it is) and the simulator's copy model
+``--copy-queue`` (default ``worker``, the runtime's copy worker, as the simulator's default; ``fifo``: every
+copy in issue order), stated in the report. Gap closed = (LRU - chosen) /
 (LRU - bound) in estimated ms/token; the target is >= 50%.
 
 ``--trace PATH`` adds a blind check: the configuration chosen on DeepSeek, on routing the project does
