@@ -167,6 +167,9 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_place():
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         sched = server.server.config.app.state.scheduler
+        # no end-of-text token: the running request must still be generating when its client goes away
+        # (a sampled end of text would finish it first, and it would not count as cancelled)
+        server.server.config.app.state.generator.eos_ids = set()
         running = c.completions.create(model=MODEL, prompt="long", max_tokens=400, stream=True)
         next(iter(running))                       # it is being generated
         waiting = c.completions.create(model=MODEL, prompt="wait", max_tokens=2, stream=True)
