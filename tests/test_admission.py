@@ -238,7 +238,10 @@ def _runtime_run(admission: str, predictor_ms: float, copy_ms: float = 0.3, cloc
 
     torch.manual_seed(0)
     m = tiny_model("qwen3_moe", num_hidden_layers=4)
-    h = offload(m, cache_slots=12, device="cpu", predictor=predictor, prefetch_depth=2, admission=admission)
+    # the sync copy engine: the worker thread's timing (a queued prefetch taken or cancelled first) would make
+    # two runs' counts differ, and the gate's determinism is what these tests check
+    h = offload(m, cache_slots=12, device="cpu", predictor=predictor, prefetch_depth=2, admission=admission,
+                engine="sync")
     rt = h.runtime
     rt.admission_clock = clock
     rt._profile = HardwareProfile(bytes_per_expert=rt.copy_bytes, copy_bandwidth_gbps=1e6, copy_latency_ms=copy_ms,
