@@ -227,19 +227,26 @@ def test_scan_policy_host_time_per_eviction_under_the_worker_queue():
 
 def test_admission_reads_the_runtimes_backlog_estimate_under_the_worker_queue():
     # the runtime's admission rule reads its own FIFO estimate of the copies issued (cancellations not taken
-    # back), not the worker's queue. g0: the six wrong prefetches are admitted (the estimate ends at 8: the demand
-    # copy 1 -> 2, the six 2 -> 8). g1 and g2: 4, 5, 6 were cancelled and are candidates again, and the estimate's
-    # backlog (8 - now) is more than they could gain: refused, 3 at each step. Read from the worker's committed
-    # copies instead (ending at 5 at g1), the rule would admit 3 at g1.
-    worker = _run_adm("worker")
-    assert worker.prefetches == 6
-    assert worker.extra["prefetch_refused"] == 3 + 3
-    assert worker.extra["copies_cancelled"] == 3
+    # back), not the worker's queue, and within one layer's call each prefetch it has already placed adds one
+    # copy to the backlog the next candidate is weighed against (``backlog0 + len(slots) * copy_ms``), although
+    # the step's prefetches reach the worker together after the loop. Nothing is cancelled here, so the estimate
+    # is the FIFO timeline and the two copy models weigh alike. Weighed against the backlog before the call
+    # alone, the worker model admitted all six wrong guesses of the first token.
+    one_w, one_f = _run_adm("worker", tokens=1), _run_adm("fifo", tokens=1)
+    assert (one_w.prefetches, one_w.extra["prefetch_refused"]) == (one_f.prefetches, one_f.extra["prefetch_refused"])
+    assert one_w.prefetches == 2 and one_w.extra["prefetch_refused"] == 4
+    worker, fifo = _run_adm("worker"), _run_adm("fifo")
+    assert worker.extra["copies_cancelled"] == 0
+    assert (worker.prefetches, worker.extra["prefetch_refused"], worker.time_ms) == \
+        (fifo.prefetches, fifo.extra["prefetch_refused"], fifo.time_ms) == (5, 8, 5.5)
+    if _has_cpp():
+        cpp = _run_adm("worker", engine="cpp")
+        assert (cpp.prefetches, cpp.extra["prefetch_refused"]) == (5, 8)
 
 
-def _run_adm(queue):
-    trace = make_trace([[0], [0], [0]], num_experts=8)
+def _run_adm(queue, tokens=3, engine="python"):
+    trace = make_trace([[0]] * tokens, num_experts=8)
     pol = new_policy("lru", 7, 1, 8, top_k=1, scope="layer")
     pred = FixedGuess(1, 8, 1, [1, 2, 3, 4, 5, 6])
     return simulate(Schedule(trace), pol, pred, hardware=unit_profile(), depth=1, budget=6, bound=False,
-                    admission="cost", copy_queue=queue, engine="python")
+                    admission="cost", copy_queue=queue, engine=engine)

@@ -620,6 +620,8 @@ struct Replay {
           const double lead = first + static_cast<double>(d - 1) * layer_ms;
           double backlog = (wq ? wq->issued_free : tl.copy) - now;  // worker: the runtime's own estimate
           if (backlog < 0.0) backlog = 0.0;
+          // worker: plus this layer's prefetches already admitted (submitted together after the loop)
+          if (wq) backlog += static_cast<double>(pf_batch.size()) * in.copy_ms;
           double host = now - tl.gpu;  // the host time it adds to the step, where the host is behind the GPU
           if (host < 0.0) host = 0.0;
           if (host > in.pf_host) host = in.pf_host;

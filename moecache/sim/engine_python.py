@@ -360,10 +360,13 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                             now = hp + pf_host  # when this copy would be issued
                             first = (tl.gpu - now if tl.gpu > now else 0.0) + ne_ms + layer_host
                             lead = lead_ms(d, first, layer_ms)
-                            # (the worker queue: the runtime's own estimate, every copy issued)
+                            # (the worker queue: the runtime's own estimate, every copy issued, plus this
+                            # layer's prefetches already admitted, which are submitted together after the loop)
                             backlog = (tl.copy if wq is None else wq.issued_free) - now
                             if backlog < 0.0:
                                 backlog = 0.0
+                            if wq is not None:
+                                backlog += len(pf_batch) * copy_ms
                             host = now - tl.gpu  # the host time it adds to the step, where the host is behind
                             if host < 0.0:
                                 host = 0.0
