@@ -24,7 +24,7 @@ def _has_cpp() -> bool:
     from moecache._ext import extension
 
     ext = extension()
-    return ext is not None and getattr(ext, "sim_core_version", 0) >= 4
+    return ext is not None and getattr(ext, "sim_core_version", 0) >= 5
 
 
 class FixedGuess:
