@@ -189,6 +189,21 @@ def test_runtime_and_simulator_serve_the_same_misses_low(slots, below):
     assert s["upgrades"] == res.extra["upgrades"] == sum(1 for r in record if r[3] == "upgrade")
 
 
+def test_worker_estimate_counts_full_copies_and_upgrades_not_low_copies(monkeypatch):
+    # as the runtime's ``_copied``: a low copy goes through its own landing engine and is not in the backlog
+    # estimate the admission rule reads; an upgrade is a full copy and is
+    from moecache.sim.copy_queue import WorkerQueue
+
+    counted = []
+    real = WorkerQueue.note_issued
+    monkeypatch.setattr(WorkerQueue, "note_issued", lambda self, t: counted.append(t) or real(self, t))
+    sched = Schedule(_trace(), decode_stream=True)
+    res = simulate(sched, new_policy("lru", 6, 3, 8, top_k=2, scope="global"), bound=False,
+                   miss_precision=resolve_rule("int4", 0.7, 32), copy_queue="worker")
+    assert res.extra["low_copies"] > 0 and res.extra["upgrades"] > 0
+    assert len(counted) == res.loads - res.extra["low_copies"] + res.extra["upgrades"]
+
+
 def test_simulator_rule_checks_and_engine_routing():
     tr = _trace()
     sched = Schedule(tr, decode_stream=True)

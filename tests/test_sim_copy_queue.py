@@ -24,7 +24,7 @@ def _has_cpp() -> bool:
     from moecache._ext import extension
 
     ext = extension()
-    return ext is not None and getattr(ext, "sim_core_version", 0) >= 5
+    return ext is not None and getattr(ext, "sim_core_version", 0) >= 6
 
 
 class FixedGuess:
@@ -84,6 +84,17 @@ def test_a_needed_queued_prefetch_is_issued_at_once_as_a_demand_copy():
     assert r.prefetch_used == 1 and r.loads == 1
     assert r.time_ms == 6.5
     assert _run([[0], [6]], "fifo").time_ms == 8.5
+
+
+def test_a_promoted_prefetch_is_not_a_second_copy_in_the_runtimes_estimate(monkeypatch):
+    # the runtime counts a copy in its backlog estimate (admission clock, hybrid rule) once, when it is queued
+    # (``Runtime._copied``); the target layer needing it while still queued issues it without a new count
+    counted = []
+    real = WorkerQueue.note_issued
+    monkeypatch.setattr(WorkerQueue, "note_issued", lambda self, t: counted.append(t) or real(self, t))
+    r = _run([[0], [6]], "worker")
+    assert r.prefetch_used == 1 and r.loads == 1 and r.prefetches == 8  # 6 at g0, 2 cancelled ones again at g1
+    assert len(counted) == r.loads + r.prefetches  # the promotion of 6 at g1 adds none
 
 
 def test_worker_takes_queued_copies_by_priority_among_those_issued():

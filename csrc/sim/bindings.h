@@ -235,5 +235,5 @@ inline void register_sim_core(pybind11::module& m) {
   m.def("sim_normalise", &moecache_sim::sim_normalise, "Predictor.normalise as the simulator core computes it",
         pybind11::arg("scores"), pybind11::arg("top_k"));
   // 2: every policy, predictions (C++ and streamed) and prefetch; 4: the worker copy queue; engine_cpp.py checks it
-  m.attr("sim_core_version") = 5;
+  m.attr("sim_core_version") = 6;
 }

@@ -474,9 +474,8 @@ struct Replay {
       out.accesses += cnt;
       if (c.res[key]) {
         out.hits += cnt;
-        if (wq && wq->queued(key)) {  // its prefetch still queued: issued now
+        if (wq && wq->queued(key)) {  // its prefetch still queued: issued now (counted when it was queued)
           ready_at[key] = wq->promote(key, h0);
-          wq->note_issued(h0);
         }
         if (ready_at[key] <= t_route) out.ready += cnt;
         if (pf_unused[key]) {

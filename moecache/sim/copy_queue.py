@@ -21,8 +21,9 @@ policy's host time (``evict_host_by_name``): the worker model charges it where a
 pays it, the FIFO model on every insert (tests/test_sim_copy_queue.py).
 
 The runtime's hybrid rule does not see that queue: it keeps its own estimate of the copy backlog, every
-copy issued (demand or prefetch) added at the end of a FIFO, cancellations never taken back
-(``HybridExecutor.copies_issued``). ``RuleView`` gives the miss rule that view. The prefetch admission rule
+copy issued (demand or prefetch) added at the end of a FIFO once, when it is issued (a queued prefetch that the
+target layer then needs is not counted again), cancellations never taken back, a miss copied in a lower precision
+(its own landing engine) not counted (``Runtime._copied``, ``HybridExecutor.copies_issued``). ``RuleView`` gives the miss rule that view. The prefetch admission rule
 reads the same estimate (``issued_free``): the runtime's admission clock queues every copy issued too.
 
 Both engines implement it (``csrc/sim/timeline.h`` WorkerQueue, ``csrc/sim/driver.cpp``). Times are the replay's (ms). ``advance(t)`` commits the copies the worker has taken by ``t``: call it before

@@ -61,7 +61,7 @@ PREFETCH_CODES = {"topk": 0, "fill": 1}
 OUTCOMES = ("hit", "copy", "cpu")  # csrc/sim/codes.h Outcome codes 0, 1, 2
 
 #: The sim_replay interface this module speaks (the extension's ``sim_core_version``).
-CORE_VERSION = 5
+CORE_VERSION = 6
 
 #: A streamed predictor's chunk: at most this many doubles (steps x slots x experts; 512 KiB).
 STREAM_CHUNK_DOUBLES = 1 << 16

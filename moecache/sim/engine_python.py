@@ -238,8 +238,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         hits += c
                         tl.hits += 1
                         if wq is not None and key in wq.live:  # its prefetch still queued: issued now
+                            # (not a new copy in the runtime's estimate: it was counted when it was queued)
                             ready_at[key] = wq.promote(key, h)
-                            wq.note_issued(h)
                         if ready_at[key] <= t_route:
                             ready += c
                         if key in pf_unused:
@@ -254,6 +254,8 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                         if upgrade:  # the full copy replaces the low one before the kernel reads it
                             low_res.discard(key)
                             ready_at[key] = tl.issue_copy(h, copy_ms)
+                            if wq is not None:  # a full copy: the runtime's estimate counts it
+                                wq.note_issued(h)
                             upgrades += 1
                         if record is not None:
                             record.append((g, key, c, "upgrade" if upgrade else "hit"))
@@ -299,7 +301,7 @@ def replay_python(schedule: Schedule, policy: Policy, hw: HardwareProfile, rule:
                                     low_res.add(key)
                                     low_loads += 1
                                 end = tl.issue_copy(h, low_copy_ms if low else copy_ms)
-                                if wq is not None:
+                                if wq is not None and not low:  # the runtime's estimate counts full copies only
                                     wq.note_issued(h)
                                 ready_at[key] = end
                                 loads += 1
