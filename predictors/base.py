@@ -69,6 +69,12 @@ class Predictor:
     def predict(self, layer: int, depth: int) -> np.ndarray:
         raise NotImplementedError
 
+    def check_fitted_depth(self, depth: int) -> None:
+        """A one-line error where ``depth`` lies past the ``max_depth`` this (fitted) predictor answers."""
+        if depth > self.max_depth:
+            raise ConfigError(f"{self.name} was fitted up to depth {self.max_depth}, asked for {depth}: build it "
+                              f"with max_depth={depth} and fit again")
+
     # -- helpers -------------------------------------------------------------------------------
     def target(self, layer: int, depth: int) -> tuple[int, int]:
         """``(target_layer, token_offset)`` of the MoE layer ``depth`` ahead of ``layer``."""

@@ -315,9 +315,7 @@ class HiddenStatePredictor(StreamPredictor):
         self._z[layer] = z
 
     def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
-        if depth > self.max_depth:
-            raise ConfigError(f"hidden_state was fitted up to depth {self.max_depth}, asked for {depth}: build it "
-                              f"with max_depth={depth} and fit again")
+        self.check_fitted_depth(depth)
         own = self._z[layer] if self._x is not None else None
         if own is None:
             return np.broadcast_to(self.prior[target], (self._rows, self.num_experts))

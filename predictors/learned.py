@@ -271,9 +271,7 @@ class LearnedPredictor(StreamPredictor):
         return got
 
     def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
-        if depth > self.max_depth:
-            raise ConfigError(f"learned was fitted up to depth {self.max_depth}, asked for {depth}: build it "
-                              f"with max_depth={depth} and fit again")
+        self.check_fitted_depth(depth)
         # online, the most recent observation of a layer is exactly the block feature_layers names
         table, pos, off, ones = self._gather(depth, layer)
         # the gathered rows summed by a product with ones (one BLAS call, cheaper than a numpy reduction here)
@@ -322,9 +320,7 @@ class DenseLearnedPredictor(LearnedPredictor):
         self._last[layer] = multi_hot(experts, self.num_experts)
 
     def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
-        if depth > self.max_depth:
-            raise ConfigError(f"learned was fitted up to depth {self.max_depth}, asked for {depth}: build it "
-                              f"with max_depth={depth} and fit again")
+        self.check_fitted_depth(depth)
         x = np.concatenate([self._last[fl] for fl, _ in feature_layers(layer, target, self.num_layers, self.window)],
                            axis=1)
         z = x @ self.coef[depth - 1, layer].T + self.intercept[depth - 1, layer][None, :]

@@ -145,9 +145,7 @@ class TransitionPredictor(StreamPredictor):
         self._last[layer] = multi_hot(experts, self.num_experts)
 
     def _scores(self, layer: int, target: int, offset: int, depth: int) -> np.ndarray:
-        if depth > self.max_depth:
-            raise ConfigError(f"transition was fitted up to depth {self.max_depth}, asked for {depth}: "
-                              f"build it with max_depth={depth} and fit again")
+        self.check_fitted_depth(depth)
         prior_t = self.prior[target]
         hot = self._last.get(layer)
         if hot is None:
@@ -170,11 +168,8 @@ class TransitionPredictor(StreamPredictor):
         the first prediction, before any expert is served."""
         if self._combine not in (_product, _mean):
             return None
-        too_deep = [d for d in depths if d > self.max_depth]
-        if too_deep:
-            d = too_deep[0]
-            raise ConfigError(f"transition was fitted up to depth {self.max_depth}, asked for {d}: "
-                              f"build it with max_depth={d} and fit again")
+        for d in depths:
+            self.check_fitted_depth(d)
         return {"predictor": 3, "prior": np.ascontiguousarray(np.asarray(self.prior, np.float64).reshape(-1)),
                 "max_depth": int(self.max_depth),
                 "cond": np.ascontiguousarray(np.asarray(self.cond, np.float64).reshape(-1)),
