@@ -66,22 +66,11 @@ SPEC_SYNTAX = ("POLICY[:scope=layer][+PREDICTOR:depth=N[:min_prob=P][:width=W][:
                "[+hybrid[:rule=RULE]], e.g. lru:scope=layer+learned:depth=1:min_prob=0.5+hybrid:rule=auto")
 
 
-def option_value(raw: str) -> Any:
-    """A predictor option's text as its constructor takes it: an integer, else a number, else the text."""
-    for conv in (int, float):
-        try:
-            return conv(raw)
-        except ValueError:
-            continue
-    return raw
-
-
 def predictor_options(spec: str) -> tuple[str, dict[str, Any]]:
     """``"learned:calibrate=isotonic:window=12"`` -> ``("learned", {"calibrate": "isotonic", "window": 12})``."""
-    from moecache.registry import split_spec
+    from moecache.registry import split_spec_values
 
-    name, kv = split_spec(spec, "predictor option")
-    return name, {k: option_value(v) for k, v in kv.items()}
+    return split_spec_values(spec, "predictor option")
 
 
 def constructor_options(cls: type) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ from moecache.errors import ConfigError  # noqa: E402
 from moecache.policies import new_policy  # noqa: E402
 from moecache.predict_eval import measure_recall  # noqa: E402
 from moecache.predictors import PREDICTORS  # noqa: E402
+from moecache.registry import split_spec_values  # noqa: E402
 from moecache.sim import Schedule, simulate  # noqa: E402
 from moecache.sim.copy_queue import COPY_QUEUES  # noqa: E402
 from moecache.trace import count_ids, open_trace  # noqa: E402
@@ -111,20 +112,8 @@ def three_way(trace, fit_n: int | None, choose_n: int | None, report_n: int | No
 
 def predictor_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"learned:window=12"`` -> ``("learned", {"window": 12})``: a predictor name and its constructor options
-    (integers and floats parsed, other values kept as text); a one-line ``ConfigError`` for a malformed part."""
-    name, *parts = spec.split(":")
-    opts: dict[str, Any] = {}
-    for part in parts:
-        key, eq, text = part.partition("=")
-        if not eq or not key or not text:
-            raise ConfigError(f"predictor option {part!r} in {spec!r} is not key=value; write e.g. learned:window=12")
-        for conv in (int, float, str):
-            try:
-                opts[key] = conv(text)
-                break
-            except ValueError:
-                continue
-    return name, opts
+    (``moecache.registry.split_spec_values``); a one-line ``ConfigError`` for a malformed part."""
+    return split_spec_values(spec, "predictor option")
 
 
 class Fitted:

@@ -6,7 +6,7 @@ up here, and an unknown name produces an error that lists the valid ones.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .errors import ConfigError
 
@@ -67,3 +67,23 @@ def split_spec(text: str, what: str = "parameter") -> tuple[str, dict[str, str]]
         k, v = item.split("=", 1)
         params[k.strip()] = v.strip()
     return name.strip(), params
+
+
+def split_spec_values(text: str, what: str = "parameter") -> tuple[str, dict[str, Any]]:
+    """``split_spec`` with each value as a constructor takes it: an integer, else a number, else the text
+    (``"learned:window=12:calibrate=isotonic"`` -> ``("learned", {"window": 12, "calibrate": "isotonic"})``);
+    an empty key or value is an error too."""
+    name, raw = split_spec(text, what)
+    params: dict[str, Any] = {}
+    for k, v in raw.items():
+        if not k or not v:
+            raise ConfigError(f"{what} {k + '=' + v!r} in {text!r} is not key=value (e.g. learned:window=12)")
+        for conv in (int, float):
+            try:
+                params[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            params[k] = v
+    return name, params
